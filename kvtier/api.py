@@ -1,0 +1,135 @@
+"""The offline Python entry point: ``LLM(model=..., kv=...).generate(prompts)``."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from kvtier.engine import ModelRunner, sample
+from kvtier.errors import KvtierError
+from kvtier.models import loader
+
+
+@dataclass
+class Completion:
+    """One prompt's result. ``kv_bytes`` is what the cache held at the end, metadata included."""
+
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    kv_bytes: int
+    kv_tokens: int
+    prefill_s: float
+    decode_s: float
+    finish_reason: str  # "stop" (end-of-sequence token) or "length"
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def kv_bytes_per_token(self) -> float:
+        return self.kv_bytes / max(self.kv_tokens, 1)
+
+
+class LLM:
+    """A model with a KV-cache configuration.
+
+    Parameters
+    ----------
+    model : a named model (``smollm2-135m``, ``gemma3-270m``), an HF folder or a .gguf file.
+    kv : the cache spec, e.g. ``"dense(dtype=fp16)"`` (see ``kvtier methods``).
+    block_size : tokens per KV block.
+    """
+
+    def __init__(self, model: str = loader.DEFAULT_MODEL, kv: str | None = None,
+                 block_size: int = 64, prefill_chunk: int = 2048):
+        self.loaded = loader.load(model)
+        self.model, self.tokenizer = self.loaded.model, self.loaded.tokenizer
+        self.runner = ModelRunner(self.model, kv, block_size=block_size, prefill_chunk=prefill_chunk)
+        self.eos = _eos_ids(self.tokenizer, self.model.hf_config)
+
+    @property
+    def spec(self) -> str:
+        return str(self.runner.spec)
+
+    def encode(self, prompt: str, chat: bool = False) -> list[int]:
+        if chat:
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise KvtierError(f"{self.loaded.name} has no chat template; run without --chat")
+            text = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+            return self.tokenizer(text, add_special_tokens=False).input_ids
+        return self.tokenizer(prompt).input_ids
+
+    def check_length(self, n_prompt: int, max_new_tokens: int) -> None:
+        limit = self.model.max_context
+        if n_prompt + max_new_tokens > limit:
+            raise KvtierError(
+                f"prompt is {n_prompt} tokens + {max_new_tokens} new tokens, but {self.loaded.name} "
+                f"allows {limit}; shorten the prompt or lower --max-new-tokens")
+
+    def generate(self, prompts: str | list[str], max_new_tokens: int = 128, temperature: float = 0.0,
+                 top_p: float = 1.0, chat: bool = False, seed: int = 0) -> list[Completion]:
+        """Generate for a batch of prompts together (sequences of different lengths)."""
+        results: list[Completion] = []
+        for _ in self.tokens(prompts, results, max_new_tokens, temperature, top_p, chat, seed):
+            pass
+        return results
+
+    def stream(self, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0,
+               top_p: float = 1.0, chat: bool = False, seed: int = 0) -> Iterator[str | Completion]:
+        """Yield text pieces of one prompt as they are generated, then its :class:`Completion`."""
+        results: list[Completion] = []
+        ids: list[int] = []
+        shown = ""
+        for _, tok in self.tokens([prompt], results, max_new_tokens, temperature, top_p, chat, seed):
+            ids.append(tok)
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            if len(text) > len(shown) and not text.endswith("\ufffd"):  # whole characters only
+                yield text[len(shown):]
+                shown = text
+        yield results[0]
+
+    def tokens(self, prompts: str | list[str], results: list[Completion], max_new_tokens: int = 128,
+               temperature: float = 0.0, top_p: float = 1.0, chat: bool = False,
+               seed: int = 0) -> Iterator[tuple[int, int]]:
+        """Yield ``(prompt index, token id)`` as tokens are generated; fills ``results`` at the end."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if max_new_tokens < 1:
+            raise KvtierError("max_new_tokens must be at least 1")
+        ids = [self.encode(p, chat) for p in prompts]
+        for p in ids:
+            self.check_length(len(p), max_new_tokens)
+        gen = torch.Generator().manual_seed(seed)
+        caches = [self.runner.new_cache(reserve=len(p) + max_new_tokens) for p in ids]
+        t0 = time.perf_counter()
+        logits = self.runner.run(caches, ids)
+        prefill_s, t0 = time.perf_counter() - t0, time.perf_counter()
+        outs: list[list[int]] = [[] for _ in ids]
+        live, reason = list(range(len(ids))), ["length"] * len(ids)
+        while live:
+            step = []
+            for i, tok in zip(live, sample(logits, temperature, top_p, gen).tolist()):
+                if tok in self.eos:
+                    reason[i] = "stop"
+                    continue
+                outs[i].append(tok)
+                yield i, tok
+                if len(outs[i]) < max_new_tokens:
+                    step.append((i, tok))
+            live = [i for i, _ in step]
+            if live:
+                logits = self.runner.run([caches[i] for i in live], [[t] for _, t in step])
+        decode_s = time.perf_counter() - t0
+        results.extend(Completion(self.tokenizer.decode(o, skip_special_tokens=True), o, len(p),
+                                  c.nbytes(), c.length, prefill_s, decode_s, r)
+                       for o, p, c, r in zip(outs, ids, caches, reason))
+
+
+def _eos_ids(tokenizer, config) -> set[int]:
+    ids = {tokenizer.eos_token_id}
+    eos = getattr(config, "eos_token_id", None)
+    ids.update(eos if isinstance(eos, list) else [eos])
+    return {i for i in ids if i is not None}

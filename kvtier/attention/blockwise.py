@@ -1,0 +1,118 @@
+"""Attention over groups of keys, combined exactly with the log-sum-exp merge.
+
+Each group returns ``(m, l, o)``: the row max of the scores, the sum of ``exp(s - m)`` and the
+unnormalised ``exp(s - m) @ V``. Groups merge exactly (split-softmax, as in flash-decoding),
+so attention never needs the whole cache in one tensor: a group can be a decoded block run,
+the residual block, the current tokens — or, later, blocks on another tier.
+
+Shapes: q ``(Hq, T, D)`` for T query tokens at positions ``q_start .. q_start + T - 1``;
+a :class:`~kvtier.kv.cache.Part` holds k, v ``(Hkv, N, D)`` at positions ``start .. start+N-1``.
+Query head h reads KV head ``h // (Hq // Hkv)`` (GQA). A key is visible when its position is
+``<=`` the query's and, with a sliding ``window``, when ``q_pos - k_pos < window``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kvtier.kv.cache import Part
+
+
+def visible(q_start: int, t: int, k_start: int, n: int, window: int | None,
+            device=None) -> torch.Tensor | None:
+    """Boolean mask ``(T, N)`` of the keys each query sees, or None when it sees them all."""
+    q_last, k_last = q_start + t - 1, k_start + n - 1
+    all_causal = k_last <= q_start
+    all_in_window = window is None or q_last - k_start < window
+    if all_causal and all_in_window:
+        return None
+    qp = torch.arange(q_start, q_start + t, device=device)[:, None]
+    kp = torch.arange(k_start, k_start + n, device=device)[None, :]
+    mask = kp <= qp
+    if window is not None:
+        mask &= qp - kp < window
+    return mask
+
+
+def partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None):
+    """Softmax pieces of one group. q ``(Hkv, G*T, D)`` pre-scaled, rows ordered (g, t).
+
+    Returns m, l ``(Hkv, G*T, 1)`` and o ``(Hkv, G*T, D)``.
+    """
+    s = torch.bmm(q, k.transpose(1, 2))  # (Hkv, G*T, N)
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    m = s.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # fully masked rows
+    p = torch.exp(s - m)
+    return m, p.sum(-1, keepdim=True), torch.bmm(p, v)
+
+
+def merge(pieces: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Combine ``(m, l, o)`` pieces into normalised attention output ``(Hkv, G*T, D)``."""
+    if len(pieces) == 1:
+        m, l, o = pieces[0]
+        return o / l
+    top = torch.stack([m for m, _, _ in pieces]).amax(0)
+    out = l_sum = None
+    for m, l, o in pieces:
+        w = torch.exp(m - top)
+        out = o * w if out is None else out + o * w
+        l_sum = l * w if l_sum is None else l_sum + l * w
+    return out / l_sum
+
+
+def _group_queries(q: torch.Tensor, n_kv: int, scale: float) -> torch.Tensor:
+    hq, t, d = q.shape  # (Hq, T, D) -> (Hkv, G*T, D), rows ordered (g, t)
+    return (q * scale).reshape(n_kv, (hq // n_kv) * t, d)
+
+
+def _ungroup(o: torch.Tensor, hq: int, t: int) -> torch.Tensor:
+    return o.reshape(hq, t, o.shape[-1])
+
+
+def reference(q: torch.Tensor, parts: list[Part], q_start: int, scale: float,
+              window: int | None = None, group: int = 64) -> torch.Tensor:
+    """The oracle: every part cut into groups of ``group`` keys, each attended, then merged."""
+    hq, t, _ = q.shape
+    n_kv = parts[0].k.shape[0]
+    g = hq // n_kv
+    qg = _group_queries(q, n_kv, scale)
+    pieces = []
+    for part in parts:
+        for i in range(0, part.k.shape[1], group):
+            k, v = part.k[:, i:i + group], part.v[:, i:i + group]
+            mask = visible(q_start, t, part.start + i, k.shape[1], window, q.device)
+            pieces.append(partial(qg, k, v, None if mask is None else mask.repeat(g, 1)))
+    return _ungroup(merge(pieces), hq, t)
+
+
+def attend(q: torch.Tensor, parts: list[Part], q_start: int, scale: float,
+           window: int | None = None) -> torch.Tensor:
+    """Fast path. Decode (T=1): one piece per part, LSE-merged, nothing concatenated.
+    Prefill: SDPA over the parts (concatenated once per chunk, not per token)."""
+    hq, t, d = q.shape
+    n_kv = parts[0].k.shape[0]
+    if t == 1:
+        qg = _group_queries(q, n_kv, scale)
+        pieces = [partial(qg, p.k, p.v, visible(q_start, 1, p.start, p.k.shape[1], window, q.device))
+                  for p in parts]
+        return _ungroup(merge(pieces), hq, t)
+    if len(parts) == 1:
+        k, v, k_start = parts[0].k, parts[0].v, parts[0].start
+    else:
+        k = torch.cat([p.k for p in parts], 1)
+        v = torch.cat([p.v for p in parts], 1)
+        k_start = parts[0].start
+        contiguous = all(a.start + a.k.shape[1] == b.start for a, b in zip(parts, parts[1:]))
+        assert contiguous, "parts must cover consecutive positions"
+    n = k.shape[1]
+    causal_only = window is None and k_start + n - t == q_start
+    if causal_only and n == t:
+        mask, is_causal = None, True
+    else:
+        mask, is_causal = visible(q_start, t, k_start, n, window, q.device), False
+    return F.scaled_dot_product_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),
+                                          attn_mask=mask, is_causal=is_causal, scale=scale,
+                                          enable_gqa=n_kv != hq).squeeze(0)

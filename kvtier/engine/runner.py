@@ -1,0 +1,55 @@
+"""ModelRunner: a model plus a cache spec; runs new tokens of many sequences at once.
+
+Prefill and decode share one verb, :meth:`run`: each sequence brings its new tokens; long
+prompts are cut into chunks of at most ``prefill_chunk`` tokens per forward, short ones are
+packed together into one forward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvtier import spec as specs
+from kvtier.kv.cache import LayerKV, SeqKV
+from kvtier.models.base import Batch
+
+
+class ModelRunner:
+    def __init__(self, model, kv: str | specs.CacheSpec | None = None, block_size: int = 64,
+                 prefill_chunk: int = 2048, dtype: torch.dtype = torch.float32, device="cpu"):
+        if block_size < 1 or prefill_chunk < 1:
+            raise ValueError("block_size and prefill_chunk must be positive")
+        self.model, self.spec = model, specs.parse(kv)
+        self.block_size, self.prefill_chunk = block_size, prefill_chunk
+        self.dtype, self.device = dtype, device
+
+    def new_cache(self, reserve: int = 0) -> SeqKV:
+        """An empty cache for one sequence, with room for ``reserve`` tokens allocated up front."""
+        m = self.model
+        cache = SeqKV([LayerKV(self.spec.codec, m.n_kv, m.head_dim, self.block_size, window,
+                               self.dtype, self.device) for window in m.windows])
+        cache.reserve(reserve)
+        return cache
+
+    def run(self, caches: list[SeqKV], chunks: list[list[int]], logits: str = "last") -> torch.Tensor:
+        """Feed each cache its new tokens. Returns the logits after each sequence's last token,
+        ``(n_seqs, V)``; with ``logits="all"`` (one forward only), every token's ``(N, V)``."""
+        if logits == "all":
+            return self.model.forward(Batch.of(caches, chunks, self.device), logits="all")
+        out: list[torch.Tensor | None] = [None] * len(caches)
+        todo = [(i, list(c)) for i, c in enumerate(chunks) if c]
+        while todo:
+            budget, picked = self.prefill_chunk, []
+            for i, toks in todo:
+                if budget == 0:
+                    break
+                picked.append((i, toks[:budget]))
+                budget -= len(picked[-1][1])
+            batch = Batch.of([caches[i] for i, _ in picked], [t for _, t in picked], self.device)
+            last = self.model.forward(batch)
+            done = {i: n for i, n in ((i, len(t)) for i, t in picked)}
+            for (i, _), row in zip(picked, last):
+                out[i] = row
+            todo = [(i, toks[done.get(i, 0):]) for i, toks in todo]
+            todo = [(i, toks) for i, toks in todo if toks]
+        return torch.stack(out)

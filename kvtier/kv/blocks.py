@@ -1,0 +1,81 @@
+"""A pool of block slots for one sequence and one layer, stored in the codec's fields.
+
+Each field lives in one tensor ``(Hkv, capacity, *shape)``: the slot axis is second so that a
+run of consecutive slots reads as a view, ``(Hkv, n, B, D) -> (Hkv, n * B, D)``, with no copy.
+Slots freed (a sliding window moving on) are reused before the pool grows.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvtier.kv.codecs.base import Codec
+
+
+class BlockPool:
+    def __init__(self, codec: Codec, n_kv: int, head_dim: int, block_size: int,
+                 device: torch.device | str = "cpu"):
+        self.codec, self.n_kv, self.block_size = codec, n_kv, block_size
+        self.spec = codec.fields(block_size, head_dim)
+        self.device = torch.device(device)
+        self.data = {name: torch.empty((n_kv, 0, *shape), dtype=dtype, device=self.device)
+                     for name, (shape, dtype) in self.spec.items()}
+        self.free: list[int] = []
+        self.top = 0  # slots [0, top) have been handed out at least once
+
+    @property
+    def capacity(self) -> int:
+        return next(iter(self.data.values())).shape[1]
+
+    def reserve(self, n_slots: int) -> None:
+        """Make room for ``n_slots`` slots in all (grows the field tensors, keeps contents)."""
+        if n_slots <= self.capacity:
+            return
+        for name, old in self.data.items():
+            new = torch.empty((self.n_kv, n_slots, *old.shape[2:]), dtype=old.dtype, device=self.device)
+            new[:, : self.top] = old[:, : self.top]
+            self.data[name] = new
+
+    def add(self, k: torch.Tensor, v: torch.Tensor) -> list[int]:
+        """Encode full blocks ``k, v: (Hkv, n, B, D)`` into slots; returns the slots used."""
+        n = k.shape[1]
+        slots = sorted(self.free)[:n]
+        self.free = [s for s in self.free if s not in slots]
+        fresh = n - len(slots)
+        if self.top + fresh > self.capacity:
+            self.reserve(max(2 * self.capacity, self.top + fresh, 4))
+        slots += range(self.top, self.top + fresh)
+        self.top += fresh
+        encoded = self.codec.encode(k, v)
+        index = _as_index(slots)
+        for name, t in encoded.items():
+            self.data[name][:, index] = t
+        return slots
+
+    def release(self, slots: list[int]) -> None:
+        self.free.extend(slots)
+
+    def read(self, slots: list[int], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode the blocks in ``slots`` (in that order): k, v ``(Hkv, len(slots) * B, D)``."""
+        index = _as_index(slots)
+        if isinstance(index, slice):
+            data = {name: t[:, index] for name, t in self.data.items()}
+        else:
+            idx = torch.tensor(index, device=self.device)
+            data = {name: t.index_select(1, idx) for name, t in self.data.items()}
+        return self.codec.decode(data, dtype)
+
+    def slot_bytes(self) -> int:
+        """Bytes one slot holds across all fields (packed data, scales, everything stored)."""
+        return sum(t.element_size() * t[:, :1].numel() for t in self.data.values())
+
+    def reserved_bytes(self) -> int:
+        return sum(t.element_size() * t.numel() for t in self.data.values())
+
+
+def _as_index(slots: list[int]) -> slice | list[int]:
+    """A slice when the slots are consecutive and ascending (a view, no copy)."""
+    if slots and slots[-1] - slots[0] == len(slots) - 1 and all(
+            b - a == 1 for a, b in zip(slots, slots[1:])):
+        return slice(slots[0], slots[-1] + 1)
+    return list(slots)

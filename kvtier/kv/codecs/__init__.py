@@ -1,0 +1,6 @@
+"""Codecs: one file per compression method, registered by name on import."""
+
+from kvtier.kv.codecs.base import Codec
+from kvtier.kv.codecs.dense import Dense
+
+__all__ = ["Codec", "Dense"]

@@ -1,0 +1,143 @@
+"""What every model family shares: the batch, RMSNorm, RoPE and attention over the KV store.
+
+A forward takes a batch of sequences of different lengths, packed token by token: the linear
+layers run once over all tokens, attention runs per sequence over that sequence's cache.
+Prefill (many new tokens) and decode (one new token) go through the same call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kvtier.attention import attend
+from kvtier.kv.cache import Part, SeqKV
+
+
+@dataclass
+class Batch:
+    """New tokens of several sequences, packed.
+
+    tokens, positions: ``(N,)`` for all sequences' new tokens, sequence after sequence.
+    caches[i] receives ``lengths[i]`` tokens starting at position ``caches[i].length``.
+    """
+
+    tokens: torch.Tensor
+    positions: torch.Tensor
+    caches: list[SeqKV]
+    lengths: list[int]
+
+    @classmethod
+    def of(cls, caches: list[SeqKV], chunks: list[list[int]], device="cpu") -> "Batch":
+        tokens = torch.tensor([t for c in chunks for t in c], dtype=torch.long, device=device)
+        positions = torch.cat([torch.arange(kv.length, kv.length + len(c)) for kv, c in zip(caches, chunks)])
+        return cls(tokens, positions.to(device), caches, [len(c) for c in chunks])
+
+    def last_index(self) -> torch.Tensor:
+        """Index of each sequence's last new token in the packed batch."""
+        return torch.tensor(self.lengths, device=self.tokens.device).cumsum(0) - 1
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
+    """RMSNorm in fp32; Gemma scales by ``1 + weight`` (offset=1)."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (xf * (offset + weight.float())).to(x.dtype)
+
+
+class Rope:
+    """Rotary embedding (rotate-half layout, as in transformers' checkpoints).
+
+    ``inv_freq``: ``(D/2,)``; cos/sin tables grow on demand.
+    """
+
+    def __init__(self, inv_freq: torch.Tensor, scaling: float = 1.0):
+        self.inv_freq, self.scaling = inv_freq.float(), scaling
+        self.cos = self.sin = torch.empty(0)
+
+    def _grow(self, n: int, device) -> None:
+        n = max(n, 2 * self.cos.shape[0], 256)
+        freqs = torch.outer(torch.arange(n, dtype=torch.float32), self.inv_freq)
+        emb = torch.cat([freqs, freqs], -1)
+        self.cos = (emb.cos() * self.scaling).to(device)
+        self.sin = (emb.sin() * self.scaling).to(device)
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x: ``(N, H, D)``; positions: ``(N,)``."""
+        top = int(positions.max()) + 1
+        if top > self.cos.shape[0]:
+            self._grow(top, x.device)
+        cos, sin = self.cos[positions][:, None].to(x.dtype), self.sin[positions][:, None].to(x.dtype)
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
+        return x * cos + rotated * sin
+
+
+def rope_for(hf_config, layer_type: str | None, head_dim: int) -> Rope:
+    """Build a layer's RoPE from the config (default computed here; others via transformers)."""
+    params = hf_config.rope_parameters
+    if layer_type is not None and layer_type in params:
+        params = params[layer_type]
+    kind = params.get("rope_type", "default")
+    if kind == "default":
+        theta = params["rope_theta"]
+        return Rope(1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[kind](hf_config, "cpu", layer_type=layer_type)
+    return Rope(inv_freq, scaling)
+
+
+class DecoderModel:
+    """Base of the model families: holds the weights, runs the shared forward loop.
+
+    Subclasses set ``n_layers, n_heads, n_kv, head_dim, max_context`` and ``windows``
+    (per-layer sliding window or None), and implement ``embed``, ``layer`` and ``head``.
+    """
+
+    family: str
+    n_layers: int
+    n_heads: int
+    n_kv: int
+    head_dim: int
+    max_context: int
+    windows: list[int | None]
+
+    def __init__(self, hf_config, weights: dict[str, torch.Tensor]):
+        self.hf_config, self.w = hf_config, weights
+
+    @torch.inference_mode()
+    def forward(self, batch: Batch, logits: str = "last") -> torch.Tensor:
+        """Run the new tokens through the model, appending their keys/values to the caches.
+
+        Returns logits ``(n_seqs, V)`` for each sequence's last token, or ``(N, V)`` for all
+        tokens when ``logits="all"``.
+        """
+        x = self.embed(batch.tokens)  # (N, C)
+        for i in range(self.n_layers):
+            x = self.layer(i, x, batch)
+        if logits == "last":
+            x = x[batch.last_index()]
+        return self.head(x)
+
+    def attention(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  batch: Batch, scale: float) -> torch.Tensor:
+        """Per sequence: attend over its cache parts plus its new tokens, then store them.
+
+        q: ``(N, Hq, D)``, k, v: ``(N, Hkv, D)``. Returns ``(N, Hq * D)``.
+        """
+        outs, off = [], 0
+        for cache, n in zip(batch.caches, batch.lengths):
+            layer = cache.layers[i]
+            qs, ks, vs = (t[off:off + n].transpose(0, 1) for t in (q, k, v))  # (H, n, D)
+            parts = layer.parts() + [Part(ks, vs, layer.length)]
+            outs.append(attend(qs, parts, layer.length, scale, self.windows[i]).transpose(0, 1))
+            layer.append(ks, vs)
+            off += n
+        o = outs[0] if len(outs) == 1 else torch.cat(outs)
+        return o.reshape(o.shape[0], -1)
+
+    def linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        return F.linear(x, self.w[name + ".weight"], self.w.get(name + ".bias"))

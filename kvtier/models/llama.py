@@ -1,0 +1,76 @@
+"""Llama family forward in plain PyTorch: Llama 2/3, SmolLM2, Mistral, Qwen2-style GQA.
+
+RMSNorm, RoPE (with llama3 / linear / yarn scaling through transformers' RoPE init),
+SwiGLU MLP, optional q/k/v bias (Qwen2), tied or separate output embedding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kvtier.models.base import Batch, DecoderModel, rms_norm, rope_for
+
+
+class Llama(DecoderModel):
+    family = "llama"
+
+    def __init__(self, hf_config, weights):
+        super().__init__(hf_config, weights)
+        c = hf_config
+        self.n_layers, self.n_heads = c.num_hidden_layers, c.num_attention_heads
+        self.n_kv = c.num_key_value_heads
+        self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        self.max_context = c.max_position_embeddings
+        self.eps = c.rms_norm_eps
+        window = getattr(c, "sliding_window", None) if getattr(c, "use_sliding_window", False) else None
+        self.windows = [window] * self.n_layers
+        self.ropes = self.make_ropes(c)
+        self.scale = self.head_dim ** -0.5
+        self.act = F.silu
+        _fuse(self.w, self.n_layers)
+
+    def embed(self, tokens):
+        return F.embedding(tokens, self.w["model.embed_tokens.weight"])
+
+    def layer(self, i, x, batch: Batch):
+        p = f"model.layers.{i}."
+        h = rms_norm(x, self.w[p + "input_layernorm.weight"], self.eps)
+        x = x + self.linear(self.attn(i, h, batch), p + "self_attn.o_proj")
+        h = rms_norm(x, self.w[p + "post_attention_layernorm.weight"], self.eps)
+        return x + self.mlp(i, h)
+
+    def attn(self, i, h, batch):
+        p = f"model.layers.{i}.self_attn."
+        n, d = h.shape[0], self.head_dim
+        q, k, v = self.linear(h, p + "qkv_proj").split(
+            [self.n_heads * d, self.n_kv * d, self.n_kv * d], -1)
+        q, k = self.qk_norm(i, q.view(n, self.n_heads, d), k.view(n, self.n_kv, d))
+        rope = self.ropes[i]
+        q, k = rope(q, batch.positions), rope(k, batch.positions)
+        return self.attention(i, q, k, v.view(n, self.n_kv, d), batch, self.scale)
+
+    def make_ropes(self, c):
+        return [rope_for(c, None, self.head_dim)] * self.n_layers
+
+    def qk_norm(self, i, q, k):
+        return q, k
+
+    def mlp(self, i, h):
+        p = f"model.layers.{i}.mlp."
+        gate, up = self.linear(h, p + "gate_up_proj").chunk(2, -1)
+        return self.linear(self.act(gate) * up, p + "down_proj")
+
+    def head(self, x):
+        x = rms_norm(x, self.w["model.norm.weight"], self.eps)
+        return F.linear(x, self.w.get("lm_head.weight", self.w["model.embed_tokens.weight"]))
+
+
+def _fuse(w: dict[str, torch.Tensor], n_layers: int) -> None:
+    """Fuse q/k/v and gate/up projections: one matmul each instead of three and two."""
+    for i in range(n_layers):
+        a, m = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+        w[a + "qkv_proj.weight"] = torch.cat([w.pop(a + f"{x}_proj.weight") for x in "qkv"])
+        if a + "q_proj.bias" in w:
+            w[a + "qkv_proj.bias"] = torch.cat([w.pop(a + f"{x}_proj.bias") for x in "qkv"])
+        w[m + "gate_up_proj.weight"] = torch.cat([w.pop(m + "gate_proj.weight"), w.pop(m + "up_proj.weight")])

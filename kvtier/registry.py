@@ -1,0 +1,58 @@
+"""Name registry for KV-cache methods (codecs now; selectors later).
+
+A method is a dataclass whose fields are its parameters. Each field carries its help text
+and its bounds in ``metadata``; the spec parser, ``kvtier methods`` and the test matrix all
+read them from here, so a default is written once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, TypeVar
+
+T = TypeVar("T")
+
+_METHODS: dict[str, type] = {}
+
+
+def param(default: Any, help: str, choices: tuple | None = None,
+          min: float | None = None, max: float | None = None) -> Any:
+    """A method parameter: its default, a one-line help, and its allowed values."""
+    return dataclasses.field(default=default, metadata={
+        "help": help, "choices": choices, "min": min, "max": max})
+
+
+def register(cls: type[T]) -> type[T]:
+    """Class decorator: make a method available by its ``name`` in specs and the CLI."""
+    name = cls.name  # type: ignore[attr-defined]
+    assert name not in _METHODS, f"method {name!r} registered twice"
+    _METHODS[name] = cls
+    return cls
+
+
+def methods() -> dict[str, type]:
+    """All registered methods, by name (importing kvtier.kv registers the built-in ones)."""
+    import kvtier.kv.codecs  # noqa: F401  (registers on import)
+    return dict(sorted(_METHODS.items()))
+
+
+def params(cls: type) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if f.init]
+
+
+def describe(cls: type) -> str:
+    """The first line of a method's docstring."""
+    return (cls.__doc__ or "").strip().splitlines()[0]
+
+
+def check(obj: Any, fail: Callable[[str], Exception]) -> None:
+    """Validate a method instance's parameters against their declared bounds."""
+    for f in params(type(obj)):
+        value, meta = getattr(obj, f.name), f.metadata
+        if meta.get("choices") and value not in meta["choices"]:
+            raise fail(f"{obj.name}: {f.name}={value} is not one of "
+                       + ", ".join(map(str, meta["choices"])))
+        if meta.get("min") is not None and value < meta["min"]:
+            raise fail(f"{obj.name}: {f.name}={value} is below its minimum {meta['min']}")
+        if meta.get("max") is not None and value > meta["max"]:
+            raise fail(f"{obj.name}: {f.name}={value} is above its maximum {meta['max']}")
