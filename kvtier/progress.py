@@ -1,4 +1,4 @@
-"""Progress shown on stderr while something slow runs (silent when stderr is not a terminal)."""
+"""Progress shown on stderr while something slow runs."""
 
 from __future__ import annotations
 
@@ -23,8 +23,11 @@ def status(message: str):
         yield
 
 
-def bar(total: int, description: str) -> Progress:
-    """A progress bar; use ``with bar(n, "...") as (p, task): p.advance(task)``."""
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), TimeRemainingColumn(), console=_console,
-                    disable=not _console.is_terminal, transient=False)
+@contextlib.contextmanager
+def bar(total: int, description: str):
+    """A progress bar; yields ``advance(n)``. Hidden when stderr is not a terminal."""
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=_console,
+                  disable=not _console.is_terminal) as p:
+        task = p.add_task(description, total=total)
+        yield lambda n=1: p.advance(task, n)

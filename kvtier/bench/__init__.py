@@ -1,0 +1,1 @@
+"""Benchmarks: perplexity with a compressed cache, speed against transformers."""

@@ -1,0 +1,92 @@
+"""Perplexity with a compressed cache (the measurement protocol in shared/design.md).
+
+For each window of C tokens: prefill the first C - T tokens, then score the last T tokens in
+decode mode, teacher-forced, each step reading only the cache. All windows run together as
+one batch. The dense fp32 cache is scored on the same tokens in the same run.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from kvtier import spec as specs
+from kvtier.engine import ModelRunner
+from kvtier.errors import KvtierError
+from kvtier.progress import bar
+
+BASELINE = "dense(dtype=fp32)"
+
+
+@dataclass
+class Score:
+    nll: list[float]        # summed NLL per window
+    count: int              # scored tokens per window
+    kv_bytes: int           # bytes held by all windows' caches after scoring
+    kv_tokens: int          # tokens held (processed) by them
+    decode_s: float         # time of the teacher-forced decode steps
+    decode_tokens: int      # tokens fed in those steps (all windows)
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(sum(self.nll) / (self.count * len(self.nll)))
+
+    @property
+    def ppl_per_window(self) -> list[float]:
+        return [math.exp(n / self.count) for n in self.nll]
+
+
+def score(runner: ModelRunner, wins: list[list[int]], eval_tokens: int, progress=None) -> Score:
+    """Score the last ``eval_tokens`` of each window reading only the cache."""
+    context = len(wins[0])
+    prefix = context - eval_tokens
+    caches = [runner.new_cache(reserve=context) for _ in wins]
+    logits = runner.run(caches, [w[:prefix] for w in wins])
+    if progress:
+        progress(prefix * len(wins))
+    nll = torch.zeros(len(wins), dtype=torch.float64)
+    t0 = time.perf_counter()
+    for j in range(prefix, context):
+        target = torch.tensor([w[j] for w in wins])
+        nll += torch.nn.functional.cross_entropy(logits.float(), target, reduction="none").double()
+        if j + 1 < context:
+            logits = runner.run(caches, [[w[j]] for w in wins])
+        if progress:
+            progress(len(wins))
+    decode_s = time.perf_counter() - t0
+    return Score(nll.tolist(), eval_tokens, sum(c.nbytes() for c in caches),
+                 sum(c.length for c in caches), decode_s, (eval_tokens - 1) * len(wins))
+
+
+def run(model, model_name: str, methods: list[str], contexts: list[int], eval_tokens: int,
+        ids: list[int], n_windows: int = 4, block_size: int = 64) -> list[dict]:
+    """Every method at every context, each against the fp32 dense cache on the same windows."""
+    from kvtier.bench.data import windows
+
+    canon = list(dict.fromkeys(str(specs.parse(m)) for m in methods))
+    for c in contexts:
+        if not 0 < eval_tokens < c:
+            raise KvtierError(f"--eval-tokens {eval_tokens} must be between 1 and --context {c}")
+        if c > model.max_context:
+            raise KvtierError(f"--context {c} is longer than {model_name} allows ({model.max_context})")
+    rows = []
+    for c in contexts:
+        wins = windows(ids, c, n_windows)
+        total = (1 + len([m for m in canon if m != BASELINE])) * c * n_windows
+        with bar(total, f"ppl {model_name} @ {c}") as step:
+            base = score(ModelRunner(model, BASELINE, block_size), wins, eval_tokens, step)
+            for m in canon:
+                s = base if m == BASELINE else score(ModelRunner(model, m, block_size), wins, eval_tokens, step)
+                rows.append({
+                    "method": m, "model": model_name, "context": c, "eval_tokens": eval_tokens,
+                    "windows": n_windows, "ppl": s.ppl, "dense_ppl": base.ppl,
+                    "ppl_per_window": s.ppl_per_window, "dense_ppl_per_window": base.ppl_per_window,
+                    "kv_bytes_per_token": s.kv_bytes / s.kv_tokens,
+                    "kv_elements_per_token": 2 * model.n_layers * model.n_kv * model.head_dim,
+                    "decode_tok_s": s.decode_tokens / s.decode_s,
+                    "dense_decode_tok_s": base.decode_tokens / base.decode_s,
+                })
+    return rows

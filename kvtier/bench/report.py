@@ -1,0 +1,84 @@
+"""Benchmark output: a table on the terminal, a JSON record, a PNG plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from kvtier.errors import KvtierError
+
+
+def ppl_table(rows: list[dict]) -> Table:
+    t = Table(title="perplexity with a compressed cache (same windows, same run)")
+    for col in ("model", "context", "method", "PPL", "dense PPL", "ΔPPL", "KV B/token",
+                "bits/elem", "decode tok/s", "vs dense"):
+        t.add_column(col, justify="left" if col in ("model", "method") else "right")
+    for r in rows:
+        t.add_row(r["model"], str(r["context"]), r["method"], f"{r['ppl']:.4f}",
+                  f"{r['dense_ppl']:.4f}", f"{100 * (r['ppl'] / r['dense_ppl'] - 1):+.2f}%",
+                  f"{r['kv_bytes_per_token']:,.1f}", _bits(r), f"{r['decode_tok_s']:.1f}",
+                  f"{r['decode_tok_s'] / r['dense_decode_tok_s']:.2f}x")
+    return t
+
+
+def _bits(r: dict) -> str:
+    elems = r.get("kv_elements_per_token")
+    return f"{8 * r['kv_bytes_per_token'] / elems:.2f}" if elems else "-"
+
+
+def speed_table(rows: list[dict]) -> Table:
+    t = Table(title="speed: kvtier vs transformers generate + DynamicCache (medians, same run)")
+    for col in ("model", "kv", "context", "prefill tok/s", "tf prefill", "ratio",
+                "decode tok/s", "tf decode", "ratio"):
+        t.add_column(col, justify="left" if col in ("model", "kv") else "right")
+    for r in rows:
+        t.add_row(r["model"], r["kv"], str(r["context"]), f"{r['kvtier_prefill_tok_s']:.1f}",
+                  f"{r['transformers_prefill_tok_s']:.1f}", f"{r['prefill_ratio']:.2f}x",
+                  f"{r['kvtier_decode_tok_s']:.2f}", f"{r['transformers_decode_tok_s']:.2f}",
+                  f"{r['decode_ratio']:.2f}x")
+    return t
+
+
+def show(table: Table) -> None:
+    console = Console()
+    if not console.is_terminal:  # piped to a file: print whole rows, never truncate
+        console = Console(width=220)
+    console.print(table)
+
+
+def write_json(path: str | Path, rows: list[dict], **meta) -> None:
+    try:
+        Path(path).write_text(json.dumps({"results": rows, **meta}, indent=2) + "\n")
+    except OSError as e:
+        raise KvtierError(f"cannot write --json {path}: {e.strerror}") from None
+
+
+def ppl_plot(path: str | Path, rows: list[dict]) -> None:
+    """PPL increase against KV bytes per token, one marker per method, one panel per context."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    contexts = sorted({(r["model"], r["context"]) for r in rows})
+    fig, axes = plt.subplots(1, len(contexts), figsize=(5.5 * len(contexts), 4.2), squeeze=False)
+    for ax, (model, ctx) in zip(axes[0], contexts):
+        for r in (r for r in rows if (r["model"], r["context"]) == (model, ctx)):
+            dppl = 100 * (r["ppl"] / r["dense_ppl"] - 1)
+            ax.scatter(r["kv_bytes_per_token"], dppl)
+            ax.annotate(r["method"], (r["kv_bytes_per_token"], dppl), fontsize=7,
+                        xytext=(4, 4), textcoords="offset points")
+        ax.set(title=f"{model} @ {ctx} tokens", xlabel="KV bytes per token (measured)",
+               ylabel="PPL increase vs dense fp32 (%)")
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    try:
+        fig.savefig(path, dpi=120)
+    except OSError as e:
+        raise KvtierError(f"cannot write --plot {path}: {e.strerror}") from None
+    finally:
+        plt.close(fig)

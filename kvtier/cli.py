@@ -1,0 +1,180 @@
+"""The ``kvtier`` command line: generate, methods, bench ppl, bench speed."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Optional
+
+import click
+import typer
+
+from kvtier.errors import KvtierError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Run long-context LLMs on the memory you have: a compressed, tiered KV cache.")
+bench = typer.Typer(no_args_is_help=True, help="Measure quality, bytes and speed side by side.")
+app.add_typer(bench, name="bench")
+
+DEFAULT_MODEL = "smollm2-135m"
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="named model (smollm2-135m, gemma3-270m), HF folder or .gguf file")]
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise KvtierError(f"{flag} takes comma-separated integers, e.g. 2048,8192; got {text!r}") from None
+    if not values or min(values) < 1:
+        raise KvtierError(f"{flag} takes positive integers; got {text!r}")
+    return values
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="the prompt, or - to read it from stdin")],
+    model: ModelOpt = DEFAULT_MODEL,
+    kv: Annotated[str, typer.Option(help="KV cache spec, see `kvtier methods`")] = "dense",
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="tokens to generate at most")] = 256,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy")] = 0.0,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="nucleus sampling mass")] = 1.0,
+    chat: Annotated[bool, typer.Option(help="wrap the prompt in the model's chat template")] = False,
+    seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
+):
+    """Generate text, streaming tokens as they come; report the KV bytes held at the end."""
+    from kvtier import spec as specs
+
+    specs.parse(kv)  # a bad spec fails before the model loads
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    from kvtier.api import LLM
+
+    llm = LLM(model=model, kv=kv)
+    result = None
+    for piece in llm.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                            top_p=top_p, chat=chat, seed=seed):
+        if isinstance(piece, str):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        else:
+            result = piece
+    sys.stdout.write("\n")
+    n = len(result.token_ids)
+    print(f"[kvtier] kv {llm.spec}: {result.kv_bytes:,} bytes held for {result.kv_tokens} tokens "
+          f"({result.kv_bytes_per_token:,.0f} B/token) | prompt {result.prompt_tokens} tokens, "
+          f"prefill {result.prompt_tokens / max(result.prefill_s, 1e-9):.0f} tok/s | "
+          f"{n} new tokens, decode {n / max(result.decode_s, 1e-9):.1f} tok/s | {result.finish_reason}",
+          file=sys.stderr)
+
+
+@app.command()
+def methods():
+    """List the registered KV-cache methods with their parameters, defaults and descriptions."""
+    import dataclasses
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from kvtier import registry
+
+    t = Table(title="kvtier methods (compose with +, e.g. dense(dtype=fp16))")
+    for col in ("method", "kind", "parameters (default; allowed)", "description"):
+        t.add_column(col)
+    for name, cls in registry.methods().items():
+        lines = []
+        for f in registry.params(cls):
+            meta = f.metadata
+            allowed = "|".join(map(str, meta["choices"])) if meta.get("choices") else (
+                f"{meta.get('min', '')}..{meta.get('max', '')}" if meta.get("min") is not None else "")
+            default = f.default if f.default is not dataclasses.MISSING else "required"
+            lines.append(f"{f.name}={default}" + (f" ({allowed})" if allowed else "") + f": {meta['help']}")
+        t.add_row(name, cls.kind, "\n".join(lines) or "-", registry.describe(cls))
+    Console().print(t)
+
+
+@bench.command("ppl")
+def bench_ppl(
+    methods: Annotated[list[str], typer.Option("--methods", help="a cache spec; repeat for more")],
+    model: ModelOpt = DEFAULT_MODEL,
+    context: Annotated[str, typer.Option(help="context lengths, comma-separated")] = "2048",
+    eval_tokens: Annotated[int, typer.Option(min=1, help="tokens scored at the end of each window")] = 256,
+    windows: Annotated[int, typer.Option(min=1, help="windows spread evenly through the text")] = 4,
+    text: Annotated[str, typer.Option(help="'kjv' or a path to a UTF-8 text file")] = "kjv",
+    json_path: Annotated[Optional[str], typer.Option("--json", help="write results as JSON")] = None,
+    plot: Annotated[Optional[str], typer.Option(help="write a PNG: PPL increase vs bytes/token")] = None,
+):
+    """Perplexity with each cache against the dense fp32 cache on the same tokens."""
+    from kvtier import spec as specs
+    from kvtier.bench import data, ppl, report
+    from kvtier.models import load
+    from kvtier.progress import status
+
+    contexts = _ints(context, "--context")
+    for m in methods:
+        specs.parse(m)
+    raw = data.load_text(text)
+    loaded = load(model)
+    with status("tokenizing the text"):
+        ids = loaded.tokenizer(raw, add_special_tokens=False).input_ids
+    rows = ppl.run(loaded.model, model, methods, contexts, eval_tokens, ids, windows)
+    report.show(report.ppl_table(rows))
+    if json_path:
+        report.write_json(json_path, rows)
+    if plot:
+        report.ppl_plot(plot, rows)
+
+
+@bench.command("speed")
+def bench_speed(
+    model: ModelOpt = DEFAULT_MODEL,
+    context: Annotated[str, typer.Option(help="prompt lengths, comma-separated")] = "1024,8192",
+    new_tokens: Annotated[int, typer.Option(min=2, help="tokens decoded per run")] = 32,
+    repeats: Annotated[int, typer.Option(min=1, help="runs per side; medians are reported")] = 3,
+    kv: Annotated[str, typer.Option(help="kvtier's cache spec")] = "dense(dtype=fp32)",
+    text: Annotated[str, typer.Option(help="'kjv' or a path to a UTF-8 text file")] = "kjv",
+    json_path: Annotated[Optional[str], typer.Option("--json", help="write results as JSON")] = None,
+):
+    """Prefill and decode tok/s of kvtier against transformers' generate (DynamicCache)."""
+    from kvtier import spec as specs
+    from kvtier.bench import data, report, speed
+    from kvtier.models import load
+    from kvtier.progress import bar
+
+    contexts = _ints(context, "--context")
+    specs.parse(kv)
+    raw = data.load_text(text)
+    loaded = load(model)
+    for c in contexts:
+        if c + new_tokens > loaded.model.max_context:
+            raise KvtierError(f"--context {c} + --new-tokens {new_tokens} is longer than {model} "
+                              f"allows ({loaded.model.max_context})")
+    ids = loaded.tokenizer(raw, add_special_tokens=False).input_ids
+    if len(ids) < max(contexts):
+        raise KvtierError(f"the text has {len(ids)} tokens, fewer than --context {max(contexts)}")
+    with bar(2 * repeats * len(contexts), f"speed {model}") as step:
+        rows = speed.run(loaded, contexts, ids, new_tokens, repeats, kv, progress=step)
+    report.show(report.speed_table(rows))
+    if json_path:
+        report.write_json(json_path, rows)
+
+
+def main() -> None:
+    try:
+        code = app(standalone_mode=False)
+    except click.exceptions.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except KvtierError as e:
+        print(f"kvtier: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        print(f"kvtier: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""End to end on the real default model (SmolLM2-135M, shipped on PyPI) and the real CLI."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvtier.bench import data
+from kvtier.engine import ModelRunner
+
+pytestmark = pytest.mark.e2e
+KVTIER = [sys.executable, "-m", "kvtier.cli"]
+
+
+@pytest.fixture(scope="module")
+def hf(smollm2):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(smollm2.folder, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def kjv_ids(smollm2):
+    return smollm2.tokenizer(data.kjv()[:200_000], add_special_tokens=False).input_ids
+
+
+def test_logits_match_transformers_on_real_text(smollm2, hf, kjv_ids):
+    ids = kjv_ids[1000:1400]
+    runner = ModelRunner(smollm2.model, "dense(dtype=fp32)", prefill_chunk=150)
+    ours = torch.cat([runner.run([c], [ids[:300]], logits="all") for c in [runner.new_cache()]])
+    with torch.no_grad():
+        want = hf(torch.tensor([ids])).logits[0]
+    assert (ours - want[:300]).abs().max() <= 1e-3
+    cache = runner.new_cache()  # chunked prefill then token-by-token decode
+    runner.run([cache], [ids[:300]])
+    rows = torch.stack([runner.run([cache], [[t]])[0] for t in ids[300:340]])
+    assert (rows - want[300:340]).abs().max() <= 1e-3
+
+
+def test_dense_fp16_holds_23040_bytes_per_token_plus_block_table(smollm2, kjv_ids):
+    runner = ModelRunner(smollm2.model, "dense(dtype=fp16)")
+    cache = runner.new_cache()
+    runner.run([cache], [kjv_ids[:640]])
+    blocks = 30 * 10  # 30 layers x 10 blocks of 64 tokens
+    assert cache.nbytes() == 640 * 23040 + blocks * 8
+
+
+def test_batch_generation_equals_one_at_a_time():
+    from kvtier.api import LLM
+
+    llm = LLM()
+    prompts = ["The capital of France is", "In the beginning God created the heaven and the earth. And"]
+    together = llm.generate(prompts, max_new_tokens=12)
+    for p, t in zip(prompts, together):
+        (alone,) = llm.generate(p, max_new_tokens=12)
+        assert alone.token_ids == t.token_ids
+    assert "Paris" in together[0].text
+
+
+def test_ppl_harness_agrees_with_transformers(smollm2, hf, kjv_ids):
+    from kvtier.bench import ppl
+
+    rows = ppl.run(smollm2.model, "smollm2-135m", ["dense(dtype=fp32)", "dense(dtype=bf16)"],
+                   [320], 64, kjv_ids, n_windows=2)
+    fp32, bf16 = rows
+    assert fp32["ppl"] == fp32["dense_ppl"] and bf16["dense_ppl"] == fp32["dense_ppl"]
+    nll = []
+    for w in data.windows(kjv_ids, 320, 2):
+        with torch.no_grad():
+            logits = hf(torch.tensor([w[:-1]])).logits[0, -64:]
+        nll.append(torch.nn.functional.cross_entropy(logits, torch.tensor(w[-64:]), reduction="sum"))
+    want = math.exp(sum(nll).item() / 128)
+    assert f"{fp32['ppl']:.3g}" == f"{want:.3g}"
+    assert abs(bf16["ppl"] / want - 1) < 0.02  # bf16 storage costs a little, not a lot
+    assert bf16["kv_bytes_per_token"] < fp32["kv_bytes_per_token"]
+
+
+def run_cli(*args, input=None, env=None):
+    return subprocess.run(KVTIER + list(args), capture_output=True, text=True, input=input,
+                          env={**os.environ, **(env or {})}, timeout=600)
+
+
+def test_cli_generate_streams_and_reports_bytes():
+    r = run_cli("generate", "--max-new-tokens", "8", "--kv", "dense(dtype=bf16)", "-",
+                input="The capital of France is")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip()
+    assert "kv dense(dtype=bf16):" in r.stderr and "bytes held" in r.stderr
+
+
+@pytest.mark.parametrize("args, words", [
+    (["generate", "--kv", "dense(bits=2)", "hi"], "no parameter 'bits'"),
+    (["generate", "--model", "nosuchmodel", "hi"], "unknown model"),
+    (["generate", "--model", "/nonexistent/model.gguf", "hi"], "unknown model"),
+    (["generate", "--max-new-tokens", "9000", "hi"], "allows 8192"),
+    (["bench", "ppl", "--methods", "dense", "--context", "20x"], "--context"),
+    (["bench", "ppl", "--methods", "dense", "--text", "/nonexistent.txt"], "no such file"),
+])
+def test_cli_errors_are_one_line_and_exit_2(args, words):
+    r = run_cli(*args)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("kvtier: error:") and words in last
+
+
+def test_cli_bench_ppl_writes_json_and_plot(tmp_path):
+    out, png = tmp_path / "ppl.json", tmp_path / "ppl.png"
+    r = run_cli("bench", "ppl", "--methods", "dense(dtype=fp16)", "--context", "256",
+                "--eval-tokens", "16", "--windows", "2", "--json", str(out), "--plot", str(png))
+    assert r.returncode == 0, r.stderr
+    (row,) = json.loads(out.read_text())["results"]
+    for key in ("method", "model", "context", "eval_tokens", "windows", "ppl", "dense_ppl",
+                "ppl_per_window", "dense_ppl_per_window", "kv_bytes_per_token", "decode_tok_s",
+                "dense_decode_tok_s"):
+        assert key in row
+    assert row["method"] == "dense(dtype=fp16)" and len(row["ppl_per_window"]) == 2
+    assert 1 < row["ppl"] < 100 and abs(row["ppl"] / row["dense_ppl"] - 1) < 0.01
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert "dense(dtype=fp16)" in r.stdout
+
+
+def test_cli_bench_speed(tmp_path):
+    out = tmp_path / "speed.json"
+    r = run_cli("bench", "speed", "--context", "64", "--new-tokens", "4", "--repeats", "1",
+                "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["kvtier_decode_tok_s"] > 0 and row["transformers_decode_tok_s"] > 0
+    assert row["decode_ratio"] == pytest.approx(row["kvtier_decode_tok_s"] / row["transformers_decode_tok_s"])
+
+
+def test_damaged_weight_cache_is_rebuilt(tmp_path, monkeypatch):
+    from kvtier.models import loader
+
+    monkeypatch.setenv("KVTIER_CACHE", str(tmp_path))
+    gguf = loader.NAMED["smollm2-135m"]()
+    folder = loader.convert_gguf(gguf)
+    weights = folder / "model.safetensors"
+    good = weights.stat().st_size
+    with open(weights, "r+b") as f:  # flip bytes in the middle: same size, wrong content
+        f.seek(good // 2)
+        f.write(b"\xff" * 64)
+    assert not loader._valid(folder)
+    with open(weights, "r+b") as f:
+        f.truncate(good // 3)
+    assert loader.convert_gguf(gguf) == folder
+    assert loader._valid(folder) and weights.stat().st_size == good
+    loader.read_weights(folder)  # loads cleanly
