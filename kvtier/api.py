@@ -8,6 +8,7 @@ from typing import Iterator
 
 import torch
 
+from kvtier.dtypes import compute_dtype
 from kvtier.engine import ModelRunner, sample
 from kvtier.errors import KvtierError
 from kvtier.models import loader
@@ -39,12 +40,14 @@ class LLM:
     ----------
     model : a named model (``smollm2-135m``, ``gemma3-270m``), an HF folder or a .gguf file.
     kv : the cache spec, e.g. ``"dense(dtype=fp16)"`` (see ``kvtier methods``).
+    dtype : compute dtype, ``auto`` (bf16 where the hardware has native bf16 matmul), ``fp32``
+        or ``bf16``.
     block_size : tokens per KV block.
     """
 
     def __init__(self, model: str = loader.DEFAULT_MODEL, kv: str | None = None,
-                 block_size: int = 64, prefill_chunk: int = 2048):
-        self.loaded = loader.load(model)
+                 dtype: str = "auto", block_size: int = 64, prefill_chunk: int = 2048):
+        self.loaded = loader.load(model, compute_dtype(dtype))
         self.model, self.tokenizer = self.loaded.model, self.loaded.tokenizer
         self.runner = ModelRunner(self.model, kv, block_size=block_size, prefill_chunk=prefill_chunk)
         self.eos = _eos_ids(self.tokenizer, self.model.hf_config)

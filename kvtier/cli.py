@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import click
 import typer
 
+from kvtier.dtypes import compute_dtype, dtype_name
 from kvtier.errors import KvtierError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -39,6 +40,7 @@ def generate(
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="nucleus sampling mass")] = 1.0,
     chat: Annotated[bool, typer.Option(help="wrap the prompt in the model's chat template")] = False,
     seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
+    dtype: Annotated[str, typer.Option(help="compute dtype: auto (bf16 where the CPU/GPU has native bf16), fp32, bf16")] = "auto",
 ):
     """Generate text, streaming tokens as they come; report the KV bytes held at the end."""
     from kvtier import spec as specs
@@ -48,7 +50,7 @@ def generate(
         prompt = sys.stdin.read()
     from kvtier.api import LLM
 
-    llm = LLM(model=model, kv=kv)
+    llm = LLM(model=model, kv=kv, dtype=dtype)
     result = None
     for piece in llm.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature,
                             top_p=top_p, chat=chat, seed=seed):
@@ -101,6 +103,7 @@ def bench_ppl(
     text: Annotated[str, typer.Option(help="'kjv' or a path to a UTF-8 text file")] = "kjv",
     json_path: Annotated[Optional[str], typer.Option("--json", help="write results as JSON")] = None,
     plot: Annotated[Optional[str], typer.Option(help="write a PNG: PPL increase vs bytes/token")] = None,
+    dtype: Annotated[str, typer.Option(help="compute dtype (fp32 isolates the cache's effect)")] = "fp32",
 ):
     """Perplexity with each cache against the dense fp32 cache on the same tokens."""
     from kvtier import spec as specs
@@ -111,8 +114,9 @@ def bench_ppl(
     contexts = _ints(context, "--context")
     for m in methods:
         specs.parse(m)
+    compute = compute_dtype(dtype)
     raw = data.load_text(text)
-    loaded = load(model)
+    loaded = load(model, compute)
     with status("tokenizing the text"):
         ids = loaded.tokenizer(raw, add_special_tokens=False).input_ids
     rows = ppl.run(loaded.model, model, methods, contexts, eval_tokens, ids, windows)
@@ -126,10 +130,11 @@ def bench_ppl(
 @bench.command("speed")
 def bench_speed(
     model: ModelOpt = DEFAULT_MODEL,
-    context: Annotated[str, typer.Option(help="prompt lengths, comma-separated")] = "1024,8192",
+    context: Annotated[str, typer.Option(help="context lengths (prompt + new tokens), comma-separated")] = "1024,8192",
     new_tokens: Annotated[int, typer.Option(min=2, help="tokens decoded per run")] = 32,
     repeats: Annotated[int, typer.Option(min=1, help="runs per side; medians are reported")] = 3,
-    kv: Annotated[str, typer.Option(help="kvtier's cache spec")] = "dense(dtype=fp32)",
+    kv: Annotated[str, typer.Option(help="kvtier's cache spec (default: dense in the compute dtype)")] = "",
+    dtype: Annotated[str, typer.Option(help="compute dtype of both sides: auto, fp32, bf16")] = "auto",
     text: Annotated[str, typer.Option(help="'kjv' or a path to a UTF-8 text file")] = "kjv",
     json_path: Annotated[Optional[str], typer.Option("--json", help="write results as JSON")] = None,
 ):
@@ -140,13 +145,14 @@ def bench_speed(
     from kvtier.progress import bar
 
     contexts = _ints(context, "--context")
-    specs.parse(kv)
+    compute = compute_dtype(dtype)
+    kv = str(specs.parse(kv or f"dense(dtype={dtype_name(compute)})"))
     raw = data.load_text(text)
-    loaded = load(model)
+    loaded = load(model, compute)
     for c in contexts:
-        if c + new_tokens > loaded.model.max_context:
-            raise KvtierError(f"--context {c} + --new-tokens {new_tokens} is longer than {model} "
-                              f"allows ({loaded.model.max_context})")
+        if c > loaded.model.max_context or c <= new_tokens:
+            raise KvtierError(f"--context {c} must be above --new-tokens {new_tokens} and at most "
+                              f"{loaded.model.max_context}, the longest {model} allows")
     ids = loaded.tokenizer(raw, add_special_tokens=False).input_ids
     if len(ids) < max(contexts):
         raise KvtierError(f"the text has {len(ids)} tokens, fewer than --context {max(contexts)}")

@@ -50,3 +50,17 @@ def test_merge_handles_groups_fully_outside_the_window():
     got = reference(q, split(k, v, [50]), 99, 0.125, window=10, group=8)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_chunk_after_past_uses_lse_merge_and_equals_sdpa(dtype, tol):
+    """Chunked prefill: the past fully visible, the chunk causal, merged by log-sum-exp."""
+    torch.manual_seed(2)
+    n, t = 200, 40
+    q = torch.randn(9, t, 64)
+    k, v = torch.randn(3, n, 64), torch.randn(3, n, 64)
+    want = sdpa(q, k, v, n - t)
+    parts = split(k.to(dtype), v.to(dtype), [64, n - t])  # two past parts, then the chunk itself
+    got = attend(q.to(dtype), parts, n - t, 0.125)
+    torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
+    torch.testing.assert_close(reference(q.to(dtype), parts, n - t, 0.125).float(), want, atol=tol, rtol=tol)

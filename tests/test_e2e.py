@@ -53,7 +53,7 @@ def test_dense_fp16_holds_23040_bytes_per_token_plus_block_table(smollm2, kjv_id
 def test_batch_generation_equals_one_at_a_time():
     from kvtier.api import LLM
 
-    llm = LLM()
+    llm = LLM(dtype="fp32")
     prompts = ["The capital of France is", "In the beginning God created the heaven and the earth. And"]
     together = llm.generate(prompts, max_new_tokens=12)
     for p, t in zip(prompts, together):
@@ -127,7 +127,7 @@ def test_cli_bench_ppl_writes_json_and_plot(tmp_path):
 
 def test_cli_bench_speed(tmp_path):
     out = tmp_path / "speed.json"
-    r = run_cli("bench", "speed", "--context", "64", "--new-tokens", "4", "--repeats", "1",
+    r = run_cli("bench", "speed", "--context", "68", "--new-tokens", "4", "--repeats", "1",
                 "--json", str(out))
     assert r.returncode == 0, r.stderr
     (row,) = json.loads(out.read_text())["results"]

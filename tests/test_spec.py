@@ -10,9 +10,9 @@ def test_round_trip_is_canonical():
     assert spec.parse(str(s)) == s
 
 
-@pytest.mark.parametrize("text", ["dense", "dense()", " dense ( dtype = fp16 ) ", "", None])
+@pytest.mark.parametrize("text", ["dense", "dense()", " dense ( dtype = bf16 ) ", "", None])
 def test_defaults_fill_in(text):
-    assert str(spec.parse(text)) == "dense(dtype=fp16)"
+    assert str(spec.parse(text)) == "dense(dtype=bf16)"
 
 
 @pytest.mark.parametrize("name", list(registry.methods()))

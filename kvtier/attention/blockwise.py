@@ -40,13 +40,13 @@ def partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
 
     Returns m, l ``(Hkv, G*T, 1)`` and o ``(Hkv, G*T, D)``.
     """
-    s = torch.bmm(q, k.transpose(1, 2))  # (Hkv, G*T, N)
+    s = torch.bmm(q, k.transpose(1, 2)).float()  # (Hkv, G*T, N); softmax statistics in fp32
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
     m = s.amax(-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # fully masked rows
     p = torch.exp(s - m)
-    return m, p.sum(-1, keepdim=True), torch.bmm(p, v)
+    return m, p.sum(-1, keepdim=True), torch.bmm(p.to(v.dtype), v).float()
 
 
 def merge(pieces: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
@@ -85,7 +85,7 @@ def reference(q: torch.Tensor, parts: list[Part], q_start: int, scale: float,
             k, v = part.k[:, i:i + group], part.v[:, i:i + group]
             mask = visible(q_start, t, part.start + i, k.shape[1], window, q.device)
             pieces.append(partial(qg, k, v, None if mask is None else mask.repeat(g, 1)))
-    return _ungroup(merge(pieces), hq, t)
+    return _ungroup(merge(pieces), hq, t).to(q.dtype)
 
 
 def attend(q: torch.Tensor, parts: list[Part], q_start: int, scale: float,
@@ -98,7 +98,20 @@ def attend(q: torch.Tensor, parts: list[Part], q_start: int, scale: float,
         qg = _group_queries(q, n_kv, scale)
         pieces = [partial(qg, p.k, p.v, visible(q_start, 1, p.start, p.k.shape[1], window, q.device))
                   for p in parts]
-        return _ungroup(merge(pieces), hq, t)
+        return _ungroup(merge(pieces), hq, t).to(q.dtype)
+    cur = parts[-1]
+    if (len(parts) > 1 and window is None and cur.start == q_start and cur.k.shape[1] == t
+            and _FLASH is not None and q.device.type == "cpu"):
+        # chunked prefill: the past is fully visible, the chunk is causal; two flash calls
+        # merged by their log-sum-exp, so no (T, N) mask is ever built
+        past = parts[:-1]
+        k = past[0].k if len(past) == 1 else torch.cat([p.k for p in past], 1)
+        v = past[0].v if len(past) == 1 else torch.cat([p.v for p in past], 1)
+        o1, lse1 = _flash(q, k, v, False, scale)
+        o2, lse2 = _flash(q, cur.k, cur.v, True, scale)
+        top = torch.maximum(lse1, lse2)
+        w1, w2 = torch.exp(lse1 - top), torch.exp(lse2 - top)  # (Hq, T, 1)
+        return ((o1.float() * w1 + o2.float() * w2) / (w1 + w2)).to(q.dtype)
     if len(parts) == 1:
         k, v, k_start = parts[0].k, parts[0].v, parts[0].start
     else:
@@ -116,3 +129,17 @@ def attend(q: torch.Tensor, parts: list[Part], q_start: int, scale: float,
     return F.scaled_dot_product_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),
                                           attn_mask=mask, is_causal=is_causal, scale=scale,
                                           enable_gqa=n_kv != hq).squeeze(0)
+
+
+# torch's CPU flash attention also returns the log-sum-exp, which makes pieces mergeable
+_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _flash(q, k, v, causal: bool, scale: float):
+    """q ``(Hq, T, D)``, k, v ``(Hkv, N, D)`` -> output ``(Hq, T, D)``, lse ``(Hq, T, 1)``."""
+    g = q.shape[0] // k.shape[0]
+    if g > 1:
+        k, v = k.repeat_interleave(g, 0), v.repeat_interleave(g, 0)
+    o, lse = _FLASH(q.unsqueeze(0), k.unsqueeze(0).to(q.dtype), v.unsqueeze(0).to(q.dtype),
+                    0.0, causal, scale=scale)
+    return o[0], lse[0].unsqueeze(-1)

@@ -31,11 +31,11 @@ def _bits(r: dict) -> str:
 
 def speed_table(rows: list[dict]) -> Table:
     t = Table(title="speed: kvtier vs transformers generate + DynamicCache (medians, same run)")
-    for col in ("model", "kv", "context", "prefill tok/s", "tf prefill", "ratio",
+    for col in ("model", "dtype", "kv", "context", "prefill tok/s", "tf prefill", "ratio",
                 "decode tok/s", "tf decode", "ratio"):
-        t.add_column(col, justify="left" if col in ("model", "kv") else "right")
+        t.add_column(col, justify="left" if col in ("model", "dtype", "kv") else "right")
     for r in rows:
-        t.add_row(r["model"], r["kv"], str(r["context"]), f"{r['kvtier_prefill_tok_s']:.1f}",
+        t.add_row(r["model"], r["dtype"], r["kv"], str(r["context"]), f"{r['kvtier_prefill_tok_s']:.1f}",
                   f"{r['transformers_prefill_tok_s']:.1f}", f"{r['prefill_ratio']:.2f}x",
                   f"{r['kvtier_decode_tok_s']:.2f}", f"{r['transformers_decode_tok_s']:.2f}",
                   f"{r['decode_ratio']:.2f}x")

@@ -47,7 +47,7 @@ def transformers_timing(hf_model, prompt: list[int], new_tokens: int) -> tuple[f
     ids = torch.tensor([prompt])
     t0 = time.perf_counter()
     with torch.inference_mode():
-        hf_model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=DynamicCache(),
+        hf_model.generate(ids, attention_mask=torch.ones_like(ids), cache=DynamicCache(),
                           max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                           streamer=clock, pad_token_id=0)
     first, last = clock.times[1], clock.times[-1]  # times[0] is the prompt being "streamed"
@@ -58,11 +58,14 @@ def run(loaded, contexts: list[int], ids: list[int], new_tokens: int = 32, repea
         kv: str = "dense(dtype=fp32)", progress=None) -> list[dict]:
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(loaded.folder, dtype=torch.float32).eval()
+    from kvtier.dtypes import dtype_name
+
+    dtype = loaded.model.dtype  # transformers runs in the same compute dtype
+    hf = AutoModelForCausalLM.from_pretrained(loaded.folder, dtype=dtype).eval()
     runner = ModelRunner(loaded.model, kv)
     rows = []
     for c in contexts:
-        prompt = ids[:c]
+        prompt = ids[:c - new_tokens]  # decoding ends at c tokens of context
         ours, theirs = [], []
         for _ in range(repeats):  # interleaved, so drift in machine load hits both sides
             ours.append(kvtier_timing(runner, prompt, new_tokens))
@@ -71,11 +74,11 @@ def run(loaded, contexts: list[int], ids: list[int], new_tokens: int = 32, repea
             theirs.append(transformers_timing(hf, prompt, new_tokens))
             if progress:
                 progress()
-        kp = statistics.median(c / p for p, _ in ours)
+        kp = statistics.median(len(prompt) / p for p, _ in ours)
         kd = statistics.median(1 / d for _, d in ours)
-        tp = statistics.median(c / p for p, _ in theirs)
+        tp = statistics.median(len(prompt) / p for p, _ in theirs)
         td = statistics.median(1 / d for _, d in theirs)
-        rows.append({"model": loaded.name, "kv": str(runner.spec), "context": c,
+        rows.append({"model": loaded.name, "kv": str(runner.spec), "dtype": dtype_name(dtype), "context": c,
                      "new_tokens": new_tokens, "repeats": repeats,
                      "kvtier_prefill_tok_s": kp, "transformers_prefill_tok_s": tp,
                      "prefill_ratio": kp / tp,

@@ -16,12 +16,12 @@ from kvtier.models.base import Batch
 
 class ModelRunner:
     def __init__(self, model, kv: str | specs.CacheSpec | None = None, block_size: int = 64,
-                 prefill_chunk: int = 2048, dtype: torch.dtype = torch.float32, device="cpu"):
+                 prefill_chunk: int = 2048, device="cpu"):
         if block_size < 1 or prefill_chunk < 1:
             raise ValueError("block_size and prefill_chunk must be positive")
         self.model, self.spec = model, specs.parse(kv)
         self.block_size, self.prefill_chunk = block_size, prefill_chunk
-        self.dtype, self.device = dtype, device
+        self.dtype, self.device = model.dtype, device  # residual blocks in the compute dtype
 
     def new_cache(self, reserve: int = 0) -> SeqKV:
         """An empty cache for one sequence, with room for ``reserve`` tokens allocated up front."""

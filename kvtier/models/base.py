@@ -107,6 +107,7 @@ class DecoderModel:
 
     def __init__(self, hf_config, weights: dict[str, torch.Tensor]):
         self.hf_config, self.w = hf_config, weights
+        self.dtype = next(iter(weights.values())).dtype  # the compute dtype
 
     @torch.inference_mode()
     def forward(self, batch: Batch, logits: str = "last") -> torch.Tensor:

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
+from kvtier.dtypes import DTYPES
 from kvtier.kv.codecs.base import Codec
 from kvtier.registry import param, register
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @register
@@ -18,7 +15,7 @@ class Dense(Codec):
     """Uncompressed KV cache in the given storage dtype (the baseline every method is measured against)."""
 
     name = "dense"
-    dtype: str = param("fp16", "storage dtype of keys and values", choices=tuple(DTYPES))
+    dtype: str = param("bf16", "storage dtype of keys and values", choices=tuple(DTYPES))
 
     def fields(self, block_size, head_dim):
         shape = (block_size, head_dim)
