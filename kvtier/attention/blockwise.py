@@ -19,6 +19,9 @@ import torch.nn.functional as F
 from kvtier.kv.cache import Part
 
 
+SMALL = 256  # keys; below this, reduced-precision matmul costs more in overhead than it saves
+
+
 def visible(q_start: int, t: int, k_start: int, n: int, window: int | None,
             device=None) -> torch.Tensor | None:
     """Boolean mask ``(T, N)`` of the keys each query sees, or None when it sees them all."""
@@ -40,13 +43,24 @@ def partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
 
     Returns m, l ``(Hkv, G*T, 1)`` and o ``(Hkv, G*T, D)``.
     """
-    s = torch.bmm(q, k.transpose(1, 2)).float()  # (Hkv, G*T, N); softmax statistics in fp32
+    if k.shape[1] <= SMALL and q.dtype != torch.float32:  # tiny groups: fp32 kernels are faster
+        q, k, v = q.float(), k.float(), v.float()
+    s = _scores(q, k).float()  # (Hkv, G*T, N); softmax statistics in fp32
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
     m = s.amax(-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # fully masked rows
+    if mask is not None:  # a fully masked row has m = -inf; keep exp() finite there
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     p = torch.exp(s - m)
     return m, p.sum(-1, keepdim=True), torch.bmm(p.to(v.dtype), v).float()
+
+
+def _scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """``q @ k^T`` per head. A pool view's heads are not adjacent in memory; the reduced-precision
+    batched kernel copies such a K first, so those go head by head (no copy)."""
+    if q.dtype == torch.float32 or k.is_contiguous():
+        return torch.bmm(q, k.transpose(1, 2))
+    return torch.stack([torch.mm(qh, kh.t()) for qh, kh in zip(q, k)])
 
 
 def merge(pieces: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> torch.Tensor:

@@ -80,10 +80,10 @@ class LayerKV:
         self.slots += self.pool.add(k.to(self.dtype), v.to(self.dtype))
 
     def _slide(self) -> None:
-        """Free blocks that no future query can attend (query q sees keys k with q - k < window)."""
+        """Free blocks no query can attend any more (query q sees keys k with q - k < window)."""
         if not self.window:
             return
-        oldest_needed = self.length - self.window + 1
+        oldest_needed = self.length - self.window  # the newest token may still be querying
         n_out = max(0, min(len(self.slots), oldest_needed // self.block_size - self.first_block))
         if n_out:
             self.pool.release(self.slots[:n_out])

@@ -7,7 +7,7 @@ Prefill (many new tokens) and decode (one new token) go through the same call.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,7 @@ class Batch:
     positions: torch.Tensor
     caches: list[SeqKV]
     lengths: list[int]
+    rope_tables: dict = field(default_factory=dict)  # cos/sin at these positions, per Rope
 
     @classmethod
     def of(cls, caches: list[SeqKV], chunks: list[list[int]], device="cpu") -> "Batch":
@@ -41,35 +42,43 @@ class Batch:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
-    """RMSNorm in fp32; Gemma scales by ``1 + weight`` (offset=1)."""
+    """RMSNorm in fp32 (``weight`` is kept in fp32); Gemma scales by ``1 + weight`` (offset=1)."""
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (xf * (offset + weight.float())).to(x.dtype)
+    return (xf * (weight + offset if offset else weight)).to(x.dtype)
 
 
 class Rope:
     """Rotary embedding (rotate-half layout, as in transformers' checkpoints).
 
-    ``inv_freq``: ``(D/2,)``; cos/sin tables grow on demand.
+    ``inv_freq``: ``(D/2,)``; the cos/sin table grows on demand and is looked up once per
+    forward (all layers sharing this Rope reuse the lookup through ``batch.rope_tables``).
     """
 
     def __init__(self, inv_freq: torch.Tensor, scaling: float = 1.0):
         self.inv_freq, self.scaling = inv_freq.float(), scaling
-        self.cos = self.sin = torch.empty(0)
+        self.table = torch.empty(0, 2, inv_freq.shape[0] * 2)  # (positions, cos|sin, D)
 
     def _grow(self, n: int, device) -> None:
-        n = max(n, 2 * self.cos.shape[0], 256)
+        n = max(n, 2 * self.table.shape[0], 256)
         freqs = torch.outer(torch.arange(n, dtype=torch.float32), self.inv_freq)
         emb = torch.cat([freqs, freqs], -1)
-        self.cos = (emb.cos() * self.scaling).to(device)
-        self.sin = (emb.sin() * self.scaling).to(device)
+        self.table = torch.stack([emb.cos(), emb.sin()], 1).mul(self.scaling).to(device)
 
-    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x: ``(N, H, D)``; positions: ``(N,)``."""
-        top = int(positions.max()) + 1
-        if top > self.cos.shape[0]:
-            self._grow(top, x.device)
-        cos, sin = self.cos[positions][:, None].to(x.dtype), self.sin[positions][:, None].to(x.dtype)
+    def at(self, batch: "Batch", dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin ``(N, 1, D)`` at the batch's positions."""
+        key = (id(self), dtype)
+        if key not in batch.rope_tables:
+            top = int(batch.positions.max()) + 1
+            if top > self.table.shape[0]:
+                self._grow(top, batch.positions.device)
+            cs = self.table[batch.positions].to(dtype)  # (N, 2, D)
+            batch.rope_tables[key] = (cs[:, :1], cs[:, 1:])
+        return batch.rope_tables[key]
+
+    def __call__(self, x: torch.Tensor, batch: "Batch") -> torch.Tensor:
+        """x: ``(N, H, D)``."""
+        cos, sin = self.at(batch, x.dtype)
         half = x.shape[-1] // 2
         rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
         return x * cos + rotated * sin
@@ -106,8 +115,10 @@ class DecoderModel:
     windows: list[int | None]
 
     def __init__(self, hf_config, weights: dict[str, torch.Tensor]):
-        self.hf_config, self.w = hf_config, weights
-        self.dtype = next(iter(weights.values())).dtype  # the compute dtype
+        self.dtype = weights["model.embed_tokens.weight"].dtype  # the compute dtype
+        # norms run in fp32 whatever the compute dtype (as transformers does)
+        self.hf_config = hf_config
+        self.w = {k: v.float() if "norm" in k else v for k, v in weights.items()}
 
     @torch.inference_mode()
     def forward(self, batch: Batch, logits: str = "last") -> torch.Tensor:
@@ -131,11 +142,16 @@ class DecoderModel:
         """
         outs, off = [], 0
         for cache, n in zip(batch.caches, batch.lengths):
-            layer = cache.layers[i]
+            layer, start = cache.layers[i], cache.layers[i].length
             qs, ks, vs = (t[off:off + n].transpose(0, 1) for t in (q, k, v))  # (H, n, D)
-            parts = layer.parts() + [Part(ks, vs, layer.length)]
-            outs.append(attend(qs, parts, layer.length, scale, self.windows[i]).transpose(0, 1))
-            layer.append(ks, vs)
+            if n == 1:  # decode: the new token joins the residual block, attention reads the cache
+                layer.append(ks, vs)
+                parts = layer.parts()
+            else:       # prefill: the chunk attends to itself in full precision, then is stored
+                parts = layer.parts() + [Part(ks, vs, start)]
+            outs.append(attend(qs, parts, start, scale, self.windows[i]).transpose(0, 1))
+            if n > 1:
+                layer.append(ks, vs)
             off += n
         o = outs[0] if len(outs) == 1 else torch.cat(outs)
         return o.reshape(o.shape[0], -1)

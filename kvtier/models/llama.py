@@ -47,7 +47,7 @@ class Llama(DecoderModel):
             [self.n_heads * d, self.n_kv * d, self.n_kv * d], -1)
         q, k = self.qk_norm(i, q.view(n, self.n_heads, d), k.view(n, self.n_kv, d))
         rope = self.ropes[i]
-        q, k = rope(q, batch.positions), rope(k, batch.positions)
+        q, k = rope(q, batch), rope(k, batch)
         return self.attention(i, q, k, v.view(n, self.n_kv, d), batch, self.scale)
 
     def make_ropes(self, c):
