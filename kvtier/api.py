@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -26,7 +26,6 @@ class Completion:
     prefill_s: float
     decode_s: float
     finish_reason: str  # "stop" (end-of-sequence token) or "length"
-    extra: dict = field(default_factory=dict)
 
     @property
     def kv_bytes_per_token(self) -> float:
@@ -66,6 +65,8 @@ class LLM:
         return self.tokenizer(prompt).input_ids
 
     def check_length(self, n_prompt: int, max_new_tokens: int) -> None:
+        if n_prompt == 0:
+            raise KvtierError("the prompt is empty; give some text to continue")
         limit = self.model.max_context
         if n_prompt + max_new_tokens > limit:
             raise KvtierError(

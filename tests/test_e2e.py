@@ -152,3 +152,24 @@ def test_damaged_weight_cache_is_rebuilt(tmp_path, monkeypatch):
     assert loader.convert_gguf(gguf) == folder
     assert loader._valid(folder) and weights.stat().st_size == good
     loader.read_weights(folder)  # loads cleanly
+
+
+def test_gemma3_logits_match_transformers_on_real_text():
+    """The real Gemma-3-270M: past its 512-token sliding window, chunked prefill then decode."""
+    from transformers import AutoModelForCausalLM
+
+    from kvtier.models import load
+
+    gemma = load("gemma3-270m")
+    hf = AutoModelForCausalLM.from_pretrained(gemma.folder, dtype=torch.float32).eval()
+    ids = gemma.tokenizer(data.kjv()[50_000:60_000]).input_ids[:700]
+    with torch.no_grad():
+        want = hf(torch.tensor([ids])).logits[0]
+    runner = ModelRunner(gemma.model, "dense(dtype=fp32)", prefill_chunk=256)
+    cache = runner.new_cache()
+    ours = torch.cat([runner.run([cache], [ids[i:min(i + 256, 640)]], logits="all") for i in range(0, 640, 256)])
+    assert (ours - want[:640]).abs().max() <= 1e-3
+    rows = torch.stack([runner.run([cache], [[t]])[0] for t in ids[640:]])
+    assert (rows - want[640:]).abs().max() <= 1e-3
+    sliding = [layer for layer, w in zip(cache.layers, gemma.model.windows) if w]
+    assert sliding and all(layer.n_held <= 512 + 64 for layer in sliding)
