@@ -74,6 +74,7 @@ def ppl_plot(path: str | Path, rows: list[dict]) -> None:
         ax.set(title=f"{model} @ {ctx} tokens", xlabel="KV bytes per token (measured)",
                ylabel="PPL increase vs dense fp32 (%)")
         ax.axhline(0, color="grey", lw=0.5)
+        ax.margins(x=0.25, y=0.15)  # room for the labels
         ax.grid(alpha=0.3)
     fig.tight_layout()
     try:
