@@ -27,6 +27,7 @@ class Score:
     count: int              # scored tokens per window
     kv_bytes: int           # bytes held by all windows' caches after scoring
     kv_tokens: int          # tokens held (processed) by them
+    kv_elements: int        # key/value elements held (a sliding window holds fewer)
     decode_s: float         # time of the teacher-forced decode steps
     decode_tokens: int      # tokens fed in those steps (all windows)
 
@@ -58,7 +59,8 @@ def score(runner: ModelRunner, wins: list[list[int]], eval_tokens: int, progress
             progress(len(wins))
     decode_s = time.perf_counter() - t0
     return Score(nll.tolist(), eval_tokens, sum(c.nbytes() for c in caches),
-                 sum(c.length for c in caches), decode_s, (eval_tokens - 1) * len(wins))
+                 sum(c.length for c in caches), sum(c.n_elements() for c in caches),
+                 decode_s, (eval_tokens - 1) * len(wins))
 
 
 def run(model, model_name: str, methods: list[str], contexts: list[int], eval_tokens: int,
@@ -85,7 +87,7 @@ def run(model, model_name: str, methods: list[str], contexts: list[int], eval_to
                     "windows": n_windows, "ppl": s.ppl, "dense_ppl": base.ppl,
                     "ppl_per_window": s.ppl_per_window, "dense_ppl_per_window": base.ppl_per_window,
                     "kv_bytes_per_token": s.kv_bytes / s.kv_tokens,
-                    "kv_elements_per_token": 2 * model.n_layers * model.n_kv * model.head_dim,
+                    "bits_per_element": 8 * s.kv_bytes / s.kv_elements,
                     "decode_tok_s": s.decode_tokens / s.decode_s,
                     "dense_decode_tok_s": base.decode_tokens / base.decode_s,
                 })

@@ -25,8 +25,7 @@ def ppl_table(rows: list[dict]) -> Table:
 
 
 def _bits(r: dict) -> str:
-    elems = r.get("kv_elements_per_token")
-    return f"{8 * r['kv_bytes_per_token'] / elems:.2f}" if elems else "-"
+    return f"{r['bits_per_element']:.2f}" if "bits_per_element" in r else "-"
 
 
 def speed_table(rows: list[dict]) -> Table:

@@ -37,6 +37,7 @@ class LayerKV:
                  window: int | None = None, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu"):
         self.pool = BlockPool(codec, n_kv, head_dim, block_size, device)
+        self.n_kv, self.head_dim = n_kv, head_dim
         self.block_size, self.window, self.dtype = block_size, window, dtype
         self.residual_k = torch.empty((n_kv, block_size, head_dim), dtype=dtype, device=device)
         self.residual_v = torch.empty_like(self.residual_k)
@@ -105,6 +106,10 @@ class LayerKV:
     def n_held(self) -> int:
         return len(self.slots) * self.block_size + self.n_residual
 
+    def n_elements(self) -> int:
+        """Key and value elements held (tokens x heads x dims x 2), whatever their encoding."""
+        return 2 * self.n_held * self.n_kv * self.head_dim
+
     def nbytes(self) -> int:
         """Bytes of data held: encoded blocks, residual tokens and the block table."""
         residual = 2 * self.residual_k[:, : self.n_residual].numel() * self.residual_k.element_size()
@@ -132,6 +137,9 @@ class SeqKV:
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
+
+    def n_elements(self) -> int:
+        return sum(layer.n_elements() for layer in self.layers)
 
     def reserved_bytes(self) -> int:
         return sum(layer.reserved_bytes() for layer in self.layers)
