@@ -2,5 +2,6 @@
 
 from kvtier.kv.codecs.base import Codec
 from kvtier.kv.codecs.dense import Dense
+from kvtier.kv.codecs.intq import Int
 
-__all__ = ["Codec", "Dense"]
+__all__ = ["Codec", "Dense", "Int"]

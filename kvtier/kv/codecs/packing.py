@@ -1,0 +1,24 @@
+"""Bit packing shared by the integer codecs: ``8 // bits`` values per byte, lowest bits first."""
+
+from __future__ import annotations
+
+import torch
+
+
+def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """q: integers in ``[0, 2**bits)``, last dim divisible by ``8 // bits`` -> uint8 ``(..., n*bits/8)``."""
+    if bits == 8:
+        return q.to(torch.uint8)
+    per = 8 // bits
+    shifts = torch.arange(0, 8, bits, dtype=torch.int32, device=q.device)
+    grouped = q.to(torch.int32).reshape(*q.shape[:-1], q.shape[-1] // per, per)
+    return (grouped << shifts).sum(-1).to(torch.uint8)
+
+
+def unpack(p: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of :func:`pack`: uint8 ``(..., m)`` -> integers ``(..., m * 8 // bits)`` as uint8."""
+    if bits == 8:
+        return p
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=p.device)
+    q = (p.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return q.reshape(*p.shape[:-1], -1)
