@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 from typing import Annotated, Optional
 
-import click
 import typer
 
 from kvtier.dtypes import compute_dtype, dtype_name
@@ -164,22 +163,14 @@ def bench_speed(
 
 
 def main() -> None:
+    # typer handles usage errors (exit 2) and --help; kvtier's own errors become one line here
     try:
-        code = app(standalone_mode=False)
-    except click.exceptions.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
-    except click.exceptions.Abort:
-        sys.exit(130)
-    except KvtierError as e:
-        print(f"kvtier: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except OSError as e:
+        app()
+    except (KvtierError, OSError) as e:
         print(f"kvtier: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
-    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -172,3 +172,8 @@ def test_gemma3_logits_match_transformers_on_real_text():
     assert (rows - want[640:]).abs().max() <= 1e-3
     sliding = [layer for layer, w in zip(cache.layers, gemma.model.windows) if w]
     assert sliding and all(layer.n_held <= 512 + 64 for layer in sliding)
+
+
+def test_cli_usage_errors_exit_2_without_traceback():
+    r = run_cli("bench", "ppl")  # --methods is required
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "--methods" in r.stderr
