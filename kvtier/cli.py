@@ -9,13 +9,13 @@ import typer
 
 from kvtier.dtypes import compute_dtype, dtype_name
 from kvtier.errors import KvtierError
+from kvtier.models.loader import DEFAULT_MODEL
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Run long-context LLMs on the memory you have: a compressed, tiered KV cache.")
 bench = typer.Typer(no_args_is_help=True, help="Measure quality, bytes and speed side by side.")
 app.add_typer(bench, name="bench")
 
-DEFAULT_MODEL = "smollm2-135m"
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="named model (smollm2-135m, gemma3-270m), HF folder or .gguf file")]
 
 

@@ -25,10 +25,6 @@ class Part:
     v: torch.Tensor
     start: int
 
-    @property
-    def positions(self) -> torch.Tensor:
-        return torch.arange(self.start, self.start + self.k.shape[1], device=self.k.device)
-
 
 class LayerKV:
     """One layer of one sequence's cache."""
@@ -115,11 +111,6 @@ class LayerKV:
         residual = 2 * self.residual_k[:, : self.n_residual].numel() * self.residual_k.element_size()
         return len(self.slots) * (self.pool.slot_bytes() + TABLE_ENTRY_BYTES) + residual
 
-    def reserved_bytes(self) -> int:
-        """Bytes allocated, including room reserved for tokens not yet written."""
-        residual = 2 * self.residual_k.numel() * self.residual_k.element_size()
-        return self.pool.reserved_bytes() + residual + self.pool.capacity * TABLE_ENTRY_BYTES
-
 
 class SeqKV:
     """A sequence's cache: one :class:`LayerKV` per layer."""
@@ -140,6 +131,3 @@ class SeqKV:
 
     def n_elements(self) -> int:
         return sum(layer.n_elements() for layer in self.layers)
-
-    def reserved_bytes(self) -> int:
-        return sum(layer.reserved_bytes() for layer in self.layers)

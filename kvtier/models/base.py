@@ -106,7 +106,6 @@ class DecoderModel:
     (per-layer sliding window or None), and implement ``embed``, ``layer`` and ``head``.
     """
 
-    family: str
     n_layers: int
     n_heads: int
     n_kv: int

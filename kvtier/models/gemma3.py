@@ -17,8 +17,6 @@ from kvtier.models.llama import Llama
 
 
 class Gemma3(Llama):
-    family = "gemma3"
-
     def __init__(self, hf_config, weights):
         super().__init__(hf_config, weights)
         c = hf_config

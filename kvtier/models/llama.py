@@ -13,8 +13,6 @@ from kvtier.models.base import Batch, DecoderModel, rms_norm, rope_for
 
 
 class Llama(DecoderModel):
-    family = "llama"
-
     def __init__(self, hf_config, weights):
         super().__init__(hf_config, weights)
         c = hf_config
