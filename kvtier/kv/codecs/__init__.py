@@ -3,5 +3,10 @@
 from kvtier.kv.codecs.base import Codec
 from kvtier.kv.codecs.dense import Dense
 from kvtier.kv.codecs.intq import Int
+from kvtier.kv.codecs.mxfp4 import MxFp4
+from kvtier.kv.codecs.mxfp8 import MxFp8
+from kvtier.kv.codecs.mxint8 import MxInt8
+from kvtier.kv.codecs.nvfp4 import NvFp4
+from kvtier.kv.codecs.nvint4 import NvInt4
 
-__all__ = ["Codec", "Dense", "Int"]
+__all__ = ["Codec", "Dense", "Int", "MxFp4", "MxFp8", "MxInt8", "NvFp4", "NvInt4"]
