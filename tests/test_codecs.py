@@ -87,3 +87,11 @@ def test_mxfp4_packs_two_codes_per_byte_and_hadamard_is_orthogonal():
     assert fields["k_codes"] == ((64, 32), torch.uint8) and fields["k_scales"] == ((64, 2), torch.uint8)
     with pytest.raises(KvtierError, match="power-of-two"):
         spec.parse("mxfp4(hadamard=true)").codec.fields(64, 96)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_table_unpack_equals_shift_unpack(bits):
+    from kvtier.kv.codecs.packing import unpack_float
+
+    p = torch.randint(0, 256, (2, 7, 16), dtype=torch.uint8)
+    assert torch.equal(unpack_float(p, bits), unpack(p, bits).float())

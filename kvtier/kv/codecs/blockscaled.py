@@ -19,10 +19,12 @@ import torch
 
 from kvtier.errors import KvtierError
 from kvtier.kv.codecs.base import Codec
-from kvtier.kv.codecs.packing import pack, unpack
+from kvtier.kv.codecs.packing import pack, unpack_float
 
 E2M1_GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 E4M3_MAX = 448.0
+E2M1_VALUES = tuple(E2M1_GRID.tolist()) + tuple((-E2M1_GRID).tolist())  # by 4-bit code
+INT4_VALUES = tuple(float(c - 8) for c in range(16))
 
 
 @functools.cache
@@ -56,12 +58,10 @@ def decode_elements(codes: torch.Tensor, element: str) -> torch.Tensor:
         return codes.view(torch.int8).float() / 64
     if element == "e4m3":
         return codes.view(torch.float8_e4m3fn).float()
-    if element == "e2m1":
-        c = unpack(codes, 4)
-        mag = E2M1_GRID.to(codes.device)[(c & 7).long()]
-        return torch.where(c >= 8, -mag, mag)
+    if element == "e2m1":  # code = sign << 3 | magnitude index
+        return unpack_float(codes, 4, E2M1_VALUES)
     if element == "int4":
-        return unpack(codes, 4).float() - 8
+        return unpack_float(codes, 4, INT4_VALUES)
     raise AssertionError(element)
 
 

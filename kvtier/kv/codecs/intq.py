@@ -17,7 +17,7 @@ import torch
 
 from kvtier.errors import KvtierError
 from kvtier.kv.codecs.base import Codec
-from kvtier.kv.codecs.packing import pack, unpack
+from kvtier.kv.codecs.packing import pack, unpack_float
 from kvtier.registry import param, register
 
 
@@ -62,9 +62,9 @@ class Int(Codec):
                 "v_scale": vs.squeeze(4), "v_zero": vz.squeeze(4)}
 
     def decode(self, data, dtype):
-        kq = unpack(data["k"], self.bits)  # (Hkv, n, B, D)
+        kq = unpack_float(data["k"], self.bits)  # (Hkv, n, B, D)
         h, n, b, d = kq.shape
-        k = torch.addcmul(data["k_zero"].unsqueeze(2).float(), kq.float(), data["k_scale"].unsqueeze(2).float())
-        vq = unpack(data["v"], self.bits).reshape(h, n, b, d // self.group, self.group)
-        v = torch.addcmul(data["v_zero"].unsqueeze(-1).float(), vq.float(), data["v_scale"].unsqueeze(-1).float())
+        k = torch.addcmul(data["k_zero"].unsqueeze(2).float(), kq, data["k_scale"].unsqueeze(2).float())
+        vq = unpack_float(data["v"], self.bits).reshape(h, n, b, d // self.group, self.group)
+        v = torch.addcmul(data["v_zero"].unsqueeze(-1).float(), vq, data["v_scale"].unsqueeze(-1).float())
         return k.reshape(h, n * b, d).to(dtype), v.reshape(h, n * b, d).to(dtype)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
+import torch.nn.functional as F
 
 
 def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
@@ -22,3 +25,20 @@ def unpack(p: torch.Tensor, bits: int) -> torch.Tensor:
     shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=p.device)
     q = (p.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
     return q.reshape(*p.shape[:-1], -1)
+
+
+@functools.cache
+def _byte_table(bits: int, values: tuple[float, ...] | None) -> torch.Tensor:
+    """``(256, 8 // bits)``: the codes a byte holds, mapped through ``values`` (identity if None)."""
+    byte = torch.arange(256, dtype=torch.int32)[:, None]
+    codes = (byte >> torch.arange(0, 8, bits, dtype=torch.int32)) & ((1 << bits) - 1)
+    return torch.tensor(values)[codes] if values is not None else codes.float()
+
+
+def unpack_float(p: torch.Tensor, bits: int, values: tuple[float, ...] | None = None) -> torch.Tensor:
+    """Unpack to fp32 in one gather per byte: uint8 ``(..., m)`` -> ``(..., m * 8 // bits)``.
+
+    ``values[code]`` is the number a code stands for (e.g. the E2M1 grid); default the code itself.
+    """
+    table = _byte_table(bits, values).to(p.device)
+    return F.embedding(p.int(), table).flatten(-2)
