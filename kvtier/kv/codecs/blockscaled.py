@@ -46,7 +46,7 @@ def encode_elements(y: torch.Tensor, element: str) -> torch.Tensor:
         return y.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
     if element == "e2m1":  # sign bit, then the index of the nearest magnitude on the grid
         mids = (E2M1_GRID[1:] + E2M1_GRID[:-1]) / 2
-        idx = torch.bucketize(y.abs().clamp(max=6.0), mids.to(y.device))
+        idx = torch.bucketize(y.abs().clamp(max=6.0).contiguous(), mids.to(y.device))
         return pack(((y < 0).to(torch.uint8) << 3) | idx.to(torch.uint8), 4)
     if element == "int4":  # symmetric [-7, 7], stored offset by 8
         return pack((y.round().clamp(-7, 7) + 8).to(torch.uint8), 4)
