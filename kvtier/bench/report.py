@@ -63,19 +63,23 @@ def ppl_plot(path: str | Path, rows: list[dict]) -> None:
     import matplotlib.pyplot as plt
 
     contexts = sorted({(r["model"], r["context"]) for r in rows})
-    fig, axes = plt.subplots(1, len(contexts), figsize=(5.5 * len(contexts), 4.2), squeeze=False)
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    markers = "os^vD<>pX*hP"
+    fig, axes = plt.subplots(1, len(contexts), figsize=(5 * len(contexts) + 3, 4.2), squeeze=False)
     for ax, (model, ctx) in zip(axes[0], contexts):
         for r in (r for r in rows if (r["model"], r["context"]) == (model, ctx)):
-            dppl = 100 * (r["ppl"] / r["dense_ppl"] - 1)
-            ax.scatter(r["kv_bytes_per_token"], dppl)
-            ax.annotate(r["method"], (r["kv_bytes_per_token"], dppl), fontsize=7,
-                        xytext=(4, 4), textcoords="offset points")
+            i = methods.index(r["method"])
+            ax.scatter(r["kv_bytes_per_token"], 100 * (r["ppl"] / r["dense_ppl"] - 1), label=r["method"],
+                       marker=markers[i % len(markers)], color=plt.cm.tab20(i % 20), s=40)
         ax.set(title=f"{model} @ {ctx} tokens", xlabel="KV bytes per token (measured)",
                ylabel="PPL increase vs dense fp32 (%)")
+        ax.set_yscale("symlog", linthresh=1.0)  # small and large increases on one axis
         ax.axhline(0, color="grey", lw=0.5)
-        ax.margins(x=0.25, y=0.15)  # room for the labels
+        ax.margins(x=0.1, y=0.15)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1 - 2.6 / fig.get_figwidth(), 1))
     try:
         fig.savefig(path, dpi=120)
     except OSError as e:
