@@ -14,12 +14,15 @@ Formats", 2025, https://arxiv.org/abs/2510.25602; OCP Microscaling Formats (MX) 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from kvtier.errors import KvtierError
 from kvtier.kv.codecs.base import Codec
 from kvtier.kv.codecs.packing import pack, unpack_float
+from kvtier.registry import param
 
 E2M1_GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 E4M3_MAX = 448.0
@@ -65,15 +68,16 @@ def decode_elements(codes: torch.Tensor, element: str) -> torch.Tensor:
     raise AssertionError(element)
 
 
+@dataclass(frozen=True)
 class BlockScaled(Codec):
     """Base of the MX/NV codecs; subclasses set the class constants below."""
 
-    element: str        # int8 | e4m3 | e2m1 | int4
-    bits: int           # bits per element
-    block: int          # elements sharing a scale
-    element_max: float  # largest element magnitude
-    scale: str          # "e8m0" (MX) or "e4m3+fp32" (NV)
-    hadamard: bool = False
+    element: ClassVar[str]        # int8 | e4m3 | e2m1 | int4
+    bits: ClassVar[int]           # bits per element
+    block: ClassVar[int]          # elements sharing a scale
+    element_max: ClassVar[float]  # largest element magnitude
+    scale: ClassVar[str]          # "e8m0" (MX) or "e4m3+fp32" (NV)
+    hadamard: bool = param(False, "rotate the head dimension by a Walsh-Hadamard matrix first")
 
     def fields(self, block_size, head_dim):
         if head_dim % self.block:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvtier.kv.codecs.blockscaled import BlockScaled
-from kvtier.registry import param, register
+from kvtier.registry import register
 
 
 @register
@@ -15,4 +15,3 @@ class MxFp4(BlockScaled):
 
     name = "mxfp4"
     element, bits, block, element_max, scale = "e2m1", 4, 32, 6.0, "e8m0"
-    hadamard: bool = param(False, "rotate the head dimension by a Walsh-Hadamard matrix first")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvtier.kv.codecs.blockscaled import BlockScaled
-from kvtier.registry import param, register
+from kvtier.registry import register
 
 
 @register
@@ -15,4 +15,3 @@ class MxFp8(BlockScaled):
 
     name = "mxfp8"
     element, bits, block, element_max, scale = "e4m3", 8, 32, 448.0, "e8m0"
-    hadamard: bool = param(False, "rotate the head dimension by a Walsh-Hadamard matrix first")

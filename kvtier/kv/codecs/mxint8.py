@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvtier.kv.codecs.blockscaled import BlockScaled
-from kvtier.registry import param, register
+from kvtier.registry import register
 
 
 @register
@@ -15,4 +15,3 @@ class MxInt8(BlockScaled):
 
     name = "mxint8"
     element, bits, block, element_max, scale = "int8", 8, 32, 1.984375, "e8m0"
-    hadamard: bool = param(False, "rotate the head dimension by a Walsh-Hadamard matrix first")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvtier.kv.codecs.blockscaled import BlockScaled
-from kvtier.registry import param, register
+from kvtier.registry import register
 
 
 @register
@@ -15,4 +15,3 @@ class NvInt4(BlockScaled):
 
     name = "nvint4"
     element, bits, block, element_max, scale = "int4", 4, 16, 7.0, "e4m3+fp32"
-    hadamard: bool = param(False, "rotate the head dimension by a Walsh-Hadamard matrix first")
