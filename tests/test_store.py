@@ -17,9 +17,9 @@ def test_blocks_fill_then_residual_stays_full_precision():
     kv.append(k[:, 129:], v[:, 129:])
     assert (len(kv.slots), kv.n_residual, kv.length) == (2, 2, 130)
     blocks, residual = kv.parts()
-    torch.testing.assert_close(blocks.k, k[:, :128].half().float())   # fp16 storage
+    torch.testing.assert_close(blocks.get()[0], k[:, :128].half().float())   # fp16 storage
     assert torch.equal(residual.k, k[:, 128:]) and residual.start == 128  # exact
-    assert torch.equal(blocks.v, v[:, :128].half().float())
+    assert torch.equal(blocks.get()[1], v[:, :128].half().float())
 
 
 def test_bytes_are_exactly_what_is_held():
@@ -41,5 +41,5 @@ def test_sliding_window_frees_blocks_and_reuses_slots():
     assert kv.first_block * 8 == 176 and len(kv.slots) == 3 and kv.n_residual == 0
     assert kv.pool.top <= 5  # freed slots were reused, the pool did not grow with the sequence
     (part,) = kv.parts()
-    torch.testing.assert_close(part.k, k[:, 176:200].half().float())
+    torch.testing.assert_close(part.get()[0], k[:, 176:200].half().float())
     assert part.start == 176

@@ -90,13 +90,14 @@ def reference(q: torch.Tensor, parts: list[Part], q_start: int, scale: float,
               window: int | None = None, group: int = 64) -> torch.Tensor:
     """The oracle: every part cut into groups of ``group`` keys, each attended, then merged."""
     hq, t, _ = q.shape
-    n_kv = parts[0].k.shape[0]
+    n_kv = parts[0].n_kv
     g = hq // n_kv
     qg = _group_queries(q, n_kv, scale)
     pieces = []
     for part in parts:
-        for i in range(0, part.k.shape[1], group):
-            k, v = part.k[:, i:i + group], part.v[:, i:i + group]
+        pk, pv = part.get()
+        for i in range(0, part.n, group):
+            k, v = pk[:, i:i + group], pv[:, i:i + group]
             mask = visible(q_start, t, part.start + i, k.shape[1], window, q.device)
             pieces.append(partial(qg, k, v, None if mask is None else mask.repeat(g, 1)))
     return _ungroup(merge(pieces), hq, t).to(q.dtype)
@@ -104,35 +105,44 @@ def reference(q: torch.Tensor, parts: list[Part], q_start: int, scale: float,
 
 def attend(q: torch.Tensor, parts: list[Part], q_start: int, scale: float,
            window: int | None = None) -> torch.Tensor:
-    """Fast path. Decode (T=1): one piece per part, LSE-merged, nothing concatenated.
-    Prefill: SDPA over the parts (concatenated once per chunk, not per token)."""
+    """Fast path. Decode (T=1): one piece per part, each encoded part decoded just before its
+    piece (one group of blocks at a time), LSE-merged, nothing concatenated.
+    Prefill: SDPA over the parts (decoded and concatenated once per chunk, not per token)."""
     hq, t, d = q.shape
-    n_kv = parts[0].k.shape[0]
+    n_kv = parts[0].n_kv
     if t == 1:
-        qg = _group_queries(q, n_kv, scale)
-        pieces = [partial(qg, p.k, p.v, visible(q_start, 1, p.start, p.k.shape[1], window, q.device))
-                  for p in parts]
+        pieces, qg = [], _group_queries(q, n_kv, scale)
+        for p in parts:
+            if window is not None and q_start - (p.start + p.n - 1) >= window:
+                continue  # wholly outside the sliding window
+            mask = visible(q_start, 1, p.start, p.n, window, q.device)
+            piece = p.score(qg) if p.score is not None and mask is None else None
+            if piece is None:  # decode this group, attend, let it go
+                k, v = p.get()
+                piece = partial(qg, k, v, mask)
+            pieces.append(piece)
         return _ungroup(merge(pieces), hq, t).to(q.dtype)
+    kvs = [p.get() for p in parts]
     cur = parts[-1]
-    if (len(parts) > 1 and window is None and cur.start == q_start and cur.k.shape[1] == t
+    if (len(parts) > 1 and window is None and cur.start == q_start and cur.n == t
             and _FLASH is not None and q.device.type == "cpu"):
         # chunked prefill: the past is fully visible, the chunk is causal; two flash calls
         # merged by their log-sum-exp, so no (T, N) mask is ever built
-        past = parts[:-1]
-        k = past[0].k if len(past) == 1 else torch.cat([p.k for p in past], 1)
-        v = past[0].v if len(past) == 1 else torch.cat([p.v for p in past], 1)
+        past = kvs[:-1]
+        k = past[0][0] if len(past) == 1 else torch.cat([k for k, _ in past], 1)
+        v = past[0][1] if len(past) == 1 else torch.cat([v for _, v in past], 1)
         o1, lse1 = _flash(q, k, v, False, scale)
-        o2, lse2 = _flash(q, cur.k, cur.v, True, scale)
+        o2, lse2 = _flash(q, *kvs[-1], True, scale)
         top = torch.maximum(lse1, lse2)
         w1, w2 = torch.exp(lse1 - top), torch.exp(lse2 - top)  # (Hq, T, 1)
         return ((o1.float() * w1 + o2.float() * w2) / (w1 + w2)).to(q.dtype)
     if len(parts) == 1:
-        k, v, k_start = parts[0].k, parts[0].v, parts[0].start
+        (k, v), k_start = kvs[0], parts[0].start
     else:
-        k = torch.cat([p.k for p in parts], 1)
-        v = torch.cat([p.v for p in parts], 1)
+        k = torch.cat([k for k, _ in kvs], 1)
+        v = torch.cat([v for _, v in kvs], 1)
         k_start = parts[0].start
-        contiguous = all(a.start + a.k.shape[1] == b.start for a, b in zip(parts, parts[1:]))
+        contiguous = all(a.start + a.n == b.start for a, b in zip(parts, parts[1:]))
         assert contiguous, "parts must cover consecutive positions"
     n = k.shape[1]
     causal_only = window is None and k_start + n - t == q_start

@@ -10,7 +10,9 @@ from __future__ import annotations
 import torch
 
 from kvtier import spec as specs
+from kvtier.kv import calibration
 from kvtier.kv.cache import LayerKV, SeqKV
+from kvtier.kv.codecs.base import LayerContext
 from kvtier.models.base import Batch
 
 
@@ -22,12 +24,18 @@ class ModelRunner:
         self.model, self.spec = model, specs.parse(kv)
         self.block_size, self.prefill_chunk = block_size, prefill_chunk
         self.dtype, self.device = model.dtype, device  # residual blocks in the compute dtype
+        self.stats: list[dict] | None = None  # per-layer calibration, loaded when a codec needs it
 
     def new_cache(self, reserve: int = 0) -> SeqKV:
         """An empty cache for one sequence, with room for ``reserve`` tokens allocated up front."""
-        m = self.model
-        cache = SeqKV([LayerKV(self.spec.codec, m.n_kv, m.head_dim, self.block_size, window,
-                               self.dtype, self.device) for window in m.windows])
+        m, codec = self.model, self.spec.codec
+        if codec.calibrated and self.stats is None:
+            self.stats = calibration.load(m)
+        ropes = getattr(m, "ropes", [None] * m.n_layers)
+        cache = SeqKV([LayerKV(codec, m.n_kv, m.head_dim, self.block_size, window, self.dtype,
+                               self.device, LayerContext(i, m.n_kv, m.head_dim,
+                                                         self.stats and self.stats[i], ropes[i]))
+                       for i, window in enumerate(m.windows)])
         cache.reserve(reserve)
         return cache
 

@@ -55,15 +55,18 @@ class BlockPool:
     def release(self, slots: list[int]) -> None:
         self.free.extend(slots)
 
-    def read(self, slots: list[int], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decode the blocks in ``slots`` (in that order): k, v ``(Hkv, len(slots) * B, D)``."""
+    def fields_of(self, slots: list[int]) -> dict[str, torch.Tensor]:
+        """The stored fields of ``slots`` (in that order), ``{field: (Hkv, n, *shape)}``; a view
+        when the slots are consecutive."""
         index = _as_index(slots)
         if isinstance(index, slice):
-            data = {name: t[:, index] for name, t in self.data.items()}
-        else:
-            idx = torch.tensor(index, device=self.device)
-            data = {name: t.index_select(1, idx) for name, t in self.data.items()}
-        return self.codec.decode(data, dtype)
+            return {name: t[:, index] for name, t in self.data.items()}
+        idx = torch.tensor(index, device=self.device)
+        return {name: t.index_select(1, idx) for name, t in self.data.items()}
+
+    def read(self, slots: list[int], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode the blocks in ``slots`` (in that order): k, v ``(Hkv, len(slots) * B, D)``."""
+        return self.codec.decode(self.fields_of(slots), dtype)
 
     def slot_bytes(self) -> int:
         """Bytes one slot holds across all fields (packed data, scales, everything stored)."""

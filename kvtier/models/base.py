@@ -76,6 +76,20 @@ class Rope:
             batch.rope_tables[key] = (cs[:, :1], cs[:, 1:])
         return batch.rope_tables[key]
 
+    def rotate(self, x: torch.Tensor, start: int, inverse: bool = False) -> torch.Tensor:
+        """RoPE on ``x: (H, N, D)`` at positions ``start .. start + N - 1`` (``inverse`` undoes it).
+
+        Used by codecs that store keys before RoPE; fp32 in, fp32 out."""
+        n = x.shape[1]
+        if start + n > self.table.shape[0]:
+            self._grow(start + n, x.device)
+        cos, sin = self.table[start:start + n, 0], self.table[start:start + n, 1]  # (N, D)
+        if self.scaling != 1.0:  # the table holds scaled cos/sin; a rotation needs unit ones
+            cos, sin = cos / self.scaling, sin / self.scaling
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
+        return x * cos - rotated * sin if inverse else x * cos + rotated * sin
+
     def __call__(self, x: torch.Tensor, batch: "Batch") -> torch.Tensor:
         """x: ``(N, H, D)``."""
         cos, sin = self.at(batch, x.dtype)
@@ -117,6 +131,8 @@ class DecoderModel:
         self.dtype = weights["model.embed_tokens.weight"].dtype  # the compute dtype
         # norms run in fp32 whatever the compute dtype (as transformers does)
         self.hf_config = hf_config
+        self.key: str | None = None  # identifies the weights (set by the loader; None in memory)
+        self.tokenizer = None
         self.w = {k: v.float() if "norm" in k else v for k, v in weights.items()}
 
     @torch.inference_mode()

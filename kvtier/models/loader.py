@@ -94,8 +94,9 @@ def load(model: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device=
     with status(f"loading {model}"):
         weights = {k: v.to(device=device, dtype=dtype) for k, v in read_weights(folder).items()}
         tokenizer = AutoTokenizer.from_pretrained(folder)
-    cls = {"llama": Llama, "gemma3": Gemma3}[family]
-    return Loaded(cls(config, weights), tokenizer, folder, model)
+    ours = {"llama": Llama, "gemma3": Gemma3}[family](config, weights)
+    ours.key, ours.tokenizer = folder.name, tokenizer  # calibration data is cached per model
+    return Loaded(ours, tokenizer, folder, model)
 
 
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:

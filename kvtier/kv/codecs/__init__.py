@@ -8,5 +8,6 @@ from kvtier.kv.codecs.mxfp8 import MxFp8
 from kvtier.kv.codecs.mxint8 import MxInt8
 from kvtier.kv.codecs.nvfp4 import NvFp4
 from kvtier.kv.codecs.nvint4 import NvInt4
+from kvtier.kv.codecs.rotatekv import RotateKV
 
-__all__ = ["Codec", "Dense", "Int", "MxFp4", "MxFp8", "MxInt8", "NvFp4", "NvInt4"]
+__all__ = ["Codec", "Dense", "Int", "MxFp4", "MxFp8", "MxInt8", "NvFp4", "NvInt4", "RotateKV"]

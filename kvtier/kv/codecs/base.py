@@ -8,9 +8,27 @@ full blocks into them and decodes a group of blocks back to full precision. The 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
+
+
+@dataclass(frozen=True)
+class LayerContext:
+    """What a codec may know about the layer it stores: handed to :meth:`Codec.for_layer`.
+
+    stats: this layer's calibration statistics (:mod:`kvtier.kv.calibration`), ``{name:
+    (Hkv, D) fp32}`` for ``k`` (post-RoPE keys), ``kpre`` (pre-RoPE keys) and ``v``, each as
+    ``*_absmax`` and ``*_rms`` per channel; None unless the codec sets ``calibrated``.
+    rope: the layer's rotary embedding (``rope.rotate(x, start, inverse)``), or None.
+    """
+
+    index: int
+    n_kv: int
+    head_dim: int
+    stats: dict[str, torch.Tensor] | None = None
+    rope: Any = None
 
 
 class Codec(ABC):
@@ -18,6 +36,17 @@ class Codec(ABC):
 
     name: ClassVar[str]
     kind: ClassVar[str] = "codec"
+    calibrated: ClassVar[bool] = False  # for_layer() needs the layer's calibration statistics
+    # The cache around the codec reads these (a codec may make them parameters):
+    residual: ClassVar[int] = 0   # newest tokens kept unencoded, beyond the residual block
+    sinks: ClassVar[int] = 0      # first tokens of a sequence kept unencoded (attention sinks)
+    pre_rope: ClassVar[bool] = False  # encode keys before RoPE (the cache un-rotates/re-rotates)
+    plain_dtype: ClassVar[torch.dtype | None] = None  # sinks/residual storage; None: compute dtype
+    group_blocks: ClassVar[int] = 16  # blocks attention decodes at once (1,024 tokens stay in cache)
+
+    def for_layer(self, ctx: LayerContext) -> "Codec":
+        """The codec as used by one layer (per-layer calibrated state); default: itself."""
+        return self
 
     @abstractmethod
     def fields(self, block_size: int, head_dim: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -36,3 +65,17 @@ class Codec(ABC):
 
         data: ``{field: (Hkv, n, *shape)}``. Returns k, v as ``(Hkv, n * B, D)`` in ``dtype``.
         """
+
+    def state_bytes(self) -> int:
+        """Bytes of per-layer state a bound codec holds (e.g. a calibrated permutation)."""
+        return 0
+
+    def attend(self, q: torch.Tensor, data: dict[str, torch.Tensor]):
+        """Softmax pieces of attention computed on the encoded blocks, without decoding them.
+
+        q: ``(Hkv, R, D)`` pre-scaled query rows; data: ``{field: (Hkv, n, *shape)}``.
+        Returns ``(m, l, o)`` as :func:`kvtier.attention.blockwise.partial` does, or None
+        when this codec has no such path (attention then decodes the blocks first).
+        """
+        return None
+

@@ -15,6 +15,7 @@ class Dense(Codec):
     """Uncompressed KV cache in the given storage dtype (the baseline every method is measured against)."""
 
     name = "dense"
+    group_blocks = 1 << 30  # nothing to decode: attention reads the pool as one view
     dtype: str = param("bf16", "storage dtype of keys and values", choices=tuple(DTYPES))
 
     def fields(self, block_size, head_dim):

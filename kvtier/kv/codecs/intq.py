@@ -2,8 +2,12 @@
 
 Keys are quantized per channel over the tokens of a block (key outliers live in fixed
 channels); values per token over groups of ``group`` channels. Each group stores a scale and a
-zero point (fp16); codes are bit-packed, ``8 // bits`` per byte. The newest tokens stay in the
-full-precision residual block until their block fills (KIVI's residual).
+zero point (fp16); codes are bit-packed in planes (:mod:`~kvtier.kv.codecs.packing`). The newest
+tokens stay in full precision: the residual block plus ``residual`` more (KIVI's residual).
+
+Attention runs on the packed codes (2, 4 and 8 bits): a key block's per-channel scales fold
+into the query, its zero points into one dot product per block, and a value's per-token scale
+into the attention weights, so each step only shifts, masks and converts the codes.
 
 Paper: Liu et al., "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache", 2024,
 https://arxiv.org/abs/2402.02750
@@ -17,7 +21,7 @@ import torch
 
 from kvtier.errors import KvtierError
 from kvtier.kv.codecs.base import Codec
-from kvtier.kv.codecs.packing import pack, unpack_float
+from kvtier.kv.codecs.packing import pack, plane, planes, unpack_float
 from kvtier.registry import param, register
 
 
@@ -40,11 +44,13 @@ class Int(Codec):
     """KIVI-style asymmetric int-k: keys per channel over the block, values per token over channel groups."""
 
     name = "int"
-    bits: int = param(4, "bits per key/value element", choices=(2, 4, 8))
+    group_blocks = 64  # attention on packed codes: fewer, larger steps
+    bits: int = param(4, "bits per key/value element", choices=(2, 3, 4, 8))
     group: int = param(64, "channels per value quantization group (divides head_dim)", min=8, max=1024)
+    residual: int = param(0, "newest tokens kept in full precision beyond the residual block", min=0, max=4096)
 
     def fields(self, block_size, head_dim):
-        if head_dim % self.group:
+        if head_dim % self.group or head_dim % 8:
             raise KvtierError(f"int: group={self.group} must divide the head dimension {head_dim}")
         packed = head_dim * self.bits // 8
         return {"k": ((block_size, packed), torch.uint8),
@@ -68,3 +74,38 @@ class Int(Codec):
         vq = unpack_float(data["v"], self.bits).reshape(h, n, b, d // self.group, self.group)
         v = torch.addcmul(data["v_zero"].unsqueeze(-1).float(), vq, data["v_scale"].unsqueeze(-1).float())
         return k.reshape(h, n * b, d).to(dtype), v.reshape(h, n * b, d).to(dtype)
+
+    def attend(self, q, data):
+        if self.bits == 3:
+            return None
+        h, n, b, m = data["k"].shape  # m packed bytes per token = D / planes
+        p_count = planes(self.bits)
+        d, dt = m * p_count, q.dtype
+        # codes are centred (c - mid) so that the two terms below do not cancel in bf16:
+        # keys: s[r, t] = sum_c (q[r, c] * scale[c]) * (code[t, c] - mid) + sum_c q[r, c] * centre[c]
+        mid = (2 ** self.bits - 1) / 2
+        qf = q.float().unsqueeze(1)                              # (h, 1, R, D)
+        ks = data["k_scale"].float().unsqueeze(2)                # (h, n, 1, D)
+        qs = (qf * ks).to(dt)                                    # (h, n, R, D)
+        s = (qf * (data["k_zero"].float().unsqueeze(2) + mid * ks)).sum(-1, keepdim=True)  # (h, n, R, 1)
+        for i in range(p_count):
+            codes = plane(data["k"], self.bits, i).to(dt) - mid   # (h, n, B, m)
+            s = s + torch.matmul(qs[..., i * m:(i + 1) * m], codes.transpose(-1, -2)).float()
+        s = s.permute(0, 2, 1, 3).reshape(h, q.shape[1], n * b)   # (h, R, n*B)
+        top = s.amax(-1, keepdim=True)
+        p = torch.exp(s - top)
+        # values: o[r, c] = sum_t (p[r, t] * scale[t, g(c)]) * code[t, c] + sum_t p[r, t] * zero[t, g(c)]
+        vs = data["v_scale"].float().reshape(h, 1, n * b, -1)      # (h, 1, N, groups)
+        vz = data["v_zero"].float().reshape(h, n * b, -1) + mid * vs[:, 0]  # (h, N, groups)
+        pw = (p.unsqueeze(-1) * vs).to(dt)                         # (h, R, N, groups)
+        g = self.group
+        out = []
+        for i in range(p_count):
+            codes = (plane(data["v"], self.bits, i).to(dt) - mid).reshape(h, n * b, m)
+            for j in range(0, m, g) if g <= m else [0]:
+                grp = (i * m + j) // g
+                out.append(torch.matmul(pw[..., grp], codes[..., j:j + min(g, m)]))
+        o = torch.cat(out, -1).float()                             # (h, R, D)
+        zero = torch.matmul(p, vz)                                 # (h, R, groups)
+        o = o + zero.repeat_interleave(g, -1)[..., :d] if g < d else o + zero
+        return top, p.sum(-1, keepdim=True), o

@@ -1,0 +1,129 @@
+"""Per-layer KV statistics from a short real text, for codecs that adapt to a model's outliers.
+
+A calibration pass prefills ``TOKENS`` tokens of the KJV (taken from a fixed place between the
+benchmark windows) through the model with a recording cache and keeps, per layer and KV head,
+the absolute maximum and the RMS of every channel of the post-RoPE keys (``k``), the pre-RoPE
+keys (``kpre``) and the values (``v``). Computed once per model, stored as safetensors in
+``<cache_dir>/calibration/`` with the text's hash and the format version, then reused:
+the same model always gets the same statistics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import torch
+
+from kvtier.errors import KvtierError
+from kvtier.kv.codecs.base import Codec, LayerContext
+from kvtier.paths import cache_dir
+from kvtier.progress import status
+
+VERSION = "1"
+TOKENS = 2048
+WHERE = 1 / 6  # fraction into the text where the calibration span starts
+KINDS = ("k", "kpre", "v")
+
+
+def load(model) -> list[dict[str, torch.Tensor]]:
+    """The model's statistics, ``[{f"{kind}_{absmax|rms}": (Hkv, D) fp32}]`` per layer.
+
+    Read from disk when this model was calibrated before; otherwise computed and stored.
+    Models without a ``key`` (built in memory, e.g. in tests) are calibrated each time.
+    """
+    from safetensors.torch import load_file, save_file
+
+    key = getattr(model, "key", None)
+    ids = _calibration_ids(model)
+    digest = hashlib.sha256(str(ids).encode()).hexdigest()[:16]
+    path = cache_dir("calibration") / f"{key}-{digest}-v{VERSION}.safetensors" if key else None
+    if path is not None and path.exists():
+        try:
+            flat = load_file(path)
+            return [{k.split(".", 1)[1]: t for k, t in flat.items() if k.split(".")[0] == str(i)}
+                    for i in range(model.n_layers)]
+        except Exception:  # a damaged file is recomputed, never trusted
+            path.unlink(missing_ok=True)
+    with status(f"calibrating KV statistics on {len(ids)} tokens (once per model)"):
+        stats = measure(model, ids)
+    if path is not None:
+        tmp = path.with_suffix(".tmp")
+        save_file({f"{i}.{k}": t.contiguous() for i, s in enumerate(stats) for k, t in s.items()},
+                  tmp, metadata={"version": VERSION, "tokens": str(len(ids))})
+        tmp.replace(path)
+    return stats
+
+
+def measure(model, ids: list[int]) -> list[dict[str, torch.Tensor]]:
+    """Prefill ``ids`` with a recording cache and return the per-layer statistics."""
+    from kvtier.engine import ModelRunner
+
+    runner = ModelRunner(model, "dense(dtype=fp32)")
+    recorders = [_Recorder() for _ in range(model.n_layers)]
+    cache = runner.new_cache(len(ids))
+    for layer, rec in zip(cache.layers, recorders):
+        layer.codec = layer.pool.codec = rec.for_layer(LayerContext(0, model.n_kv, model.head_dim,
+                                                                     rope=layer.rope))
+    runner.run([cache], [ids])
+    return [rec.stats() for rec in recorders]
+
+
+def _calibration_ids(model) -> list[int]:
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None:  # a model without a tokenizer (tests): deterministic token ids
+        g = torch.Generator().manual_seed(0)
+        return torch.randint(0, model.hf_config.vocab_size, (TOKENS,), generator=g).tolist()
+    from kvtier.bench.data import kjv
+
+    try:
+        text = kjv()
+    except KvtierError as e:
+        raise KvtierError(f"calibration needs real text: {e}") from None
+    start = int(len(text) * WHERE)
+    ids = tokenizer(text[start:start + 40 * TOKENS])["input_ids"]
+    if len(ids) < TOKENS:
+        raise KvtierError("calibration text too short")
+    return ids[:TOKENS]
+
+
+@dataclass
+class _Recorder(Codec):
+    """A dense fp32 codec that also accumulates channel statistics of what it stores."""
+
+    name = "_recorder"
+    rope: object = None
+    acc: dict = field(default_factory=dict)
+
+    def for_layer(self, ctx):
+        self.rope = ctx.rope
+        return self
+
+    def fields(self, block_size, head_dim):
+        return {"k": ((block_size, head_dim), torch.float32), "v": ((block_size, head_dim), torch.float32)}
+
+    def encode(self, k, v):
+        h, n, b, d = k.shape
+        kf, vf = k.float().reshape(h, n * b, d), v.float().reshape(h, n * b, d)
+        seen = self.acc.get("n", 0)
+        kpre = self.rope.rotate(kf, seen, inverse=True) if self.rope is not None else kf
+        for kind, x in (("k", kf), ("kpre", kpre), ("v", vf)):
+            top, sq = x.abs().amax(1), x.pow(2).sum(1)  # (Hkv, D)
+            if kind in self.acc:
+                top = torch.maximum(top, self.acc[kind][0])
+                sq = sq + self.acc[kind][1]
+            self.acc[kind] = (top, sq)
+        self.acc["n"] = seen + n * b
+        return {"k": k.float(), "v": v.float()}
+
+    def decode(self, data, dtype):
+        h, n, b, d = data["k"].shape
+        return data["k"].reshape(h, n * b, d).to(dtype), data["v"].reshape(h, n * b, d).to(dtype)
+
+    def stats(self) -> dict[str, torch.Tensor]:
+        n = max(self.acc.get("n", 0), 1)
+        out = {}
+        for kind in KINDS:
+            top, sq = self.acc[kind]
+            out[f"{kind}_absmax"], out[f"{kind}_rms"] = top, (sq / n).sqrt()
+        return out
