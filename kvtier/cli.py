@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -94,25 +94,26 @@ def methods():
 
 @bench.command("ppl")
 def bench_ppl(
-    methods: Annotated[list[str], typer.Option("--methods", help="a cache spec; repeat for more")],
+    methods: Annotated[list[str], typer.Option("--methods", help="a cache spec or a peer, e.g. "
+                                               "\"llamacpp(kv=q8_0)\", \"hf-quanto(bits=4)\"; repeat for more")],
     model: ModelOpt = DEFAULT_MODEL,
     context: Annotated[str, typer.Option(help="context lengths, comma-separated")] = "2048",
     eval_tokens: Annotated[int, typer.Option(min=1, help="tokens scored at the end of each window")] = 256,
     windows: Annotated[int, typer.Option(min=1, help="windows spread evenly through the text")] = 4,
     text: Annotated[str, typer.Option(help="'kjv' or a path to a UTF-8 text file")] = "kjv",
-    json_path: Annotated[Optional[str], typer.Option("--json", help="write results as JSON")] = None,
-    plot: Annotated[Optional[str], typer.Option(help="write a PNG: PPL increase vs bytes/token")] = None,
+    json_path: Annotated[str | None, typer.Option("--json", help="write results as JSON")] = None,
+    plot: Annotated[str | None, typer.Option(help="write a PNG: PPL increase vs bits per element (Pareto)")] = None,
     dtype: Annotated[str, typer.Option(help="compute dtype (fp32 isolates the cache's effect)")] = "fp32",
 ):
-    """Perplexity with each cache against the dense fp32 cache on the same tokens."""
-    from kvtier import spec as specs
-    from kvtier.bench import data, ppl, report
+    """Perplexity with each cache (or peer) against the dense fp32 cache on the same tokens."""
+    from kvtier.bench import data, peers, ppl, report
     from kvtier.models import load
     from kvtier.progress import status
 
     contexts = _ints(context, "--context")
-    for m in methods:
-        specs.parse(m)
+    for m in methods:  # a bad spec or a peer not installed fails before the model loads
+        if isinstance(p := peers.method(m), peers.Peer):
+            p.require()
     compute = compute_dtype(dtype)
     raw = data.load_text(text)
     loaded = load(model, compute)
@@ -132,20 +133,29 @@ def bench_speed(
     context: Annotated[str, typer.Option(help="context lengths (prompt + new tokens), comma-separated")] = "1024,8192",
     new_tokens: Annotated[int, typer.Option(min=2, help="tokens decoded per run")] = 32,
     repeats: Annotated[int, typer.Option(min=1, help="runs per side; medians are reported")] = 3,
-    kv: Annotated[str, typer.Option(help="kvtier's cache spec (default: dense in the compute dtype)")] = "",
+    kv: Annotated[list[str] | None, typer.Option(help="kvtier's cache spec (default: dense in the compute "
+                                                    "dtype); repeat to compare, e.g. --kv dense --kv 'int(bits=4)'")] = None,
     dtype: Annotated[str, typer.Option(help="compute dtype of both sides: auto, fp32, bf16")] = "auto",
     text: Annotated[str, typer.Option(help="'kjv' or a path to a UTF-8 text file")] = "kjv",
-    json_path: Annotated[Optional[str], typer.Option("--json", help="write results as JSON")] = None,
+    json_path: Annotated[str | None, typer.Option("--json", help="write results as JSON")] = None,
+    peer: Annotated[list[str] | None, typer.Option("--peers", help="also time a peer, e.g. "
+                                                      "\"llamacpp(kv=f16)\"; repeat for more")] = None,
 ):
-    """Prefill and decode tok/s of kvtier against transformers' generate (DynamicCache)."""
+    """Prefill and decode tok/s of kvtier against transformers' generate (DynamicCache) and peers."""
     from kvtier import spec as specs
-    from kvtier.bench import data, report, speed
+    from kvtier.bench import data, peers, report, speed
     from kvtier.models import load
     from kvtier.progress import bar
 
     contexts = _ints(context, "--context")
+    chosen = []
+    for name in peer or []:
+        if (p := peers.parse(name)) is None:
+            raise KvtierError(f"--peers {name!r} names no peer; peers: {', '.join(peers.peers())}")
+        p.require()
+        chosen.append(p)
     compute = compute_dtype(dtype)
-    kv = str(specs.parse(kv or f"dense(dtype={dtype_name(compute)})"))
+    kvs = [str(specs.parse(k)) for k in (kv or [f"dense(dtype={dtype_name(compute)})"])]
     raw = data.load_text(text)
     loaded = load(model, compute)
     for c in contexts:
@@ -155,9 +165,11 @@ def bench_speed(
     ids = loaded.tokenizer(raw, add_special_tokens=False).input_ids
     if len(ids) < max(contexts):
         raise KvtierError(f"the text has {len(ids)} tokens, fewer than --context {max(contexts)}")
-    with bar(2 * repeats * len(contexts), f"speed {model}") as step:
-        rows = speed.run(loaded, contexts, ids, new_tokens, repeats, kv, progress=step)
+    with bar((1 + len(kvs) + len(chosen)) * repeats * len(contexts), f"speed {model}") as step:
+        rows = speed.run(loaded, contexts, ids, new_tokens, repeats, kvs, progress=step, peers=chosen)
     report.show(report.speed_table(rows))
+    if chosen:
+        report.show(report.peer_speed_table(rows))
     if json_path:
         report.write_json(json_path, rows)
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from kvtier import registry
 from kvtier.errors import KvtierError
 
-_TERM = re.compile(r"^\s*([A-Za-z_][\w-]*)\s*(?:\((.*)\))?\s*$", re.S)
+_TERM = re.compile(r"^\s*([A-Za-z_][\w-]*)\s*(?:\((.*)\))?\s*$", re.DOTALL)
 
 
 class SpecError(KvtierError):

@@ -40,6 +40,8 @@ BOUNDS = {  # relative L2 error on Gaussian data (measured x ~1.3; the formats' 
     "mxint8(hadamard=false)": 0.012, "mxfp8(hadamard=false)": 0.04, "mxfp4(hadamard=false)": 0.155,
     "nvfp4(hadamard=false)": 0.125, "nvint4(hadamard=false)": 0.115,
     "rotatekv(bits=2,sinks=4,residual=64,keys=token,rotate=64)": 0.45,
+    "bfp(mantissa=4,block=16,sort=true,sinks=4)": 0.145, "ovp(bits=4,sinks=4)": 0.135,
+    "lowrank(rank=1,bits=4,sinks=4)": 0.135,
 }
 
 
@@ -96,3 +98,35 @@ def test_table_unpack_equals_shift_unpack(bits):
 
     p = torch.randint(0, 256, (2, 7, 16), dtype=torch.uint8)
     assert torch.equal(unpack_float(p, bits), unpack(p, bits).float())
+
+
+@pytest.mark.parametrize("name", list(registry.methods()))
+def test_every_codec_is_deterministic_and_keeps_an_all_zero_block_zero(name):
+    codec = spec.parse(name).codec
+    torch.manual_seed(3)
+    k, v = torch.randn(2, 2, 64, 64), torch.randn(2, 2, 64, 64)
+    k[:, 1] = 0.0
+    v[:, 1] = 0.0
+    a, b = codec.encode(k, v), codec.encode(k.clone(), v.clone())
+    assert all(torch.equal(a[f], b[f]) for f in a)  # same input, same bytes
+    k2, v2 = codec.decode(a, torch.float32)
+    assert torch.isfinite(k2).all() and torch.isfinite(v2).all()
+    assert k2[:, 64:].abs().max() < 1e-6 and v2[:, 64:].abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_keys_are_a_clear_error_and_nothing_is_stored(bad):
+    layer = LayerKV(spec.parse("int(bits=4)").codec, n_kv=2, head_dim=64, block_size=64)
+    k, v = torch.randn(2, 70, 64), torch.randn(2, 70, 64)
+    k[1, 5, 3] = bad
+    with pytest.raises(KvtierError, match="NaN or Inf"):
+        layer.append(k, v)
+    assert layer.slots == []
+
+
+def test_a_one_token_cache_is_held_in_full_precision():
+    layer = LayerKV(spec.parse("int(bits=2)").codec, n_kv=2, head_dim=64, block_size=64)
+    k, v = torch.randn(2, 1, 64), torch.randn(2, 1, 64)
+    layer.append(k, v)
+    (part,) = layer.parts()
+    assert torch.equal(part.get()[0], k) and layer.nbytes() == 2 * 2 * 64 * 4

@@ -126,12 +126,15 @@ def test_cli_bench_ppl_writes_json_and_plot(tmp_path):
 
 def test_cli_bench_speed(tmp_path):
     out = tmp_path / "speed.json"
-    r = run_cli("bench", "speed", "--context", "68", "--new-tokens", "4", "--repeats", "1",
-                "--json", str(out))
+    r = run_cli("bench", "speed", "--context", "140", "--new-tokens", "4", "--repeats", "1",
+                "--kv", "dense", "--kv", "int(bits=4)", "--json", str(out))
     assert r.returncode == 0, r.stderr
-    (row,) = json.loads(out.read_text())["results"]
-    assert row["kvtier_decode_tok_s"] > 0 and row["transformers_decode_tok_s"] > 0
-    assert row["decode_ratio"] == pytest.approx(row["kvtier_decode_tok_s"] / row["transformers_decode_tok_s"])
+    dense, int4 = json.loads(out.read_text())["results"]
+    assert (dense["kv"], int4["kv"]) == ("dense(dtype=bf16)", "int(bits=4,group=64,residual=0)")
+    for row in (dense, int4):
+        assert row["kvtier_decode_tok_s"] > 0 and row["transformers_decode_tok_s"] > 0
+        assert row["decode_ratio"] == pytest.approx(row["kvtier_decode_tok_s"] / row["transformers_decode_tok_s"])
+    assert int4["vs_first"] == pytest.approx(int4["kvtier_decode_tok_s"] / dense["kvtier_decode_tok_s"])
 
 
 def test_damaged_weight_cache_is_rebuilt(tmp_path, monkeypatch):

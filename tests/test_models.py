@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import ours_from_hf, tiny_hf
+
 from kvtier.engine import ModelRunner
 from kvtier.models.base import Batch
 

@@ -5,8 +5,8 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-
 from conftest import ours_from_hf, tiny_hf
+
 from kvtier import spec
 from kvtier.engine import ModelRunner
 from kvtier.kv import calibration

@@ -18,7 +18,6 @@ import torch.nn.functional as F
 
 from kvtier.kv.cache import Part
 
-
 SMALL = 256  # keys; below this, reduced-precision matmul costs more in overhead than it saves
 
 

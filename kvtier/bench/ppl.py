@@ -2,7 +2,9 @@
 
 For each window of C tokens: prefill the first C - T tokens, then score the last T tokens in
 decode mode, teacher-forced, each step reading only the cache. All windows run together as
-one batch. The dense fp32 cache is scored on the same tokens in the same run.
+one batch. The dense fp32 cache is scored on the same tokens in the same run. Peers
+(``kvtier.bench.peers``: transformers' QuantizedCache, llama.cpp) are scored through the same
+protocol on the same windows and give rows with the same fields plus ``"peer": true``.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from dataclasses import dataclass
 
 import torch
 
-from kvtier import spec as specs
 from kvtier.engine import ModelRunner
 from kvtier.errors import KvtierError
 from kvtier.progress import bar
@@ -65,15 +66,19 @@ def score(runner: ModelRunner, wins: list[list[int]], eval_tokens: int, progress
 
 def run(model, model_name: str, methods: list[str], contexts: list[int], eval_tokens: int,
         ids: list[int], n_windows: int = 4, block_size: int = 64) -> list[dict]:
-    """Every method at every context, each against the fp32 dense cache on the same windows."""
+    """Every method (a cache spec or a peer) at every context, each against the fp32 dense
+    cache on the same windows."""
+    from kvtier.bench import peers
     from kvtier.bench.data import windows
 
-    canon = list(dict.fromkeys(str(specs.parse(m)) for m in methods))
+    chosen = {str(m): m for m in map(peers.method, methods)}  # canonical label -> spec or peer
+    canon = list(chosen)
     for c in contexts:
         if not 0 < eval_tokens < c:
             raise KvtierError(f"--eval-tokens {eval_tokens} must be between 1 and --context {c}")
         if c > model.max_context:
             raise KvtierError(f"--context {c} is longer than {model_name} allows ({model.max_context})")
+    loaded = {m: p.load(model_name) for m, p in chosen.items() if isinstance(p, peers.Peer)}
     rows = []
     for c in contexts:
         wins = windows(ids, c, n_windows)
@@ -81,7 +86,10 @@ def run(model, model_name: str, methods: list[str], contexts: list[int], eval_to
         with bar(total, f"ppl {model_name} @ {c}") as step:
             base = score(ModelRunner(model, BASELINE, block_size), wins, eval_tokens, step)
             for m in canon:
-                s = base if m == BASELINE else score(ModelRunner(model, m, block_size), wins, eval_tokens, step)
+                if m in loaded:
+                    s = chosen[m].score(loaded[m], wins, eval_tokens, step)
+                else:
+                    s = base if m == BASELINE else score(ModelRunner(model, m, block_size), wins, eval_tokens, step)
                 rows.append({
                     "method": m, "model": model_name, "context": c, "eval_tokens": eval_tokens,
                     "windows": n_windows, "ppl": s.ppl, "dense_ppl": base.ppl,
@@ -90,5 +98,5 @@ def run(model, model_name: str, methods: list[str], contexts: list[int], eval_to
                     "bits_per_element": 8 * s.kv_bytes / s.kv_elements,
                     "decode_tok_s": s.decode_tokens / s.decode_s,
                     "dense_decode_tok_s": base.decode_tokens / base.decode_s,
-                })
+                } | ({"peer": True} if m in loaded else {}))
     return rows

@@ -17,11 +17,17 @@ def ppl_table(rows: list[dict]) -> Table:
                 "bits/elem", "decode tok/s", "vs dense"):
         t.add_column(col, justify="left" if col in ("model", "method") else "right")
     for r in rows:
-        t.add_row(r["model"], str(r["context"]), r["method"], f"{r['ppl']:.4f}",
+        t.add_row(r["model"], str(r["context"]), label(r), f"{r['ppl']:.4f}",
                   f"{r['dense_ppl']:.4f}", f"{100 * (r['ppl'] / r['dense_ppl'] - 1):+.2f}%",
                   f"{r['kv_bytes_per_token']:,.1f}", _bits(r), f"{r['decode_tok_s']:.1f}",
                   f"{r['decode_tok_s'] / r['dense_decode_tok_s']:.2f}x")
     return t
+
+
+def label(r: dict) -> str:
+    """A row's method, marked when it is a peer (another tool measured the same way)."""
+    name = r.get("method", r.get("kv"))
+    return f"{name} (peer)" if r.get("peer") else name
 
 
 def _bits(r: dict) -> str:
@@ -31,13 +37,26 @@ def _bits(r: dict) -> str:
 def speed_table(rows: list[dict]) -> Table:
     t = Table(title="speed: kvtier vs transformers generate + DynamicCache (medians, same run)")
     for col in ("model", "dtype", "kv", "context", "prefill tok/s", "tf prefill", "ratio",
-                "decode tok/s", "tf decode", "ratio"):
+                "decode tok/s", "tf decode", "ratio", "vs first kv"):
         t.add_column(col, justify="left" if col in ("model", "dtype", "kv") else "right")
-    for r in rows:
+    for r in (r for r in rows if not r.get("peer")):
         t.add_row(r["model"], r["dtype"], r["kv"], str(r["context"]), f"{r['kvtier_prefill_tok_s']:.1f}",
                   f"{r['transformers_prefill_tok_s']:.1f}", f"{r['prefill_ratio']:.2f}x",
                   f"{r['kvtier_decode_tok_s']:.2f}", f"{r['transformers_decode_tok_s']:.2f}",
-                  f"{r['decode_ratio']:.2f}x")
+                  f"{r['decode_ratio']:.2f}x", f"{r.get('vs_first', 1.0):.2f}x")
+    return t
+
+
+def peer_speed_table(rows: list[dict]) -> Table:
+    """Peer rows of ``bench speed``: each peer against kvtier's row at the same context."""
+    t = Table(title="speed: peers on the same prompts (medians, same run; ratio = kvtier / peer)")
+    for col in ("model", "peer", "weights", "context", "prefill tok/s", "kvtier prefill", "ratio",
+                "decode tok/s", "kvtier decode", "ratio"):
+        t.add_column(col, justify="left" if col in ("model", "peer", "weights") else "right")
+    for r in (r for r in rows if r.get("peer")):
+        t.add_row(r["model"], label(r), r["dtype"], str(r["context"]), f"{r['prefill_tok_s']:.1f}",
+                  f"{r['kvtier_prefill_tok_s']:.1f}", f"{r['prefill_ratio']:.2f}x",
+                  f"{r['decode_tok_s']:.2f}", f"{r['kvtier_decode_tok_s']:.2f}", f"{r['decode_ratio']:.2f}x")
     return t
 
 
@@ -55,8 +74,14 @@ def write_json(path: str | Path, rows: list[dict], **meta) -> None:
         raise KvtierError(f"cannot write --json {path}: {e.strerror}") from None
 
 
+def _increase(r: dict) -> float:
+    return 100 * (r["ppl"] / r["dense_ppl"] - 1)
+
+
 def ppl_plot(path: str | Path, rows: list[dict]) -> None:
-    """PPL increase against KV bytes per token, one marker per method, one panel per context."""
+    """Pareto plot: PPL increase against bits per KV element (everything held counted), one
+    marker per method, one panel per context, the frontier (no method both smaller and
+    better) drawn as a line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -67,11 +92,19 @@ def ppl_plot(path: str | Path, rows: list[dict]) -> None:
     markers = "os^vD<>pX*hP"
     fig, axes = plt.subplots(1, len(contexts), figsize=(5 * len(contexts) + 3, 4.2), squeeze=False)
     for ax, (model, ctx) in zip(axes[0], contexts):
-        for r in (r for r in rows if (r["model"], r["context"]) == (model, ctx)):
+        panel = [r for r in rows if (r["model"], r["context"]) == (model, ctx)]
+        for r in panel:
             i = methods.index(r["method"])
-            ax.scatter(r["kv_bytes_per_token"], 100 * (r["ppl"] / r["dense_ppl"] - 1), label=r["method"],
-                       marker=markers[i % len(markers)], color=plt.cm.tab20(i % 20), s=40)
-        ax.set(title=f"{model} @ {ctx} tokens", xlabel="KV bytes per token (measured)",
+            ax.scatter(r["bits_per_element"], _increase(r), label=label(r),
+                       marker=markers[i % len(markers)], color=plt.cm.tab20(i % 20), s=40,
+                       edgecolors="black" if r.get("peer") else "none")  # peers: outlined
+        front, best = [], float("inf")
+        for r in sorted(panel, key=lambda r: (r["bits_per_element"], _increase(r))):
+            if _increase(r) < best:
+                best = _increase(r)
+                front.append((r["bits_per_element"], best))
+        ax.step(*zip(*front), where="post", color="grey", lw=0.8, alpha=0.7)
+        ax.set(title=f"{model} @ {ctx} tokens", xlabel="bits per KV element (measured, all held)",
                ylabel="PPL increase vs dense fp32 (%)")
         ax.set_yscale("symlog", linthresh=1.0)  # small and large increases on one axis
         ax.axhline(0, color="grey", lw=0.5)

@@ -1,7 +1,9 @@
 """Prefill and decode speed of kvtier against transformers' generate + DynamicCache.
 
 Same weights, same prompt (real text), same greedy decoding, in the same process; each side
-is repeated and the medians compared.
+is repeated and the medians compared. Peers (``kvtier.bench.peers``, e.g. llama.cpp) are timed
+on the same prompts in the same interleaved repeats and give one row each per context, with
+``"peer": true`` and their ratio against kvtier's row.
 """
 
 from __future__ import annotations
@@ -40,14 +42,16 @@ class _Clock:
         pass
 
 
-def transformers_timing(hf_model, prompt: list[int], new_tokens: int) -> tuple[float, float]:
+def transformers_timing(hf_model, prompt: list[int], new_tokens: int, cache=None) -> tuple[float, float]:
+    """As kvtier_timing, through ``generate`` with ``cache`` (default: a new DynamicCache)."""
     from transformers import DynamicCache
 
     clock = _Clock()
     ids = torch.tensor([prompt])
+    cache = DynamicCache() if cache is None else cache
     t0 = time.perf_counter()
     with torch.inference_mode():
-        hf_model.generate(ids, attention_mask=torch.ones_like(ids), cache=DynamicCache(),
+        hf_model.generate(ids, attention_mask=torch.ones_like(ids), cache=cache,
                           max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                           streamer=clock, pad_token_id=0)
     first, last = clock.times[1], clock.times[-1]  # times[0] is the prompt being "streamed"
@@ -55,34 +59,55 @@ def transformers_timing(hf_model, prompt: list[int], new_tokens: int) -> tuple[f
 
 
 def run(loaded, contexts: list[int], ids: list[int], new_tokens: int = 32, repeats: int = 3,
-        kv: str = "dense(dtype=fp32)", progress=None) -> list[dict]:
+        kv: str | list[str] = "dense(dtype=fp32)", progress=None, peers: list = ()) -> list[dict]:
+    """kvtier against transformers: one row per cache spec and context (``vs_first``: decode
+    speed against the first spec's, same run), then each peer (one row per context)."""
     from transformers import AutoModelForCausalLM
 
     from kvtier.dtypes import dtype_name
 
     dtype = loaded.model.dtype  # transformers runs in the same compute dtype
     hf = AutoModelForCausalLM.from_pretrained(loaded.folder, dtype=dtype).eval()
-    runner = ModelRunner(loaded.model, kv)
-    rows = []
+    runners = [ModelRunner(loaded.model, k) for k in ([kv] if isinstance(kv, str) else kv)]
+    runner = runners[0]
+    handles = [p.load(loaded.name) for p in peers]
+    rows, peer_rows = [], []
     for c in contexts:
         prompt = ids[:c - new_tokens]  # decoding ends at c tokens of context
-        ours, theirs = [], []
-        for _ in range(repeats):  # interleaved, so drift in machine load hits both sides
-            ours.append(kvtier_timing(runner, prompt, new_tokens))
-            if progress:
-                progress()
+        times_of, theirs, peers_t = [[] for _ in runners], [], [[] for _ in peers]
+        for _ in range(repeats):  # interleaved, so drift in machine load hits every side
+            for r, times in zip(runners, times_of):
+                times.append(kvtier_timing(r, prompt, new_tokens))
+                if progress:
+                    progress()
             theirs.append(transformers_timing(hf, prompt, new_tokens))
             if progress:
                 progress()
-        kp = statistics.median(len(prompt) / p for p, _ in ours)
-        kd = statistics.median(1 / d for _, d in ours)
+            for p, h, times in zip(peers, handles, peers_t):
+                times.append(p.timing(h, prompt, new_tokens))
+                if progress:
+                    progress()
         tp = statistics.median(len(prompt) / p for p, _ in theirs)
         td = statistics.median(1 / d for _, d in theirs)
-        rows.append({"model": loaded.name, "kv": str(runner.spec), "dtype": dtype_name(dtype), "context": c,
-                     "new_tokens": new_tokens, "repeats": repeats,
-                     "kvtier_prefill_tok_s": kp, "transformers_prefill_tok_s": tp,
-                     "prefill_ratio": kp / tp,
-                     "kvtier_decode_tok_s": kd, "transformers_decode_tok_s": td,
-                     "decode_ratio": kd / td,
-                     "kvtier_decode_ms": 1000 / kd, "transformers_decode_ms": 1000 / td})
-    return rows
+        first_kd = None
+        for r, ours in zip(runners, times_of):
+            p_ = statistics.median(len(prompt) / p for p, _ in ours)
+            d_ = statistics.median(1 / d for _, d in ours)
+            first_kd = first_kd or d_
+            rows.append({"model": loaded.name, "kv": str(r.spec), "dtype": dtype_name(dtype), "context": c,
+                         "new_tokens": new_tokens, "repeats": repeats,
+                         "kvtier_prefill_tok_s": p_, "transformers_prefill_tok_s": tp,
+                         "prefill_ratio": p_ / tp,
+                         "kvtier_decode_tok_s": d_, "transformers_decode_tok_s": td,
+                         "decode_ratio": d_ / td, "vs_first": d_ / first_kd,
+                         "kvtier_decode_ms": 1000 / d_, "transformers_decode_ms": 1000 / td})
+        kp, kd = rows[-len(runners)]["kvtier_prefill_tok_s"], first_kd
+        for p, times in zip(peers, peers_t):
+            pp = statistics.median(len(prompt) / t for t, _ in times)
+            pd = statistics.median(1 / d for _, d in times)
+            peer_rows.append({"model": loaded.name, "kv": str(p), "peer": True, "dtype": p.compute,
+                              "context": c, "new_tokens": new_tokens, "repeats": repeats,
+                              "prefill_tok_s": pp, "decode_tok_s": pd, "decode_ms": 1000 / pd,
+                              "kvtier_kv": str(runner.spec), "kvtier_prefill_tok_s": kp,
+                              "kvtier_decode_tok_s": kd, "prefill_ratio": kp / pp, "decode_ratio": kd / pd})
+    return rows + peer_rows

@@ -7,8 +7,8 @@ future query can see.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
 
 import torch
 
@@ -33,7 +33,7 @@ class Part:
         self.score: Callable | None = None  # q -> softmax pieces on the encoded form (Codec.attend)
 
     @classmethod
-    def encoded(cls, start: int, n: int, n_kv: int, load: Callable, score: Callable | None) -> "Part":
+    def encoded(cls, start: int, n: int, n_kv: int, load: Callable, score: Callable | None) -> Part:
         part = cls(None, None, start)
         part.n, part.n_kv, part.load, part.score = n, n_kv, load, score
         return part

@@ -31,7 +31,7 @@ class Batch:
     rope_tables: dict = field(default_factory=dict)  # cos/sin at these positions, per Rope
 
     @classmethod
-    def of(cls, caches: list[SeqKV], chunks: list[list[int]], device="cpu") -> "Batch":
+    def of(cls, caches: list[SeqKV], chunks: list[list[int]], device="cpu") -> Batch:
         tokens = torch.tensor([t for c in chunks for t in c], dtype=torch.long, device=device)
         positions = torch.cat([torch.arange(kv.length, kv.length + len(c)) for kv, c in zip(caches, chunks)])
         return cls(tokens, positions.to(device), caches, [len(c) for c in chunks])
@@ -65,7 +65,7 @@ class Rope:
         emb = torch.cat([freqs, freqs], -1)
         self.table = torch.stack([emb.cos(), emb.sin()], 1).mul(self.scaling).to(device)
 
-    def at(self, batch: "Batch", dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def at(self, batch: Batch, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin ``(N, 1, D)`` at the batch's positions."""
         key = (id(self), dtype)
         if key not in batch.rope_tables:
@@ -90,7 +90,7 @@ class Rope:
         rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
         return x * cos - rotated * sin if inverse else x * cos + rotated * sin
 
-    def __call__(self, x: torch.Tensor, batch: "Batch") -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
         """x: ``(N, H, D)``."""
         cos, sin = self.at(batch, x.dtype)
         half = x.shape[-1] // 2

@@ -44,7 +44,7 @@ class Codec(ABC):
     plain_dtype: ClassVar[torch.dtype | None] = None  # sinks/residual storage; None: compute dtype
     group_blocks: ClassVar[int] = 16  # blocks attention decodes at once (1,024 tokens stay in cache)
 
-    def for_layer(self, ctx: LayerContext) -> "Codec":
+    def for_layer(self, ctx: LayerContext) -> Codec:
         """The codec as used by one layer (per-layer calibrated state); default: itself."""
         return self
 
@@ -77,5 +77,5 @@ class Codec(ABC):
         Returns ``(m, l, o)`` as :func:`kvtier.attention.blockwise.partial` does, or None
         when this codec has no such path (attention then decodes the blocks first).
         """
-        return None
+        return
 
