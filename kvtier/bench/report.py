@@ -90,7 +90,7 @@ def ppl_plot(path: str | Path, rows: list[dict]) -> None:
     contexts = sorted({(r["model"], r["context"]) for r in rows})
     methods = list(dict.fromkeys(r["method"] for r in rows))
     markers = "os^vD<>pX*hP"
-    fig, axes = plt.subplots(1, len(contexts), figsize=(5 * len(contexts) + 3, 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(contexts), figsize=(5 * len(contexts) + 4.6, 4.2), squeeze=False)
     for ax, (model, ctx) in zip(axes[0], contexts):
         panel = [r for r in rows if (r["model"], r["context"]) == (model, ctx)]
         for r in panel:
@@ -110,9 +110,12 @@ def ppl_plot(path: str | Path, rows: list[dict]) -> None:
         ax.axhline(0, color="grey", lw=0.5)
         ax.margins(x=0.1, y=0.15)
         ax.grid(alpha=0.3)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="center right", fontsize=7, frameon=False)
-    fig.tight_layout(rect=(0, 0, 1 - 2.6 / fig.get_figwidth(), 1))
+    legend = {}
+    for ax in axes[0]:  # every method once, whichever panel it appears in
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(lab, h)
+    fig.legend(list(legend.values()), list(legend), loc="center right", fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1 - 4.4 / fig.get_figwidth(), 1))  # room for long spec labels
     try:
         fig.savefig(path, dpi=120)
     except OSError as e:
