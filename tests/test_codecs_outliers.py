@@ -166,11 +166,13 @@ def test_all_zero_block_decodes_to_zero(name):
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_nan_or_inf_raises_a_clear_error(name, bad):
-    codec = spec.parse(name).codec
-    k, v = gaussian(7, (1, 1, 64, 64))
+    """The cache refuses non-finite input before any codec sees it (one check for every codec)."""
+    layer = LayerKV(spec.parse(name).codec, n_kv=1, head_dim=64, block_size=64)
+    k, v = gaussian(7, (1, 3, 64, 64))  # past the sinks, whole blocks get sealed
     v[0, 0, 5, 9] = bad
     with pytest.raises(KvtierError, match="NaN or Inf"):
-        codec.encode(k, v)
+        layer.append(k.reshape(1, 192, 64), v.reshape(1, 192, 64))
+    assert layer.slots == []
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -89,9 +89,6 @@ class Bfp(Codec):
         out = {}
         for name, x in (("k", k), ("v", v)):
             x = x.float()
-            if not torch.isfinite(x).all():
-                raise KvtierError(f"bfp: the {'keys' if name == 'k' else 'values'} to encode hold "
-                                  "NaN or Inf; the model's activations overflowed (try --dtype fp32)")
             perm = getattr(self, f"perm_{name}")
             if perm is not None:  # (Hkv, D) -> gather along channels of every token
                 x = torch.take_along_dim(x, perm.to(x.device, torch.long)[:, None, None, :], dim=-1)

@@ -143,10 +143,6 @@ class Ovp(Codec):
 
     def encode(self, k, v):
         k, v = k.float(), v.float()
-        for what, x in (("keys", k), ("values", v)):
-            if not torch.isfinite(x).all():
-                raise KvtierError(f"ovp: the {what} to encode hold NaN or Inf; the model's "
-                                  "activations overflowed (try --dtype fp32)")
         kt = k.transpose(-1, -2)  # (Hkv, n, D, B): a row per key channel
         centre = ((kt.amax(-1) + kt.amin(-1)) / 2).half()
         kc, ks = encode_rows(kt - centre.float().unsqueeze(-1))
