@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+from abc import ABC, abstractmethod
 from typing import ClassVar
 
 from kvtier import spec as specs
@@ -26,7 +27,7 @@ _PEERS: dict[str, type] = {}
 _NAME = re.compile(r"^\s*([A-Za-z_][\w-]*)")
 
 
-class Peer:
+class Peer(ABC):
     """Base of every peer: its name, what it needs installed, and the three verbs."""
 
     name: ClassVar[str]
@@ -43,14 +44,17 @@ class Peer:
         if not found:
             raise KvtierError(f"{self.name} needs {package}: run bash scripts/bench-setup.sh")
 
+    @abstractmethod
     def load(self, model: str):
-        raise NotImplementedError
+        """Load the peer for a named model; returns a handle."""
 
+    @abstractmethod
     def score(self, handle, wins: list[list[int]], eval_tokens: int, progress=None):
-        raise NotImplementedError
+        """Score each window's last ``eval_tokens`` (kvtier.bench.ppl protocol)."""
 
+    @abstractmethod
     def timing(self, handle, prompt: list[int], new_tokens: int) -> tuple[float, float]:
-        raise NotImplementedError
+        """(prefill seconds, seconds per decoded token) for one prompt."""
 
     def __str__(self) -> str:
         return specs.format_method(self)
