@@ -7,7 +7,10 @@ tokens stay in full precision: the residual block plus ``residual`` more (KIVI's
 
 Attention runs on the packed codes (2, 4 and 8 bits): a key block's per-channel scales fold
 into the query, its zero points into one dot product per block, and a value's per-token scale
-into the attention weights, so each step only shifts, masks and converts the codes.
+into the attention weights, so each step only shifts, masks and converts the codes. Key codes
+are stored channel-major within a block (``(packed, B)``: one byte row per channel pair/quad
+for all B tokens), so the native kernel (:mod:`kvtier.kernels`) accumulates the scores of a
+block's tokens in vector registers; :meth:`Int.attend_torch` is the same computation in PyTorch.
 
 Paper: Liu et al., "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache", 2024,
 https://arxiv.org/abs/2402.02750
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvtier import kernels
 from kvtier.errors import KvtierError
 from kvtier.kv.codecs.base import Codec
 from kvtier.kv.codecs.packing import pack, plane, planes, unpack_float
@@ -53,7 +57,7 @@ class Int(Codec):
         if head_dim % self.group or head_dim % 8:
             raise KvtierError(f"int: group={self.group} must divide the head dimension {head_dim}")
         packed = head_dim * self.bits // 8
-        return {"k": ((block_size, packed), torch.uint8),
+        return {"k": ((packed, block_size), torch.uint8),  # channel-major: see attend
                 "k_scale": ((head_dim,), torch.float16), "k_zero": ((head_dim,), torch.float16),
                 "v": ((block_size, packed), torch.uint8),
                 "v_scale": ((block_size, head_dim // self.group), torch.float16),
@@ -63,12 +67,12 @@ class Int(Codec):
         h, n, b, d = k.shape
         kq, ks, kz = quantize(k.float(), self.bits, dim=2)  # per channel, over the block's tokens
         vq, vs, vz = quantize(v.float().reshape(h, n, b, d // self.group, self.group), self.bits, dim=4)
-        return {"k": pack(kq, self.bits), "k_scale": ks.squeeze(2), "k_zero": kz.squeeze(2),
+        return {"k": pack(kq, self.bits).transpose(-1, -2).contiguous(), "k_scale": ks.squeeze(2), "k_zero": kz.squeeze(2),
                 "v": pack(vq.reshape(h, n, b, d), self.bits),
                 "v_scale": vs.squeeze(4), "v_zero": vz.squeeze(4)}
 
     def decode(self, data, dtype):
-        kq = unpack_float(data["k"], self.bits)  # (Hkv, n, B, D)
+        kq = unpack_float(data["k"].transpose(-1, -2), self.bits)  # (Hkv, n, B, D)
         h, n, b, d = kq.shape
         k = torch.addcmul(data["k_zero"].unsqueeze(2).float(), kq, data["k_scale"].unsqueeze(2).float())
         vq = unpack_float(data["v"], self.bits).reshape(h, n, b, d // self.group, self.group)
@@ -78,7 +82,12 @@ class Int(Codec):
     def attend(self, q, data):
         if self.bits == 3:
             return None
-        h, n, b, m = data["k"].shape  # m packed bytes per token = D / planes
+        fast = kernels.int_attend(q, data, self.bits, self.group)
+        return fast if fast is not None else self.attend_torch(q, data)
+
+    def attend_torch(self, q, data):
+        """The PyTorch path of :meth:`attend` (no compiler, or kernels turned off)."""
+        h, n, m, b = data["k"].shape  # m packed bytes per token = D / planes
         p_count = planes(self.bits)
         d, dt = m * p_count, q.dtype
         # codes are centred (c - mid) so that the two terms below do not cancel in bf16:
@@ -89,8 +98,8 @@ class Int(Codec):
         qs = (qf * ks).to(dt)                                    # (h, n, R, D)
         s = (qf * (data["k_zero"].float().unsqueeze(2) + mid * ks)).sum(-1, keepdim=True)  # (h, n, R, 1)
         for i in range(p_count):
-            codes = plane(data["k"], self.bits, i).to(dt) - mid   # (h, n, B, m)
-            s = s + torch.matmul(qs[..., i * m:(i + 1) * m], codes.transpose(-1, -2)).float()
+            codes = plane(data["k"], self.bits, i).to(dt) - mid   # (h, n, m, B)
+            s = s + torch.matmul(qs[..., i * m:(i + 1) * m], codes).float()
         s = s.permute(0, 2, 1, 3).reshape(h, q.shape[1], n * b)   # (h, R, n*B)
         top = s.amax(-1, keepdim=True)
         p = torch.exp(s - top)

@@ -1,0 +1,128 @@
+"""Native CPU kernels, compiled once on first use with the machine's C compiler.
+
+Each kernel has a plain PyTorch path beside it (the reference it is tested against); when no
+compiler is found or the build fails, kvtier warns once and runs the PyTorch path.
+``KVTIER_KERNELS=0`` turns the kernels off.
+
+The shared library is built from the C sources in this folder for the host CPU
+(``-march=native``) and kept under ``<cache>/kernels/<hash>.so``, the hash covering the
+sources, the flags and the CPU's feature flags, so a different CPU builds its own.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from kvtier.paths import cache_dir
+
+SOURCES = ("intattn.c",)
+# -ffast-math lets gcc vectorize the reductions and expf; it is given only when compiling,
+# never when linking, so the process's floating-point mode (crtfastmath) is left alone.
+COMPILE = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-c"]
+LINK = ["-shared", "-fopenmp", "-lm"]
+
+
+def enabled() -> bool:
+    return os.environ.get("KVTIER_KERNELS", "1") != "0"
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, or None (no compiler, build failed, or turned off)."""
+    if not enabled():
+        return None
+    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        warnings.warn("kvtier: no C compiler found; using the slower PyTorch attention for packed codecs",
+                      stacklevel=2)
+        return None
+    here = Path(__file__).parent
+    src = b"".join((here / s).read_bytes() for s in SOURCES)
+    key = hashlib.sha256(src + " ".join(COMPILE + LINK).encode() + _cpu_flags().encode()).hexdigest()[:16]
+    out = cache_dir("kernels") / f"kvtier-{key}.so"
+    if not out.exists():
+        for old in out.parent.glob("kvtier-*.so"):  # builds of older sources or another CPU
+            old.unlink(missing_ok=True)
+        try:
+            _build(cc, [here / s for s in SOURCES], out)
+        except (OSError, subprocess.CalledProcessError) as e:
+            detail = getattr(e, "stderr", b"") or str(e)
+            detail = detail.decode(errors="replace") if isinstance(detail, bytes) else detail
+            warnings.warn(f"kvtier: building the native kernels failed ({detail.strip()[:300]}); "
+                          "using the slower PyTorch path", stacklevel=2)
+            return None
+    lib = ctypes.CDLL(str(out))
+    _declare(lib)
+    return lib
+
+
+def _build(cc: str, sources: list[Path], out: Path) -> None:
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        objs = []
+        for s in sources:
+            obj = Path(tmp, s.stem + ".o")
+            subprocess.run([cc, *COMPILE, str(s), "-o", str(obj)], check=True, capture_output=True)
+            objs.append(str(obj))
+        so = Path(tmp, out.name)
+        subprocess.run([cc, *objs, "-o", str(so), *LINK], check=True, capture_output=True)
+        os.replace(so, out)  # atomic: a concurrent process sees the whole file or none
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    p, i, l = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
+    lib.kvtier_int_attend.argtypes = [p, i, i, i, i, i, i, i, p, p, p, p, p, p, l, l, l, l, p, p, p, i]
+    lib.kvtier_int_attend.restype = i
+
+
+def int_attend(q: torch.Tensor, data: dict[str, torch.Tensor], bits: int, group: int):
+    """Softmax pieces of pre-scaled queries ``q (Hkv, R, D)`` over packed ``int`` blocks.
+
+    ``data`` holds the codec's fields for a run of blocks, ``{field: (Hkv, n, ...)}`` (a view
+    of the pool: rows contiguous within a head). Returns ``m, l (Hkv, R, 1)``, ``o (Hkv, R, D)``
+    in fp32, or None when the kernel is unavailable or does not handle these sizes.
+    """
+    lib = library()
+    if lib is None or q.device.type != "cpu":
+        return None
+    k, v = data["k"], data["v"]
+    h, n, b, _ = v.shape  # values are token-major (Hkv, n, B, packed)
+    names = ("k", "k_scale", "k_zero", "v", "v_scale", "v_zero")
+    if any(not _rows_contiguous(data[f]) for f in names):
+        return None
+    r, d = q.shape[1], q.shape[2]
+    q = q.float().contiguous()
+    m = torch.empty((h, r, 1))
+    l = torch.empty((h, r, 1))
+    o = torch.empty((h, r, d))
+    rc = lib.kvtier_int_attend(
+        q.data_ptr(), h, r, d, bits, group, b, n,
+        *(data[f].data_ptr() for f in names),
+        k.stride(0), data["k_scale"].stride(0), v.stride(0), data["v_scale"].stride(0),
+        m.data_ptr(), l.data_ptr(), o.data_ptr(), torch.get_num_threads())
+    return (m, l, o) if rc == 0 else None
+
+
+def _rows_contiguous(t: torch.Tensor) -> bool:
+    """Contiguous within each head (the head stride may be larger: a view of the pool)."""
+    return t[0].is_contiguous()

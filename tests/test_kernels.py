@@ -1,0 +1,115 @@
+"""The native kernels against the PyTorch oracle: the compiled packed-int attention gives the
+same softmax pieces as the reference over the decoded cache, for every shape it accepts, and
+kvtier falls back to PyTorch (with one warning) when it cannot build or does not handle a shape."""
+
+import pytest
+import torch
+
+from kvtier import kernels, spec
+from kvtier.attention import blockwise
+from kvtier.kv.cache import LayerKV, Part
+
+needs_kernels = pytest.mark.skipif(kernels.library() is None, reason="no C compiler: PyTorch path only")
+
+
+def layer_of(codec: str, n_kv: int, d: int, n: int, dtype=torch.float32):
+    torch.manual_seed(0)
+    layer = LayerKV(spec.parse(codec).codec, n_kv=n_kv, head_dim=d, dtype=dtype)
+    k = torch.randn(n_kv, n, d) * torch.linspace(0.2, 3, d)
+    k[:, :, 3] += 6.0  # an outlier channel
+    layer.append(k.to(dtype), torch.randn(n_kv, n, d).to(dtype))
+    return layer
+
+
+def pieces_of_reference(q, part):
+    k, v = part.get()
+    return blockwise.partial(q, k.float(), v.float(), None)
+
+
+def assert_same_pieces(got, want):
+    """Same row max and sum, same normalised output (fp32 sums in another order)."""
+    (m, l, o), (m2, l2, o2) = got, want
+    torch.testing.assert_close(m, m2, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(l, l2, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(o / l, o2 / l2, atol=1e-5, rtol=1e-4)
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("d,group,rows", [(64, 64, 3), (64, 16, 1), (128, 32, 4), (128, 128, 8),
+                                          (96, 32, 5), (64, 64, 9), (256, 64, 4)])
+def test_kernel_equals_reference_pieces(bits, d, group, rows):
+    if (d * bits // 8) % 16:
+        pytest.skip("not a shape the kernel takes")
+    layer = layer_of(f"int(bits={bits},group={group})", n_kv=2, d=d, n=64 * 37 + 5)
+    q = torch.randn(2, rows, d) / d ** 0.5
+    groups = [p for p in layer.parts() if p.score is not None]
+    assert groups
+    for part in groups:
+        data = layer.pool.fields_of(layer.slots[(part.start // 64): (part.start // 64) + part.n // 64])
+        fast = kernels.int_attend(q, data, bits, group)
+        assert fast is not None
+        assert_same_pieces(fast, pieces_of_reference(q, part))
+
+
+@needs_kernels
+def test_kernel_reads_a_pool_view_and_a_gathered_copy_alike():
+    layer = layer_of("int(bits=4)", n_kv=3, d=64, n=64 * 12)
+    q = torch.randn(3, 3, 64)
+    view = layer.pool.fields_of([0, 1, 2, 3])            # consecutive: views into the pool
+    copy = {f: t.clone() for f, t in view.items()}       # the same blocks, compact
+    gathered = layer.pool.fields_of([5, 3, 8])           # not consecutive: a gathered copy
+    assert view["k"].data_ptr() == layer.pool.data["k"].data_ptr()
+    a, b = kernels.int_attend(q, view, 4, 64), kernels.int_attend(q, copy, 4, 64)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    ref = blockwise.partial(q, *(t.float() for t in layer.codec.decode(gathered, torch.float32)), None)
+    assert_same_pieces(kernels.int_attend(q, gathered, 4, 64), ref)
+
+
+@needs_kernels
+def test_shapes_the_kernel_does_not_take_fall_back_to_pytorch():
+    layer = layer_of("int(bits=2,group=8)", n_kv=1, d=64, n=64 * 4)
+    q = torch.randn(1, 2, 64)
+    data = layer.pool.fields_of(layer.slots)
+    assert kernels.int_attend(q, data, 2, 8) is None  # groups of 8 channels: not vectorised
+    fast = layer.codec.attend(q, data)
+    assert_same_pieces(fast, blockwise.partial(q, *layer.codec.decode(data, torch.float32), None))
+
+
+def test_kernels_off_gives_the_pytorch_path(monkeypatch):
+    layer = layer_of("int(bits=4)", n_kv=2, d=64, n=64 * 8)
+    q = torch.randn(2, 3, 64)
+    data = layer.pool.fields_of(layer.slots)
+    monkeypatch.setenv("KVTIER_KERNELS", "0")
+    kernels.library.cache_clear()
+    try:
+        assert kernels.int_attend(q, data, 4, 64) is None
+        torch_path = layer.codec.attend(q, data)
+    finally:
+        monkeypatch.delenv("KVTIER_KERNELS")
+        kernels.library.cache_clear()
+    assert_same_pieces(torch_path, blockwise.partial(q, *layer.codec.decode(data, torch.float32), None))
+
+
+def test_a_failing_compiler_warns_once_and_falls_back(monkeypatch, tmp_path):
+    monkeypatch.setenv("KVTIER_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "/bin/false")
+    kernels.library.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="building the native kernels failed"):
+            assert kernels.library() is None
+        assert kernels.library() is None  # cached: no second build, no second warning
+        assert not list(tmp_path.glob("kernels/*.so"))
+    finally:
+        kernels.library.cache_clear()
+
+
+@needs_kernels
+def test_decode_in_bf16_matches_the_decoded_cache():
+    layer = layer_of("int(bits=4)", n_kv=3, d=64, n=64 * 20 + 7, dtype=torch.bfloat16)
+    q = torch.randn(9, 1, 64).bfloat16()
+    fast = blockwise.attend(q, layer.parts(), layer.length - 1, 0.125).float()
+    decoded = [Part(*(t.float() for t in p.get()), p.start) for p in layer.parts()]
+    ref = blockwise.reference(q.float(), decoded, layer.length - 1, 0.125)
+    assert (fast - ref).norm() / ref.norm() < 0.01  # the kernel is fp32 inside; bf16 is the output
