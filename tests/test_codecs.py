@@ -53,12 +53,23 @@ def test_int_error_shrinks_with_bits_and_bytes_are_exact(bits, rel):
     k, v = torch.randn(3, 150, 64), torch.randn(3, 150, 64)
     layer.append(k, v)
     blocks, residual = layer.parts()
-    assert torch.equal(residual.k, k[:, 128:])  # the residual block stays full precision
+    assert torch.equal(residual.k, k[:, 128:].half().float())  # the residual block: unencoded, fp16
     for x, y in ((k[:, :128], blocks.get()[0]), (v[:, :128], blocks.get()[1])):
         assert (x - y).norm() / x.norm() <= rel
     # per head and block: packed codes + fp16 scale/zero per key channel and per value group
     per_block = 3 * (2 * 64 * 64 * bits // 8 + 2 * 64 * 2 + 2 * 64 * (64 // 32) * 2)
-    assert layer.nbytes() == 2 * (per_block + TABLE_ENTRY_BYTES) + 2 * 3 * 22 * 64 * 4
+    assert layer.nbytes() == 2 * (per_block + TABLE_ENTRY_BYTES) + 2 * 3 * 22 * 64 * 2
+
+
+def test_residual_tokens_are_16_bit_for_codecs_and_compute_dtype_for_dense():
+    for name, dtype, held in [("int(bits=4)", torch.float32, torch.float16),
+                              ("int(bits=4)", torch.bfloat16, torch.bfloat16),
+                              ("dense(dtype=fp16)", torch.float32, torch.float32)]:
+        layer = LayerKV(spec.parse(name).codec, n_kv=1, head_dim=64, dtype=dtype)
+        layer.append(torch.randn(1, 10, 64, dtype=dtype), torch.randn(1, 10, 64, dtype=dtype))
+        assert layer.residual_k.dtype == held, name
+        assert layer.parts()[-1].k.dtype == dtype  # attention reads the compute dtype
+        assert layer.nbytes() == 2 * 10 * 64 * held.itemsize
 
 
 @pytest.mark.parametrize("name, grid", [
@@ -124,9 +135,9 @@ def test_non_finite_keys_are_a_clear_error_and_nothing_is_stored(bad):
     assert layer.slots == []
 
 
-def test_a_one_token_cache_is_held_in_full_precision():
+def test_a_one_token_cache_is_held_unencoded():
     layer = LayerKV(spec.parse("int(bits=2)").codec, n_kv=2, head_dim=64, block_size=64)
     k, v = torch.randn(2, 1, 64), torch.randn(2, 1, 64)
     layer.append(k, v)
     (part,) = layer.parts()
-    assert torch.equal(part.get()[0], k) and layer.nbytes() == 2 * 2 * 64 * 4
+    assert torch.equal(part.get()[0], k.half().float()) and layer.nbytes() == 2 * 2 * 64 * 2

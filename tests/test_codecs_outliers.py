@@ -149,8 +149,9 @@ def test_bytes_held_are_exactly_the_fields(name, per_block):
     layer = LayerKV(codec, n_kv=3, head_dim=64, block_size=64, ctx=LayerContext(0, 3, 64, stats_of(k[:, None], v[:, None])))
     layer.append(k, v)
     sinks, _, residual = layer.parts()
-    assert torch.equal(sinks.k, k[:, :4]) and torch.equal(residual.k, k[:, 132:])  # kept exact
-    plain = 2 * 3 * (4 + 18) * 64 * 4  # 4 sinks and 18 residual tokens, keys and values, fp32
+    assert torch.equal(sinks.k, k[:, :4].half().float())  # kept unencoded, in fp16
+    assert torch.equal(residual.k, k[:, 132:].half().float())
+    plain = 2 * 3 * (4 + 18) * 64 * 2  # 4 sinks and 18 residual tokens, keys and values, fp16
     state = 2 * 3 * 64 * 2 if name == "bfp" else 0  # bfp's int16 channel orders, once per layer
     assert layer.nbytes() == 2 * (3 * per_block + TABLE_ENTRY_BYTES) + plain + state
 

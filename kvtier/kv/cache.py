@@ -64,7 +64,8 @@ class LayerKV:
         self.n_kv, self.head_dim = n_kv, head_dim
         self.block_size, self.window, self.dtype = block_size, window, dtype
         self.n_sinks, self.keep = codec.sinks, codec.residual
-        plain = codec.plain_dtype or dtype  # sinks and residual tokens
+        wide = dtype.itemsize > 2
+        plain = codec.plain_dtype if codec.plain_dtype is not None and wide else dtype  # sinks, residual
         self.sink_k = torch.empty((n_kv, self.n_sinks, head_dim), dtype=plain, device=device)
         self.sink_v = torch.empty_like(self.sink_k)
         self.residual_k = torch.empty((n_kv, block_size + self.keep, head_dim), dtype=plain, device=device)

@@ -41,7 +41,9 @@ class Codec(ABC):
     residual: ClassVar[int] = 0   # newest tokens kept unencoded, beyond the residual block
     sinks: ClassVar[int] = 0      # first tokens of a sequence kept unencoded (attention sinks)
     pre_rope: ClassVar[bool] = False  # encode keys before RoPE (the cache un-rotates/re-rotates)
-    plain_dtype: ClassVar[torch.dtype | None] = None  # sinks/residual storage; None: compute dtype
+    # sinks and residual tokens: a compressing codec keeps them in 16 bits when the compute dtype
+    # is wider (KIVI keeps its residual in fp16); None: the compute dtype
+    plain_dtype: ClassVar[torch.dtype | None] = torch.float16
     group_blocks: ClassVar[int] = 16  # blocks attention decodes at once (1,024 tokens stay in cache)
 
     def for_layer(self, ctx: LayerContext) -> Codec:

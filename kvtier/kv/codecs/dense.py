@@ -16,6 +16,7 @@ class Dense(Codec):
 
     name = "dense"
     group_blocks = 1 << 30  # nothing to decode: attention reads the pool as one view
+    plain_dtype = None  # the newest tokens stay in the compute dtype
     dtype: str = param("bf16", "storage dtype of keys and values", choices=tuple(DTYPES))
 
     def fields(self, block_size, head_dim):

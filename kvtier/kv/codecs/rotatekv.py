@@ -69,7 +69,6 @@ class RotateKV(Codec):
     name = "rotatekv"
     calibrated = True
     pre_rope = True
-    plain_dtype = torch.float16  # sinks and residual tokens: 16-bit, as the paper keeps them
     bits: int = param(2, "bits per key/value element", choices=(2, 3, 4))
     sinks: int = param(4, "first tokens kept in full precision (attention sinks)", min=0, max=64)
     residual: int = param(64, "newest tokens kept in 16 bits beyond the residual block", min=0, max=4096)
