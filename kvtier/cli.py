@@ -127,6 +127,23 @@ def bench_ppl(
         report.ppl_plot(plot, rows)
 
 
+@bench.command("merge")
+def bench_merge(
+    files: Annotated[list[str], typer.Argument(help="JSON files written by bench ppl --json")],
+    json_path: Annotated[str | None, typer.Option("--json", help="write the rows of all files as one JSON")] = None,
+    plot: Annotated[str | None, typer.Option(help="write a PNG: PPL increase vs bits per element (Pareto)")] = None,
+):
+    """Combine the rows of several bench ppl runs (e.g. peers run separately) into one table, JSON and plot."""
+    from kvtier.bench import report
+
+    rows = [r for f in files for r in report.read_json(f)]
+    report.show(report.ppl_table(rows))
+    if json_path:
+        report.write_json(json_path, rows)
+    if plot:
+        report.ppl_plot(plot, rows)
+
+
 @bench.command("speed")
 def bench_speed(
     model: ModelOpt = DEFAULT_MODEL,

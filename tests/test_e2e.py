@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -99,6 +100,8 @@ def test_cli_generate_streams_and_reports_bytes():
     (["generate", "--max-new-tokens", "9000", "hi"], "allows 8192"),
     (["bench", "ppl", "--methods", "dense", "--context", "20x"], "--context"),
     (["bench", "ppl", "--methods", "dense", "--text", "/nonexistent.txt"], "no such file"),
+    (["bench", "merge", "/nonexistent.json"], "cannot read"),
+    (["bench", "merge", str(Path(__file__).parents[1] / "README.md")], "not a kvtier results file"),
 ])
 def test_cli_errors_are_one_line_and_exit_2(args, words):
     r = run_cli(*args)
@@ -122,6 +125,11 @@ def test_cli_bench_ppl_writes_json_and_plot(tmp_path):
     assert 1 < row["ppl"] < 100 and abs(row["ppl"] / row["dense_ppl"] - 1) < 0.01
     assert png.read_bytes()[:4] == b"\x89PNG"
     assert "dense(dtype=fp16)" in r.stdout
+    merged, png2 = tmp_path / "merged.json", tmp_path / "merged.png"  # runs combine into one table
+    r = run_cli("bench", "merge", str(out), str(out), "--json", str(merged), "--plot", str(png2))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(merged.read_text())["results"] == [row, row]
+    assert png2.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_cli_bench_speed(tmp_path):

@@ -74,6 +74,19 @@ def write_json(path: str | Path, rows: list[dict], **meta) -> None:
         raise KvtierError(f"cannot write --json {path}: {e.strerror}") from None
 
 
+def read_json(path: str | Path) -> list[dict]:
+    """The result rows of a JSON file written by :func:`write_json`."""
+    try:
+        rows = json.loads(Path(path).read_text())["results"]
+    except OSError as e:
+        raise KvtierError(f"cannot read {path}: {e.strerror}") from None
+    except (ValueError, KeyError, TypeError):
+        raise KvtierError(f"{path} is not a kvtier results file (JSON with a 'results' list)") from None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and "ppl" in r for r in rows):
+        raise KvtierError(f"{path} holds no bench ppl rows")
+    return rows
+
+
 def _increase(r: dict) -> float:
     return 100 * (r["ppl"] / r["dense_ppl"] - 1)
 
