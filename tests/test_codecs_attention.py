@@ -56,3 +56,17 @@ def test_packed_int_attention_in_bf16(name):
     decoded = [Part(*(t.float() for t in p.get()), p.start) for p in layer.parts()]
     ref = reference(q.float(), decoded, layer.length - 1, 0.125)
     assert (fast - ref).norm() / ref.norm() < 0.02  # dense bf16 storage: 0.007
+
+
+def test_sinks_leave_a_sliding_layer_once_outside_its_window():
+    # a sliding layer with sinks: once the window has moved past them, the sinks are no longer
+    # a part (they would leave a gap before the oldest block still held)
+    layer, k, v = filled("rotatekv", n=600, window=128)
+    parts = layer.parts()
+    assert parts[0].start > 0
+    assert all(a.start + a.n == b.start for a, b in zip(parts, parts[1:]))
+    q = torch.randn(4, 3, 64)
+    out = attend(q, parts, layer.length - 3, 0.125, window=128)  # a prefill-shaped query
+    decoded = [Part(*p.get(), p.start) for p in parts]
+    torch.testing.assert_close(out, reference(q, decoded, layer.length - 3, 0.125, window=128),
+                               atol=2e-5, rtol=1e-4)

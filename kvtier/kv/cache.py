@@ -141,6 +141,8 @@ class LayerKV:
         """Everything held, oldest first: sinks, groups of encoded blocks (decoded on demand), residual."""
         out = []
         n_sink = min(self.length, self.n_sinks)
+        if self.window and self.length - self.window >= n_sink:
+            n_sink = 0  # a sliding layer: the sinks are outside every future query's window
         if n_sink:
             out.append(Part(self.sink_k[:, :n_sink].to(self.dtype), self.sink_v[:, :n_sink].to(self.dtype), 0))
         step = self.codec.group_blocks
