@@ -11,6 +11,7 @@ import torch
 from kvtier.dtypes import compute_dtype
 from kvtier.engine import ModelRunner, sample
 from kvtier.errors import KvtierError
+from kvtier.kv.store import TierStore
 from kvtier.models import loader
 
 
@@ -25,7 +26,9 @@ class Completion:
     kv_tokens: int
     prefill_s: float
     decode_s: float
-    finish_reason: str  # "stop" (end-of-sequence token) or "length"
+    finish_reason: str  # "stop" (end-of-sequence token), "length" or "error"
+    error: str | None = None  # why the request failed (e.g. the disk tier filled up)
+    kv_bytes_by_tier: list[int] | None = None  # encoded blocks on each tier at the end (with tiers)
 
     @property
     def kv_bytes_per_token(self) -> float:
@@ -42,13 +45,20 @@ class LLM:
     dtype : compute dtype, ``auto`` (bf16 where the hardware has native bf16 matmul), ``fp32``
         or ``bf16``.
     block_size : tokens per KV block.
+    tiers : where blocks may live, fastest first, with byte budgets, e.g.
+        ``"cpu:2GiB,disk:/mnt/nvme/kv:50GiB"``; None keeps every block in RAM.
+    attend : with tiers, ``local`` computes attention where each block lives; ``fetch`` copies
+        every block to the first tier first.
     """
 
     def __init__(self, model: str = loader.DEFAULT_MODEL, kv: str | None = None,
-                 dtype: str = "auto", block_size: int = 64, prefill_chunk: int = 2048):
+                 dtype: str = "auto", block_size: int = 64, prefill_chunk: int = 2048,
+                 tiers: str | None = None, attend: str = "local"):
+        store = TierStore(tiers, attend) if tiers else None  # a bad spec or folder fails before loading
         self.loaded = loader.load(model, compute_dtype(dtype))
         self.model, self.tokenizer = self.loaded.model, self.loaded.tokenizer
-        self.runner = ModelRunner(self.model, kv, block_size=block_size, prefill_chunk=prefill_chunk)
+        self.runner = ModelRunner(self.model, kv, block_size=block_size, prefill_chunk=prefill_chunk,
+                                  tiers=store)
         self.eos = _eos_ids(self.tokenizer, self.model.hf_config)
 
     @property
@@ -107,15 +117,27 @@ class LLM:
         for p in ids:
             self.check_length(len(p), max_new_tokens)
         gen = torch.Generator().manual_seed(seed)
-        caches = [self.runner.new_cache(reserve=len(p) + max_new_tokens) for p in ids]
+        caches = []
+        try:
+            for p in ids:
+                caches.append(self.runner.new_cache(reserve=len(p) + max_new_tokens))
+            yield from self._decode(ids, caches, results, max_new_tokens, temperature, top_p, gen)
+        finally:
+            for c in caches:
+                c.close()
+
+    def _decode(self, ids, caches, results, max_new_tokens, temperature, top_p, gen):
         t0 = time.perf_counter()
         logits = self.runner.run(caches, ids)
         prefill_s, t0 = time.perf_counter() - t0, time.perf_counter()
         outs: list[list[int]] = [[] for _ in ids]
-        live, reason = list(range(len(ids))), ["length"] * len(ids)
+        reason, errors = ["length"] * len(ids), [None] * len(ids)
+        live = self._drop_failed(list(range(len(ids))), caches, reason, errors)
+        rows = dict(zip(range(len(ids)), logits))
         while live:
             step = []
-            for i, tok in zip(live, sample(logits, temperature, top_p, gen).tolist()):
+            picked = sample(torch.stack([rows[i] for i in live]), temperature, top_p, gen).tolist()
+            for i, tok in zip(live, picked):
                 if tok in self.eos:
                     reason[i] = "stop"
                     continue
@@ -126,10 +148,25 @@ class LLM:
             live = [i for i, _ in step]
             if live:
                 logits = self.runner.run([caches[i] for i in live], [[t] for _, t in step])
+                rows = dict(zip(live, logits))
+                live = self._drop_failed(live, caches, reason, errors)
         decode_s = time.perf_counter() - t0
         results.extend(Completion(self.tokenizer.decode(o, skip_special_tokens=True), o, len(p),
-                                  c.nbytes(), c.length, prefill_s, decode_s, r)
-                       for o, p, c, r in zip(outs, ids, caches, reason))
+                                  c.nbytes(), c.length, prefill_s, decode_s, r, e,
+                                  c.nbytes_by_tier() if c.home else None)
+                       for o, p, c, r, e in zip(outs, ids, caches, reason, errors))
+
+    @staticmethod
+    def _drop_failed(live, caches, reason, errors) -> list[int]:
+        """End the sequences whose cache could not be placed (e.g. the disk filled up); a
+        request of one raises the error, a batch goes on without them."""
+        failed = [i for i in live if caches[i].error is not None]
+        if failed and len(caches) == 1:
+            raise caches[0].error
+        for i in failed:
+            reason[i], errors[i] = "error", str(caches[i].error)
+            caches[i].close()
+        return [i for i in live if i not in failed]
 
 
 def _eos_ids(tokenizer, config) -> set[int]:

@@ -37,3 +37,8 @@ def bar(total: int, description: str):
                   disable=not _console.is_terminal) as p:
         task = p.add_task(description, total=total)
         yield lambda n=1: p.advance(task, n)
+
+
+def note(message: str) -> None:
+    """One line on stderr that the user should see (e.g. files removed on their behalf)."""
+    print(f"kvtier: {message}", file=sys.stderr, flush=True)

@@ -13,15 +13,19 @@ from kvtier import spec as specs
 from kvtier.kv import calibration
 from kvtier.kv.cache import LayerKV, SeqKV
 from kvtier.kv.codecs.base import LayerContext
+from kvtier.kv.store import TierStore
 from kvtier.models.base import Batch
 
 
 class ModelRunner:
     def __init__(self, model, kv: str | specs.CacheSpec | None = None, block_size: int = 64,
-                 prefill_chunk: int = 2048, device="cpu"):
+                 prefill_chunk: int = 2048, device="cpu", tiers: str | TierStore | None = None,
+                 attend: str = "local"):
         if block_size < 1 or prefill_chunk < 1:
             raise ValueError("block_size and prefill_chunk must be positive")
         self.model, self.spec = model, specs.parse(kv)
+        # blocks on tiers with budgets (``"cpu:2GiB,disk:/path:50GiB"``), or None: all in RAM
+        self.store = tiers if isinstance(tiers, TierStore) else TierStore(tiers, attend, device) if tiers else None
         self.block_size, self.prefill_chunk = block_size, prefill_chunk
         self.dtype, self.device = model.dtype, device  # residual blocks in the compute dtype
         self.stats: list[dict] | None = None  # per-layer calibration, loaded when a codec needs it
@@ -32,10 +36,11 @@ class ModelRunner:
         if codec.calibrated and self.stats is None:
             self.stats = calibration.load(m)
         ropes = getattr(m, "ropes", [None] * m.n_layers)
+        home = self.store.sequence() if self.store else None
         cache = SeqKV([LayerKV(codec, m.n_kv, m.head_dim, self.block_size, window, self.dtype,
                                self.device, LayerContext(i, m.n_kv, m.head_dim,
-                                                         self.stats and self.stats[i], ropes[i]))
-                       for i, window in enumerate(m.windows)])
+                                                         self.stats and self.stats[i], ropes[i]), home)
+                       for i, window in enumerate(m.windows)], home)
         cache.reserve(reserve)
         return cache
 
@@ -43,6 +48,8 @@ class ModelRunner:
         """Feed each cache its new tokens. Returns the logits after each sequence's last token,
         ``(n_seqs, V)``; with ``logits="all"`` (one forward only), every token's ``(N, V)``."""
         if logits == "all":
+            if self.store:
+                self.store.tick()
             return self.model.forward(Batch.of(caches, chunks, self.device), logits="all")
         out: list[torch.Tensor | None] = [None] * len(caches)
         todo = [(i, list(c)) for i, c in enumerate(chunks) if c]
@@ -54,10 +61,14 @@ class ModelRunner:
                 picked.append((i, toks[:budget]))
                 budget -= len(picked[-1][1])
             batch = Batch.of([caches[i] for i, _ in picked], [t for _, t in picked], self.device)
+            if self.store:
+                self.store.tick()
             last = self.model.forward(batch)
             done = {i: n for i, n in ((i, len(t)) for i, t in picked)}
             for (i, _), row in zip(picked, last):
                 out[i] = row
             todo = [(i, toks[done.get(i, 0):]) for i, toks in todo]
             todo = [(i, toks) for i, toks in todo if toks]
+        if len(caches) == 1 and caches[0].error is not None:
+            raise caches[0].error  # one sequence: its failure is the caller's (a batch: LLM ends it)
         return torch.stack(out)

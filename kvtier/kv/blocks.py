@@ -14,10 +14,10 @@ from kvtier.kv.codecs.base import Codec
 
 class BlockPool:
     def __init__(self, codec: Codec, n_kv: int, head_dim: int, block_size: int,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", pin: bool = False):
         self.codec, self.n_kv, self.block_size = codec, n_kv, block_size
         self.spec = codec.fields(block_size, head_dim)
-        self.device = torch.device(device)
+        self.device, self.pin = torch.device(device), pin  # pin: page-locked, for fast GPU copies
         self.data = {name: torch.empty((n_kv, 0, *shape), dtype=dtype, device=self.device)
                      for name, (shape, dtype) in self.spec.items()}
         self.free: list[int] = []
@@ -32,13 +32,19 @@ class BlockPool:
         if n_slots <= self.capacity:
             return
         for name, old in self.data.items():
-            new = torch.empty((self.n_kv, n_slots, *old.shape[2:]), dtype=old.dtype, device=self.device)
+            new = torch.empty((self.n_kv, n_slots, *old.shape[2:]), dtype=old.dtype, device=self.device,
+                              pin_memory=self.pin)
             new[:, : self.top] = old[:, : self.top]
             self.data[name] = new
 
     def add(self, k: torch.Tensor, v: torch.Tensor) -> list[int]:
         """Encode full blocks ``k, v: (Hkv, n, B, D)`` into slots; returns the slots used."""
-        n = k.shape[1]
+        return self.put(self.codec.encode(k, v))
+
+    def put(self, encoded: dict[str, torch.Tensor], blocks=(), tokens: int = 0) -> list[int]:
+        """Store encoded blocks ``{field: (Hkv, n, *shape)}`` (from any device) in slots.
+        ``blocks`` and ``tokens`` (their indices and length) matter only to the disk tier."""
+        n = next(iter(encoded.values())).shape[1]
         slots = sorted(self.free)[:n]
         self.free = [s for s in self.free if s not in slots]
         fresh = n - len(slots)
@@ -46,10 +52,9 @@ class BlockPool:
             self.reserve(max(2 * self.capacity, self.top + fresh, 4))
         slots += range(self.top, self.top + fresh)
         self.top += fresh
-        encoded = self.codec.encode(k, v)
         index = _as_index(slots)
         for name, t in encoded.items():
-            self.data[name][:, index] = t
+            self.data[name][:, index] = t.to(self.device)
         return slots
 
     def release(self, slots: list[int]) -> None:
@@ -67,6 +72,10 @@ class BlockPool:
     def read(self, slots: list[int], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode the blocks in ``slots`` (in that order): k, v ``(Hkv, len(slots) * B, D)``."""
         return self.codec.decode(self.fields_of(slots), dtype)
+
+    def run_key(self, slot: int) -> int:
+        """Slots with the same key can be read together as one view (all of them, here)."""
+        return 0
 
     def slot_bytes(self) -> int:
         """Bytes one slot holds across all fields (packed data, scales, everything stored)."""

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 
 from kvtier.errors import KvtierError
 from kvtier.kv.blocks import BlockPool
 from kvtier.kv.codecs.base import Codec, LayerContext
+
+if TYPE_CHECKING:
+    from kvtier.kv.store import SeqTiers
 
 TABLE_ENTRY_BYTES = 8  # per held block: int32 slot + int32 start position
 
@@ -29,6 +33,7 @@ class Part:
     def __init__(self, k: torch.Tensor | None, v: torch.Tensor | None, start: int):
         self.k, self.v, self.start = k, v, start
         self.n, self.n_kv = (k.shape[1], k.shape[0]) if k is not None else (0, 0)
+        self.device = k.device if k is not None else None  # where attention on this part runs
         self.load: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
         self.score: Callable | None = None  # q -> softmax pieces on the encoded form (Codec.attend)
 
@@ -54,13 +59,21 @@ class LayerKV:
 
     def __init__(self, codec: Codec, n_kv: int, head_dim: int, block_size: int = 64,
                  window: int | None = None, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu", ctx: LayerContext | None = None):
+                 device: torch.device | str = "cpu", ctx: LayerContext | None = None,
+                 home: SeqTiers | None = None):
         ctx = ctx or LayerContext(0, n_kv, head_dim)
         self.codec = codec.for_layer(ctx)
-        self.rope = ctx.rope
+        self.rope, self.index = ctx.rope, ctx.index
         if codec.pre_rope and self.rope is None:
             raise KvtierError(f"{codec.name}: pre-RoPE keys need the model's RoPE (use ModelRunner)")
-        self.pool = BlockPool(self.codec, n_kv, head_dim, block_size, device)
+        self.home = home  # this sequence's place in a tiered store, or None: every block in RAM
+        if home is None:
+            self.pools = [BlockPool(self.codec, n_kv, head_dim, block_size, device)]
+        else:
+            self.pools = home.pools(self.codec, n_kv, head_dim, block_size, ctx.index)
+            home.store.layers.add(self)
+        self.pool = self.pools[0]  # the first tier, where blocks are sealed
+        self.scores = type(self.codec).attend is not Codec.attend  # attention on the encoded form
         self.n_kv, self.head_dim = n_kv, head_dim
         self.block_size, self.window, self.dtype = block_size, window, dtype
         self.n_sinks, self.keep = codec.sinks, codec.residual
@@ -72,6 +85,8 @@ class LayerKV:
         self.residual_v = torch.empty_like(self.residual_k)
         self.n_residual = 0
         self.slots: list[int] = []  # block table: pool slot of each held block, oldest first
+        self.where: list[int] = []    # the tier each held block is on (index into pools)
+        self.used_at: list[int] = []  # the store's clock when attention last read each block
         self.first_block = 0       # index of the oldest held block
         self.length = 0            # tokens appended so far = position of the next token
 
@@ -119,7 +134,32 @@ class LayerKV:
         if self.codec.pre_rope:
             h, n, b, d = k.shape
             k = self.rope.rotate(k.reshape(h, n * b, d).float(), pos, inverse=True).reshape(h, n, b, d)
+        n = k.shape[1]
         self.slots += self.pool.add(k.to(self.dtype), v.to(self.dtype))
+        self.where += [0] * n
+        if self.home is not None:
+            store = self.home.store
+            self.used_at += [store.clock] * n
+            store.charge(0, n * self.pool.slot_bytes())
+            store.settle()
+        else:
+            self.used_at += [0] * n
+
+    def move(self, blocks: list[int], to: int) -> None:
+        """Move held blocks (indices into the block table) to tier ``to``, in encoded form."""
+        store = self.home.store
+        for src in sorted({self.where[j] for j in blocks}):
+            js = [j for j in blocks if self.where[j] == src]
+            old = [self.slots[j] for j in js]
+            fields = self.pools[src].fields_of(old)
+            new = self.pools[to].put(fields, [self.first_block + j for j in js], self.block_size)
+            self.pools[src].release(old)
+            for j, slot in zip(js, new):
+                self.slots[j], self.where[j] = slot, to
+            nbytes = len(js) * self.pools[src].slot_bytes()
+            store.charge(src, -nbytes)
+            store.charge(to, nbytes)
+            store.traffic.add(f"{store.tiers[src].kind}->{store.tiers[to].kind}", nbytes)
 
     def _slide(self) -> None:
         """Free blocks no query can attend any more (query q sees keys k with q - k < window)."""
@@ -129,9 +169,24 @@ class LayerKV:
         n_out = max(0, min(len(self.slots),
                            (oldest_needed - self.n_sinks) // self.block_size - self.first_block))
         if n_out:
-            self.pool.release(self.slots[:n_out])
-            del self.slots[:n_out]
-            self.first_block += n_out
+            self._drop(n_out)
+
+    def _drop(self, n: int) -> None:
+        """Free the ``n`` oldest held blocks."""
+        for t, pool in enumerate(self.pools):
+            slots = [s for s, w in zip(self.slots[:n], self.where[:n]) if w == t]
+            if slots:
+                pool.release(slots)
+                if self.home is not None:
+                    self.home.store.charge(t, -len(slots) * pool.slot_bytes())
+        del self.slots[:n], self.where[:n], self.used_at[:n]
+        self.first_block += n
+
+    def close(self) -> None:
+        """Free every block (the sequence has ended)."""
+        self._drop(len(self.slots))
+        if self.home is not None:
+            self.home.store.layers.discard(self)
 
     def block_start(self, j: int) -> int:
         """Position of the first token of block ``j``."""
@@ -145,24 +200,61 @@ class LayerKV:
             n_sink = 0  # a sliding layer: the sinks are outside every future query's window
         if n_sink:
             out.append(Part(self.sink_k[:, :n_sink].to(self.dtype), self.sink_v[:, :n_sink].to(self.dtype), 0))
-        step = self.codec.group_blocks
-        for g in range(0, len(self.slots), step):
-            slots = self.slots[g: g + step]
-            start = self.block_start(self.first_block + g)
-            score = None if self.codec.pre_rope else partial(self._score, slots)
-            out.append(Part.encoded(start, len(slots) * self.block_size, self.n_kv,
-                                    partial(self._read, slots, start), score))
+        for j, n in self._runs():
+            slots, tier = self.slots[j: j + n], self.where[j]
+            start = self.block_start(self.first_block + j)
+            score = None if self.codec.pre_rope or not self.scores else partial(self._score, tier, slots)
+            part = Part.encoded(start, n * self.block_size, self.n_kv, partial(self._read, tier, slots, start), score)
+            part.device = self._device(tier)
+            out.append(part)
         if self.n_residual:
             r = self.n_residual
             out.append(Part(self.residual_k[:, :r].to(self.dtype), self.residual_v[:, :r].to(self.dtype),
                             self.length - r))
         return out
 
-    def _score(self, slots: list[int], q: torch.Tensor):
-        return self.codec.attend(q, self.pool.fields_of(slots))
+    def _runs(self) -> list[tuple[int, int]]:
+        """Runs of held blocks attention reads together, ``(first index, count)``: at most
+        ``group_blocks`` each, one tier and one view of its pool each. Marks them read."""
+        runs, step = [], self.codec.group_blocks
+        if self.home is not None:
+            self.used_at = [self.home.store.clock] * len(self.slots)
+        j = 0
+        while j < len(self.slots):
+            tier, pool = self.where[j], self.pools[self.where[j]]
+            key, n = pool.run_key(self.slots[j]), 1
+            while (n < step and j + n < len(self.slots) and self.where[j + n] == tier
+                   and pool.run_key(self.slots[j + n]) == key):
+                n += 1
+            runs.append((j, n))
+            j += n
+        return runs
 
-    def _read(self, slots: list[int], start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        k, v = self.pool.read(slots, self.dtype)
+    def _device(self, tier: int) -> torch.device:
+        if self.home is None or self.home.store.attend == "fetch":
+            return self.pool.device
+        return self.home.store.tiers[tier].device
+
+    def _fields(self, tier: int, slots: list[int]) -> dict[str, torch.Tensor]:
+        """The encoded fields of ``slots`` on tier ``tier``, where attention will read them: in
+        place (``attend=local``) or copied to the first tier (``attend=fetch``)."""
+        fields = self.pools[tier].fields_of(slots)
+        if self.home is None or tier == 0:
+            return fields
+        store = self.home.store
+        nbytes = len(slots) * self.pools[tier].slot_bytes()
+        if store.tiers[tier].kind == "disk":
+            store.traffic.disk_read += nbytes
+        if store.attend == "fetch":
+            store.traffic.add("fetch", nbytes)
+            return {name: _fetch(t, self.pool.device) for name, t in fields.items()}
+        return fields
+
+    def _score(self, tier: int, slots: list[int], q: torch.Tensor):
+        return self.codec.attend(q, self._fields(tier, slots))
+
+    def _read(self, tier: int, slots: list[int], start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self.codec.decode(self._fields(tier, slots), self.dtype)
         if self.codec.pre_rope:
             k = self.rope.rotate(k.float(), start).to(self.dtype)
         return k, v
@@ -180,15 +272,53 @@ class LayerKV:
         the codec's per-layer state."""
         full = min(self.length, self.n_sinks) + self.n_residual
         plain = 2 * full * self.n_kv * self.head_dim * self.residual_k.element_size()
-        blocks = len(self.slots) * (self.pool.slot_bytes() + TABLE_ENTRY_BYTES)
+        blocks = sum(self.pools[t].slot_bytes() for t in self.where) + len(self.slots) * TABLE_ENTRY_BYTES
         return blocks + plain + self.codec.state_bytes()
+
+    def plain_bytes(self) -> int:
+        """Bytes of the sink and residual buffers (allocated up front, on the first tier)."""
+        return sum(t.numel() * t.element_size()
+                   for t in (self.sink_k, self.sink_v, self.residual_k, self.residual_v))
+
+    def nbytes_by_tier(self) -> list[int]:
+        """Bytes of encoded blocks on each tier."""
+        out = [0] * len(self.pools)
+        for t in self.where:
+            out[t] += self.pools[t].slot_bytes()
+        return out
+
+
+def _fetch(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A copy of ``t`` ``(Hkv, n, ...)`` on ``device``, head by head: each head's run of a pool
+    is contiguous, so each copy is one transfer (from page-locked memory, asynchronous)."""
+    out = torch.empty(t.shape, dtype=t.dtype, device=device)
+    for h in range(t.shape[0]):
+        out[h].copy_(t[h], non_blocking=t.is_pinned())
+    return out
 
 
 class SeqKV:
-    """A sequence's cache: one :class:`LayerKV` per layer."""
+    """A sequence's cache: one :class:`LayerKV` per layer (``home``: its place in a tiered store)."""
 
-    def __init__(self, layers: list[LayerKV]):
-        self.layers = layers
+    def __init__(self, layers: list[LayerKV], home: SeqTiers | None = None):
+        self.layers, self.home = layers, home
+        if home is not None:
+            home.hold_plain(sum(layer.plain_bytes() for layer in layers))
+
+    @property
+    def error(self) -> KvtierError | None:
+        """Why this sequence cannot go on (its blocks could not be placed), or None."""
+        return None if self.home is None else self.home.error
+
+    def close(self) -> None:
+        """Free every block and the sequence's disk file (the sequence has ended)."""
+        for layer in self.layers:
+            layer.close()
+        if self.home is not None:
+            self.home.close()
+
+    def nbytes_by_tier(self) -> list[int]:
+        return [sum(col) for col in zip(*(layer.nbytes_by_tier() for layer in self.layers))]
 
     @property
     def length(self) -> int:

@@ -1,0 +1,192 @@
+"""The tiered store: byte budgets per tier, shared by every sequence and layer of one runner.
+
+A block is sealed on the first (fastest) tier. When a tier is over its budget, its coldest
+blocks — least recently attended, oldest first among equals — move one tier down in their
+encoded form (codec bytes, never dequantized). Attention then runs where each block lives
+(``attend="local"``: each tier's device scores its own blocks, the pieces merge by
+log-sum-exp) or copies every block to the first tier first (``attend="fetch"``, the
+FlexGen-style baseline).
+
+A sequence whose blocks cannot move (the disk is full, every tier is at its budget) is marked
+failed — its blocks stay where they are, nothing half-written is read — and the engine ends
+that request with the error while the other sequences go on.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import weakref
+import zlib
+from dataclasses import dataclass, field
+
+import torch
+
+from kvtier.errors import KvtierError
+from kvtier.kv import disk
+from kvtier.kv import tiers as tierspec
+from kvtier.kv.blocks import BlockPool
+from kvtier.kv.tiers import Tier, format_size
+from kvtier.progress import note
+
+EXTENT = 16  # disk block slots per extent: one extent reads as one view
+
+
+@dataclass
+class Traffic:
+    """Bytes that crossed between tiers or devices (demotions, fetch copies, partial results)
+    and bytes attention read from the disk tier."""
+
+    moved: int = 0
+    disk_read: int = 0
+    by_kind: dict = field(default_factory=dict)
+
+    def add(self, kind: str, n: int) -> None:
+        self.by_kind[kind] = self.by_kind.get(kind, 0) + n
+        self.moved += n
+
+
+class TierStore:
+    """Tiers (fastest first) with budgets; see the module docstring.
+
+    Parameters
+    ----------
+    tiers : a tier spec (``"cpu:2GiB,disk:/path:50GiB"``) or parsed :class:`Tier` list.
+    attend : ``local`` (attention where blocks live) or ``fetch`` (copy them to the first tier).
+    compute : the device the model runs on.
+    """
+
+    def __init__(self, tiers: str | list[Tier], attend: str = "local", compute: torch.device | str = "cpu"):
+        self.tiers = tierspec.parse(tiers, compute) if isinstance(tiers, str) else list(tiers)
+        if attend not in tierspec.ATTEND:
+            raise KvtierError(f"attend={attend!r}: use one of {', '.join(tierspec.ATTEND)}")
+        self.attend = attend
+        self.compute = torch.device(compute)
+        self.writer = None
+        for t in self.tiers:
+            if t.kind == "disk":
+                folder = tierspec.check_path(t)
+                freed = disk.remove_leftovers(folder)
+                if freed:
+                    note(f"removed {format_size(freed)} of block files left by a crashed run in {folder}")
+                self.writer = disk.Writer()
+        self.used = [0] * len(self.tiers)  # bytes charged to each tier
+        self.plain = 0  # of used[0]: sink and residual buffers, which never move
+        self.layers: weakref.WeakSet = weakref.WeakSet()
+        self.clock = 0
+        self.traffic = Traffic()
+        self._ids = itertools.count()
+
+    def __str__(self) -> str:
+        return ",".join(str(t) for t in self.tiers)
+
+    def sequence(self) -> SeqTiers:
+        return SeqTiers(self, next(self._ids))
+
+    def tick(self) -> None:
+        """One forward step has begun (attention marks the blocks it reads with the clock)."""
+        self.clock += 1
+
+    def charge(self, tier: int, nbytes: int) -> None:
+        self.used[tier] += nbytes
+
+    def settle(self) -> None:
+        """Move the coldest blocks down until every tier but the last is within its budget.
+
+        Coldest first across layers and sequences (least recently read; blocks read this step
+        or the last one count as equally hot), oldest first within a layer — attention reads a
+        layer's blocks together, so a layer's oldest block on a tier is also its coldest. A
+        heap over layers keeps this cheap however many blocks are held."""
+        for t in range(len(self.tiers) - 1):
+            over = self.used[t] - self.tiers[t].budget
+            if over <= 0:
+                continue
+            now, heap = self.clock - 1, []
+            for layer in self.layers:
+                if layer.home.error is None and t in layer.where:
+                    heapq.heappush(heap, self._coldest(layer, t, now))
+            moving: dict[int, tuple] = {}
+            while over > 0 and heap:
+                *_, j, layer = heapq.heappop(heap)
+                moving.setdefault(id(layer), (layer, []))[1].append(j)
+                over -= layer.pools[t].slot_bytes()
+                nxt = next((i for i in range(j + 1, len(layer.where)) if layer.where[i] == t), None)
+                if nxt is not None:
+                    heapq.heappush(heap, self._coldest(layer, t, now, nxt))
+            for layer, blocks in moving.values():
+                try:
+                    layer.move(blocks, t + 1)
+                except KvtierError as e:
+                    layer.home.fail(e)
+        last = len(self.tiers) - 1
+        if self.used[last] > self.tiers[last].budget:
+            for layer in [la for la in self.layers if la.home.error is None and last in la.where]:
+                layer.home.fail(KvtierError(
+                    f"the KV cache does not fit in --tiers {self}: the last tier holds "
+                    f"{format_size(self.used[last])} over its {format_size(self.tiers[last].budget)} budget; "
+                    "raise a budget or use a smaller codec"))
+                break
+
+    @staticmethod
+    def _coldest(layer, tier: int, now: int, j: int | None = None) -> tuple:
+        j = layer.where.index(tier) if j is None else j
+        return min(layer.used_at[j], now), layer.block_start(layer.first_block + j), id(layer), j, layer
+
+
+
+class SeqTiers:
+    """One sequence's place in the store: its disk file (made on first use) and its error."""
+
+    def __init__(self, store: TierStore, index: int):
+        self.store, self.index = store, index
+        self.file: disk.DiskFile | None = None
+        self.error: KvtierError | None = None
+        self.plain = 0  # bytes of sink and residual buffers charged to the first tier
+
+    def fail(self, error: KvtierError) -> None:
+        if self.error is None:
+            self.error = error
+
+    def pools(self, codec, n_kv: int, head_dim: int, block_size: int, layer: int) -> list:
+        """One pool per tier for one layer of this sequence."""
+        out = []
+        pin = self.store.compute.type == "cuda" and torch.cuda.is_available()
+        for t in self.store.tiers:
+            if t.kind == "disk":
+                spec = codec.fields(block_size, head_dim)
+                out.append(disk.DiskPool(self._file(t), spec, n_kv, min(codec.group_blocks, EXTENT), layer,
+                                         _codec_id(codec)))
+            else:
+                out.append(BlockPool(codec, n_kv, head_dim, block_size, t.device,
+                                     pin=pin and t.kind == "cpu"))
+        return out
+
+    def _file(self, tier: Tier) -> disk.DiskFile:
+        if self.file is None:
+            self.file = disk.DiskFile(tierspec.check_path(tier), self.store.writer, self.index)
+        return self.file
+
+    def hold_plain(self, nbytes: int) -> None:
+        """Charge the sink and residual buffers (always on the first tier) to its budget."""
+        first, store = self.store.tiers[0], self.store
+        if store.plain + nbytes > first.budget:
+            raise KvtierError(f"the {first.kind} tier budget {format_size(first.budget)} cannot hold even the "
+                              f"newest (residual) blocks: this sequence needs {format_size(nbytes)} for them"
+                              + (f" beside {format_size(store.plain)} for the sequences already running"
+                                 if store.plain else "")
+                              + f"; raise {first.kind}: in --tiers")
+        self.plain += nbytes
+        store.plain += nbytes
+        store.charge(0, nbytes)
+
+    def close(self) -> None:
+        self.store.charge(0, -self.plain)
+        self.store.plain -= self.plain
+        self.plain = 0
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+def _codec_id(codec) -> int:
+    return zlib.crc32(str(codec).encode())
