@@ -17,6 +17,10 @@ bench = typer.Typer(no_args_is_help=True, help="Measure quality, bytes and speed
 app.add_typer(bench, name="bench")
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="named model (smollm2-135m, gemma3-270m), HF folder or .gguf file")]
+TiersOpt = Annotated[str | None, typer.Option(help="where KV blocks may live, fastest first, with byte budgets, "
+                                                   "e.g. cpu:2GiB,disk:/path/to/dir:50GiB (default: all in RAM)")]
+AttendOpt = Annotated[str, typer.Option(help="with --tiers: local (attention where each block lives) "
+                                             "or fetch (copy blocks to the first tier first)")]
 
 
 def _ints(text: str, flag: str) -> list[int]:
@@ -40,6 +44,8 @@ def generate(
     chat: Annotated[bool, typer.Option(help="wrap the prompt in the model's chat template")] = False,
     seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
     dtype: Annotated[str, typer.Option(help="compute dtype: auto (bf16 where the CPU/GPU has native bf16), fp32, bf16")] = "auto",
+    tiers: TiersOpt = None,
+    attend: AttendOpt = "local",
 ):
     """Generate text, streaming tokens as they come; report the KV bytes held at the end."""
     from kvtier import spec as specs
@@ -49,7 +55,7 @@ def generate(
         prompt = sys.stdin.read()
     from kvtier.api import LLM
 
-    llm = LLM(model=model, kv=kv, dtype=dtype)
+    llm = LLM(model=model, kv=kv, dtype=dtype, tiers=tiers, attend=attend)
     result = None
     for piece in llm.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature,
                             top_p=top_p, chat=chat, seed=seed):
@@ -65,6 +71,12 @@ def generate(
           f"prefill {result.prompt_tokens / max(result.prefill_s, 1e-9):.0f} tok/s | "
           f"{n} new tokens, decode {n / max(result.decode_s, 1e-9):.1f} tok/s | {result.finish_reason}",
           file=sys.stderr)
+    if llm.runner.store:
+        store = llm.runner.store
+        placed = ", ".join(f"{t.kind} {b:,}" for t, b in zip(store.tiers, result.kv_bytes_by_tier))
+        print(f"[kvtier] tiers {store} (attend={store.attend}): blocks at the end: {placed} bytes | "
+              f"moved between tiers {store.traffic.moved:,} bytes, read from disk {store.traffic.disk_read:,} bytes",
+              file=sys.stderr)
 
 
 @app.command()

@@ -93,6 +93,20 @@ def test_cli_generate_streams_and_reports_bytes():
     assert "kv dense(dtype=bf16):" in r.stderr and "bytes held" in r.stderr
 
 
+def test_cli_generate_with_tiers_gives_the_same_text(tmp_path):
+    prompt = data.kjv()[:6000]  # about 1,500 tokens: most blocks go to disk under a 4 MiB budget
+    plain = run_cli("generate", "--max-new-tokens", "12", "--dtype", "fp32", "-", input=prompt)
+    tiered = run_cli("generate", "--max-new-tokens", "12", "--dtype", "fp32", "--tiers",
+                     f"cpu:4MiB,disk:{tmp_path}:1GiB", "-", input=prompt)
+    assert plain.returncode == 0 and tiered.returncode == 0, tiered.stderr
+    assert tiered.stdout == plain.stdout
+    line = tiered.stderr.splitlines()[-1]
+    assert line.startswith(f"[kvtier] tiers cpu:4MiB,disk:{tmp_path}:1GiB (attend=local)") and "read from disk" in line
+    assert list(tmp_path.iterdir()) == []  # the block file is gone when the request ends
+    bad = run_cli("generate", "--tiers", f"cpu:2MiB,disk:{tmp_path / 'missing'}:1GiB", "hi")
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "does not exist" in bad.stderr
+
+
 @pytest.mark.parametrize("args, words", [
     (["generate", "--kv", "dense(bits=2)", "hi"], "no parameter 'bits'"),
     (["generate", "--model", "nosuchmodel", "hi"], "unknown model"),
