@@ -86,7 +86,7 @@ class LayerKV:
         self.n_residual = 0
         self.slots: list[int] = []  # block table: pool slot of each held block, oldest first
         self.where: list[int] = []    # the tier each held block is on (index into pools)
-        self.used_at: list[int] = []  # the store's clock when attention last read each block
+        self.read_at = 0  # the store's clock when attention last read this layer's blocks (all at once)
         self.first_block = 0       # index of the oldest held block
         self.length = 0            # tokens appended so far = position of the next token
 
@@ -139,11 +139,8 @@ class LayerKV:
         self.where += [0] * n
         if self.home is not None:
             store = self.home.store
-            self.used_at += [store.clock] * n
             store.charge(0, n * self.pool.slot_bytes())
             store.settle()
-        else:
-            self.used_at += [0] * n
 
     def move(self, blocks: list[int], to: int) -> None:
         """Move held blocks (indices into the block table) to tier ``to``, in encoded form."""
@@ -179,7 +176,7 @@ class LayerKV:
                 pool.release(slots)
                 if self.home is not None:
                     self.home.store.charge(t, -len(slots) * pool.slot_bytes())
-        del self.slots[:n], self.where[:n], self.used_at[:n]
+        del self.slots[:n], self.where[:n]
         self.first_block += n
 
     def close(self) -> None:
@@ -218,7 +215,7 @@ class LayerKV:
         ``group_blocks`` each, one tier and one view of its pool each. Marks them read."""
         runs, step = [], self.codec.group_blocks
         if self.home is not None:
-            self.used_at = [self.home.store.clock] * len(self.slots)
+            self.read_at = self.home.store.clock
         j = 0
         while j < len(self.slots):
             tier, pool = self.where[j], self.pools[self.where[j]]

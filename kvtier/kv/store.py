@@ -130,7 +130,7 @@ class TierStore:
     @staticmethod
     def _coldest(layer, tier: int, now: int, j: int | None = None) -> tuple:
         j = layer.where.index(tier) if j is None else j
-        return min(layer.used_at[j], now), layer.block_start(layer.first_block + j), id(layer), j, layer
+        return min(layer.read_at, now), layer.block_start(layer.first_block + j), id(layer), j, layer
 
 
 
