@@ -11,6 +11,8 @@ import torch
 from kvtier.dtypes import compute_dtype
 from kvtier.engine import ModelRunner, sample
 from kvtier.errors import KvtierError
+from kvtier.kv import persist
+from kvtier.kv.persist import Prefix
 from kvtier.kv.store import TierStore
 from kvtier.models import loader
 
@@ -83,21 +85,44 @@ class LLM:
                 f"prompt is {n_prompt} tokens + {max_new_tokens} new tokens, but {self.loaded.name} "
                 f"allows {limit}; shorten the prompt or lower --max-new-tokens")
 
+    def save_cache(self, document: str, path: str, chat: bool = False) -> Prefix:
+        """Prefill ``document`` once and save its cache (encoded, checksummed) to ``path``;
+        later runs continue from it with ``generate(..., prefix=llm.load_cache(path))``."""
+        ids = self.encode(document, chat)
+        self.check_length(len(ids), 1)
+        if len(ids) < 2:
+            raise KvtierError("the document is a single token; there is nothing to save")
+        cache = self.runner.new_cache(reserve=len(ids))
+        try:
+            self.runner.run([cache], [ids[:-1]])
+            persist.save(path, self.runner, cache, ids, self.loaded.name)
+        finally:
+            cache.close()
+        return self.load_cache(path)
+
+    def load_cache(self, path: str) -> Prefix:
+        """Open a cache saved by :meth:`save_cache`; refused when it was made by another model,
+        cache spec, dtype or format version."""
+        return persist.open_prefix(path, self.runner, self.loaded.name)
+
     def generate(self, prompts: str | list[str], max_new_tokens: int = 128, temperature: float = 0.0,
-                 top_p: float = 1.0, chat: bool = False, seed: int = 0) -> list[Completion]:
-        """Generate for a batch of prompts together (sequences of different lengths)."""
+                 top_p: float = 1.0, chat: bool = False, seed: int = 0,
+                 prefix: Prefix | None = None) -> list[Completion]:
+        """Generate for a batch of prompts together (sequences of different lengths). With
+        ``prefix`` (a saved cache), each prompt continues the saved document."""
         results: list[Completion] = []
-        for _ in self.tokens(prompts, results, max_new_tokens, temperature, top_p, chat, seed):
+        for _ in self.tokens(prompts, results, max_new_tokens, temperature, top_p, chat, seed, prefix):
             pass
         return results
 
     def stream(self, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0,
-               top_p: float = 1.0, chat: bool = False, seed: int = 0) -> Iterator[str | Completion]:
+               top_p: float = 1.0, chat: bool = False, seed: int = 0,
+               prefix: Prefix | None = None) -> Iterator[str | Completion]:
         """Yield text pieces of one prompt as they are generated, then its :class:`Completion`."""
         results: list[Completion] = []
         ids: list[int] = []
         shown = ""
-        for _, tok in self.tokens([prompt], results, max_new_tokens, temperature, top_p, chat, seed):
+        for _, tok in self.tokens([prompt], results, max_new_tokens, temperature, top_p, chat, seed, prefix):
             ids.append(tok)
             text = self.tokenizer.decode(ids, skip_special_tokens=True)
             if len(text) > len(shown) and not text.endswith("\ufffd"):  # whole characters only
@@ -107,20 +132,30 @@ class LLM:
 
     def tokens(self, prompts: str | list[str], results: list[Completion], max_new_tokens: int = 128,
                temperature: float = 0.0, top_p: float = 1.0, chat: bool = False,
-               seed: int = 0) -> Iterator[tuple[int, int]]:
+               seed: int = 0, prefix: Prefix | None = None) -> Iterator[tuple[int, int]]:
         """Yield ``(prompt index, token id)`` as tokens are generated; fills ``results`` at the end."""
         if isinstance(prompts, str):
             prompts = [prompts]
         if max_new_tokens < 1:
             raise KvtierError("max_new_tokens must be at least 1")
-        ids = [self.encode(p, chat) for p in prompts]
+        if prefix is None:
+            ids = [self.encode(p, chat) for p in prompts]
+        else:  # the document's last token, then the prompt as its continuation
+            if chat:
+                raise KvtierError("a saved cache continues its document as plain text; run without --chat")
+            ids = [prefix.token_ids[-1:] + self.tokenizer(p, add_special_tokens=False).input_ids
+                   for p in prompts]
+        held = prefix.length if prefix else 0
         for p in ids:
-            self.check_length(len(p), max_new_tokens)
+            self.check_length(held + len(p), max_new_tokens)
         gen = torch.Generator().manual_seed(seed)
         caches = []
         try:
             for p in ids:
-                caches.append(self.runner.new_cache(reserve=len(p) + max_new_tokens))
+                if prefix is None:
+                    caches.append(self.runner.new_cache(reserve=len(p) + max_new_tokens))
+                else:
+                    caches.append(persist.restore(prefix, self.runner))
             yield from self._decode(ids, caches, results, max_new_tokens, temperature, top_p, gen)
         finally:
             for c in caches:

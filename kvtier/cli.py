@@ -15,6 +15,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Run long-context LLMs on the memory you have: a compressed, tiered KV cache.")
 bench = typer.Typer(no_args_is_help=True, help="Measure quality, bytes and speed side by side.")
 app.add_typer(bench, name="bench")
+cachecmd = typer.Typer(no_args_is_help=True, help="Save a document's KV cache once; continue from it in later runs.")
+app.add_typer(cachecmd, name="cache")
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="named model (smollm2-135m, gemma3-270m), HF folder or .gguf file")]
 TiersOpt = Annotated[str | None, typer.Option(help="where KV blocks may live, fastest first, with byte budgets, "
@@ -46,6 +48,8 @@ def generate(
     dtype: Annotated[str, typer.Option(help="compute dtype: auto (bf16 where the CPU/GPU has native bf16), fp32, bf16")] = "auto",
     tiers: TiersOpt = None,
     attend: AttendOpt = "local",
+    cache: Annotated[str | None, typer.Option(help="continue a document saved with `kvtier cache save` "
+                                                   "(the prompt follows it)")] = None,
 ):
     """Generate text, streaming tokens as they come; report the KV bytes held at the end."""
     from kvtier import spec as specs
@@ -56,9 +60,10 @@ def generate(
     from kvtier.api import LLM
 
     llm = LLM(model=model, kv=kv, dtype=dtype, tiers=tiers, attend=attend)
+    prefix = llm.load_cache(cache) if cache else None
     result = None
     for piece in llm.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature,
-                            top_p=top_p, chat=chat, seed=seed):
+                            top_p=top_p, chat=chat, seed=seed, prefix=prefix):
         if isinstance(piece, str):
             sys.stdout.write(piece)
             sys.stdout.flush()
@@ -77,6 +82,53 @@ def generate(
         print(f"[kvtier] tiers {store} (attend={store.attend}): blocks at the end: {placed} bytes | "
               f"moved between tiers {store.traffic.moved:,} bytes, read from disk {store.traffic.disk_read:,} bytes",
               file=sys.stderr)
+
+
+@cachecmd.command("save")
+def cache_save(
+    document: Annotated[str, typer.Argument(help="a UTF-8 text file, or - to read stdin")],
+    out: Annotated[str, typer.Argument(help="the file to write, e.g. doc.kvcache")],
+    model: ModelOpt = DEFAULT_MODEL,
+    kv: Annotated[str, typer.Option(help="KV cache spec, see `kvtier methods`")] = "dense",
+    dtype: Annotated[str, typer.Option(help="compute dtype: auto, fp32, bf16")] = "auto",
+):
+    """Prefill a document once and save its (compressed) cache; then ask about it with
+    `kvtier generate --cache OUT "question"`, in this run or any later one."""
+    import time
+    from pathlib import Path
+
+    from kvtier import spec as specs
+
+    specs.parse(kv)
+    if document == "-":
+        text = sys.stdin.read()
+    else:
+        try:
+            text = Path(document).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise KvtierError(f"cannot read {document}: {e}") from None
+    from kvtier.api import LLM
+
+    llm = LLM(model=model, kv=kv, dtype=dtype)
+    t0 = time.perf_counter()
+    prefix = llm.save_cache(text, out)
+    print(f"[kvtier] saved {prefix.length + 1} tokens ({llm.spec}) to {out}: {prefix.nbytes:,} bytes "
+          f"({prefix.nbytes / (prefix.length + 1):,.0f} B/token) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+
+
+@cachecmd.command("info")
+def cache_info(path: Annotated[str, typer.Argument(help="a file written by `kvtier cache save`")]):
+    """Show what a saved cache holds and what it needs to be loaded."""
+    import json
+    from pathlib import Path
+
+    from kvtier.kv import persist
+
+    meta = persist.read_meta(Path(path))
+    n = len(json.loads(meta["tokens"]))
+    print(f"{path}: format {meta['format']} v{meta['version']}, model {meta['model']} "
+          f"(fingerprint {meta['fingerprint']}), kv {meta['spec']}, dtype {meta['dtype']}, "
+          f"block size {meta['block_size']}, {n} tokens, {Path(path).stat().st_size:,} bytes")
 
 
 @app.command()

@@ -202,3 +202,22 @@ def test_gemma3_logits_match_transformers_on_real_text():
 def test_cli_usage_errors_exit_2_without_traceback():
     r = run_cli("bench", "ppl")  # --methods is required
     assert r.returncode == 2 and "Traceback" not in r.stderr and "--methods" in r.stderr
+
+
+def test_cli_saved_cache_answers_like_the_whole_prompt(tmp_path):
+    doc, question = data.kjv()[:4000], " And God said"  # tokenizes the same apart and together
+    (tmp_path / "doc.txt").write_text(doc)
+    out = tmp_path / "doc.kvcache"
+    kv = ["--kv", "int(bits=4)", "--dtype", "fp32"]
+    save = run_cli("cache", "save", str(tmp_path / "doc.txt"), str(out), *kv)
+    assert save.returncode == 0, save.stderr
+    assert "saved 922 tokens" in save.stderr and out.stat().st_size > 0
+    whole = run_cli("generate", "--max-new-tokens", "12", *kv, "-", input=doc + question)
+    cached = run_cli("generate", "--max-new-tokens", "12", *kv, "--cache", str(out),
+                     "--tiers", f"cpu:2MiB,disk:{tmp_path}:1GiB", question)
+    assert whole.returncode == 0 and cached.returncode == 0, cached.stderr
+    assert cached.stdout == whole.stdout
+    info = run_cli("cache", "info", str(out))
+    assert "922 tokens" in info.stdout and "int(bits=4" in info.stdout
+    refused = run_cli("generate", "--kv", "int(bits=2)", "--dtype", "fp32", "--cache", str(out), "hi")
+    assert refused.returncode == 2 and "run with --kv int(bits=4" in refused.stderr.strip().splitlines()[-1]

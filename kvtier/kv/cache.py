@@ -134,13 +134,51 @@ class LayerKV:
         if self.codec.pre_rope:
             h, n, b, d = k.shape
             k = self.rope.rotate(k.reshape(h, n * b, d).float(), pos, inverse=True).reshape(h, n, b, d)
-        n = k.shape[1]
-        self.slots += self.pool.add(k.to(self.dtype), v.to(self.dtype))
-        self.where += [0] * n
+        self._hold(self.pool.add(k.to(self.dtype), v.to(self.dtype)))
+
+    def _hold(self, slots: list[int]) -> None:
+        """Enter new blocks (slots of the first tier) in the block table; settle the tiers."""
+        self.slots += slots
+        self.where += [0] * len(slots)
         if self.home is not None:
             store = self.home.store
-            store.charge(0, n * self.pool.slot_bytes())
+            store.charge(0, len(slots) * self.pool.slot_bytes())
             store.settle()
+
+    def snapshot(self) -> tuple[dict[str, int], dict[str, torch.Tensor]]:
+        """Everything this layer holds, for saving: counters and tensors (on the CPU). Blocks
+        are in encoded form (``f.<field>``, ``(Hkv, n_blocks, *shape)``), gathered from every tier."""
+        n_sink = min(self.length, self.n_sinks)
+        r = self.n_residual
+        tensors = {"sink_k": self.sink_k[:, :n_sink], "sink_v": self.sink_v[:, :n_sink],
+                   "residual_k": self.residual_k[:, :r], "residual_v": self.residual_v[:, :r]}
+        runs, j = [], 0
+        while j < len(self.slots):  # runs of one tier, in block order
+            n = 1
+            while j + n < len(self.slots) and self.where[j + n] == self.where[j]:
+                n += 1
+            runs.append(self.pools[self.where[j]].fields_of(self.slots[j: j + n]))
+            j += n
+        for name, (shape, dtype) in self.pool.spec.items():
+            pieces = [run[name].cpu() for run in runs]
+            tensors["f." + name] = torch.cat(pieces, 1) if pieces else torch.empty(
+                (self.n_kv, 0, *shape), dtype=dtype)
+        counters = {"length": self.length, "first_block": self.first_block, "n_residual": r}
+        return counters, {k: t.contiguous().cpu() for k, t in tensors.items()}
+
+    def restore(self, counters: dict[str, int], tensors: dict[str, torch.Tensor], chunk: int = 16) -> None:
+        """Fill this empty layer from :meth:`snapshot`'s output; blocks enter the first tier
+        ``chunk`` at a time and settle down the tiers as they come."""
+        n_sink, r = tensors["sink_k"].shape[1], counters["n_residual"]
+        self.sink_k[:, :n_sink], self.sink_v[:, :n_sink] = tensors["sink_k"], tensors["sink_v"]
+        self.residual_k[:, :r], self.residual_v[:, :r] = tensors["residual_k"], tensors["residual_v"]
+        self.n_residual, self.length = r, counters["length"]
+        self.first_block = counters["first_block"]
+        fields = {name: tensors["f." + name] for name in self.pool.spec}
+        n = next(iter(fields.values())).shape[1]
+        self.pool.reserve(min(n, chunk) if self.home is not None else n)
+        for a in range(0, n, chunk):
+            self._hold(self.pool.put({name: t[:, a: a + chunk] for name, t in fields.items()}))
 
     def move(self, blocks: list[int], to: int) -> None:
         """Move held blocks (indices into the block table) to tier ``to``, in encoded form."""

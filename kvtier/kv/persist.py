@@ -1,0 +1,161 @@
+"""Save a sequence's cache to a file and load it back: prefill a long document once, ask many
+questions about it across runs.
+
+The file is safetensors (no pickle): every layer's sink and residual tokens and its blocks in
+encoded form (codec bytes, exactly as held), gathered from whatever tiers they were on. The
+header records the format version, the model (a fingerprint of its configuration and weights),
+the cache spec, block size, compute dtype and the token ids, plus a CRC-32 of every tensor.
+Loading checks all of them and refuses a file made by a different model, cache spec or format
+version, or whose bytes do not match their checksums. A file is written to a temporary name
+and renamed, so a crash never leaves half a file under the real name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kvtier.dtypes import dtype_name
+from kvtier.errors import KvtierError
+
+FORMAT, VERSION = "kvtier-cache", "1"
+SUFFIX = ".kvcache"
+
+
+@dataclass
+class Prefix:
+    """A saved cache, checked and ready to continue: ``generate(..., prefix=...)`` restores a
+    fresh copy per request. ``token_ids`` are the document's tokens; the last of them has not
+    been run yet (its logits start the continuation)."""
+
+    path: Path
+    token_ids: list[int]
+    spec: str
+    nbytes: int  # size of the file
+
+    @property
+    def length(self) -> int:
+        """Tokens in the cache (all but the last document token)."""
+        return len(self.token_ids) - 1
+
+
+def fingerprint(model) -> str:
+    """Identifies a model's architecture and weights, whatever the compute dtype: its shape
+    parameters plus a strided sample of every weight tensor rounded to bf16."""
+    cached = getattr(model, "_fingerprint", None)
+    if cached:
+        return cached
+    h = hashlib.sha256()
+    c = model.hf_config
+    h.update(json.dumps([c.model_type, model.n_layers, model.n_kv, model.head_dim,
+                         getattr(c, "hidden_size", 0), getattr(c, "vocab_size", 0)]).encode())
+    for name in sorted(model.w):
+        t = model.w[name].reshape(-1)
+        sample = t[:: max(1, t.numel() // 4096)].to(torch.bfloat16).float()
+        h.update(name.encode() + str(tuple(model.w[name].shape)).encode())
+        h.update(sample.numpy().tobytes())
+    model._fingerprint = h.hexdigest()[:32]
+    return model._fingerprint
+
+
+def save(path: str | Path, runner, cache, token_ids: list[int], model_name: str) -> int:
+    """Write ``cache`` (which holds ``token_ids[:-1]``) to ``path``; returns the bytes written."""
+    from safetensors.torch import save_file
+
+    path = Path(path).expanduser()
+    if cache.length != len(token_ids) - 1:
+        raise KvtierError(f"the cache holds {cache.length} tokens, not {len(token_ids) - 1}")
+    tensors, layers = {}, []
+    for i, layer in enumerate(cache.layers):
+        counters, held = layer.snapshot()
+        layers.append(counters)
+        tensors.update({f"{i}.{k}": t for k, t in held.items()})
+    crc = {k: zlib.crc32(_bytes(t)) for k, t in tensors.items()}
+    meta = {"format": FORMAT, "version": VERSION, "model": model_name,
+            "fingerprint": fingerprint(runner.model), "spec": str(runner.spec),
+            "block_size": str(runner.block_size), "dtype": dtype_name(runner.dtype),
+            "tokens": json.dumps(token_ids), "layers": json.dumps(layers), "crc32": json.dumps(crc)}
+    if not path.parent.is_dir():
+        raise KvtierError(f"cannot save the cache to {path}: folder {path.parent} does not exist")
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        tmp.replace(path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise KvtierError(f"cannot save the cache to {path}: {os.strerror(e.errno) if e.errno else e}") from e
+    return path.stat().st_size
+
+
+def open_prefix(path: str | Path, runner, model_name: str) -> Prefix:
+    """Check a saved cache against this runner (model, spec, block size, dtype, version)."""
+    path = Path(path).expanduser()
+    meta = read_meta(path)
+    want = {"spec": str(runner.spec), "block_size": str(runner.block_size),
+            "dtype": dtype_name(runner.dtype)}
+    if meta.get("fingerprint") != fingerprint(runner.model):
+        raise KvtierError(f"{path} was made with model {meta.get('model')!r}, not this {model_name!r} "
+                          "(weights differ); load it with the model that made it")
+    for key, flag in (("spec", "--kv"), ("block_size", "block_size"), ("dtype", "--dtype")):
+        if meta.get(key) != want[key]:
+            raise KvtierError(f"{path} was made with {key} {meta.get(key)}, this run uses {want[key]}; "
+                              f"run with {flag} {meta.get(key)} to use it")
+    return Prefix(path, json.loads(meta["tokens"]), meta["spec"], path.stat().st_size)
+
+
+def restore(prefix: Prefix, runner):
+    """A new cache for ``runner`` holding the saved tokens (every tensor's checksum verified)."""
+    from safetensors import safe_open
+
+    meta = read_meta(prefix.path)
+    crc, layers = json.loads(meta["crc32"]), json.loads(meta["layers"])
+    cache = runner.new_cache(reserve=0)
+    if len(layers) != len(cache.layers):
+        cache.close()
+        raise KvtierError(f"{prefix.path} holds {len(layers)} layers, the model has {len(cache.layers)}")
+    try:
+        with safe_open(prefix.path, "pt") as f:
+            for i, (layer, counters) in enumerate(zip(cache.layers, layers)):
+                held = {}
+                for name in [k for k in crc if k.split(".", 1)[0] == str(i)]:
+                    t = f.get_tensor(name)
+                    if zlib.crc32(_bytes(t)) != crc[name]:
+                        raise KvtierError(f"{prefix.path} is damaged: tensor {name} (layer {i}) does not "
+                                          "match its checksum; save the cache again")
+                    held[name.split(".", 1)[1]] = t
+                layer.restore(counters, held)
+    except KvtierError:
+        cache.close()
+        raise
+    except Exception as e:  # safetensors' own errors on a damaged file
+        cache.close()
+        raise KvtierError(f"{prefix.path} is damaged ({e}); save the cache again") from e
+    return cache
+
+
+def read_meta(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise KvtierError(f"no saved cache at {path}: save one with `kvtier cache save`")
+    try:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:
+        raise KvtierError(f"{path} is not a kvtier cache file or is damaged ({e})") from e
+    if meta.get("format") != FORMAT:
+        raise KvtierError(f"{path} is not a kvtier cache file (no {FORMAT} header)")
+    if meta.get("version") != VERSION:
+        raise KvtierError(f"{path} has cache format version {meta.get('version')}; this kvtier reads "
+                          f"version {VERSION}: save the cache again with this kvtier")
+    return meta
+
+
+def _bytes(t: torch.Tensor) -> bytes:
+    return t.contiguous().view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
