@@ -255,6 +255,73 @@ def bench_speed(
         report.write_json(json_path, rows)
 
 
+@bench.command("offload")
+def bench_offload(
+    model: ModelOpt = DEFAULT_MODEL,
+    context: Annotated[str, typer.Option(help="context lengths (document + new tokens), comma-separated")] = "8192",
+    kv: Annotated[list[str] | None, typer.Option(help="cache specs to compare; repeat "
+                                                   "(default: dense and int(bits=2))")] = None,
+    ratios: Annotated[str, typer.Option(help="KV bytes / RAM budget ratios, comma-separated")] = "2,10,50",
+    attend: Annotated[str, typer.Option(help="attention placements to compare: local,fetch")] = "local,fetch",
+    prefetch: Annotated[str, typer.Option(help="read-ahead settings to compare: on,off")] = "on,off",
+    disk: Annotated[str | None, typer.Option(help="folder for the disk tier (default: a temporary folder)")] = None,
+    new_tokens: Annotated[int, typer.Option(min=2, help="tokens decoded per run")] = 32,
+    repeats: Annotated[int, typer.Option(min=1, help="runs per configuration; medians are reported")] = 3,
+    rss_tokens: Annotated[int, typer.Option(min=0, help="also decode this many tokens at the smallest "
+                                            "budget, sampling resident memory (0: skip)")] = 0,
+    dtype: Annotated[str, typer.Option(help="compute dtype: auto, fp32, bf16")] = "auto",
+    text: Annotated[str, typer.Option(help="'kjv' or a path to a UTF-8 text file")] = "kjv",
+    json_path: Annotated[str | None, typer.Option("--json", help="write results as JSON")] = None,
+    plot: Annotated[str | None, typer.Option(help="write a PNG: decode tok/s vs KV/RAM-budget ratio")] = None,
+):
+    """Decode tok/s, bytes moved per token and peak resident memory with the cache on
+    cpu+disk tiers (attend=local vs fetch, prefetch on/off) against all in RAM, same run."""
+    import tempfile
+
+    from kvtier import spec as specs
+    from kvtier.bench import data, offload, report
+    from kvtier.kv import tiers as tierspec
+    from kvtier.models import load
+    from kvtier.progress import bar
+
+    contexts = _ints(context, "--context")
+    try:
+        ratio_list = [float(x) for x in ratios.split(",") if x.strip()]
+    except ValueError:
+        raise KvtierError(f"--ratios takes comma-separated numbers, e.g. 2,10,50; got {ratios!r}") from None
+    if not ratio_list or min(ratio_list) <= 1:
+        raise KvtierError(f"--ratios must be above 1 (KV bytes / RAM budget); got {ratios!r}")
+    attends = [a.strip() for a in attend.split(",") if a.strip()]
+    if not attends or set(attends) - set(tierspec.ATTEND):
+        raise KvtierError(f"--attend {attend!r}: use local, fetch or local,fetch")
+    onoff = {"on": True, "off": False}
+    if not prefetch.strip() or set(p.strip() for p in prefetch.split(",")) - set(onoff):
+        raise KvtierError(f"--prefetch {prefetch!r}: use on, off or on,off")
+    pf = [onoff[p.strip()] for p in prefetch.split(",")]
+    kvs = [str(specs.parse(k)) for k in (kv or ["dense", "int(bits=2)"])]
+    compute = compute_dtype(dtype)
+    folder = disk or tempfile.mkdtemp(prefix="kvtier-disk-")
+    tierspec.check_path(tierspec.Tier("disk", 1, folder))
+    raw = data.load_text(text)
+    loaded = load(model, compute)
+    for c in contexts:
+        if c > loaded.model.max_context or c <= new_tokens + 1:
+            raise KvtierError(f"--context {c} must be above --new-tokens {new_tokens} and at most "
+                              f"{loaded.model.max_context}, the longest {model} allows")
+    ids = loaded.tokenizer(raw, add_special_tokens=False).input_ids
+    if len(ids) < max(contexts):
+        raise KvtierError(f"the text has {len(ids)} tokens, fewer than --context {max(contexts)}")
+    runs = len(contexts) * len(kvs) * (2 + len(ratio_list) * len(attends) * len(pf) + (1 if rss_tokens else 0))
+    with bar(runs, f"offload {model}") as step:
+        rows = offload.run(loaded, dtype_name(compute), contexts, ids, kvs, ratio_list, attends, pf, folder,
+                           new_tokens, repeats, progress=step, rss_tokens=rss_tokens)
+    report.show(report.offload_table(rows))
+    if json_path:
+        report.write_json(json_path, rows)
+    if plot:
+        report.offload_plot(plot, rows)
+
+
 def main() -> None:
     # typer handles usage errors (exit 2) and --help; kvtier's own errors become one line here
     try:

@@ -132,7 +132,20 @@ def attend(q: torch.Tensor, parts: list[Part], q_start: int, scale: float,
                 k, v = p.get()
                 piece = partial(qd, k, v, mask)
             pieces.append(tuple(x.to(q.device) for x in piece) if dev != q.device else piece)
+            if p.done is not None:
+                p.done()
         return _ungroup(merge(pieces), hq, t).to(q.dtype)
+    try:
+        return _prefill(q, parts, q_start, scale, window)
+    finally:
+        for p in parts:
+            if p.done is not None:
+                p.done()
+
+
+def _prefill(q: torch.Tensor, parts: list[Part], q_start: int, scale: float, window: int | None) -> torch.Tensor:
+    hq, t, _ = q.shape
+    n_kv = parts[0].n_kv
     kvs = [tuple(x.to(q.device) for x in p.get()) for p in parts]
     cur = parts[-1]
     if (len(parts) > 1 and window is None and cur.start == q_start and cur.n == t

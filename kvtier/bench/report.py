@@ -135,3 +135,61 @@ def ppl_plot(path: str | Path, rows: list[dict]) -> None:
         raise KvtierError(f"cannot write --plot {path}: {e.strerror}") from None
     finally:
         plt.close(fig)
+
+
+def offload_table(rows: list[dict]) -> Table:
+    """``bench offload``: each tier layout against all in RAM (same run)."""
+    from kvtier.kv.tiers import format_size
+
+    t = Table(title="decode with the KV cache on tiers vs all in RAM (medians, same run; one process per row)")
+    for col in ("model", "context", "method", "RAM budget", "KV/RAM", "attend", "prefetch", "decode tok/s",
+                "vs RAM", "moved B/tok", "disk read B/tok", "peak RSS", "KV on disk"):
+        t.add_column(col, justify="left" if col in ("model", "method", "attend") else "right")
+    for r in rows:
+        tiered = r["kv_to_ram_budget"] is not None
+        t.add_row(r["model"], str(r["context"]), r["method"] + (f" ({r['new_tokens']} tokens)" if r.get("rss_run") else ""),
+                  format_size(r["ram_budget_bytes"]) if tiered else "all in RAM",
+                  f"{r['kv_to_ram_budget']:.1f}x" if tiered else "-", r["attend"] or "-",
+                  "-" if r["prefetch"] is None else ("on" if r["prefetch"] else "off"),
+                  f"{r['decode_tok_s']:.2f}", f"{r['vs_ram']:.2f}x", f"{r['bytes_moved_per_token']:,.0f}",
+                  f"{r['disk_read_per_token']:,.0f}", format_size(r["peak_rss_bytes"]),
+                  format_size(r["kv_bytes_by_tier"][-1]) if r["kv_bytes_by_tier"] else "-")
+    return t
+
+
+def offload_plot(path: str | Path, rows: list[dict]) -> None:
+    """Decode tok/s against KV/RAM-budget ratio, one line per method x attend x prefetch, the
+    all-in-RAM speed as a dashed line; one panel per model and context."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r["model"], r["context"]) for r in rows})
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.4), squeeze=False)
+    for ax, (model, ctx) in zip(axes[0], panels):
+        panel = [r for r in rows if (r["model"], r["context"]) == (model, ctx) and not r.get("rss_run")]
+        for i, method in enumerate(dict.fromkeys(r["method"] for r in panel)):
+            ram = next(r for r in panel if r["method"] == method)["ram_decode_tok_s"]
+            ax.axhline(ram, color=plt.cm.tab10(i), ls="--", lw=0.8, label=f"{method}: all in RAM")
+            lines = {}
+            for r in panel:
+                if r["method"] == method and r["kv_to_ram_budget"] is not None:
+                    key = f"{method}: attend={r['attend']}, prefetch {'on' if r['prefetch'] else 'off'}"
+                    lines.setdefault(key, []).append((r["kv_to_ram_budget"], r["decode_tok_s"]))
+            for j, (key, pts) in enumerate(lines.items()):
+                pts.sort()
+                ax.plot(*zip(*pts), marker="os^v"[j % 4], color=plt.cm.tab10(i),
+                        ls=["-", ":", "-.", (0, (5, 1))][j % 4], label=key)
+        ax.set_xscale("log")
+        ax.set(title=f"{model} @ {ctx} tokens", xlabel="KV bytes / RAM budget", ylabel="decode tok/s")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    try:
+        fig.savefig(path, dpi=120)
+    except OSError as e:
+        raise KvtierError(f"cannot write --plot {path}: {e.strerror}") from None
+    finally:
+        plt.close(fig)

@@ -16,6 +16,7 @@ import torch
 from kvtier.errors import KvtierError
 from kvtier.kv.blocks import BlockPool
 from kvtier.kv.codecs.base import Codec, LayerContext
+from kvtier.kv.prefetch import release
 
 if TYPE_CHECKING:
     from kvtier.kv.store import SeqTiers
@@ -36,6 +37,7 @@ class Part:
         self.device = k.device if k is not None else None  # where attention on this part runs
         self.load: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
         self.score: Callable | None = None  # q -> softmax pieces on the encoded form (Codec.attend)
+        self.done: Callable[[], None] | None = None  # attention has finished with this part
 
     @classmethod
     def encoded(cls, start: int, n: int, n_kv: int, load: Callable, score: Callable | None) -> Part:
@@ -241,7 +243,11 @@ class LayerKV:
             score = None if self.codec.pre_rope or not self.scores else partial(self._score, tier, slots)
             part = Part.encoded(start, n * self.block_size, self.n_kv, partial(self._read, tier, slots, start), score)
             part.device = self._device(tier)
+            if self._on_disk(tier) and self.home.store.attend == "local":
+                part.done = partial(self._release, tier, slots)
             out.append(part)
+        if self.home is not None:
+            self.home.read_ahead(self.index)
         if self.n_residual:
             r = self.n_residual
             out.append(Part(self.residual_k[:, :r].to(self.dtype), self.residual_v[:, :r].to(self.dtype),
@@ -265,6 +271,22 @@ class LayerKV:
             j += n
         return runs
 
+    def _on_disk(self, tier: int) -> bool:
+        return self.home is not None and self.home.store.tiers[tier].kind == "disk"
+
+    def _release(self, tier: int, slots: list[int]) -> None:
+        """Attention is done with these disk blocks: drop their pages from resident memory."""
+        pool = self.pools[tier]
+        release(pool.file.mapping(), pool.ranges(slots))
+
+    def disk_ranges(self) -> list[tuple]:
+        """``(pool, file ranges)`` of this layer's blocks on the disk tier, for read-ahead."""
+        out = []
+        for tier, pool in enumerate(self.pools):
+            if self._on_disk(tier) and tier in self.where:
+                out.append((pool, pool.ranges([s for s, w in zip(self.slots, self.where) if w == tier])))
+        return out
+
     def _device(self, tier: int) -> torch.device:
         if self.home is None or self.home.store.attend == "fetch":
             return self.pool.device
@@ -282,7 +304,10 @@ class LayerKV:
             store.traffic.disk_read += nbytes
         if store.attend == "fetch":
             store.traffic.add("fetch", nbytes)
-            return {name: _fetch(t, self.pool.device) for name, t in fields.items()}
+            copies = {name: _fetch(t, self.pool.device) for name, t in fields.items()}
+            if self._on_disk(tier):
+                self._release(tier, slots)
+            return copies
         return fields
 
     def _score(self, tier: int, slots: list[int], q: torch.Tensor):
@@ -339,6 +364,7 @@ class SeqKV:
         self.layers, self.home = layers, home
         if home is not None:
             home.hold_plain(sum(layer.plain_bytes() for layer in layers))
+            home.layers = layers
 
     @property
     def error(self) -> KvtierError | None:

@@ -121,9 +121,13 @@ class DiskFile:
 
     def view(self, offset: int, nbytes: int) -> torch.Tensor:
         """``nbytes`` of the mapping from ``offset`` as a uint8 tensor (no copy)."""
+        return self.mapping()[offset: offset + nbytes]
+
+    def mapping(self) -> torch.Tensor:
+        """The whole mapping as a uint8 tensor (keeps the mapping alive while held)."""
         if self.base is None:
             self.base = torch.frombuffer(self.map, dtype=torch.uint8)
-        return self.base[offset: offset + nbytes]
+        return self.base
 
     def check(self) -> None:
         if self.error is not None:
@@ -171,6 +175,10 @@ class DiskPool:
     def run_key(self, slot: int) -> int:
         """Slots of one extent read together as one view."""
         return slot // self.group
+
+    def ranges(self, slots: list[int]) -> list[tuple[int, int]]:
+        """``(file offset, nbytes)`` of the extents holding ``slots`` (what reading them touches)."""
+        return [(self.extents[e], self.extent_bytes) for e in sorted({s // self.group for s in slots})]
 
     def slot_bytes(self) -> int:
         return sum(_numel(shape) * dtype.itemsize * self.n_kv for shape, dtype in self.spec.values())

@@ -111,8 +111,6 @@ def open_prefix(path: str | Path, runner, model_name: str) -> Prefix:
 
 def restore(prefix: Prefix, runner):
     """A new cache for ``runner`` holding the saved tokens (every tensor's checksum verified)."""
-    from safetensors import safe_open
-
     meta = read_meta(prefix.path)
     crc, layers = json.loads(meta["crc32"]), json.loads(meta["layers"])
     cache = runner.new_cache(reserve=0)
@@ -120,11 +118,12 @@ def restore(prefix: Prefix, runner):
         cache.close()
         raise KvtierError(f"{prefix.path} holds {len(layers)} layers, the model has {len(cache.layers)}")
     try:
-        with safe_open(prefix.path, "pt") as f:
+        with open(prefix.path, "rb") as f:
+            entries, base = _index(f)
             for i, (layer, counters) in enumerate(zip(cache.layers, layers)):
                 held = {}
                 for name in [k for k in crc if k.split(".", 1)[0] == str(i)]:
-                    t = f.get_tensor(name)
+                    t = _read(f, base, entries[name])
                     if zlib.crc32(_bytes(t)) != crc[name]:
                         raise KvtierError(f"{prefix.path} is damaged: tensor {name} (layer {i}) does not "
                                           "match its checksum; save the cache again")
@@ -155,6 +154,32 @@ def read_meta(path: Path) -> dict[str, str]:
         raise KvtierError(f"{path} has cache format version {meta.get('version')}; this kvtier reads "
                           f"version {VERSION}: save the cache again with this kvtier")
     return meta
+
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+def _index(f) -> tuple[dict, int]:
+    """The safetensors header of an open file: ``{name: entry}`` and where the data starts."""
+    n = int.from_bytes(f.read(8), "little")
+    head = json.loads(f.read(n))
+    head.pop("__metadata__", None)
+    return head, 8 + n
+
+
+def _read(f, base: int, entry: dict) -> torch.Tensor:
+    """One tensor read into memory (not mapped: restoring a large cache into small tiers keeps
+    resident memory to one layer at a time)."""
+    start, end = entry["data_offsets"]
+    raw = os.pread(f.fileno(), end - start, base + start)
+    if len(raw) != end - start:
+        raise KvtierError("the file is shorter than its header says (truncated)")
+    dtype = _DTYPES[entry["dtype"]]
+    if not raw:
+        return torch.empty(entry["shape"], dtype=dtype)
+    return torch.frombuffer(bytearray(raw), dtype=dtype).reshape(entry["shape"])
 
 
 def _bytes(t: torch.Tensor) -> bytes:

@@ -26,6 +26,7 @@ from kvtier.errors import KvtierError
 from kvtier.kv import disk
 from kvtier.kv import tiers as tierspec
 from kvtier.kv.blocks import BlockPool
+from kvtier.kv.prefetch import Prefetcher
 from kvtier.kv.tiers import Tier, format_size
 from kvtier.progress import note
 
@@ -56,13 +57,15 @@ class TierStore:
     compute : the device the model runs on.
     """
 
-    def __init__(self, tiers: str | list[Tier], attend: str = "local", compute: torch.device | str = "cpu"):
+    def __init__(self, tiers: str | list[Tier], attend: str = "local", compute: torch.device | str = "cpu",
+                 prefetch: bool = True):
         self.tiers = tierspec.parse(tiers, compute) if isinstance(tiers, str) else list(tiers)
         if attend not in tierspec.ATTEND:
             raise KvtierError(f"attend={attend!r}: use one of {', '.join(tierspec.ATTEND)}")
         self.attend = attend
         self.compute = torch.device(compute)
         self.writer = None
+        self.prefetcher = None
         for t in self.tiers:
             if t.kind == "disk":
                 folder = tierspec.check_path(t)
@@ -70,6 +73,7 @@ class TierStore:
                 if freed:
                     note(f"removed {format_size(freed)} of block files left by a crashed run in {folder}")
                 self.writer = disk.Writer()
+                self.prefetcher = Prefetcher() if prefetch else None
         self.used = [0] * len(self.tiers)  # bytes charged to each tier
         self.plain = 0  # of used[0]: sink and residual buffers, which never move
         self.layers: weakref.WeakSet = weakref.WeakSet()
@@ -142,6 +146,17 @@ class SeqTiers:
         self.file: disk.DiskFile | None = None
         self.error: KvtierError | None = None
         self.plain = 0  # bytes of sink and residual buffers charged to the first tier
+        self.layers: list = []  # this sequence's LayerKVs (set by SeqKV)
+
+    def read_ahead(self, layer: int) -> None:
+        """Attention on ``layer`` has begun: read the next layer's disk blocks ahead (after
+        the last layer, the first: the next decode step starts there)."""
+        prefetcher = self.store.prefetcher
+        if prefetcher is None or self.file is None or not self.layers:
+            return
+        nxt = self.layers[(layer + 1) % len(self.layers)]
+        for pool, ranges in nxt.disk_ranges():
+            prefetcher.submit(pool.file.mapping(), ranges)
 
     def fail(self, error: KvtierError) -> None:
         if self.error is None:
