@@ -51,12 +51,13 @@ class LLM:
         ``"cpu:2GiB,disk:/mnt/nvme/kv:50GiB"``; None keeps every block in RAM.
     attend : with tiers, ``local`` computes attention where each block lives; ``fetch`` copies
         every block to the first tier first.
+    prefetch : with a disk tier, read the next layer's disk blocks ahead on a background thread.
     """
 
     def __init__(self, model: str = loader.DEFAULT_MODEL, kv: str | None = None,
                  dtype: str = "auto", block_size: int = 64, prefill_chunk: int = 2048,
-                 tiers: str | None = None, attend: str = "local"):
-        store = TierStore(tiers, attend) if tiers else None  # a bad spec or folder fails before loading
+                 tiers: str | None = None, attend: str = "local", prefetch: bool = True):
+        store = TierStore(tiers, attend, prefetch=prefetch) if tiers else None  # a bad spec fails before loading
         self.loaded = loader.load(model, compute_dtype(dtype))
         self.model, self.tokenizer = self.loaded.model, self.loaded.tokenizer
         self.runner = ModelRunner(self.model, kv, block_size=block_size, prefill_chunk=prefill_chunk,

@@ -20,7 +20,9 @@ app.add_typer(cachecmd, name="cache")
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="named model (smollm2-135m, gemma3-270m), HF folder or .gguf file")]
 TiersOpt = Annotated[str | None, typer.Option(help="where KV blocks may live, fastest first, with byte budgets, "
-                                                   "e.g. cpu:2GiB,disk:/path/to/dir:50GiB (default: all in RAM)")]
+                                                   "e.g. cpu:2GiB,disk:/path/to/dir:50GiB; end with ,recompute to "
+                                                   "drop the coldest blocks and rebuild them from the token ids "
+                                                   "(default: all in RAM)")]
 AttendOpt = Annotated[str, typer.Option(help="with --tiers: local (attention where each block lives) "
                                              "or fetch (copy blocks to the first tier first)")]
 
@@ -48,6 +50,7 @@ def generate(
     dtype: Annotated[str, typer.Option(help="compute dtype: auto (bf16 where the CPU/GPU has native bf16), fp32, bf16")] = "auto",
     tiers: TiersOpt = None,
     attend: AttendOpt = "local",
+    prefetch: Annotated[bool, typer.Option(help="with a disk tier: read the next layer's blocks ahead")] = True,
     cache: Annotated[str | None, typer.Option(help="continue a document saved with `kvtier cache save` "
                                                    "(the prompt follows it)")] = None,
 ):
@@ -59,7 +62,7 @@ def generate(
         prompt = sys.stdin.read()
     from kvtier.api import LLM
 
-    llm = LLM(model=model, kv=kv, dtype=dtype, tiers=tiers, attend=attend)
+    llm = LLM(model=model, kv=kv, dtype=dtype, tiers=tiers, attend=attend, prefetch=prefetch)
     prefix = llm.load_cache(cache) if cache else None
     result = None
     for piece in llm.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature,
@@ -80,8 +83,9 @@ def generate(
         store = llm.runner.store
         placed = ", ".join(f"{t.kind} {b:,}" for t, b in zip(store.tiers, result.kv_bytes_by_tier))
         print(f"[kvtier] tiers {store} (attend={store.attend}): blocks at the end: {placed} bytes | "
-              f"moved between tiers {store.traffic.moved:,} bytes, read from disk {store.traffic.disk_read:,} bytes",
-              file=sys.stderr)
+              f"moved between tiers {store.traffic.moved:,} bytes, read from disk {store.traffic.disk_read:,} bytes"
+              + (f", recomputed {store.traffic.recomputed:,} tokens in {store.traffic.recompute_s:.1f} s"
+                 if store.recomputes else ""), file=sys.stderr)
 
 
 @cachecmd.command("save")
@@ -269,6 +273,10 @@ def bench_offload(
     repeats: Annotated[int, typer.Option(min=1, help="runs per configuration; medians are reported")] = 3,
     rss_tokens: Annotated[int, typer.Option(min=0, help="also decode this many tokens at the smallest "
                                             "budget, sampling resident memory (0: skip)")] = 0,
+    page_cache: Annotated[str, typer.Option(help="warm (the disk tier's pages may sit in the OS page cache) "
+                                            "and/or cold (evicted before every step: reads hit the device)")] = "warm,cold",
+    recompute: Annotated[bool, typer.Option(help="also run cpu:BUDGET,recompute (dropped blocks rebuilt "
+                                            "from token ids) for the first --kv, a few steps")] = True,
     dtype: Annotated[str, typer.Option(help="compute dtype: auto, fp32, bf16")] = "auto",
     text: Annotated[str, typer.Option(help="'kjv' or a path to a UTF-8 text file")] = "kjv",
     json_path: Annotated[str | None, typer.Option("--json", help="write results as JSON")] = None,
@@ -298,6 +306,9 @@ def bench_offload(
     if not prefetch.strip() or set(p.strip() for p in prefetch.split(",")) - set(onoff):
         raise KvtierError(f"--prefetch {prefetch!r}: use on, off or on,off")
     pf = [onoff[p.strip()] for p in prefetch.split(",")]
+    states = [x.strip() for x in page_cache.split(",") if x.strip()]
+    if not states or set(states) - {"warm", "cold"}:
+        raise KvtierError(f"--page-cache {page_cache!r}: use warm, cold or warm,cold")
     kvs = [str(specs.parse(k)) for k in (kv or ["dense", "int(bits=2)"])]
     compute = compute_dtype(dtype)
     folder = disk or tempfile.mkdtemp(prefix="kvtier-disk-")
@@ -311,10 +322,12 @@ def bench_offload(
     ids = loaded.tokenizer(raw, add_special_tokens=False).input_ids
     if len(ids) < max(contexts):
         raise KvtierError(f"the text has {len(ids)} tokens, fewer than --context {max(contexts)}")
-    runs = len(contexts) * len(kvs) * (2 + len(ratio_list) * len(attends) * len(pf) + (1 if rss_tokens else 0))
+    per_kv = 2 + len(ratio_list) * len(attends) * len(pf) * len(states) + (1 if rss_tokens else 0)
+    runs = len(contexts) * (len(kvs) * per_kv + (len(ratio_list) if recompute else 0))
     with bar(runs, f"offload {model}") as step:
         rows = offload.run(loaded, dtype_name(compute), contexts, ids, kvs, ratio_list, attends, pf, folder,
-                           new_tokens, repeats, progress=step, rss_tokens=rss_tokens)
+                           new_tokens, repeats, progress=step, rss_tokens=rss_tokens,
+                           cold=[x == "cold" for x in states], recompute=recompute)
     report.show(report.offload_table(rows))
     if json_path:
         report.write_json(json_path, rows)

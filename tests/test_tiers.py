@@ -217,3 +217,47 @@ def test_disk_full_on_a_small_tmpfs(tmp_path, llama):
         assert list(mnt.iterdir()) == []
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.mark.parametrize("family,kv,layout", [
+    ("llama", "dense(dtype=fp32)", "cpu:20KiB,recompute"),
+    ("llama", "int(bits=4,group=16)", "cpu:12KiB,disk:{tmp}:24KiB,recompute"),
+    ("gemma", "dense(dtype=fp32)", "cpu:40KiB,recompute")])
+def test_dropped_blocks_are_recomputed_from_the_token_ids(family, kv, layout, tmp_path, request):
+    model = request.getfixturevalue(family)
+    toks = tokens(340)
+    ref, _ = generate(ModelRunner(model, kv, block_size=16, prefill_chunk=128), toks)
+    runner = ModelRunner(model, kv, block_size=16, prefill_chunk=128, tiers=layout.format(tmp=tmp_path))
+    got, cache = generate(runner, toks)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)  # recomputed in other chunk shapes
+    store = runner.store
+    assert store.traffic.recomputed > 0 and store.traffic.by_kind["dropped"] > 0
+    for t, tier in enumerate(store.tiers[:-1]):
+        assert store.used[t] <= tier.budget, (tier, store.used)
+    assert cache.nbytes_by_tier()[-1] == 0  # a dropped block holds no bytes
+    with pytest.raises(KvtierError, match="takes no size"):
+        tiers.parse("cpu:1MiB,recompute:1GiB")
+    with pytest.raises(KvtierError, match="fastest first"):
+        tiers.parse(f"cpu:1MiB,recompute,disk:{tmp_path}:1GiB")
+
+
+def test_a_corrupted_block_is_recomputed_when_the_policy_allows(llama, tmp_path):
+    toks = tokens(340)
+    kv = "int(bits=4,group=16)"
+    ref, _ = generate(ModelRunner(llama, kv, block_size=16, prefill_chunk=512), toks, steps=8)
+    runner = ModelRunner(llama, kv, block_size=16, prefill_chunk=512,  # one chunk: no block read yet
+                         tiers=f"cpu:12KiB,disk:{tmp_path}:10MiB,recompute")
+    cache = runner.new_cache()
+    got = [runner.run([cache], [toks[:300]])]
+    layer = cache.layers[1]
+    pool, j = layer.pools[1], layer.where.index(1)
+    for done in pool.pending.values():
+        done.wait()
+    offset = pool._at(layer.slots[j], "k", 0)
+    fd = cache.home.file.fd
+    os.pwrite(fd, bytes([os.pread(fd, 1, offset)[0] ^ 0x40]), offset)
+    for t in toks[300:308]:
+        got.append(runner.run([cache], [[t]]))
+    torch.testing.assert_close(torch.cat(got), ref, rtol=1e-4, atol=1e-4)
+    assert runner.store.traffic.recomputed > 0 and cache.error is None
+    cache.close()

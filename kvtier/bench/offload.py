@@ -57,20 +57,26 @@ def child(job: dict) -> dict:
     runner = ModelRunner(loaded.model, job["kv"], tiers=store)
     prefix = persist.open_prefix(job["prefix"], runner, job["model"])
     model_bytes = sum(t.numel() * t.element_size() for t in loaded.model.w.values())
-    speeds, moved, read, peaks, samples = [], [], [], [], []
+    speeds, moved, read, peaks, samples, recompute_tok_s = [], [], [], [], [], []
     for _ in range(job["repeats"]):
         cache = persist.restore(prefix, runner)
         before = rss()[0]
         reset_peak()
         m0, d0 = (store.traffic.moved, store.traffic.disk_read) if store else (0, 0)
+        r0, rs0 = (store.traffic.recomputed, store.traffic.recompute_s) if store else (0, 0.0)
         tok = sample(runner.run([cache], [prefix.token_ids[-1:]]))
-        t0 = time.perf_counter()
+        dt = 0.0
         for i in range(job["new_tokens"] - 1):
+            if job.get("cold"):
+                evict(cache)
+            t0 = time.perf_counter()
             tok = sample(runner.run([cache], [[int(tok)]]))
+            dt += time.perf_counter() - t0
             if job["sample_every"] and (i + 1) % job["sample_every"] == 0:
                 samples.append((i + 1, rss()[0]))
-        dt = time.perf_counter() - t0
         n = job["new_tokens"] - 1
+        if store and store.traffic.recompute_s > rs0:
+            recompute_tok_s.append((store.traffic.recomputed - r0) / (store.traffic.recompute_s - rs0))
         speeds.append(n / dt)
         if store:
             moved.append((store.traffic.moved - m0) / n)
@@ -83,7 +89,17 @@ def child(job: dict) -> dict:
             "disk_read_per_token": statistics.median(read) if read else 0.0,
             "prefetched_bytes": store.prefetcher.nbytes if store and store.prefetcher else 0,
             "peak_rss_bytes": max(peaks), "rss_before_decode_bytes": before, "model_bytes": model_bytes,
-            "kv_bytes": kv_bytes, "kv_bytes_by_tier": by_tier, "rss_samples": samples}
+            "kv_bytes": kv_bytes, "kv_bytes_by_tier": by_tier, "rss_samples": samples,
+            "recompute_tok_s": statistics.median(recompute_tok_s) if recompute_tok_s else None}
+
+
+def evict(cache) -> None:
+    """Drop the sequence's block file from the kernel's page cache (written back first), so the
+    next step reads the disk tier from the device, not from RAM ("cold")."""
+    file = cache.home.file if cache.home is not None else None
+    if file is not None:
+        os.fdatasync(file.fd)
+        os.posix_fadvise(file.fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
 
 def spawn(job: dict, timeout: int = 3600) -> dict:
@@ -114,7 +130,8 @@ def prefill(loaded, kv: str, ids: list[int], path: Path) -> tuple[int, int]:
 
 def run(loaded, dtype: str, contexts: list[int], ids: list[int], kvs: list[str], ratios: list[float],
         attends: list[str], prefetch: list[bool], folder: str, new_tokens: int = 32, repeats: int = 3,
-        threads: int | None = None, progress=None, rss_tokens: int = 0) -> list[dict]:
+        threads: int | None = None, progress=None, rss_tokens: int = 0, cold: list[bool] = (False,),
+        recompute: bool = True) -> list[dict]:
     """Rows as documented in the module docstring (``results`` of the JSON)."""
     import torch
 
@@ -126,15 +143,20 @@ def run(loaded, dtype: str, contexts: list[int], ids: list[int], kvs: list[str],
     with tempfile.TemporaryDirectory(prefix="kvtier-offload-") as tmp:
         for c in contexts:
             doc = ids[: c - new_tokens]
-            for kv in kvs:
+            for n_kv, kv in enumerate(kvs):
                 path = Path(tmp) / "prefix.kvcache"
                 blocks, plain = prefill(loaded, kv, doc, path)
                 base = {"model": loaded.name, "dtype": dtype, "kv": kv, "prefix": str(path), "threads": threads,
-                        "new_tokens": new_tokens, "repeats": repeats, "sample_every": 0}
-                ram = spawn({**base, "tiers": None, "attend": "local", "prefetch": False})
-                if progress:
-                    progress()
-                found = []
+                        "new_tokens": new_tokens, "repeats": repeats, "sample_every": 0, "attend": "local",
+                        "prefetch": False, "tiers": None}
+
+                def done(got):
+                    if progress:
+                        progress()
+                    return got
+
+                ram = done(spawn(base))
+                found, budgets = [], []
                 disk = format_size(4 * blocks + (64 << 20))
                 for r in ratios:
                     budget = int((blocks + plain) / r)
@@ -142,35 +164,43 @@ def run(loaded, dtype: str, contexts: list[int], ids: list[int], kvs: list[str],
                         note(f"{kv} at {c} tokens: a RAM budget of 1/{r:g} of the cache ({format_size(budget)}) "
                              f"cannot hold the residual buffers ({format_size(plain)}); skipped")
                         continue
+                    budgets.append((r, budget))
                     tiers = f"cpu:{budget}B,disk:{folder}:{disk}"
                     for attend in attends:
                         for pf in prefetch:
-                            got = spawn({**base, "tiers": tiers, "attend": attend, "prefetch": pf})
-                            found.append((r, budget, tiers, attend, pf, got))
-                            if progress:
-                                progress()
-                again = spawn({**base, "tiers": None, "attend": "local", "prefetch": False})
-                if progress:
-                    progress()
+                            for is_cold in cold:
+                                job = {**base, "tiers": tiers, "attend": attend, "prefetch": pf, "cold": is_cold}
+                                found.append((r, budget, job, done(spawn(job))))
+                    if recompute and n_kv == 0:  # a few steps: each one reruns the dropped span
+                        job = {**base, "tiers": f"cpu:{budget}B,recompute", "new_tokens": min(new_tokens, 4),
+                               "repeats": 1}
+                        found.append((r, budget, job, done(spawn(job))))
+                again = done(spawn(base))
                 ram_tok_s = statistics.median(ram["decode_tok_s_runs"] + again["decode_tok_s_runs"])
                 common = {"model": loaded.name, "context": c, "method": kv, "dtype": dtype, "threads": threads,
                           "new_tokens": new_tokens, "repeats": repeats, "ram_decode_tok_s": ram_tok_s}
-                rows.append({**common, "tiers": "all in RAM", "attend": None, "prefetch": None,
+                rows.append({**common, "tiers": "all in RAM", "attend": None, "prefetch": None, "page_cache": None,
                              "kv_to_ram_budget": None, **_fields(ram, ram_tok_s)})
-                for r, budget, tiers, attend, pf, got in found:
-                    rows.append({**common, "tiers": tiers, "attend": attend, "prefetch": pf,
+                for r, budget, job, got in found:
+                    dropping = job["tiers"].endswith("recompute")
+                    rows.append({**common, "tiers": job["tiers"], "attend": job["attend"],
+                                 "prefetch": None if dropping else job["prefetch"],
+                                 "page_cache": None if dropping else ("cold" if job.get("cold") else "warm"),
+                                 "new_tokens": job["new_tokens"], "repeats": job["repeats"],
+                                 "kv_to_ram_budget": (blocks + plain if dropping else got["kv_bytes"]) / budget,
+                                 "nominal_ratio": r, "ram_budget_bytes": budget, **_fields(got, ram_tok_s)})
+                    if got["recompute_tok_s"]:  # the disk bandwidth below which recomputing wins
+                        rows[-1]["break_even_disk_bytes_s"] = got["recompute_tok_s"] * (blocks + plain) / len(doc)
+                if rss_tokens and budgets:
+                    r, budget = budgets[-1]  # the smallest budget that ran
+                    job = {**base, "tiers": f"cpu:{budget}B,disk:{folder}:{disk}", "prefetch": True, "repeats": 1,
+                           "new_tokens": rss_tokens, "sample_every": max(1, rss_tokens // 20)}
+                    got = done(spawn(job))
+                    rows.append({**common, "tiers": job["tiers"], "attend": "local", "prefetch": True,
+                                 "page_cache": "warm", "repeats": 1, "new_tokens": rss_tokens,
                                  "kv_to_ram_budget": got["kv_bytes"] / budget, "nominal_ratio": r,
-                                 "ram_budget_bytes": budget, **_fields(got, ram_tok_s)})
-                if rss_tokens and found:
-                    r, budget, tiers = found[-1][:3]  # the smallest budget that ran
-                    got = spawn({**base, "tiers": tiers, "attend": "local", "prefetch": True, "repeats": 1,
-                                 "new_tokens": rss_tokens, "sample_every": max(1, rss_tokens // 20)})
-                    rows.append({**common, "tiers": tiers, "attend": "local", "prefetch": True, "repeats": 1,
-                                 "new_tokens": rss_tokens, "kv_to_ram_budget": got["kv_bytes"] / budget,
-                                 "nominal_ratio": r, "ram_budget_bytes": budget, "rss_run": True,
-                                 **_fields(got, ram_tok_s), "rss_samples": got["rss_samples"]})
-                    if progress:
-                        progress()
+                                 "ram_budget_bytes": budget, "rss_run": True, **_fields(got, ram_tok_s),
+                                 "rss_samples": got["rss_samples"]})
     return rows
 
 
@@ -180,7 +210,7 @@ def _fields(got: dict, ram_tok_s: float) -> dict:
             "disk_read_per_token": got["disk_read_per_token"], "prefetched_bytes": got["prefetched_bytes"],
             "peak_rss_bytes": got["peak_rss_bytes"], "model_bytes": got["model_bytes"],
             "kv_bytes": got["kv_bytes"], "kv_bytes_by_tier": got["kv_bytes_by_tier"],
-            "decode_tok_s_runs": got["decode_tok_s_runs"]}
+            "decode_tok_s_runs": got["decode_tok_s_runs"], "recompute_tok_s": got["recompute_tok_s"]}
 
 
 if __name__ == "__main__":

@@ -142,15 +142,16 @@ def offload_table(rows: list[dict]) -> Table:
     from kvtier.kv.tiers import format_size
 
     t = Table(title="decode with the KV cache on tiers vs all in RAM (medians, same run; one process per row)")
-    for col in ("model", "context", "method", "RAM budget", "KV/RAM", "attend", "prefetch", "decode tok/s",
-                "vs RAM", "moved B/tok", "disk read B/tok", "peak RSS", "KV on disk"):
+    for col in ("model", "context", "method", "tiers", "RAM budget", "KV/RAM", "attend", "prefetch", "pages",
+                "decode tok/s", "vs RAM", "moved B/tok", "disk read B/tok", "peak RSS", "KV on disk"):
         t.add_column(col, justify="left" if col in ("model", "method", "attend") else "right")
     for r in rows:
         tiered = r["kv_to_ram_budget"] is not None
+        kinds = "RAM" if not tiered else "+".join(x.split(":")[0] for x in r["tiers"].split(","))
         t.add_row(r["model"], str(r["context"]), r["method"] + (f" ({r['new_tokens']} tokens)" if r.get("rss_run") else ""),
-                  format_size(r["ram_budget_bytes"]) if tiered else "all in RAM",
+                  kinds, format_size(r["ram_budget_bytes"]) if tiered else "-",
                   f"{r['kv_to_ram_budget']:.1f}x" if tiered else "-", r["attend"] or "-",
-                  "-" if r["prefetch"] is None else ("on" if r["prefetch"] else "off"),
+                  "-" if r["prefetch"] is None else ("on" if r["prefetch"] else "off"), r.get("page_cache") or "-",
                   f"{r['decode_tok_s']:.2f}", f"{r['vs_ram']:.2f}x", f"{r['bytes_moved_per_token']:,.0f}",
                   f"{r['disk_read_per_token']:,.0f}", format_size(r["peak_rss_bytes"]),
                   format_size(r["kv_bytes_by_tier"][-1]) if r["kv_bytes_by_tier"] else "-")
@@ -175,11 +176,12 @@ def offload_plot(path: str | Path, rows: list[dict]) -> None:
             lines = {}
             for r in panel:
                 if r["method"] == method and r["kv_to_ram_budget"] is not None:
-                    key = f"{method}: attend={r['attend']}, prefetch {'on' if r['prefetch'] else 'off'}"
+                    key = (f"{method}: recompute" if r["prefetch"] is None else
+                           f"{method}: {r['attend']}, prefetch {'on' if r['prefetch'] else 'off'}, {r['page_cache']}")
                     lines.setdefault(key, []).append((r["kv_to_ram_budget"], r["decode_tok_s"]))
             for j, (key, pts) in enumerate(lines.items()):
                 pts.sort()
-                ax.plot(*zip(*pts), marker="os^v"[j % 4], color=plt.cm.tab10(i),
+                ax.plot(*zip(*pts), marker="os^vDx<>"[j % 8], color=plt.cm.tab10(i),
                         ls=["-", ":", "-.", (0, (5, 1))][j % 4], label=key)
         ax.set_xscale("log")
         ax.set(title=f"{model} @ {ctx} tokens", xlabel="KV bytes / RAM budget", ylabel="decode tok/s")

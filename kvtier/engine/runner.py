@@ -26,6 +26,8 @@ class ModelRunner:
         self.model, self.spec = model, specs.parse(kv)
         # blocks on tiers with budgets (``"cpu:2GiB,disk:/path:50GiB"``), or None: all in RAM
         self.store = tiers if isinstance(tiers, TierStore) else TierStore(tiers, attend, device) if tiers else None
+        if self.store:
+            self.store.runner = self  # a recompute tier reruns this model
         self.block_size, self.prefill_chunk = block_size, prefill_chunk
         self.dtype, self.device = model.dtype, device  # residual blocks in the compute dtype
         self.stats: list[dict] | None = None  # per-layer calibration, loaded when a codec needs it
@@ -47,6 +49,9 @@ class ModelRunner:
     def run(self, caches: list[SeqKV], chunks: list[list[int]], logits: str = "last") -> torch.Tensor:
         """Feed each cache its new tokens. Returns the logits after each sequence's last token,
         ``(n_seqs, V)``; with ``logits="all"`` (one forward only), every token's ``(N, V)``."""
+        for cache, toks in zip(caches, chunks):
+            if cache.home is not None:
+                cache.home.ids.extend(toks)
         if logits == "all":
             if self.store:
                 self.store.tick()
@@ -69,6 +74,8 @@ class ModelRunner:
                 out[i] = row
             todo = [(i, toks[done.get(i, 0):]) for i, toks in todo]
             todo = [(i, toks) for i, toks in todo if toks]
+        if self.store and self.store.recomputes:
+            self.store.settle()  # recomputed blocks go back down now that attention is done with them
         if len(caches) == 1 and caches[0].error is not None:
             raise caches[0].error  # one sequence: its failure is the caller's (a batch: LLM ends it)
         return torch.stack(out)

@@ -17,6 +17,7 @@ from kvtier.errors import KvtierError
 from kvtier.kv.blocks import BlockPool
 from kvtier.kv.codecs.base import Codec, LayerContext
 from kvtier.kv.prefetch import release
+from kvtier.progress import note
 
 if TYPE_CHECKING:
     from kvtier.kv.store import SeqTiers
@@ -147,6 +148,38 @@ class LayerKV:
             store.charge(0, len(slots) * self.pool.slot_bytes())
             store.settle()
 
+    def _drop_corrupted(self) -> None:
+        """With a recompute tier, a disk block whose checksum fails is dropped (and rebuilt)
+        instead of failing the sequence."""
+        drop = len(self.pools) - 1
+        for t, pool in enumerate(self.pools):
+            if not self._on_disk(t):
+                continue
+            js = [j for j, w in enumerate(self.where) if w == t]
+            bad = set(pool.corrupted([self.slots[j] for j in js]))
+            if bad:
+                lost = [j for j in js if self.slots[j] in bad]
+                note(f"disk tier: {len(lost)} block(s) of layer {self.index} failed their checksum; "
+                     "recomputing them from the token ids")
+                pool.release(sorted(bad))
+                self.home.store.charge(t, -len(lost) * pool.slot_bytes())
+                for j in lost:
+                    self.slots[j], self.where[j] = -1, drop
+
+    def refill(self, drop: int, fresh: LayerKV) -> None:
+        """Put back the blocks dropped to tier ``drop``, taken from ``fresh`` (the same layer of
+        a cache recomputed from the token ids), on the first tier."""
+        js = [j for j, w in enumerate(self.where) if w == drop]
+        if not js:
+            return
+        at = [self.first_block + j - fresh.first_block for j in js]
+        if min(at) < 0 or max(at) >= len(fresh.slots):
+            raise KvtierError("internal: the recomputed cache does not cover the dropped blocks")
+        slots = self.pool.put(fresh.pool.fields_of([fresh.slots[i] for i in at]))
+        for j, slot in zip(js, slots):
+            self.slots[j], self.where[j] = slot, 0
+        self.home.store.charge(0, len(js) * self.pool.slot_bytes())
+
     def snapshot(self) -> tuple[dict[str, int], dict[str, torch.Tensor]]:
         """Everything this layer holds, for saving: counters and tensors (on the CPU). Blocks
         are in encoded form (``f.<field>``, ``(Hkv, n_blocks, *shape)``), gathered from every tier."""
@@ -188,15 +221,19 @@ class LayerKV:
         for src in sorted({self.where[j] for j in blocks}):
             js = [j for j in blocks if self.where[j] == src]
             old = [self.slots[j] for j in js]
-            fields = self.pools[src].fields_of(old)
-            new = self.pools[to].put(fields, [self.first_block + j for j in js], self.block_size)
+            nbytes = len(js) * self.pools[src].slot_bytes()
+            store.charge(src, -nbytes)
+            if store.tiers[to].kind == "recompute":  # dropped: nothing is written anywhere
+                new = [-1] * len(js)
+                store.traffic.by_kind["dropped"] = store.traffic.by_kind.get("dropped", 0) + nbytes
+            else:
+                fields = self.pools[src].fields_of(old)
+                new = self.pools[to].put(fields, [self.first_block + j for j in js], self.block_size)
+                store.charge(to, nbytes)
+                store.traffic.add(f"{store.tiers[src].kind}->{store.tiers[to].kind}", nbytes)
             self.pools[src].release(old)
             for j, slot in zip(js, new):
                 self.slots[j], self.where[j] = slot, to
-            nbytes = len(js) * self.pools[src].slot_bytes()
-            store.charge(src, -nbytes)
-            store.charge(to, nbytes)
-            store.traffic.add(f"{store.tiers[src].kind}->{store.tiers[to].kind}", nbytes)
 
     def _slide(self) -> None:
         """Free blocks no query can attend any more (query q sees keys k with q - k < window)."""
@@ -237,6 +274,10 @@ class LayerKV:
             n_sink = 0  # a sliding layer: the sinks are outside every future query's window
         if n_sink:
             out.append(Part(self.sink_k[:, :n_sink].to(self.dtype), self.sink_v[:, :n_sink].to(self.dtype), 0))
+        if self.home is not None and self.home.store.recomputes:
+            self._drop_corrupted()
+            if len(self.pools) - 1 in self.where:
+                self.home.recompute()  # dropped blocks are needed again
         for j, n in self._runs():
             slots, tier = self.slots[j: j + n], self.where[j]
             start = self.block_start(self.first_block + j)

@@ -250,6 +250,21 @@ class DiskPool:
             out[name] = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
         return out
 
+    def corrupted(self, slots: list[int]) -> list[int]:
+        """The slots among ``slots`` whose checksum does not match (each checked once)."""
+        bad = []
+        for s in slots:
+            if s in self.verified:
+                continue
+            done = self.pending.pop(s, None)
+            if done is not None:
+                done.wait()
+            try:
+                self._verify(s)
+            except KvtierError:
+                bad.append(s)
+        return bad
+
     def _extent(self, e: int) -> dict[str, torch.Tensor]:
         if self.generation != self.file.generation:
             self.views, self.generation = {}, self.file.generation

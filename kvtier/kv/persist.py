@@ -114,6 +114,8 @@ def restore(prefix: Prefix, runner):
     meta = read_meta(prefix.path)
     crc, layers = json.loads(meta["crc32"]), json.loads(meta["layers"])
     cache = runner.new_cache(reserve=0)
+    if cache.home is not None:
+        cache.home.ids = list(prefix.token_ids[:-1])  # a recompute tier rebuilds from these
     if len(layers) != len(cache.layers):
         cache.close()
         raise KvtierError(f"{prefix.path} holds {len(layers)} layers, the model has {len(cache.layers)}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import time
 import weakref
 import zlib
 from dataclasses import dataclass, field
@@ -40,6 +41,8 @@ class Traffic:
 
     moved: int = 0
     disk_read: int = 0
+    recomputed: int = 0  # tokens run again to rebuild dropped blocks
+    recompute_s: float = 0.0
     by_kind: dict = field(default_factory=dict)
 
     def add(self, kind: str, n: int) -> None:
@@ -79,6 +82,7 @@ class TierStore:
         self.layers: weakref.WeakSet = weakref.WeakSet()
         self.clock = 0
         self.traffic = Traffic()
+        self.runner = None  # the ModelRunner using this store (recompute runs its model)
         self._ids = itertools.count()
 
     def __str__(self) -> str:
@@ -88,8 +92,15 @@ class TierStore:
         return SeqTiers(self, next(self._ids))
 
     def tick(self) -> None:
-        """One forward step has begun (attention marks the blocks it reads with the clock)."""
+        """One forward step has begun (attention marks the blocks it reads with the clock).
+        Blocks recomputed in the last step go back within budget now, while no attention holds them."""
         self.clock += 1
+        if self.recomputes:
+            self.settle()
+
+    @property
+    def recomputes(self) -> bool:
+        return self.tiers[-1].kind == "recompute"
 
     def charge(self, tier: int, nbytes: int) -> None:
         self.used[tier] += nbytes
@@ -147,6 +158,35 @@ class SeqTiers:
         self.error: KvtierError | None = None
         self.plain = 0  # bytes of sink and residual buffers charged to the first tier
         self.layers: list = []  # this sequence's LayerKVs (set by SeqKV)
+        self.ids: list[int] = []  # every token fed so far (the runner appends; recompute reads)
+
+    def recompute(self) -> None:
+        """Rebuild every dropped block of this sequence (all layers at once): run the model
+        again over the token ids up to the newest dropped block, with the same cache spec, and
+        put those blocks back on the first tier (they settle down again at the next step)."""
+        store = self.store
+        drop = len(store.tiers) - 1
+        ends = [layer.block_start(layer.first_block + j + 1) + layer.keep
+                for layer in self.layers for j, w in enumerate(layer.where) if w == drop]
+        if not ends:
+            return
+        upto = min(max(ends), len(self.ids))
+        from kvtier.engine.runner import ModelRunner
+
+        t0 = time.perf_counter()
+        src = store.runner
+        again = ModelRunner(src.model, src.spec, block_size=src.block_size, prefill_chunk=src.prefill_chunk,
+                            device=src.device)
+        again.stats = src.stats
+        temp = again.new_cache(reserve=upto)
+        try:
+            again.run([temp], [self.ids[:upto]])
+            for layer, fresh in zip(self.layers, temp.layers):
+                layer.refill(drop, fresh)
+        finally:
+            temp.close()
+        store.traffic.recomputed += upto
+        store.traffic.recompute_s += time.perf_counter() - t0
 
     def read_ahead(self, layer: int) -> None:
         """Attention on ``layer`` has begun: read the next layer's disk blocks ahead (after
@@ -167,7 +207,9 @@ class SeqTiers:
         out = []
         pin = self.store.compute.type == "cuda" and torch.cuda.is_available()
         for t in self.store.tiers:
-            if t.kind == "disk":
+            if t.kind == "recompute":
+                out.append(Dropped())
+            elif t.kind == "disk":
                 spec = codec.fields(block_size, head_dim)
                 out.append(disk.DiskPool(self._file(t), spec, n_kv, min(codec.group_blocks, EXTENT), layer,
                                          _codec_id(codec)))
@@ -201,6 +243,24 @@ class SeqTiers:
         if self.file is not None:
             self.file.close()
             self.file = None
+
+
+class Dropped:
+    """The recompute tier's pool: blocks moved here are dropped (only their place in the block
+    table is kept); :meth:`SeqTiers.recompute` rebuilds them from the token ids before
+    attention reads them. It holds no bytes."""
+
+    def release(self, slots: list[int]) -> None:
+        pass
+
+    def run_key(self, slot: int) -> int:
+        return 0
+
+    def slot_bytes(self) -> int:
+        return 0
+
+    def fields_of(self, slots):
+        raise KvtierError("internal: a dropped block was read before it was recomputed")
 
 
 def _codec_id(codec) -> int:

@@ -1,7 +1,9 @@
 """Tier specs: where KV blocks may live and how many bytes each place may hold.
 
 ``"cpu:2GiB,disk:/mnt/nvme/kv:50GiB"`` (plus ``gpu:...`` first when CUDA is there): fastest
-tier first. The first tier is the memory of the device the model computes on; a block is
+tier first. A last ``recompute`` tier holds nothing: blocks pushed down to it are dropped and
+their keys/values recomputed from the sequence's token ids when attention needs them (ALISA's
+cache-vs-recompute trade). The first tier is the memory of the device the model computes on; a block is
 sealed there and moves down, in its encoded form, when that tier is over its budget.
 """
 
@@ -19,7 +21,8 @@ from kvtier.errors import KvtierError
 UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000 ** 2, "mb": 1000 ** 2, "g": 1000 ** 3,
          "gb": 1000 ** 3, "t": 1000 ** 4, "tb": 1000 ** 4, "kib": 1 << 10, "mib": 1 << 20,
          "gib": 1 << 30, "tib": 1 << 40}
-ORDER = ("gpu", "cpu", "disk")  # fastest first
+ORDER = ("gpu", "cpu", "disk", "recompute")  # fastest first; recompute: dropped, rebuilt from token ids
+UNLIMITED = 1 << 62
 ATTEND = ("local", "fetch")
 
 
@@ -56,6 +59,8 @@ class Tier:
         return torch.device("cuda") if self.kind == "gpu" else torch.device("cpu")
 
     def __str__(self) -> str:
+        if self.kind == "recompute":
+            return "recompute"
         size = _short_size(self.budget)
         return f"disk:{self.path}:{size}" if self.kind == "disk" else f"{self.kind}:{size}"
 
@@ -75,8 +80,13 @@ def parse(text: str, compute: torch.device | str = "cpu") -> list[Tier]:
         kind, _, rest = item.partition(":")
         kind = kind.strip().lower()
         if kind not in ORDER:
-            raise KvtierError(f"unknown tier {item!r} in --tiers {text!r}: use gpu:SIZE, cpu:SIZE or disk:PATH:SIZE")
-        if kind == "disk":
+            raise KvtierError(f"unknown tier {item!r} in --tiers {text!r}: use gpu:SIZE, cpu:SIZE, "
+                              "disk:PATH:SIZE or recompute (last)")
+        if kind == "recompute":
+            if rest:
+                raise KvtierError(f"the recompute tier takes no size (it holds no bytes): write recompute, not {item!r}")
+            tiers.append(Tier(kind, UNLIMITED))
+        elif kind == "disk":
             path, _, size = rest.rpartition(":")
             if not path or not size:
                 raise KvtierError(f"the disk tier {item!r} needs a folder and a size: disk:/path/to/dir:50GiB")
@@ -87,7 +97,7 @@ def parse(text: str, compute: torch.device | str = "cpu") -> list[Tier]:
             tiers.append(Tier(kind, parse_size(rest)))
     kinds = [t.kind for t in tiers]
     if len(set(kinds)) != len(kinds) or kinds != sorted(kinds, key=ORDER.index):
-        raise KvtierError(f"--tiers {text!r}: name each tier once, fastest first (gpu, cpu, disk)")
+        raise KvtierError(f"--tiers {text!r}: name each tier once, fastest first (gpu, cpu, disk, recompute)")
     first = "gpu" if compute.type == "cuda" else "cpu"
     if kinds[0] != first:
         raise KvtierError(f"--tiers {text!r}: the model computes on {compute.type}, so the first tier must be "
