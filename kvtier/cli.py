@@ -23,8 +23,10 @@ TiersOpt = Annotated[str | None, typer.Option(help="where KV blocks may live, fa
                                                    "e.g. cpu:2GiB,disk:/path/to/dir:50GiB; end with ,recompute to "
                                                    "drop the coldest blocks and rebuild them from the token ids "
                                                    "(default: all in RAM)")]
-AttendOpt = Annotated[str, typer.Option(help="with --tiers: local (attention where each block lives) "
-                                             "or fetch (copy blocks to the first tier first)")]
+AttendOpt = Annotated[str, typer.Option(help="with --tiers: local (attention where each block lives), "
+                                             "fetch (copy blocks to the first tier first) or split[:SHARE] "
+                                             "(fetch that share of each lower tier's blocks, attend the rest "
+                                             "in place, side by side)")]
 
 
 def _ints(text: str, flag: str) -> list[int]:
@@ -300,8 +302,10 @@ def bench_offload(
     if not ratio_list or min(ratio_list) <= 1:
         raise KvtierError(f"--ratios must be above 1 (KV bytes / RAM budget); got {ratios!r}")
     attends = [a.strip() for a in attend.split(",") if a.strip()]
-    if not attends or set(attends) - set(tierspec.ATTEND):
-        raise KvtierError(f"--attend {attend!r}: use local, fetch or local,fetch")
+    if not attends:
+        raise KvtierError(f"--attend {attend!r}: use local, fetch, split[:SHARE] or a comma-separated list")
+    for a in attends:
+        tierspec.parse_attend(a)
     onoff = {"on": True, "off": False}
     if not prefetch.strip() or set(p.strip() for p in prefetch.split(",")) - set(onoff):
         raise KvtierError(f"--prefetch {prefetch!r}: use on, off or on,off")

@@ -119,7 +119,10 @@ def attend(q: torch.Tensor, parts: list[Part], q_start: int, scale: float,
     n_kv = parts[0].n_kv
     if t == 1:
         qg = _group_queries(q, n_kv, scale)
-        queries = {q.device: qg}  # the query where each part lives (attention where the data is)
+        queries = {q.device: qg}  # the query where each part lives (attention where the data is),
+        for p in parts:  # copied before any GPU work is queued, so CPU parts overlap with it
+            if p.device is not None and p.device not in queries:
+                queries[p.device] = qg.to(p.device)
         pieces = []
         for p in sorted(parts, key=lambda p: p.device != q.device):  # the compute device's first: async on a GPU
             if window is not None and q_start - (p.start + p.n - 1) >= window:

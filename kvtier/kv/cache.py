@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from kvtier.kv.store import SeqTiers
 
 TABLE_ENTRY_BYTES = 8  # per held block: int32 slot + int32 start position
+SPLIT_RUN = 64  # blocks per run when attention is split between fetching and attending in place
 
 
 class Part:
@@ -278,13 +279,16 @@ class LayerKV:
             self._drop_corrupted()
             if len(self.pools) - 1 in self.where:
                 self.home.recompute()  # dropped blocks are needed again
-        for j, n in self._runs():
+        runs = self._runs()
+        fetching = self._fetching(runs)
+        for (j, n), fetch in zip(runs, fetching):
             slots, tier = self.slots[j: j + n], self.where[j]
             start = self.block_start(self.first_block + j)
-            score = None if self.codec.pre_rope or not self.scores else partial(self._score, tier, slots)
-            part = Part.encoded(start, n * self.block_size, self.n_kv, partial(self._read, tier, slots, start), score)
-            part.device = self._device(tier)
-            if self._on_disk(tier) and self.home.store.attend == "local":
+            score = None if self.codec.pre_rope or not self.scores else partial(self._score, tier, slots, fetch)
+            part = Part.encoded(start, n * self.block_size, self.n_kv,
+                                partial(self._read, tier, slots, start, fetch), score)
+            part.device = self.pool.device if fetch else self._device(tier)
+            if self._on_disk(tier) and not fetch:
                 part.done = partial(self._release, tier, slots)
             out.append(part)
         if self.home is not None:
@@ -295,12 +299,32 @@ class LayerKV:
                             self.length - r))
         return out
 
+    def _fetching(self, runs: list[tuple[int, int]]) -> list[bool]:
+        """Which runs are copied to the first tier before attention: none (``attend=local``),
+        every one off the first tier (``fetch``), or the oldest ``share`` of each lower tier's
+        runs (``split``: transfers and the lower tier's own attention run side by side)."""
+        if self.home is None:
+            return [False] * len(runs)
+        store = self.home.store
+        tiers = [self.where[j] for j, _ in runs]
+        if store.attend != "split":
+            return [t > 0 and store.attend == "fetch" for t in tiers]
+        out, seen = [], {}
+        for t in tiers:
+            total = tiers.count(t)
+            seen[t] = seen.get(t, 0) + 1
+            out.append(t > 0 and seen[t] <= int(store.share * total + 0.5))
+        return out
+
     def _runs(self) -> list[tuple[int, int]]:
         """Runs of held blocks attention reads together, ``(first index, count)``: at most
-        ``group_blocks`` each, one tier and one view of its pool each. Marks them read."""
+        ``group_blocks`` each (``SPLIT_RUN`` when attention is split between tiers), one tier
+        and one view of its pool each. Marks them read."""
         runs, step = [], self.codec.group_blocks
         if self.home is not None:
             self.read_at = self.home.store.clock
+            if self.home.store.attend == "split":
+                step = min(step, SPLIT_RUN)
         j = 0
         while j < len(self.slots):
             tier, pool = self.where[j], self.pools[self.where[j]]
@@ -329,11 +353,11 @@ class LayerKV:
         return out
 
     def _device(self, tier: int) -> torch.device:
-        if self.home is None or self.home.store.attend == "fetch":
+        if self.home is None:
             return self.pool.device
         return self.home.store.tiers[tier].device
 
-    def _fields(self, tier: int, slots: list[int]) -> dict[str, torch.Tensor]:
+    def _fields(self, tier: int, slots: list[int], fetch: bool = False) -> dict[str, torch.Tensor]:
         """The encoded fields of ``slots`` on tier ``tier``, where attention will read them: in
         place (``attend=local``) or copied to the first tier (``attend=fetch``)."""
         fields = self.pools[tier].fields_of(slots)
@@ -343,7 +367,7 @@ class LayerKV:
         nbytes = len(slots) * self.pools[tier].slot_bytes()
         if store.tiers[tier].kind == "disk":
             store.traffic.disk_read += nbytes
-        if store.attend == "fetch":
+        if fetch:
             store.traffic.add("fetch", nbytes)
             copies = {name: _fetch(t, self.pool.device) for name, t in fields.items()}
             if self._on_disk(tier):
@@ -351,11 +375,11 @@ class LayerKV:
             return copies
         return fields
 
-    def _score(self, tier: int, slots: list[int], q: torch.Tensor):
-        return self.codec.attend(q, self._fields(tier, slots))
+    def _score(self, tier: int, slots: list[int], fetch: bool, q: torch.Tensor):
+        return self.codec.attend(q, self._fields(tier, slots, fetch))
 
-    def _read(self, tier: int, slots: list[int], start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        k, v = self.codec.decode(self._fields(tier, slots), self.dtype)
+    def _read(self, tier: int, slots: list[int], start: int, fetch: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self.codec.decode(self._fields(tier, slots, fetch), self.dtype)
         if self.codec.pre_rope:
             k = self.rope.rotate(k.float(), start).to(self.dtype)
         return k, v

@@ -63,9 +63,7 @@ class TierStore:
     def __init__(self, tiers: str | list[Tier], attend: str = "local", compute: torch.device | str = "cpu",
                  prefetch: bool = True):
         self.tiers = tierspec.parse(tiers, compute) if isinstance(tiers, str) else list(tiers)
-        if attend not in tierspec.ATTEND:
-            raise KvtierError(f"attend={attend!r}: use one of {', '.join(tierspec.ATTEND)}")
-        self.attend = attend
+        self.attend, self.share = tierspec.parse_attend(attend)
         self.compute = torch.device(compute)
         self.writer = None
         self.prefetcher = None

@@ -23,7 +23,24 @@ UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000 ** 2, "mb": 1000 ** 2, 
          "gib": 1 << 30, "tib": 1 << 40}
 ORDER = ("gpu", "cpu", "disk", "recompute")  # fastest first; recompute: dropped, rebuilt from token ids
 UNLIMITED = 1 << 62
-ATTEND = ("local", "fetch")
+ATTEND = ("local", "fetch", "split")
+SHARE = 0.6  # split: the share of each lower tier's blocks fetched (the rest attended in place)
+
+
+def parse_attend(text: str) -> tuple[str, float]:
+    """``local``, ``fetch``, ``split`` or ``split:0.6`` -> (mode, share of lower-tier blocks fetched)."""
+    mode, _, share = text.partition(":")
+    if mode not in ATTEND or (share and mode != "split"):
+        raise KvtierError(f"attend={text!r}: use local, fetch or split[:SHARE] (e.g. split:0.6)")
+    if not share:
+        return mode, SHARE if mode == "split" else float(mode == "fetch")
+    try:
+        value = float(share)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 1:
+        raise KvtierError(f"attend={text!r}: the split share is a number from 0 to 1, e.g. split:0.6")
+    return mode, value
 
 
 def parse_size(text: str) -> int:
