@@ -134,9 +134,12 @@ def attend(q: torch.Tensor, parts: list[Part], q_start: int, scale: float,
             if piece is None:  # decode this group, attend, let it go
                 k, v = p.get()
                 piece = partial(qd, k, v, mask)
-            pieces.append(tuple(x.to(q.device) for x in piece) if dev != q.device else piece)
+            pieces.append(piece)
             if p.done is not None:
                 p.done()
+        # brought to the query's device only now: a copy from host memory would wait for the GPU
+        # work queued so far, serialising the CPU parts with the GPU's copies and attention
+        pieces = [tuple(x.to(q.device) for x in piece) for piece in pieces]
         return _ungroup(merge(pieces), hq, t).to(q.dtype)
     try:
         return _prefill(q, parts, q_start, scale, window)
