@@ -23,7 +23,6 @@ if TYPE_CHECKING:
     from kvtier.kv.store import SeqTiers
 
 TABLE_ENTRY_BYTES = 8  # per held block: int32 slot + int32 start position
-SPLIT_RUN = 64  # blocks per run when attention is split between fetching and attending in place
 
 
 class Part:
@@ -279,9 +278,7 @@ class LayerKV:
             self._drop_corrupted()
             if len(self.pools) - 1 in self.where:
                 self.home.recompute()  # dropped blocks are needed again
-        runs = self._runs()
-        fetching = self._fetching(runs)
-        for (j, n), fetch in zip(runs, fetching):
+        for j, n, fetch in self._placed(self._runs()):
             slots, tier = self.slots[j: j + n], self.where[j]
             start = self.block_start(self.first_block + j)
             score = None if self.codec.pre_rope or not self.scores else partial(self._score, tier, slots, fetch)
@@ -299,32 +296,30 @@ class LayerKV:
                             self.length - r))
         return out
 
-    def _fetching(self, runs: list[tuple[int, int]]) -> list[bool]:
-        """Which runs are copied to the first tier before attention: none (``attend=local``),
-        every one off the first tier (``fetch``), or the oldest ``share`` of each lower tier's
-        runs (``split``: transfers and the lower tier's own attention run side by side)."""
+    def _placed(self, runs: list[tuple[int, int]]) -> list[tuple[int, int, bool]]:
+        """``(first index, count, fetch)``: whether each run is copied to the first tier before
+        attention — never (``attend=local``), every run off the first tier (``fetch``), or, for
+        ``split``, the oldest ``share`` of each such run, the rest attended in place side by side
+        (one copy and one in-place part per run: few launches, long transfers)."""
         if self.home is None:
-            return [False] * len(runs)
-        store = self.home.store
-        tiers = [self.where[j] for j, _ in runs]
-        if store.attend != "split":
-            return [t > 0 and store.attend == "fetch" for t in tiers]
-        out, seen = [], {}
-        for t in tiers:
-            total = tiers.count(t)
-            seen[t] = seen.get(t, 0) + 1
-            out.append(t > 0 and seen[t] <= int(store.share * total + 0.5))
+            return [(j, n, False) for j, n in runs]
+        store, out = self.home.store, []
+        for j, n in runs:
+            lower = self.where[j] > 0
+            if store.attend != "split" or not lower:
+                out.append((j, n, lower and store.attend == "fetch"))
+                continue
+            cut = int(store.share * n + 0.5)
+            out += [(j, cut, True)] if cut else []
+            out += [(j + cut, n - cut, False)] if cut < n else []
         return out
 
     def _runs(self) -> list[tuple[int, int]]:
         """Runs of held blocks attention reads together, ``(first index, count)``: at most
-        ``group_blocks`` each (``SPLIT_RUN`` when attention is split between tiers), one tier
-        and one view of its pool each. Marks them read."""
+        ``group_blocks`` each, one tier and one view of its pool each. Marks them read."""
         runs, step = [], self.codec.group_blocks
         if self.home is not None:
             self.read_at = self.home.store.clock
-            if self.home.store.attend == "split":
-                step = min(step, SPLIT_RUN)
         j = 0
         while j < len(self.slots):
             tier, pool = self.where[j], self.pools[self.where[j]]
