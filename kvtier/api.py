@@ -51,12 +51,13 @@ class LLM:
         ``"cpu:2GiB,disk:/mnt/nvme/kv:50GiB"``; None keeps every block in RAM.
     attend : with tiers, ``local`` computes attention where each block lives; ``fetch`` copies
         every block to the first tier first.
-    prefetch : with a disk tier, read the next layer's disk blocks ahead on a background thread.
+    prefetch : with a disk tier, hint the next layer's disk blocks to the kernel ahead of time
+        from a background thread (off by default: it did not pay on the 2-core reference machine).
     """
 
     def __init__(self, model: str = loader.DEFAULT_MODEL, kv: str | None = None,
                  dtype: str = "auto", block_size: int = 64, prefill_chunk: int = 2048,
-                 tiers: str | None = None, attend: str = "local", prefetch: bool = True):
+                 tiers: str | None = None, attend: str = "local", prefetch: bool = False):
         store = TierStore(tiers, attend, prefetch=prefetch) if tiers else None  # a bad spec fails before loading
         self.loaded = loader.load(model, compute_dtype(dtype))
         self.model, self.tokenizer = self.loaded.model, self.loaded.tokenizer

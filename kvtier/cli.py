@@ -52,7 +52,8 @@ def generate(
     dtype: Annotated[str, typer.Option(help="compute dtype: auto (bf16 where the CPU/GPU has native bf16), fp32, bf16")] = "auto",
     tiers: TiersOpt = None,
     attend: AttendOpt = "local",
-    prefetch: Annotated[bool, typer.Option(help="with a disk tier: read the next layer's blocks ahead")] = True,
+    prefetch: Annotated[bool, typer.Option(help="with a disk tier: ask the kernel to read the next layer's "
+                                            "blocks ahead (off: it did not pay on a 2-core machine)")] = False,
     cache: Annotated[str | None, typer.Option(help="continue a document saved with `kvtier cache save` "
                                                    "(the prompt follows it)")] = None,
 ):
@@ -307,7 +308,7 @@ def bench_offload(
     for a in attends:
         tierspec.parse_attend(a)
     onoff = {"on": True, "off": False}
-    if not prefetch.strip() or set(p.strip() for p in prefetch.split(",")) - set(onoff):
+    if not prefetch.strip() or {p.strip() for p in prefetch.split(",")} - set(onoff):
         raise KvtierError(f"--prefetch {prefetch!r}: use on, off or on,off")
     pf = [onoff[p.strip()] for p in prefetch.split(",")]
     states = [x.strip() for x in page_cache.split(",") if x.strip()]

@@ -110,7 +110,7 @@ def measure(model, context: int, gpu_budget: str, steps: int, shares=(), codecs=
             fill_s = time.perf_counter() - t0
             before = runner.store.traffic.moved if runner.store else 0
             _, times = decode(runner, cache, steps)
-        except Exception as e:  # a layout that fails is reported, the others still run
+        except Exception as e:  # noqa: BLE001 -- a layout that fails is reported, the others still run
             print(json.dumps({"context": context, "layout": name, "error": repr(e)}), flush=True)
             rows.append({"context": context, "layout": name, "kv": kv, "error": repr(e)})
             torch.cuda.empty_cache()
@@ -172,8 +172,9 @@ def main():
     for i, c in enumerate(int(x) for x in a.contexts.split(",")):
         skip = ("local",) if i and a.skip_local_after_first else ()
         rows += measure(model, c, a.gpu_budget, a.steps, shares, codecs if i == 0 else (), skip)
-        json.dump({"device": torch.cuda.get_device_name(), "cpu_threads": torch.get_num_threads(),
-                   "exactness_max_logit_diff": diff, "results": rows}, open(a.out, "w"), indent=1)
+        with open(a.out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "cpu_threads": torch.get_num_threads(),
+                       "exactness_max_logit_diff": diff, "results": rows}, f, indent=1)
     for r in rows:
         if "error" in r:
             print(f"{r['context']:>7} {r['layout']:>28} failed: {r['error']}")

@@ -5,9 +5,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, "scripts")
-from gpu_offload import decode, filled, llama  # noqa: E402
+from gpu_offload import decode, filled, llama
 
-from kvtier.engine import ModelRunner  # noqa: E402
+from kvtier.engine import ModelRunner
 
 model = llama(4)
 for attend in ("fetch", "split:0.8", "local"):

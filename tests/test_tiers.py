@@ -261,3 +261,32 @@ def test_a_corrupted_block_is_recomputed_when_the_policy_allows(llama, tmp_path)
     torch.testing.assert_close(torch.cat(got), ref, rtol=1e-4, atol=1e-4)
     assert runner.store.traffic.recomputed > 0 and cache.error is None
     cache.close()
+
+
+def mapped_rss(path) -> int:
+    """Resident bytes of this process's mapping of ``path`` (from /proc/self/smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if line[:1].isdigit() or line[:1] in "abcdef" and "-" in line.split()[0]:
+            inside = line.rstrip().endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1]) * 1024
+    return total
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_disk_pages_are_let_go_after_attention_reads_them(llama, tmp_path, prefetch):
+    kv = "dense(dtype=fp32)"
+    toks = tokens(480)
+    ref, _ = generate(ModelRunner(llama, kv, block_size=16, prefill_chunk=128), toks, prompt=460, steps=12)
+    store = TierStore(f"cpu:20KiB,disk:{tmp_path}:100MiB", prefetch=prefetch)
+    runner = ModelRunner(llama, kv, block_size=16, prefill_chunk=128, tiers=store)
+    got, cache = generate(runner, toks, prompt=460, steps=12)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    on_disk = cache.nbytes_by_tier()[1]
+    per_layer = on_disk // len(cache.layers)
+    assert on_disk > 200_000
+    # resident: at most the layer read ahead plus an extent of slack, not the whole disk tier
+    assert mapped_rss(cache.home.file.path) <= per_layer + 64 * 1024, (mapped_rss(cache.home.file.path), on_disk)
+    assert (store.prefetcher is not None and store.prefetcher.nbytes > 0) == prefetch
+    cache.close()

@@ -1,11 +1,16 @@
 """Read-ahead for the disk tier, and letting go of what attention has read.
 
 Attention reads disk blocks in place, through the file's memory mapping. Without help, each
-page faults in on the decode thread as attention touches it. The :class:`Prefetcher` thread
-makes the blocks the next layer will read resident ahead of time — ``MADV_WILLNEED`` starts
-the kernel's read from disk, ``MADV_POPULATE_READ`` waits for it and maps the pages — so the
-I/O overlaps the current layer's compute. Dense attention reads every block each step, so the
-next layer's disk runs are exactly what the next layer needs.
+page faults in on the decode thread as attention touches it (the kernel's own read-around
+fetches neighbouring pages with each fault). The :class:`Prefetcher` thread hints the blocks
+the next layer will read — ``MADV_WILLNEED`` starts the kernel's read from disk without waiting
+for it; with ``populate`` it also waits for the pages and maps them (``MADV_POPULATE_READ``)
+— so I/O can overlap the current layer's compute. Dense attention reads every block each
+step, so the next layer's disk runs are exactly what the next layer needs.
+
+Measured on the 2-core reference machine (``kvtier bench offload``), read-ahead does not pay:
+a cold step is bound by the disk's bandwidth, not by waiting, and a warm one loses cycles to
+the extra thread. So it is off by default (``--prefetch`` turns it on).
 
 After attention has used a disk run, :func:`release` drops its pages from this process's
 mapping (``MADV_DONTNEED``; the file and the kernel's page cache keep the bytes), so resident
@@ -51,7 +56,8 @@ class Prefetcher:
     bytes read ahead.
     """
 
-    def __init__(self, depth: int = 256):
+    def __init__(self, depth: int = 256, populate: bool = False):
+        self.populate = populate
         self.jobs: queue.Queue = queue.Queue(depth)
         self.nbytes = 0
         self.thread = threading.Thread(target=self._run, name="kvtier-prefetch", daemon=True)
@@ -73,9 +79,10 @@ class Prefetcher:
             for offset, nbytes in ranges:
                 advise(address + offset, nbytes, WILLNEED)
             for offset, nbytes in ranges:
-                if _populate and not advise(address + offset, nbytes, POPULATE_READ):
-                    _populate = False
-                if not _populate:  # touch one byte per page (torch lets go of the GIL)
-                    base[offset: offset + nbytes: PAGE].sum()
+                if self.populate:
+                    if _populate and not advise(address + offset, nbytes, POPULATE_READ):
+                        _populate = False
+                    if not _populate:  # touch one byte per page (torch lets go of the GIL)
+                        base[offset: offset + nbytes: PAGE].sum()
                 self.nbytes += nbytes
             del base

@@ -61,7 +61,7 @@ class TierStore:
     """
 
     def __init__(self, tiers: str | list[Tier], attend: str = "local", compute: torch.device | str = "cpu",
-                 prefetch: bool = True):
+                 prefetch: bool = False):
         self.tiers = tierspec.parse(tiers, compute) if isinstance(tiers, str) else list(tiers)
         self.attend, self.share = tierspec.parse_attend(attend)
         self.compute = torch.device(compute)
