@@ -316,7 +316,8 @@ def bench_offload(
         raise KvtierError(f"--page-cache {page_cache!r}: use warm, cold or warm,cold")
     kvs = [str(specs.parse(k)) for k in (kv or ["dense", "int(bits=2)"])]
     compute = compute_dtype(dtype)
-    folder = disk or tempfile.mkdtemp(prefix="kvtier-disk-")
+    scratch = None if disk else tempfile.TemporaryDirectory(prefix="kvtier-disk-")
+    folder = disk or scratch.name
     tierspec.check_path(tierspec.Tier("disk", 1, folder))
     raw = data.load_text(text)
     loaded = load(model, compute)
@@ -333,6 +334,8 @@ def bench_offload(
         rows = offload.run(loaded, dtype_name(compute), contexts, ids, kvs, ratio_list, attends, pf, folder,
                            new_tokens, repeats, progress=step, rss_tokens=rss_tokens,
                            cold=[x == "cold" for x in states], recompute=recompute)
+    if scratch is not None:
+        scratch.cleanup()
     report.show(report.offload_table(rows))
     if json_path:
         report.write_json(json_path, rows)

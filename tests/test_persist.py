@@ -68,6 +68,18 @@ def test_a_saved_cache_continues_exactly(family, kv, tmp_path, request):
     a, b = (load_file(tmp_path / n) for n in ("again.kvcache", "doc.kvcache"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert persist.read_meta(tmp_path / "again.kvcache") == persist.read_meta(tmp_path / "doc.kvcache")
+    again.close()
+    # from a recompute tier: the dropped blocks are rebuilt from the token ids, then saved
+    dropping = ModelRunner(model, kv, block_size=16, prefill_chunk=128, tiers="cpu:24KiB,recompute")
+    cache = persist.restore(prefix, dropping)
+    assert dropping.store.traffic.by_kind.get("dropped", 0) > 0
+    persist.save(tmp_path / "rebuilt.kvcache", dropping, cache, toks[:300], "tiny")
+    c = load_file(tmp_path / "rebuilt.kvcache")
+    assert c.keys() == b.keys() and all(torch.equal(c[k], b[k]) for k in c)
+    # blocks rebuilt later include decoded tokens, now run as a chunk: a quantized codec may
+    # round them differently (dense: the same numbers)
+    tol = 1e-5 if kv.startswith("dense") else 2e-2
+    torch.testing.assert_close(continue_from(dropping, cache, toks[299:]), want, rtol=tol, atol=tol)
 
 
 def test_a_cache_from_another_model_spec_or_dtype_is_refused(llama, gemma, tmp_path):
@@ -116,6 +128,12 @@ def test_damaged_or_foreign_files_are_refused(llama, tmp_path):
     with pytest.raises(KvtierError, match="damaged"):
         persist.open_prefix(path, runner, "tiny")
     saved(runner, tokens(200), path, n_doc=120)
+    meta = persist.read_meta(path)
+    toks = json.loads(meta["tokens"])
+    toks[5] = (toks[5] + 1) % 10 if toks[5] < 10 else toks[5] - 1  # one token id changed
+    _rewrite_meta(path, tokens=json.dumps(toks))
+    with pytest.raises(KvtierError, match="its header .* does not match its checksum"):
+        persist.open_prefix(path, runner, "tiny")
     _rewrite_meta(path, version="0")
     with pytest.raises(KvtierError, match="format version 0; this kvtier reads version 1"):
         persist.open_prefix(path, runner, "tiny")

@@ -165,9 +165,10 @@ def offload_plot(path: str | Path, rows: list[dict]) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     panels = sorted({(r["model"], r["context"]) for r in rows})
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels) + 4.0, 4.4), squeeze=False)
     for ax, (model, ctx) in zip(axes[0], panels):
         panel = [r for r in rows if (r["model"], r["context"]) == (model, ctx) and not r.get("rss_run")]
         for i, method in enumerate(dict.fromkeys(r["method"] for r in panel)):
@@ -184,11 +185,18 @@ def offload_plot(path: str | Path, rows: list[dict]) -> None:
                 ax.plot(*zip(*pts), marker="os^vDx<>"[j % 8], color=plt.cm.tab10(i),
                         ls=["-", ":", "-.", (0, (5, 1))][j % 4], label=key)
         ax.set_xscale("log")
+        ticks = sorted({round(r["kv_to_ram_budget"], 1) for r in panel if r["kv_to_ram_budget"]})
+        ax.set_xticks(ticks, [f"{t:g}x" for t in ticks])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set(title=f"{model} @ {ctx} tokens", xlabel="KV bytes / RAM budget", ylabel="decode tok/s")
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
-    fig.tight_layout()
+    legend = {}
+    for ax in axes[0]:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(lab, h)
+    fig.legend(list(legend.values()), list(legend), loc="center right", fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1 - 4.0 / fig.get_figwidth(), 1))
     try:
         fig.savefig(path, dpi=120)
     except OSError as e:

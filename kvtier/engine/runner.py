@@ -55,7 +55,10 @@ class ModelRunner:
         if logits == "all":
             if self.store:
                 self.store.tick()
-            return self.model.forward(Batch.of(caches, chunks, self.device), logits="all")
+            out = self.model.forward(Batch.of(caches, chunks, self.device), logits="all")
+            if self.store and self.store.recomputes:
+                self.store.settle()
+            return out
         out: list[torch.Tensor | None] = [None] * len(caches)
         todo = [(i, list(c)) for i, c in enumerate(chunks) if c]
         while todo:
@@ -69,13 +72,13 @@ class ModelRunner:
             if self.store:
                 self.store.tick()
             last = self.model.forward(batch)
+            if self.store and self.store.recomputes:
+                self.store.settle()  # between forwards: rebuilt or newly sealed blocks go back down
             done = {i: n for i, n in ((i, len(t)) for i, t in picked)}
             for (i, _), row in zip(picked, last):
                 out[i] = row
             todo = [(i, toks[done.get(i, 0):]) for i, toks in todo]
             todo = [(i, toks) for i, toks in todo if toks]
-        if self.store and self.store.recomputes:
-            self.store.settle()  # recomputed blocks go back down now that attention is done with them
         if len(caches) == 1 and caches[0].error is not None:
             raise caches[0].error  # one sequence: its failure is the caller's (a batch: LLM ends it)
         return torch.stack(out)

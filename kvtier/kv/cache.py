@@ -146,7 +146,8 @@ class LayerKV:
         if self.home is not None:
             store = self.home.store
             store.charge(0, len(slots) * self.pool.slot_bytes())
-            store.settle()
+            if not store.recomputes:  # with a recompute tier the runner settles between steps,
+                store.settle()        # never mid-step (that would drop blocks just rebuilt)
 
     def _drop_corrupted(self) -> None:
         """With a recompute tier, a disk block whose checksum fails is dropped (and rebuilt)
@@ -183,6 +184,10 @@ class LayerKV:
     def snapshot(self) -> tuple[dict[str, int], dict[str, torch.Tensor]]:
         """Everything this layer holds, for saving: counters and tensors (on the CPU). Blocks
         are in encoded form (``f.<field>``, ``(Hkv, n_blocks, *shape)``), gathered from every tier."""
+        if self.home is not None and self.home.store.recomputes:
+            self._drop_corrupted()
+            if len(self.pools) - 1 in self.where:
+                self.home.recompute()  # dropped blocks are saved too
         n_sink = min(self.length, self.n_sinks)
         r = self.n_residual
         tensors = {"sink_k": self.sink_k[:, :n_sink], "sink_v": self.sink_v[:, :n_sink],
@@ -214,6 +219,8 @@ class LayerKV:
         self.pool.reserve(min(n, chunk) if self.home is not None else n)
         for a in range(0, n, chunk):
             self._hold(self.pool.put({name: t[:, a: a + chunk] for name, t in fields.items()}))
+            if self.home is not None:
+                self.home.store.settle()  # not within a step: safe with a recompute tier too
 
     def move(self, blocks: list[int], to: int) -> None:
         """Move held blocks (indices into the block table) to tier ``to``, in encoded form."""

@@ -251,14 +251,17 @@ class DiskPool:
         return out
 
     def corrupted(self, slots: list[int]) -> list[int]:
-        """The slots among ``slots`` whose checksum does not match (each checked once)."""
+        """The slots among ``slots`` whose checksum does not match (each checked once). A
+        failed write (disk full) raises its own error rather than passing for corruption."""
         bad = []
+        self.file.check()
         for s in slots:
             if s in self.verified:
                 continue
             done = self.pending.pop(s, None)
             if done is not None:
                 done.wait()
+            self.file.check()
             try:
                 self._verify(s)
             except KvtierError:

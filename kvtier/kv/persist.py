@@ -59,7 +59,7 @@ def fingerprint(model) -> str:
         t = model.w[name].reshape(-1)
         sample = t[:: max(1, t.numel() // 4096)].to(torch.bfloat16).float()
         h.update(name.encode() + str(tuple(model.w[name].shape)).encode())
-        h.update(sample.numpy().tobytes())
+        h.update(sample.cpu().numpy().tobytes())
     model._fingerprint = h.hexdigest()[:32]
     return model._fingerprint
 
@@ -81,15 +81,17 @@ def save(path: str | Path, runner, cache, token_ids: list[int], model_name: str)
             "fingerprint": fingerprint(runner.model), "spec": str(runner.spec),
             "block_size": str(runner.block_size), "dtype": dtype_name(runner.dtype),
             "tokens": json.dumps(token_ids), "layers": json.dumps(layers), "crc32": json.dumps(crc)}
+    meta["header_crc32"] = str(_header_crc(meta))
     if not path.parent.is_dir():
         raise KvtierError(f"cannot save the cache to {path}: folder {path.parent} does not exist")
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     try:
         save_file(tensors, tmp, metadata=meta)
         tmp.replace(path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise KvtierError(f"cannot save the cache to {path}: {os.strerror(e.errno) if e.errno else e}") from e
+    except Exception as e:  # safetensors reports a full disk as its own error, not OSError
+        raise KvtierError(f"cannot save the cache to {path}: {e}; nothing was written there") from e
+    finally:
+        tmp.unlink(missing_ok=True)  # gone after the rename; removed when the write failed
     return path.stat().st_size
 
 
@@ -121,22 +123,19 @@ def restore(prefix: Prefix, runner):
         raise KvtierError(f"{prefix.path} holds {len(layers)} layers, the model has {len(cache.layers)}")
     try:
         with open(prefix.path, "rb") as f:
-            entries, base = _index(f)
+            entries, base = _index(f, prefix.path)
             for i, (layer, counters) in enumerate(zip(cache.layers, layers)):
                 held = {}
                 for name in [k for k in crc if k.split(".", 1)[0] == str(i)]:
-                    t = _read(f, base, entries[name])
+                    t = _read(f, base, entries, name, prefix.path)
                     if zlib.crc32(_bytes(t)) != crc[name]:
                         raise KvtierError(f"{prefix.path} is damaged: tensor {name} (layer {i}) does not "
                                           "match its checksum; save the cache again")
                     held[name.split(".", 1)[1]] = t
                 layer.restore(counters, held)
-    except KvtierError:
+    except BaseException:
         cache.close()
         raise
-    except Exception as e:  # safetensors' own errors on a damaged file
-        cache.close()
-        raise KvtierError(f"{prefix.path} is damaged ({e}); save the cache again") from e
     return cache
 
 
@@ -155,6 +154,9 @@ def read_meta(path: Path) -> dict[str, str]:
     if meta.get("version") != VERSION:
         raise KvtierError(f"{path} has cache format version {meta.get('version')}; this kvtier reads "
                           f"version {VERSION}: save the cache again with this kvtier")
+    if meta.get("header_crc32") != str(_header_crc(meta)):
+        raise KvtierError(f"{path} is damaged: its header (token ids, layout, checksums) does not match its "
+                          "checksum; save the cache again")
     return meta
 
 
@@ -163,25 +165,37 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
            "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
-def _index(f) -> tuple[dict, int]:
+def _index(f, path: Path) -> tuple[dict, int]:
     """The safetensors header of an open file: ``{name: entry}`` and where the data starts."""
-    n = int.from_bytes(f.read(8), "little")
-    head = json.loads(f.read(n))
+    try:
+        n = int.from_bytes(f.read(8), "little")
+        head = json.loads(f.read(n))
+    except ValueError as e:
+        raise KvtierError(f"{path} is damaged (its header does not parse: {e}); save the cache again") from e
     head.pop("__metadata__", None)
     return head, 8 + n
 
 
-def _read(f, base: int, entry: dict) -> torch.Tensor:
+def _read(f, base: int, entries: dict, name: str, path: Path) -> torch.Tensor:
     """One tensor read into memory (not mapped: restoring a large cache into small tiers keeps
     resident memory to one layer at a time)."""
+    entry = entries.get(name)
+    if entry is None or entry.get("dtype") not in _DTYPES:
+        raise KvtierError(f"{path} is damaged: tensor {name} is missing or has an unknown type; save the cache again")
     start, end = entry["data_offsets"]
     raw = os.pread(f.fileno(), end - start, base + start)
     if len(raw) != end - start:
-        raise KvtierError("the file is shorter than its header says (truncated)")
+        raise KvtierError(f"{path} is damaged: shorter than its header says (truncated); save the cache again")
     dtype = _DTYPES[entry["dtype"]]
     if not raw:
         return torch.empty(entry["shape"], dtype=dtype)
     return torch.frombuffer(bytearray(raw), dtype=dtype).reshape(entry["shape"])
+
+
+def _header_crc(meta: dict[str, str]) -> int:
+    """A CRC-32 over the header fields (token ids, counters, checksums...), so that a damaged
+    header is refused like a damaged tensor."""
+    return zlib.crc32(json.dumps({k: v for k, v in sorted(meta.items()) if k != "header_crc32"}).encode())
 
 
 def _bytes(t: torch.Tensor) -> bytes:

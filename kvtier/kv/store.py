@@ -90,11 +90,8 @@ class TierStore:
         return SeqTiers(self, next(self._ids))
 
     def tick(self) -> None:
-        """One forward step has begun (attention marks the blocks it reads with the clock).
-        Blocks recomputed in the last step go back within budget now, while no attention holds them."""
+        """One forward step has begun (attention marks the blocks it reads with the clock)."""
         self.clock += 1
-        if self.recomputes:
-            self.settle()
 
     @property
     def recomputes(self) -> bool:
@@ -168,6 +165,9 @@ class SeqTiers:
                 for layer in self.layers for j, w in enumerate(layer.where) if w == drop]
         if not ends:
             return
+        if not self.ids:
+            raise KvtierError("blocks were dropped to the recompute tier but this cache has no token ids "
+                              "to rebuild them from; feed it through ModelRunner.run")
         upto = min(max(ends), len(self.ids))
         from kvtier.engine.runner import ModelRunner
 
