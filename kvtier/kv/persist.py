@@ -12,6 +12,7 @@ and renamed, so a crash never leaves half a file under the real name.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
@@ -136,7 +137,16 @@ def restore(prefix: Prefix, runner):
     except BaseException:
         cache.close()
         raise
+    _trim()
     return cache
+
+
+def _trim() -> None:
+    """Give the read buffers back to the OS (glibc keeps freed heap memory otherwise)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def read_meta(path: Path) -> dict[str, str]:
