@@ -60,3 +60,20 @@ def smollm2():
     from kvtier.models import load
 
     return load("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def llama():
+    """Our forward on a tiny random Llama (3 layers, GQA 4/2)."""
+    return ours_from_hf(tiny_hf("llama"))
+
+
+@pytest.fixture(scope="module")
+def gemma():
+    """Our forward on a tiny random Gemma 3 (6 layers, sliding window 16)."""
+    return ours_from_hf(tiny_hf("gemma3"))
+
+
+def tokens(n: int, seed: int = 0) -> list[int]:
+    """``n`` fixed random token ids of the tiny models' 256-token vocabulary."""
+    return torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist()

@@ -6,26 +6,12 @@ import struct
 
 import pytest
 import torch
-from conftest import ours_from_hf, tiny_hf
+from conftest import ours_from_hf, tiny_hf, tokens
 from safetensors.torch import load_file
 
 from kvtier.engine import ModelRunner
 from kvtier.errors import KvtierError
 from kvtier.kv import persist
-
-
-@pytest.fixture(scope="module")
-def llama():
-    return ours_from_hf(tiny_hf("llama"))
-
-
-@pytest.fixture(scope="module")
-def gemma():
-    return ours_from_hf(tiny_hf("gemma3"))
-
-
-def tokens(n, seed=0):
-    return torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 def continue_from(runner, cache, toks):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ours_from_hf, tiny_hf
+from conftest import tokens
 
 from kvtier import spec
 from kvtier.engine import ModelRunner
@@ -17,20 +17,6 @@ from kvtier.kv import tiers
 from kvtier.kv.cache import LayerKV, SeqKV
 from kvtier.kv.codecs.base import LayerContext
 from kvtier.kv.store import TierStore
-
-
-@pytest.fixture(scope="module")
-def llama():
-    return ours_from_hf(tiny_hf("llama"))
-
-
-@pytest.fixture(scope="module")
-def gemma():
-    return ours_from_hf(tiny_hf("gemma3"))
-
-
-def tokens(n, seed=0):
-    return torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 def generate(runner, toks, prompt=300, steps=24):

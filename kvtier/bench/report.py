@@ -123,18 +123,7 @@ def ppl_plot(path: str | Path, rows: list[dict]) -> None:
         ax.axhline(0, color="grey", lw=0.5)
         ax.margins(x=0.1, y=0.15)
         ax.grid(alpha=0.3)
-    legend = {}
-    for ax in axes[0]:  # every method once, whichever panel it appears in
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            legend.setdefault(lab, h)
-    fig.legend(list(legend.values()), list(legend), loc="center right", fontsize=7, frameon=False)
-    fig.tight_layout(rect=(0, 0, 1 - 4.4 / fig.get_figwidth(), 1))  # room for long spec labels
-    try:
-        fig.savefig(path, dpi=120)
-    except OSError as e:
-        raise KvtierError(f"cannot write --plot {path}: {e.strerror}") from None
-    finally:
-        plt.close(fig)
+    _save(fig, axes[0], path, legend_inches=4.4)
 
 
 def offload_table(rows: list[dict]) -> Table:
@@ -191,12 +180,19 @@ def offload_plot(path: str | Path, rows: list[dict]) -> None:
         ax.set(title=f"{model} @ {ctx} tokens", xlabel="KV bytes / RAM budget", ylabel="decode tok/s")
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
+    _save(fig, axes[0], path, legend_inches=4.0)
+
+
+def _save(fig, axes, path: str | Path, legend_inches: float) -> None:
+    """One legend for all panels (each label once) at the right, then write the PNG."""
+    import matplotlib.pyplot as plt
+
     legend = {}
-    for ax in axes[0]:
+    for ax in axes:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             legend.setdefault(lab, h)
     fig.legend(list(legend.values()), list(legend), loc="center right", fontsize=7, frameon=False)
-    fig.tight_layout(rect=(0, 0, 1 - 4.0 / fig.get_figwidth(), 1))
+    fig.tight_layout(rect=(0, 0, 1 - legend_inches / fig.get_figwidth(), 1))  # room for long labels
     try:
         fig.savefig(path, dpi=120)
     except OSError as e:

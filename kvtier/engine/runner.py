@@ -46,19 +46,25 @@ class ModelRunner:
         cache.reserve(reserve)
         return cache
 
+    def _forward(self, batch: Batch, logits: str = "last") -> torch.Tensor:
+        """One forward through the model, with the tiered store's clock ticked before it; with
+        a recompute tier, blocks rebuilt or sealed during it go back down after it (never
+        mid-step, which would drop blocks a later layer is about to read)."""
+        if self.store:
+            self.store.tick()
+        out = self.model.forward(batch, logits=logits)
+        if self.store and self.store.recomputes:
+            self.store.settle()
+        return out
+
     def run(self, caches: list[SeqKV], chunks: list[list[int]], logits: str = "last") -> torch.Tensor:
         """Feed each cache its new tokens. Returns the logits after each sequence's last token,
         ``(n_seqs, V)``; with ``logits="all"`` (one forward only), every token's ``(N, V)``."""
-        for cache, toks in zip(caches, chunks):
-            if cache.home is not None:
+        if self.store and self.store.recomputes:  # the ids a dropped block is rebuilt from
+            for cache, toks in zip(caches, chunks):
                 cache.home.ids.extend(toks)
         if logits == "all":
-            if self.store:
-                self.store.tick()
-            out = self.model.forward(Batch.of(caches, chunks, self.device), logits="all")
-            if self.store and self.store.recomputes:
-                self.store.settle()
-            return out
+            return self._forward(Batch.of(caches, chunks, self.device), logits="all")
         out: list[torch.Tensor | None] = [None] * len(caches)
         todo = [(i, list(c)) for i, c in enumerate(chunks) if c]
         while todo:
@@ -69,11 +75,7 @@ class ModelRunner:
                 picked.append((i, toks[:budget]))
                 budget -= len(picked[-1][1])
             batch = Batch.of([caches[i] for i, _ in picked], [t for _, t in picked], self.device)
-            if self.store:
-                self.store.tick()
-            last = self.model.forward(batch)
-            if self.store and self.store.recomputes:
-                self.store.settle()  # between forwards: rebuilt or newly sealed blocks go back down
+            last = self._forward(batch)
             done = {i: n for i, n in ((i, len(t)) for i, t in picked)}
             for (i, _), row in zip(picked, last):
                 out[i] = row

@@ -149,17 +149,25 @@ class LayerKV:
             if not store.recomputes:  # with a recompute tier the runner settles between steps,
                 store.settle()        # never mid-step (that would drop blocks just rebuilt)
 
+    def _rebuild_dropped(self) -> None:
+        """With a recompute tier: drop disk blocks that fail their checksum, then rebuild every
+        dropped block of the sequence from its token ids."""
+        if self.home is None or not self.home.store.recomputes:
+            return
+        self._drop_corrupted()
+        if len(self.pools) - 1 in self.where:
+            self.home.recompute()
+
     def _drop_corrupted(self) -> None:
-        """With a recompute tier, a disk block whose checksum fails is dropped (and rebuilt)
-        instead of failing the sequence."""
+        """A disk block whose checksum fails is dropped (and rebuilt) instead of failing the
+        sequence. Only blocks not read back yet are checked."""
         drop = len(self.pools) - 1
         for t, pool in enumerate(self.pools):
             if not self._on_disk(t):
                 continue
-            js = [j for j, w in enumerate(self.where) if w == t]
-            bad = set(pool.corrupted([self.slots[j] for j in js]))
+            bad = pool.corrupted()
             if bad:
-                lost = [j for j in js if self.slots[j] in bad]
+                lost = [j for j, (s, w) in enumerate(zip(self.slots, self.where)) if w == t and s in bad]
                 note(f"disk tier: {len(lost)} block(s) of layer {self.index} failed their checksum; "
                      "recomputing them from the token ids")
                 pool.release(sorted(bad))
@@ -184,10 +192,7 @@ class LayerKV:
     def snapshot(self) -> tuple[dict[str, int], dict[str, torch.Tensor]]:
         """Everything this layer holds, for saving: counters and tensors (on the CPU). Blocks
         are in encoded form (``f.<field>``, ``(Hkv, n_blocks, *shape)``), gathered from every tier."""
-        if self.home is not None and self.home.store.recomputes:
-            self._drop_corrupted()
-            if len(self.pools) - 1 in self.where:
-                self.home.recompute()  # dropped blocks are saved too
+        self._rebuild_dropped()  # dropped blocks are saved too
         n_sink = min(self.length, self.n_sinks)
         r = self.n_residual
         tensors = {"sink_k": self.sink_k[:, :n_sink], "sink_v": self.sink_v[:, :n_sink],
@@ -232,7 +237,7 @@ class LayerKV:
             store.charge(src, -nbytes)
             if store.tiers[to].kind == "recompute":  # dropped: nothing is written anywhere
                 new = [-1] * len(js)
-                store.traffic.by_kind["dropped"] = store.traffic.by_kind.get("dropped", 0) + nbytes
+                store.traffic.add("dropped", nbytes, moved=False)
             else:
                 fields = self.pools[src].fields_of(old)
                 new = self.pools[to].put(fields, [self.first_block + j for j in js], self.block_size)
@@ -281,10 +286,7 @@ class LayerKV:
             n_sink = 0  # a sliding layer: the sinks are outside every future query's window
         if n_sink:
             out.append(Part(self.sink_k[:, :n_sink].to(self.dtype), self.sink_v[:, :n_sink].to(self.dtype), 0))
-        if self.home is not None and self.home.store.recomputes:
-            self._drop_corrupted()
-            if len(self.pools) - 1 in self.where:
-                self.home.recompute()  # dropped blocks are needed again
+        self._rebuild_dropped()  # dropped blocks are needed again
         for j, n, fetch in self._placed(self._runs()):
             slots, tier = self.slots[j: j + n], self.where[j]
             start = self.block_start(self.first_block + j)

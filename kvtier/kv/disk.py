@@ -169,6 +169,7 @@ class DiskPool:
         self.pending: dict[int, threading.Event] = {}  # slot -> write finished
         self.blocks: dict[int, int] = {}  # slot -> block index (for messages)
         self.verified: set[int] = set()
+        self.unchecked: set[int] = set()  # written, checksum not yet verified
         self.views: dict[int, dict[str, torch.Tensor]] = {}
         self.generation = -1
 
@@ -210,6 +211,7 @@ class DiskPool:
             self.pending[slot] = done
             self.blocks[slot] = block
             self.verified.discard(slot)
+            self.unchecked.add(slot)
             self.file.writer.put(self.file, writes, done)
         return slots
 
@@ -224,6 +226,7 @@ class DiskPool:
             done = self.pending.pop(s, None)
             if done is not None:
                 done.wait()
+        self.unchecked.difference_update(slots)
         self.free.extend(slots)
 
     def fields_of(self, slots: list[int]) -> dict[str, torch.Tensor]:
@@ -250,14 +253,13 @@ class DiskPool:
             out[name] = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
         return out
 
-    def corrupted(self, slots: list[int]) -> list[int]:
-        """The slots among ``slots`` whose checksum does not match (each checked once). A
-        failed write (disk full) raises its own error rather than passing for corruption."""
-        bad = []
+    def corrupted(self) -> set[int]:
+        """The slots written and not yet read back whose checksum does not match (each is
+        checked once). A failed write (disk full) raises its own error rather than passing
+        for corruption."""
+        bad = set()
         self.file.check()
-        for s in slots:
-            if s in self.verified:
-                continue
+        for s in list(self.unchecked):
             done = self.pending.pop(s, None)
             if done is not None:
                 done.wait()
@@ -265,7 +267,7 @@ class DiskPool:
             try:
                 self._verify(s)
             except KvtierError:
-                bad.append(s)
+                bad.add(s)
         return bad
 
     def _extent(self, e: int) -> dict[str, torch.Tensor]:
@@ -296,6 +298,7 @@ class DiskPool:
                               f"at offset {self.extents[e]:,} is corrupted (checksum mismatch); the cache of "
                               "this sequence cannot be used, run the request again")
         self.verified.add(slot)
+        self.unchecked.discard(slot)
 
 
 def _numel(shape) -> int:

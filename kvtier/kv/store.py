@@ -45,9 +45,9 @@ class Traffic:
     recompute_s: float = 0.0
     by_kind: dict = field(default_factory=dict)
 
-    def add(self, kind: str, n: int) -> None:
+    def add(self, kind: str, n: int, moved: bool = True) -> None:
         self.by_kind[kind] = self.by_kind.get(kind, 0) + n
-        self.moved += n
+        self.moved += n if moved else 0
 
 
 class TierStore:
