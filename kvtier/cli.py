@@ -262,6 +262,68 @@ def bench_speed(
         report.write_json(json_path, rows)
 
 
+RETRIEVAL_METHODS = ["dense"] + [f"{s}(ratio={r})" for r in (0.5, 0.75, 0.875) for s in ("window", "tova", "snapkv", "h2o")] + [
+    "tova(ratio=0.5)+int(bits=4)", "snapkv(ratio=0.5)+int(bits=4)", "tova(ratio=0.75)+mxint8", "tova(ratio=0.5)+rotatekv(bits=2)"]
+
+
+@bench.command("retrieval")
+def bench_retrieval(
+    model: ModelOpt = DEFAULT_MODEL,
+    methods: Annotated[list[str] | None, typer.Option("--methods", help="cache specs, repeat for more "
+                                                      "(default: dense, window/tova/snapkv/h2o at ratios "
+                                                      "0.5/0.75/0.875 and four compositions with codecs)")] = None,
+    tasks: Annotated[str, typer.Option(help="passkey (fact in KJV text) and/or needle (RULER-style, "
+                                       "Paul Graham essays)")] = "passkey",
+    context: Annotated[str, typer.Option(help="context lengths in tokens, comma-separated")] = "2048,4096,6144,8192",
+    depths: Annotated[str, typer.Option(help="needle depths in percent, comma-separated")] = "0,25,50,75,100",
+    modes: Annotated[str, typer.Option(help="agnostic (context compressed before the question) "
+                                       "and/or aware (compressed with it)")] = "agnostic,aware",
+    cases: Annotated[str | None, typer.Option(help="your own cases instead: JSON lines with "
+                                              "context, question, answer")] = None,
+    peers: Annotated[str, typer.Option(help="'kvpress' also runs kvpress's same-named presses on the same "
+                                       "cases (set up with scripts/kvpress-setup.sh); '' for none")] = "",
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="tokens generated per answer")] = 12,
+    chat: Annotated[bool, typer.Option(help="wrap context and question in the model's chat template "
+                                       "(kvpress's layout for chat models; default: plain text)")] = False,
+    seed: Annotated[int, typer.Option(help="seed of the generated cases")] = 0,
+    dtype: Annotated[str, typer.Option(help="compute dtype: auto, fp32, bf16")] = "bf16",
+    json_path: Annotated[str | None, typer.Option("--json", help="write every case and the summary as JSON")] = None,
+    plot: Annotated[str | None, typer.Option(help="write a PNG heatmap: accuracy per depth x length")] = None,
+):
+    """Passkey / needle retrieval with each cache spec (and kvpress), question-agnostic and -aware."""
+    from kvtier import spec as specs
+    from kvtier.bench import data, report, retrieval
+    from kvtier.models import load
+
+    methods = methods or RETRIEVAL_METHODS
+    for m in methods:
+        specs.parse(m)  # a bad spec fails before the model loads
+    mode_list = [m.strip() for m in modes.split(",") if m.strip()]
+    if not mode_list or set(mode_list) - {"agnostic", "aware"}:
+        raise KvtierError(f"--modes {modes}: use agnostic and/or aware")
+    peer_list = [p.strip() for p in peers.split(",") if p.strip()]
+    if set(peer_list) - {"kvpress"}:
+        raise KvtierError(f"--peers {peers}: the retrieval peer is kvpress")
+    loaded = load(model, compute_dtype(dtype))
+    if cases:
+        todo = retrieval.read_cases(cases)
+    else:
+        todo = []
+        for task in [t.strip() for t in tasks.split(",") if t.strip()]:
+            hay = data.load_text("kjv") if task == "passkey" else retrieval.essays()
+            todo += retrieval.make_cases(loaded.tokenizer, task, hay, _ints(context, "--context"),
+                                         [float(d) for d in depths.split(",") if d.strip()], seed)
+    rows = retrieval.run(loaded, model, methods, todo, mode_list, max_new_tokens, chat)
+    if "kvpress" in peer_list:
+        rows += retrieval.run_kvpress(loaded.folder, model, methods, todo, mode_list, max_new_tokens, chat)
+    summary = retrieval.summary(rows)
+    report.show(report.retrieval_table(summary))
+    if json_path:
+        report.write_json(json_path, rows, summary=summary)
+    if plot:
+        report.retrieval_heatmap(plot, rows)
+
+
 @bench.command("offload")
 def bench_offload(
     model: ModelOpt = DEFAULT_MODEL,

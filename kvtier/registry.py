@@ -1,4 +1,4 @@
-"""Name registry for KV-cache methods (codecs now; selectors later).
+"""Name registry for KV-cache methods: codecs and selectors.
 
 A method is a dataclass whose fields are its parameters. Each field carries its help text
 and its bounds in ``metadata``; the spec parser, ``kvtier methods`` and the test matrix all
@@ -34,6 +34,7 @@ def register(cls: type[T]) -> type[T]:
 def methods() -> dict[str, type]:
     """All registered methods, by name (importing kvtier.kv registers the built-in ones)."""
     import kvtier.kv.codecs  # noqa: F401  (registers on import)
+    import kvtier.kv.selectors  # noqa: F401
     return dict(sorted(_METHODS.items()))
 
 

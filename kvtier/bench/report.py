@@ -199,3 +199,54 @@ def _save(fig, axes, path: str | Path, legend_inches: float) -> None:
         raise KvtierError(f"cannot write --plot {path}: {e.strerror}") from None
     finally:
         plt.close(fig)
+
+
+def retrieval_table(summary: list[dict]) -> Table:
+    t = Table(title="retrieval with a compressed cache (same cases; bytes held after compression vs dense)")
+    for col in ("model", "mode", "method", "correct", "accuracy", "bytes vs dense", "same outcome as kvpress"):
+        t.add_column(col, justify="left" if col in ("model", "mode", "method") else "right")
+    for s in sorted(summary, key=lambda s: (s["model"], s["mode"], s["peer"], -s["bytes_ratio"], s["method"])):
+        agree = f"{100 * s['agree_with_kvpress']:.0f}%" if "agree_with_kvpress" in s else "-"
+        t.add_row(s["model"], s["mode"], label(s), f"{s['correct']}/{s['cases']}",
+                  f"{100 * s['correct'] / s['cases']:.0f}%", f"{s['bytes_ratio']:.3f}", agree)
+    return t
+
+
+def retrieval_heatmap(path: str | Path, rows: list[dict]) -> None:
+    """Accuracy per needle depth (rows) and context length (columns), one panel per method and mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r["depth"] is not None]
+    panels = sorted({(r["mode"], label(r)) for r in rows})
+    if not panels:
+        raise KvtierError("--plot: these cases have no depth and length (a --cases file); nothing to draw")
+    depths = sorted({r["depth"] for r in rows})
+    lengths = sorted({r["context_tokens"] for r in rows})
+    cols = min(4, len(panels))
+    n_rows = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(n_rows, cols, figsize=(3.2 * cols, 2.6 * n_rows), squeeze=False)
+    for ax, (mode, name) in zip(axes.flat, panels):
+        grid = [[0.0] * len(lengths) for _ in depths]
+        for i, d in enumerate(depths):
+            for j, n in enumerate(lengths):
+                got = [r["correct"] for r in rows if (r["mode"], label(r)) == (mode, name)
+                       and r["depth"] == d and r["context_tokens"] == n]
+                grid[i][j] = sum(got) / len(got) if got else float("nan")
+        ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(len(lengths)), [f"{n // 1024}K" if n >= 1024 else str(n) for n in lengths], fontsize=7)
+        ax.set_yticks(range(len(depths)), [f"{d:g}%" for d in depths], fontsize=7)
+        ax.set_title(f"{name}\n{mode}", fontsize=6)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.supxlabel("context length")
+    fig.supylabel("needle depth")
+    fig.tight_layout()
+    try:
+        fig.savefig(path, dpi=110)
+    except OSError as e:
+        raise KvtierError(f"cannot write --plot {path}: {e.strerror}") from None
+    finally:
+        plt.close(fig)

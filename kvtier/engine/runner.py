@@ -10,9 +10,11 @@ from __future__ import annotations
 import torch
 
 from kvtier import spec as specs
+from kvtier.errors import KvtierError
 from kvtier.kv import calibration
 from kvtier.kv.cache import LayerKV, SeqKV
 from kvtier.kv.codecs.base import LayerContext
+from kvtier.kv.select import SelectKV
 from kvtier.kv.store import TierStore
 from kvtier.models.base import Batch
 
@@ -28,6 +30,10 @@ class ModelRunner:
         self.store = tiers if isinstance(tiers, TierStore) else TierStore(tiers, attend, device) if tiers else None
         if self.store:
             self.store.runner = self  # a recompute tier reruns this model
+        if len(self.spec.selectors) > 1:
+            raise KvtierError(f"spec {self.spec}: give one selector (then a codec), e.g. 'snapkv(ratio=0.5)+int(bits=4)'")
+        if self.spec.selectors and self.store:
+            raise KvtierError("token selectors do not run on a tiered store yet; drop --tiers or the selector")
         self.block_size, self.prefill_chunk = block_size, prefill_chunk
         self.dtype, self.device = model.dtype, device  # residual blocks in the compute dtype
         self.stats: list[dict] | None = None  # per-layer calibration, loaded when a codec needs it
@@ -39,10 +45,16 @@ class ModelRunner:
             self.stats = calibration.load(m)
         ropes = getattr(m, "ropes", [None] * m.n_layers)
         home = self.store.sequence() if self.store else None
-        cache = SeqKV([LayerKV(codec, m.n_kv, m.head_dim, self.block_size, window, self.dtype,
-                               self.device, LayerContext(i, m.n_kv, m.head_dim,
-                                                         self.stats and self.stats[i], ropes[i]), home)
-                       for i, window in enumerate(m.windows)], home)
+        layers = []
+        for i, window in enumerate(m.windows):
+            def make(c, rope, i=i, window=window):
+                ctx = LayerContext(i, m.n_kv, m.head_dim, self.stats and self.stats[i], rope)
+                return LayerKV(c, m.n_kv, m.head_dim, self.block_size, window, self.dtype, self.device, ctx, home)
+            if self.spec.selectors and window is None:  # a sliding layer already holds only its window
+                layers.append(SelectKV(self.spec.selectors[0], codec, make, ropes[i], self.dtype))
+            else:
+                layers.append(make(codec, ropes[i]))
+        cache = SeqKV(layers, home)
         cache.reserve(reserve)
         return cache
 
@@ -81,6 +93,10 @@ class ModelRunner:
                 out[i] = row
             todo = [(i, toks[done.get(i, 0):]) for i, toks in todo]
             todo = [(i, toks) for i, toks in todo if toks]
+        if any(len(c) > 1 for c in chunks):
+            for cache, toks in zip(caches, chunks):  # end of a prefill: selectors choose now
+                if len(toks) > 1:
+                    cache.compress()
         if len(caches) == 1 and caches[0].error is not None:
             raise caches[0].error  # one sequence: its failure is the caller's (a batch: LLM ends it)
         return torch.stack(out)

@@ -93,6 +93,12 @@ class LayerKV:
         self.first_block = 0       # index of the oldest held block
         self.length = 0            # tokens appended so far = position of the next token
 
+    def observe(self, q: torch.Tensor, scale: float) -> None:
+        """This step's queries, after their tokens were appended (a selector's layer uses them)."""
+
+    def compress(self) -> None:
+        """End of a prefill (a selector's layer keeps its choice here)."""
+
     def reserve(self, n_tokens: int) -> None:
         blocks = max(0, n_tokens - self.n_sinks) // self.block_size
         if self.window:
@@ -457,6 +463,11 @@ class SeqKV:
     def reserve(self, n_tokens: int) -> None:
         for layer in self.layers:
             layer.reserve(n_tokens)
+
+    def compress(self) -> None:
+        """End of a prefill: layers with a selector keep only the tokens it chooses."""
+        for layer in self.layers:
+            layer.compress()
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)

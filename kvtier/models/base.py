@@ -80,10 +80,16 @@ class Rope:
         """RoPE on ``x: (H, N, D)`` at positions ``start .. start + N - 1`` (``inverse`` undoes it).
 
         Used by codecs that store keys before RoPE; fp32 in, fp32 out."""
-        n = x.shape[1]
-        if start + n > self.table.shape[0]:
-            self._grow(start + n, x.device)
-        cos, sin = self.table[start:start + n, 0], self.table[start:start + n, 1]  # (N, D)
+        return self.rotate_at(x, torch.arange(start, start + x.shape[1], device=x.device), inverse)
+
+    def rotate_at(self, x: torch.Tensor, positions: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        """RoPE on ``x: (H, N, D)`` at ``positions``: ``(N,)``, or ``(H, N)`` when each head's
+        tokens sit at their own positions (a cache whose selector kept different tokens per head)."""
+        top = int(positions.max()) + 1 if positions.numel() else 0
+        if top > self.table.shape[0]:
+            self._grow(top, x.device)
+        cs = self.table[positions.long()]  # (..., N, 2, D)
+        cos, sin = cs[..., 0, :], cs[..., 1, :]
         if self.scaling != 1.0:  # the table holds scaled cos/sin; a rotation needs unit ones
             cos, sin = cos / self.scaling, sin / self.scaling
         half = x.shape[-1] // 2
@@ -167,6 +173,7 @@ class DecoderModel:
             outs.append(attend(qs, parts, start, scale, self.windows[i]).transpose(0, 1))
             if n > 1:
                 layer.append(ks, vs)
+            layer.observe(qs, scale)  # a selector's cache sees the queries
             off += n
         o = outs[0] if len(outs) == 1 else torch.cat(outs)
         return o.reshape(o.shape[0], -1)

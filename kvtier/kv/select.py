@@ -1,0 +1,158 @@
+"""A layer's cache whose tokens a selector chooses: eviction that really frees memory.
+
+During a prefill the layer holds every token in full precision (as kvpress does while it
+scores). At the end of the first prefill :meth:`SelectKV.compress` scores the tokens with the
+selector, keeps the top scorers of each KV head and encodes only those with the spec's codec,
+so the savings multiply (``snapkv(ratio=0.5)+rotatekv(bits=2)``). While decoding, the cache
+is held at that size: every ``slack`` new tokens it is compacted back to its target.
+
+Each KV head keeps its own tokens, so a layer holds them in a per-head order; their real
+positions are kept (int32, counted in the bytes) for codecs that store keys before RoPE and
+for the selectors. Attention sees the kept tokens as one run just before the newest token:
+every one of them is visible to every later query.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from kvtier.dtypes import DTYPES
+from kvtier.kv.cache import LayerKV, Part
+from kvtier.kv.codecs.base import Codec
+from kvtier.kv.codecs.dense import Dense
+from kvtier.kv.selectors.base import Selector, View, group_attention
+
+
+class _HeldPositions:
+    """The RoPE a codec inside :class:`SelectKV` sees: index ``i`` of the held tokens is
+    rotated at head h's real position ``pos[h, i]``, not at ``i``."""
+
+    def __init__(self, rope, owner: SelectKV):
+        self.rope, self.owner = rope, owner
+
+    def rotate(self, x: torch.Tensor, start: int, inverse: bool = False) -> torch.Tensor:
+        return self.rope.rotate_at(x, self.owner.pos[:, start: start + x.shape[1]], inverse)
+
+    def __getattr__(self, name):
+        return getattr(self.rope, name)
+
+
+class SelectKV:
+    """One layer of one sequence's cache with a selector in front of the codec.
+
+    make: builds an empty :class:`LayerKV` for a codec and a RoPE (the runner's settings).
+    slack: new tokens allowed above the target before a decode-time compaction.
+    """
+
+    def __init__(self, selector: Selector, codec: Codec, make: Callable[[Codec, object], LayerKV],
+                 rope, dtype: torch.dtype, slack: int = 64):
+        self.selector, self.codec, self.make, self.slack = selector, codec, make, slack
+        self.rope = _HeldPositions(rope, self) if rope is not None else None
+        staging = next(name for name, t in DTYPES.items() if t == dtype)
+        self.kv = make(Dense(dtype=staging), self.rope)  # every token, until the first compression
+        self.n_kv, self.head_dim, self.index = self.kv.n_kv, self.kv.head_dim, self.kv.index
+        self.window = None
+        self.pos = torch.empty((self.n_kv, 0), dtype=torch.int32)  # real position of each held token
+        self.acc = torch.empty((self.n_kv, 0)) if selector.accumulates else None
+        self.q: torch.Tensor | None = None  # the newest queries (selector.queries of them)
+        self.scale = 1.0
+        self.target: int | None = None  # tokens held after the first compression
+        self.length = 0
+
+    # what the model calls
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        t = k.shape[1]
+        new = torch.arange(self.length, self.length + t, dtype=torch.int32)
+        self.pos = torch.cat([self.pos, new.expand(self.n_kv, t)], 1)
+        if self.acc is not None:
+            self.acc = torch.cat([self.acc, self.acc.new_zeros(self.n_kv, t)], 1)
+        self.kv.append(k, v)
+        self.length += t
+
+    def parts(self) -> list[Part]:
+        """The held tokens, placed as the run just before the newest position."""
+        shift = self.length - self.kv.length
+        out = self.kv.parts()
+        for p in out:
+            p.start += shift
+        return out
+
+    def observe(self, q: torch.Tensor, scale: float) -> None:
+        """The layer's queries of this step ``(Hq, T, D)``, after their tokens were appended:
+        kept for the selector, attention received accumulated; compacts while decoding."""
+        self.scale = scale
+        want = self.selector.queries
+        if want:
+            q = q.detach()
+            self.q = q[:, -want:] if self.q is None else torch.cat([self.q, q], 1)[:, -want:]
+        if self.acc is not None:
+            k, _ = self._held()
+            t = q.shape[1]
+            w = group_attention(q * scale, k, torch.arange(self.length - t, self.length), self.pos)
+            self.acc += w.sum(2).mean(1)  # summed over the new queries, mean over the group's heads
+        if q.shape[1] == 1 and self.target is not None and self.kv.length > self.target + self.slack:
+            self._compact(self.target)
+
+    def compress(self) -> None:
+        """End of the first prefill: keep the selector's choice, encoded by the codec."""
+        if self.target is None and self.length:
+            self.target = self.selector.target(self.length)
+            self._compact(self.target)
+
+    def branch(self, src: SelectKV) -> None:
+        """Start from ``src``'s uncompressed state (tokens, positions, queries, accumulated
+        attention): one prefill, then each selector makes its own choice (benchmarks)."""
+        if src.target is not None and src.kv.length != src.length:
+            raise ValueError("branch from a layer that still holds every token")
+        k, v = src._held()
+        self.kv.append(k, v)
+        self.pos, self.length, self.scale = src.pos.clone(), src.length, src.scale
+        if self.acc is not None:
+            self.acc = src.acc.clone()
+        if self.selector.queries:
+            self.q = src.q[:, -self.selector.queries:].clone()
+
+    # the rest of the layer interface
+    def _held(self) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = self.kv.parts()
+        kv = [p.get() for p in parts]
+        return torch.cat([k for k, _ in kv], 1), torch.cat([v for _, v in kv], 1)
+
+    def _compact(self, n_keep: int) -> None:
+        k, v = self._held()
+        q = None if self.q is None else self.q * self.scale
+        scores = self.selector.score(View(k, v, self.pos, q, self.acc, self.length))
+        idx = scores.float().topk(n_keep, dim=-1).indices.sort(-1).values  # (Hkv, n_keep), in order
+        pick = idx[..., None].expand(-1, -1, k.shape[-1])
+        k, v = k.gather(1, pick), v.gather(1, pick)
+        self.pos = self.pos.gather(1, idx)
+        if self.acc is not None:
+            self.acc = self.acc.gather(1, idx)
+        self.kv.close()
+        self.kv = self.make(self.codec, self.rope)
+        self.kv.append(k, v)
+
+    @property
+    def n_held(self) -> int:
+        return self.kv.n_held
+
+    def reserve(self, n_tokens: int) -> None:
+        self.kv.reserve(n_tokens)
+
+    def close(self) -> None:
+        self.kv.close()
+
+    def n_elements(self) -> int:
+        """Key and value elements of every token seen (what a dense cache would hold), so bits
+        per element include what the selector saved."""
+        return 2 * self.length * self.n_kv * self.head_dim
+
+    def nbytes(self) -> int:
+        """Bytes held: the codec's blocks and buffers, each held token's position (int32), and
+        the selector's state (accumulated attention, the newest queries)."""
+        state = 4 * self.pos.numel()
+        state += 0 if self.acc is None else 4 * self.acc.numel()
+        state += 0 if self.q is None else self.q.numel() * self.q.element_size()
+        return self.kv.nbytes() + state

@@ -1,0 +1,9 @@
+"""Selectors: one file per token-eviction / selection method, registered by name on import."""
+
+from kvtier.kv.selectors.base import Selector
+from kvtier.kv.selectors.h2o import H2O
+from kvtier.kv.selectors.snapkv import SnapKV
+from kvtier.kv.selectors.tova import Tova
+from kvtier.kv.selectors.window import Window
+
+__all__ = ["H2O", "Selector", "SnapKV", "Tova", "Window"]

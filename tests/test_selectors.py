@@ -1,0 +1,163 @@
+"""Token selectors: kept tokens are the top scorers per KV head, budgets are exact, memory
+really falls (and multiplies with a codec), decode keeps the cache bounded, batches match
+one-at-a-time runs, and each selector's scores match a plain computation."""
+
+import pytest
+import torch
+from conftest import tokens
+
+from kvtier.engine import ModelRunner
+from kvtier.errors import KvtierError
+from kvtier.kv.select import SelectKV
+from kvtier.kv.selectors.base import group_attention
+
+SELECTORS = ["window(ratio=0.5)", "tova(ratio=0.5)", "snapkv(ratio=0.5,window=16)", "h2o(ratio=0.5)"]
+
+
+def spy(runner):
+    """Record, per selector layer, the scores and queries it used at each compaction."""
+    seen = []
+    sel = runner.spec.selectors[0]
+    score = type(sel).score
+
+    def recording(self, view):
+        out = score(self, view)
+        seen.append((view, out))
+        return out
+    return seen, recording
+
+
+def prefill(runner, toks):
+    cache = runner.new_cache()
+    logits = runner.run([cache], [toks])
+    return cache, logits
+
+
+@pytest.mark.parametrize("kv", SELECTORS)
+def test_kept_tokens_are_the_top_scorers_per_kv_head(llama, kv, monkeypatch):
+    runner = ModelRunner(llama, kv + "+dense(dtype=fp32)")
+    seen, recording = spy(runner)
+    monkeypatch.setattr(type(runner.spec.selectors[0]), "score", recording)
+    cache, _ = prefill(runner, tokens(300))
+    layers = [layer for layer in cache.layers if isinstance(layer, SelectKV)]
+    assert len(seen) == len(layers) == llama.n_layers
+    for layer, (view, scores) in zip(layers, seen):
+        assert layer.n_held == 150 and layer.pos.shape == (llama.n_kv, 150)  # budget exact
+        for h in range(llama.n_kv):
+            kept = set(layer.pos[h].tolist())
+            top = set(view.pos[h, scores[h].topk(150).indices].tolist())
+            assert kept == top
+        k_held, _ = layer._held()  # the kept keys are the original keys of those tokens
+        assert torch.equal(k_held, view.k.gather(1, layer.pos.long()[..., None].expand(-1, -1, view.k.shape[-1])))
+
+
+def test_ratio_zero_keeps_the_codec_logits(llama):
+    """Nothing evicted: the selector's layer is exactly the codec's cache (positions, parts, masks)."""
+    toks = tokens(340)
+    for codec in ["dense(dtype=fp32)", "int(bits=4,group=16)"]:
+        outs = []
+        for kv in [codec, "tova(ratio=0)+" + codec]:
+            runner = ModelRunner(llama, kv)
+            cache, first = prefill(runner, toks[:300])
+            steps = [runner.run([cache], [[t]]) for t in toks[300:340]]
+            outs.append(torch.cat([first, *steps]))
+        torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=0)
+
+
+def test_selector_scores_match_a_plain_computation(llama, monkeypatch):
+    toks = tokens(200)
+    queries = []
+    observe = SelectKV.observe
+    monkeypatch.setattr(SelectKV, "observe", lambda self, q, s: (queries.append((self.index, q * s)), observe(self, q, s)))
+    for kv in ["tova(ratio=0.5)", "snapkv(ratio=0.5,window=16,kernel=1)", "h2o(ratio=0.5)", "window(ratio=0.5,sinks=4)"]:
+        queries.clear()
+        runner = ModelRunner(llama, kv + "+dense(dtype=fp32)")
+        seen, recording = spy(runner)
+        monkeypatch.setattr(type(runner.spec.selectors[0]), "score", recording)
+        runner.run([runner.new_cache()], [toks[:120], ][:1])
+        view, scores = seen[0]  # layer 0
+        q = torch.cat([qq for i, qq in queries if i == 0], 1)  # every query of layer 0, (Hq, T, D)
+        g = q.shape[0] // view.k.shape[0]
+        s = torch.einsum("gtd,gnd->gtn", q, view.k.repeat_interleave(g, 0))
+        s = s.masked_fill(torch.ones(120, 120).triu(1).bool(), float("-inf")).softmax(-1)  # (Hq, T, n)
+        name = kv.split("(")[0]
+        if name == "tova":
+            ref = s[:, -1].mean(0).expand(view.k.shape[0], -1)
+            torch.testing.assert_close(scores[:, :-1], ref[:, :-1])
+        elif name == "snapkv":
+            ref = s[:, -16:].mean(1).reshape(-1, g, 120).mean(1)
+            torch.testing.assert_close(scores[:, :-16], ref[:, :-16])
+        elif name == "h2o":
+            ref = s.sum(1).reshape(-1, g, 120).mean(1) / torch.arange(120, 0, -1)
+            torch.testing.assert_close(scores, ref)
+        else:
+            kept = scores.topk(60).indices.sort().values
+            assert kept[0].tolist() == [0, 1, 2, 3] + list(range(64, 120))
+
+
+def test_group_attention_is_causal_by_position():
+    q, k = torch.randn(4, 3, 8), torch.randn(2, 5, 8)
+    w = group_attention(q, k, torch.tensor([2, 3, 4]), torch.tensor([[0, 1, 2, 3, 4]] * 2))
+    assert w.shape == (2, 2, 3, 5) and torch.all(w[:, :, 0, 3:] == 0)
+    torch.testing.assert_close(w.sum(-1), torch.ones(2, 2, 3))
+
+
+@pytest.mark.parametrize("codec", ["dense(dtype=fp32)", "int(bits=4,group=16)"])
+def test_bytes_fall_by_the_ratio_times_the_codec(llama, codec):
+    """Bytes held = the codec's bytes for the kept tokens (exactly) + positions + the newest query."""
+    toks = tokens(640)
+    full, _ = prefill(ModelRunner(llama, codec), toks)
+    for ratio in (0.5, 0.75):
+        kept = int(640 * (1 - ratio))
+        cache, _ = prefill(ModelRunner(llama, f"tova(ratio={ratio})+{codec}"), toks)
+        assert all(layer.n_held == kept for layer in cache.layers)
+        state = sum(4 * layer.pos.numel() + layer.q.numel() * 4 for layer in cache.layers)
+        same, _ = prefill(ModelRunner(llama, codec), toks[:kept])
+        assert cache.nbytes() - state == same.nbytes()
+        if codec.startswith("dense"):  # a codec's residual and sinks are a fixed cost at this size
+            assert cache.nbytes() == pytest.approx(full.nbytes() * (1 - ratio), rel=0.08)
+
+
+def test_decode_keeps_the_cache_at_its_budget(llama):
+    runner = ModelRunner(llama, "tova(budget=96)+int(bits=4,group=16)")
+    cache, logits = prefill(runner, tokens(200))
+    sizes = []
+    for _ in range(200):
+        logits = runner.run([cache], [[int(logits[0].argmax())]])
+        sizes.append(cache.layers[0].n_held)
+    assert max(sizes) <= 96 + 64 and sizes.count(96) >= 2 and cache.length == 400
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("kv", ["snapkv(ratio=0.5,window=16)+int(bits=4,group=16)", "h2o(budget=100)"])
+def test_batch_of_different_lengths_matches_one_at_a_time(llama, kv):
+    a, b = tokens(260, seed=1), tokens(180, seed=2)
+    runner = ModelRunner(llama, kv)
+    alone = []
+    for toks in (a, b):
+        cache, logits = prefill(runner, toks)
+        alone.append([logits] + [runner.run([cache], [[t]]) for t in range(5)])
+    caches = [runner.new_cache(), runner.new_cache()]
+    together = [[row] for row in runner.run(caches, [a, b])]
+    for t in range(5):
+        for out, row in zip(together, runner.run(caches, [[t], [t]])):
+            out.append(row)
+    for one, both in zip(alone, together):
+        torch.testing.assert_close(torch.stack(both), torch.cat(one), atol=1e-4, rtol=0)
+
+
+def test_sliding_layers_keep_their_window_and_global_layers_select(gemma):
+    cache, logits = prefill(ModelRunner(gemma, "snapkv(ratio=0.5,window=8)+dense(dtype=fp32)"), tokens(120))
+    kinds = [isinstance(layer, SelectKV) for layer in cache.layers]
+    assert kinds == [w is None for w in gemma.windows] and any(kinds) and not all(kinds)
+    assert all(layer.n_held == 60 for layer in cache.layers if isinstance(layer, SelectKV))
+    assert torch.isfinite(logits).all()
+
+
+def test_specs_that_cannot_run_are_refused(llama, tmp_path):
+    with pytest.raises(KvtierError, match="one selector"):
+        ModelRunner(llama, "tova(ratio=0.5)+window(ratio=0.5)+dense")
+    with pytest.raises(KvtierError, match="tiered store"):
+        ModelRunner(llama, "tova(ratio=0.5)", tiers="cpu:1MiB")
+    with pytest.raises(KvtierError, match="ratio"):
+        ModelRunner(llama, "tova(ratio=1.5)")
