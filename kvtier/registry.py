@@ -39,7 +39,8 @@ def methods() -> dict[str, type]:
 
 
 def params(cls: type) -> list[dataclasses.Field]:
-    return [f for f in dataclasses.fields(cls) if f.init]
+    """The fields declared with :func:`param` (other fields are a method's bound state)."""
+    return [f for f in dataclasses.fields(cls) if f.init and "help" in f.metadata]
 
 
 def describe(cls: type) -> str:

@@ -32,7 +32,7 @@ def _stats(k, v, rope):
             for f, fn in (("absmax", lambda x: x.abs().amax(1)), ("rms", lambda x: x.pow(2).mean(1).sqrt()))}
 
 
-@pytest.mark.parametrize("name", list(registry.methods()))
+@pytest.mark.parametrize("name", [n for n, c in registry.methods().items() if c.kind == "codec"])
 def test_fast_attention_equals_reference_on_the_stored_cache(name):
     layer, k, v = filled(name)
     q = torch.randn(6, 1, 64)
@@ -42,7 +42,10 @@ def test_fast_attention_equals_reference_on_the_stored_cache(name):
     torch.testing.assert_close(fast, ref, atol=2e-5, rtol=1e-4)
     exact = reference(q, [Part(k, v, 0)], layer.length - 1, 0.125)
     rel = (fast - exact).norm() / exact.norm()
-    bound = 0.7 if "bits=2" in spec.format_method(layer.codec) else 0.35  # Gaussian data
+    name = spec.format_method(layer.codec)
+    # Gaussian data; sparse drops half of each token's channels, which Gaussian data (no heavy
+    # channels, unlike real keys) feels most
+    bound = 0.7 if "bits=2" in name else 0.45 if name.startswith("sparse") else 0.35
     assert rel < bound, rel  # lossy, yet attention still reads the same history
 
 

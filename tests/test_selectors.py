@@ -161,3 +161,31 @@ def test_specs_that_cannot_run_are_refused(llama, tmp_path):
         ModelRunner(llama, "tova(ratio=0.5)", tiers="cpu:1MiB")
     with pytest.raises(KvtierError, match="ratio"):
         ModelRunner(llama, "tova(ratio=1.5)")
+
+
+def test_alisa_keeps_its_recent_window_and_rechooses_while_decoding(llama):
+    runner = ModelRunner(llama, "alisa(budget=80,local=0.5,every=8)+dense(dtype=fp32)")
+    cache, logits = prefill(runner, tokens(200))
+    for step in range(40):
+        logits = runner.run([cache], [[int(logits[0].argmax())]])
+        for layer in cache.layers:
+            assert layer.n_held <= 80 + 8
+            if layer.n_held == 80:  # just re-chosen: the newest 40 tokens are all there, every head
+                newest = set(range(cache.length - 40, cache.length))
+                assert all(newest <= set(row.tolist()) for row in layer.pos)
+
+
+def test_compresskv_calibrates_heads_and_spreads_the_budget_over_layers(llama):
+    from kvtier.kv.selectors.compresskv import calibration
+
+    cal = calibration(llama)
+    assert cal["retrieval"].shape == (llama.n_layers, llama.n_heads) and torch.all(cal["error"] > 0)
+    torch.testing.assert_close(calibration(llama)["retrieval"], cal["retrieval"])  # deterministic
+    runner = ModelRunner(llama, "compresskv(ratio=0.5,heads=1,spread=2)+dense(dtype=fp32)")
+    cache, logits = prefill(runner, tokens(400))
+    held = [layer.n_held for layer in cache.layers]
+    assert sum(held) == pytest.approx(200 * llama.n_layers, abs=llama.n_layers)  # the mean budget
+    assert all(100 <= h <= 400 for h in held)
+    bound = [layer.selector for layer in cache.layers]
+    assert all(int(s.weights.sum()) == 1 for s in bound)  # one retrieval head per layer
+    assert torch.isfinite(logits).all()

@@ -14,6 +14,7 @@ from kvtier.errors import KvtierError
 from kvtier.kv import calibration
 from kvtier.kv.cache import LayerKV, SeqKV
 from kvtier.kv.codecs.base import LayerContext
+from kvtier.kv.blockselect import BlockSelectKV
 from kvtier.kv.select import SelectKV
 from kvtier.kv.store import TierStore
 from kvtier.models.base import Batch
@@ -37,6 +38,7 @@ class ModelRunner:
         self.block_size, self.prefill_chunk = block_size, prefill_chunk
         self.dtype, self.device = model.dtype, device  # residual blocks in the compute dtype
         self.stats: list[dict] | None = None  # per-layer calibration, loaded when a codec needs it
+        self._selectors: dict = {}  # selectors bound to layers
 
     def new_cache(self, reserve: int = 0) -> SeqKV:
         """An empty cache for one sequence, with room for ``reserve`` tokens allocated up front."""
@@ -50,13 +52,25 @@ class ModelRunner:
             def make(c, rope, i=i, window=window):
                 ctx = LayerContext(i, m.n_kv, m.head_dim, self.stats and self.stats[i], rope)
                 return LayerKV(c, m.n_kv, m.head_dim, self.block_size, window, self.dtype, self.device, ctx, home)
-            if self.spec.selectors and window is None:  # a sliding layer already holds only its window
-                layers.append(SelectKV(self.spec.selectors[0], codec, make, ropes[i], self.dtype))
+            sel = self.spec.selectors[0] if self.spec.selectors and window is None else None
+            if sel is not None and getattr(sel, "sparse", False):  # reads some blocks, deletes none
+                ctx = LayerContext(i, m.n_kv, m.head_dim, self.stats and self.stats[i], ropes[i])
+                layers.append(BlockSelectKV(sel, codec, m.n_kv, m.head_dim, self.block_size, None,
+                                            self.dtype, self.device, ctx, home))
+            elif sel is not None:  # a sliding layer already holds only its window
+                layers.append(SelectKV(self._bound(sel, i), codec, make, ropes[i], self.dtype))
             else:
                 layers.append(make(codec, ropes[i]))
         cache = SeqKV(layers, home)
         cache.reserve(reserve)
         return cache
+
+    def _bound(self, selector, i: int):
+        """The selector bound to layer ``i`` (calibrated once per runner)."""
+        key = (id(selector), i)
+        if key not in self._selectors:
+            self._selectors[key] = selector.bind(self.model, i)
+        return self._selectors[key]
 
     def _forward(self, batch: Batch, logits: str = "last") -> torch.Tensor:
         """One forward through the model, with the tiered store's clock ticked before it; with

@@ -93,6 +93,10 @@ class LayerKV:
         self.first_block = 0       # index of the oldest held block
         self.length = 0            # tokens appended so far = position of the next token
 
+    def select(self, q: torch.Tensor) -> list[Part]:
+        """The parts a decode query ``(Hq, 1, D)`` (pre-scaled) attends: all of them here."""
+        return self.parts()
+
     def observe(self, q: torch.Tensor, scale: float) -> None:
         """This step's queries, after their tokens were appended (a selector's layer uses them)."""
 

@@ -48,7 +48,8 @@ class SelectKV:
 
     def __init__(self, selector: Selector, codec: Codec, make: Callable[[Codec, object], LayerKV],
                  rope, dtype: torch.dtype, slack: int = 64):
-        self.selector, self.codec, self.make, self.slack = selector, codec, make, slack
+        self.selector, self.codec, self.make = selector, codec, make
+        self.slack = getattr(selector, "slack", slack)
         self.rope = _HeldPositions(rope, self) if rope is not None else None
         staging = next(name for name, t in DTYPES.items() if t == dtype)
         self.kv = make(Dense(dtype=staging), self.rope)  # every token, until the first compression
@@ -78,6 +79,9 @@ class SelectKV:
         for p in out:
             p.start += shift
         return out
+
+    def select(self, q: torch.Tensor) -> list[Part]:
+        return self.parts()
 
     def observe(self, q: torch.Tensor, scale: float) -> None:
         """The layer's queries of this step ``(Hq, T, D)``, after their tokens were appended:
@@ -123,7 +127,7 @@ class SelectKV:
     def _compact(self, n_keep: int) -> None:
         k, v = self._held()
         q = None if self.q is None else self.q * self.scale
-        scores = self.selector.score(View(k, v, self.pos, q, self.acc, self.length))
+        scores = self.selector.score(View(k, v, self.pos, q, self.acc, self.length, n_keep))
         idx = scores.float().topk(n_keep, dim=-1).indices.sort(-1).values  # (Hkv, n_keep), in order
         pick = idx[..., None].expand(-1, -1, k.shape[-1])
         k, v = k.gather(1, pick), v.gather(1, pick)

@@ -167,7 +167,7 @@ class DecoderModel:
             qs, ks, vs = (t[off:off + n].transpose(0, 1) for t in (q, k, v))  # (H, n, D)
             if n == 1:  # decode: the new token joins the residual block, attention reads the cache
                 layer.append(ks, vs)
-                parts = layer.parts()
+                parts = layer.select(qs * scale)  # all blocks, unless a selector picks some
             else:       # prefill: the chunk attends to itself in full precision, then is stored
                 parts = layer.parts() + [Part(ks, vs, start)]
             outs.append(attend(qs, parts, start, scale, self.windows[i]).transpose(0, 1))

@@ -12,6 +12,7 @@ from kvtier.kv.codecs.nvfp4 import NvFp4
 from kvtier.kv.codecs.nvint4 import NvInt4
 from kvtier.kv.codecs.ovp import Ovp
 from kvtier.kv.codecs.rotatekv import RotateKV
+from kvtier.kv.codecs.sparse import Sparse
 
 __all__ = ["Codec", "Dense", "Int", "MxFp4", "MxFp8", "MxInt8", "NvFp4", "NvInt4", "RotateKV"]
-__all__ += ["Bfp", "LowRank", "Ovp"]
+__all__ += ["Bfp", "LowRank", "Ovp", "Sparse"]

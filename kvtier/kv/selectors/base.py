@@ -24,7 +24,8 @@ class View:
     k, v: ``(Hkv, n, D)``; pos: ``(Hkv, n)`` each token's position in the sequence; q: the
     newest queries ``(Hq, w, D)`` (post-RoPE, at positions ``length - w ..``), pre-scaled by
     ``1/sqrt(D)``; acc: ``(Hkv, n)`` attention each token received from every query so far
-    (mean over the heads of its group), or None unless the selector ``accumulates``.
+    (mean over the heads of its group), or None unless the selector ``accumulates``; keep: how
+    many tokens per KV head will be kept.
     """
 
     k: torch.Tensor
@@ -33,6 +34,7 @@ class View:
     q: torch.Tensor | None
     acc: torch.Tensor | None
     length: int
+    keep: int = 0
 
 
 class Selector:
@@ -46,6 +48,10 @@ class Selector:
 
     ratio: float
     budget: int
+
+    def bind(self, model, index: int) -> Selector:
+        """The selector as used by layer ``index`` of ``model`` (calibrated state); default: itself."""
+        return self
 
     def target(self, n: int) -> int:
         """Tokens to keep out of ``n`` (the length at the first compression)."""

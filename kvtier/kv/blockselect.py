@@ -1,0 +1,105 @@
+"""A layer's cache that reads only some blocks per decode step (Quest / NOSA style).
+
+Every block keeps the channel-wise min and max of its keys (post-RoPE, fp16, counted in the
+bytes). At each decode step the selector picks, per KV head, the blocks whose bounds promise
+the highest scores for the current query; attention reads those blocks plus the sinks and
+the residual. Nothing is deleted, so a later step can pick any block again. Prefill reads
+every block.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvtier.kv.cache import LayerKV, Part
+
+
+class BlockSelectKV(LayerKV):
+    """``LayerKV`` plus per-block key bounds and a per-step block choice."""
+
+    def __init__(self, selector, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.selector = selector
+        self.bounds = torch.empty((self.n_kv, 0, 2, self.head_dim), dtype=torch.float16)
+        self.picked: torch.Tensor | None = None  # (Hkv, k) blocks read at the last decode step
+        self.read_bytes = 0  # bytes of blocks and bounds read at the last decode step
+        self.reused = 0.0    # share of the last step's blocks that the step before read too
+        self.q: torch.Tensor | None = None  # the newest queries (a selector with a query-agnostic part)
+        self.rank: torch.Tensor | None = None  # (Hkv, n_blocks) query-agnostic block scores
+
+    def _seal(self, k: torch.Tensor, v: torch.Tensor, pos: int) -> None:
+        b = torch.stack([k.amin(2), k.amax(2)], 2).to(torch.float16)  # (Hkv, n, 2, D)
+        self.bounds = torch.cat([self.bounds, b], 1)
+        super()._seal(k, v, pos)
+
+    def select(self, q: torch.Tensor) -> list[Part]:
+        """The parts one decode query ``(Hq, 1, D)`` (pre-scaled) attends: the sinks, each KV
+        head's chosen blocks, the residual."""
+        n = len(self.slots)
+        if n == 0 or self.selector.n_blocks(n) >= n:
+            self.picked, self.read_bytes = None, n * self.pool.slot_bytes()
+            return self.parts()
+        fixed = None
+        if self.rank is not None:
+            if self.rank.shape[1] < n:  # blocks sealed since the prompt: ranked as the best so far
+                top = self.rank.amax(1, keepdim=True).expand(-1, n - self.rank.shape[1])
+                self.rank = torch.cat([self.rank, top], 1)
+            fixed = self.selector.fixed(self.rank, n)
+        idx = self.selector.pick(q.reshape(self.n_kv, -1, q.shape[-1]), self.bounds, fixed)
+        if self.picked is not None and self.picked.shape == idx.shape:
+            same = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(idx, self.picked))
+            self.reused = same / idx.numel()
+        self.picked = idx
+        self.read_bytes = idx.numel() * (self.pool.slot_bytes() // self.n_kv) + self.bounds.numel() * 2
+        sinks, residual = [], []
+        n_sink = min(self.length, self.n_sinks)
+        if n_sink:
+            sinks.append(Part(self.sink_k[:, :n_sink].to(self.dtype), self.sink_v[:, :n_sink].to(self.dtype), 0))
+        if self.n_residual:
+            r = self.n_residual
+            residual.append(Part(self.residual_k[:, :r].to(self.dtype), self.residual_v[:, :r].to(self.dtype),
+                                 self.length - r))
+        return sinks + [self._gathered(idx)] + residual
+
+    def observe(self, q: torch.Tensor, scale: float) -> None:
+        want = getattr(self.selector, "queries", 0)
+        if want and q.shape[1] > 1:  # the prompt's last queries
+            q = q.detach() * scale
+            self.q = q[:, -want:] if self.q is None else torch.cat([self.q, q], 1)[:, -want:]
+
+    def compress(self) -> None:
+        """End of the prompt: rank the blocks for the query-agnostic part, once."""
+        if self.q is None or self.rank is not None or not self.slots:
+            return
+        k, _ = self.pool.read(self.slots, torch.float32)
+        if self.codec.pre_rope:
+            k = self.rope.rotate(k, self.block_start(self.first_block))
+        self.rank = self.selector.rank(self.q, k, self.length, self.block_size, self.block_start(self.first_block))
+        self.q = None
+
+    def _gathered(self, idx: torch.Tensor) -> Part:
+        """One part holding, for each KV head, its own chosen blocks."""
+        slots = torch.tensor(self.slots)[idx]  # (Hkv, k) pool slots
+        fields = {name: torch.stack([t[h, slots[h]] for h in range(self.n_kv)])
+                  for name, t in self.pool.data.items()}
+        k_blocks = idx.shape[1]
+        start = self.block_start(self.first_block)
+
+        def load():
+            k, v = self.codec.decode(fields, self.dtype)
+            if self.codec.pre_rope:  # each head's blocks sit at their own positions
+                pos = (self.block_start(self.first_block) + idx[..., None] * self.block_size
+                       + torch.arange(self.block_size)).reshape(self.n_kv, -1)
+                k = self.rope.rotate_at(k.float(), pos).to(self.dtype)
+            return k, v
+        score = None
+        if self.scores and not self.codec.pre_rope:
+            def score(q):
+                return self.codec.attend(q, fields)
+        return Part.encoded(start, k_blocks * self.block_size, self.n_kv, load, score)
+
+    def nbytes(self) -> int:
+        """The blocks and buffers, the key bounds and the query-agnostic ranking."""
+        extra = 0 if self.rank is None else 4 * self.rank.numel()
+        extra += 0 if self.q is None else self.q.numel() * self.q.element_size()
+        return super().nbytes() + self.bounds.numel() * self.bounds.element_size() + extra

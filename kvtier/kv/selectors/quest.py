@@ -1,0 +1,46 @@
+"""``quest``: Quest — each decode step attends only the blocks whose key bounds promise the
+highest scores for the current query; nothing is deleted."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from kvtier.kv.selectors.base import Selector
+from kvtier.registry import param, register
+
+
+@register
+@dataclass(frozen=True)
+class Quest(Selector):
+    """Quest: per-block key bounds; each step reads the top blocks per KV head (block-sparse attention)."""
+
+    name = "quest"
+    sparse = True  # chooses blocks per step, deletes nothing
+    top_blocks: int = param(0, "blocks read per step and KV head (0: use share)", min=0)
+    share: float = param(0.125, "share of the held blocks read per step (when top_blocks is 0)",
+                         min=0.0, max=1.0)
+    sink_block: bool = param(True, "always read the first block (it holds the attention sinks)")
+    ratio = 0.0
+    budget = 0
+
+    def n_blocks(self, held: int) -> int:
+        """Blocks to read out of ``held``."""
+        n = self.top_blocks or math.ceil(self.share * held)
+        return max(1, min(held, n))
+
+    def pick(self, q: torch.Tensor, bounds: torch.Tensor, fixed: torch.Tensor | None = None) -> torch.Tensor:
+        """Block indices ``(Hkv, k)``, ascending, for pre-scaled queries ``q: (Hkv, G, D)`` and
+        key bounds ``(Hkv, n, 2, D)`` (channel min, max): the highest upper bound of q . k over
+        the block, the best of the group's query heads."""
+        lo, hi = bounds[:, :, 0].float(), bounds[:, :, 1].float()  # (Hkv, n, D)
+        qf = q.float()[:, :, None, :]  # (Hkv, G, 1, D)
+        upper = torch.maximum(qf * lo[:, None], qf * hi[:, None]).sum(-1).amax(1)  # (Hkv, n)
+        if self.sink_block:
+            upper[:, 0] = float("inf")
+        if fixed is not None:
+            upper = torch.where(fixed, torch.full_like(upper, float("inf")), upper)
+        k = self.n_blocks(upper.shape[1])
+        return upper.topk(k, dim=-1).indices.sort(-1).values

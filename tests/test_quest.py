@@ -1,0 +1,101 @@
+"""Block-sparse attention (quest): bounds hold, the chosen blocks are the top bounds per KV
+head, attention over them equals masked reference attention, reading all blocks is exact."""
+
+import pytest
+import torch
+from conftest import tokens
+
+from kvtier.attention.blockwise import attend
+from kvtier.engine import ModelRunner
+from kvtier.kv.blockselect import BlockSelectKV
+from kvtier.kv.codecs.base import LayerContext
+from kvtier.kv.codecs.dense import Dense
+from kvtier.kv.selectors.quest import Quest
+
+
+def layer_with(n_tokens, quest, codec=None, n_kv=2, d=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    layer = BlockSelectKV(quest, codec or Dense(dtype="fp32"), n_kv, d, 16, None, torch.float32, "cpu",
+                          LayerContext(0, n_kv, d))
+    k, v = torch.randn(n_kv, n_tokens, d, generator=g), torch.randn(n_kv, n_tokens, d, generator=g)
+    k[:, 40:48] += 3.0  # some blocks stand out
+    layer.append(k, v)
+    return layer, k, v
+
+
+def test_bounds_hold_for_every_key():
+    layer, k, _ = layer_with(160, Quest(top_blocks=2))
+    q = torch.randn(2, 3, 32)
+    lo, hi = layer.bounds[:, :, 0].float(), layer.bounds[:, :, 1].float()
+    upper = torch.maximum(q[:, :, None] * lo[:, None], q[:, :, None] * hi[:, None]).sum(-1)  # (Hkv, G, n)
+    true = torch.einsum("hgd,hnd->hgn", q, k[:, :160]).reshape(2, 3, 10, 16).amax(-1)
+    assert torch.all(true <= upper + 1e-2)
+
+
+@pytest.mark.parametrize("sink", [True, False])
+def test_picked_blocks_are_the_top_bounds_per_kv_head(sink):
+    quest = Quest(top_blocks=3, sink_block=sink)
+    layer, _, _ = layer_with(200, quest)
+    q = torch.randn(6, 1, 32)
+    layer.select(q)
+    for h in range(2):
+        lo, hi = layer.bounds[h, :, 0].float(), layer.bounds[h, :, 1].float()
+        ub = torch.stack([torch.maximum(q[h * 3 + j, 0] * lo, q[h * 3 + j, 0] * hi).sum(-1) for j in range(3)]).amax(0)
+        if sink:
+            ub[0] = float("inf")
+        assert layer.picked[h].tolist() == sorted(ub.topk(3).indices.tolist())
+
+
+def test_attention_over_picked_blocks_equals_masked_reference():
+    layer, k, v = layer_with(200, Quest(top_blocks=4))  # 12 blocks + 8 residual tokens
+    q = torch.randn(6, 1, 32) * 0.3
+    out = attend(q, layer.select(q), 199, 1.0)
+    keep = torch.zeros(2, 200, dtype=torch.bool)
+    keep[:, 192:] = True  # the residual
+    for h in range(2):
+        for b in layer.picked[h].tolist():
+            keep[h, b * 16:(b + 1) * 16] = True
+    s = torch.einsum("htd,hnd->htn", q.reshape(2, 3, 32), k)
+    p = s.masked_fill(~keep[:, None], float("-inf")).softmax(-1)
+    ref = torch.einsum("htn,hnd->htd", p, v).reshape(6, 1, 32)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    assert layer.read_bytes < layer.nbytes() / 2
+
+
+def test_reading_every_block_gives_the_codec_logits(llama):
+    toks = tokens(300)
+    outs = []
+    for kv in ["int(bits=4,group=16)", "quest(share=1.0)+int(bits=4,group=16)"]:
+        runner = ModelRunner(llama, kv)
+        cache = runner.new_cache()
+        out = [runner.run([cache], [toks[:260]])] + [runner.run([cache], [[t]]) for t in toks[260:]]
+        outs.append(torch.cat(out))
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=0)
+
+
+def test_a_small_share_reads_a_small_share_and_stays_finite(llama):
+    runner = ModelRunner(llama, "quest(share=0.125)+int(bits=4,group=16)")
+    cache = runner.new_cache()
+    logits = runner.run([cache], [tokens(400)])
+    for t in range(8):
+        logits = runner.run([cache], [[t]])
+    layers = [layer for layer in cache.layers if isinstance(layer, BlockSelectKV)]
+    assert layers and all(layer.picked.shape[1] == 1 for layer in layers)  # ceil(0.125 * 6) blocks
+    assert torch.isfinite(logits).all()
+
+
+def test_nosa_keeps_its_query_agnostic_blocks_from_step_to_step(llama):
+    runner = ModelRunner(llama, "nosa(top_blocks=4,agnostic=0.5,window=16)+dense(dtype=fp32)")
+    runner.block_size = 16
+    cache = runner.new_cache()
+    logits = runner.run([cache], [tokens(400)])
+    layers = [layer for layer in cache.layers if isinstance(layer, BlockSelectKV)]
+    assert all(layer.rank is not None and layer.rank.shape == (llama.n_kv, 25) for layer in layers)
+    fixed = [layer.selector.fixed(layer.rank, 25) for layer in layers]
+    for t in range(6):
+        logits = runner.run([cache], [[t]])
+        for layer, f in zip(layers, fixed):  # the agnostic blocks are read at every step
+            for h in range(llama.n_kv):
+                assert set(f[h].nonzero().flatten().tolist()) <= set(layer.picked[h].tolist())
+    assert all(layer.reused >= 0.5 for layer in layers)
+    assert torch.isfinite(logits).all()
