@@ -18,7 +18,7 @@ def test_keeps_each_tokens_largest_channels_bit_exactly():
         top = x.abs().topk(16, -1).indices
         assert torch.equal(mask, torch.zeros_like(mask).scatter_(-1, top, True))
         assert torch.equal(enc[name + "_val"], x[mask].reshape(2, 3, 16, 16).half())
-    dk, dv = codec.decode(enc, torch.float32)
+    dk, _ = codec.decode(enc, torch.float32)
     assert torch.equal(dk.reshape(k.shape), torch.where(unpack(enc["k_map"], 1).bool(), k.half().float(), 0))
 
 
@@ -35,6 +35,6 @@ def test_attention_on_the_compressed_form_equals_attention_on_the_decoded_blocks
     k, v = torch.randn(3, 4, 64, 128), torch.randn(3, 4, 64, 128)
     enc = codec.encode(k, v)
     q = torch.randn(3, 6, 128) / 128 ** 0.5
-    m, l, o = codec.attend(q, enc)
-    m2, l2, o2 = partial(q, *codec.decode(enc, torch.float32), None)
+    _, l, o = codec.attend(q, enc)
+    _, l2, o2 = partial(q, *codec.decode(enc, torch.float32), None)
     torch.testing.assert_close(o / l, o2 / l2, atol=1e-5, rtol=1e-4)

@@ -12,9 +12,9 @@ import torch
 from kvtier import spec as specs
 from kvtier.errors import KvtierError
 from kvtier.kv import calibration
+from kvtier.kv.blockselect import BlockSelectKV
 from kvtier.kv.cache import LayerKV, SeqKV
 from kvtier.kv.codecs.base import LayerContext
-from kvtier.kv.blockselect import BlockSelectKV
 from kvtier.kv.select import SelectKV
 from kvtier.kv.store import TierStore
 from kvtier.models.base import Batch

@@ -1,7 +1,6 @@
 """Selectors: one file per token-eviction / selection method, registered by name on import."""
 
 from kvtier.kv.selectors.alisa import Alisa
-
 from kvtier.kv.selectors.base import Selector
 from kvtier.kv.selectors.compresskv import CompressKV
 from kvtier.kv.selectors.h2o import H2O
@@ -11,4 +10,4 @@ from kvtier.kv.selectors.snapkv import SnapKV
 from kvtier.kv.selectors.tova import Tova
 from kvtier.kv.selectors.window import Window
 
-__all__ = ["Alisa", "CompressKV", "H2O", "Nosa", "Quest", "Selector", "SnapKV", "Tova", "Window"]
+__all__ = ["H2O", "Alisa", "CompressKV", "Nosa", "Quest", "Selector", "SnapKV", "Tova", "Window"]

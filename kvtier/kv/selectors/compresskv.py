@@ -86,7 +86,7 @@ def calibration(model) -> dict[str, torch.Tensor]:
     if path is not None and path.exists():
         try:
             return load_file(path)
-        except Exception:  # a damaged file is recomputed, never trusted
+        except Exception:  # noqa: BLE001  (a damaged file is recomputed, never trusted)
             path.unlink(missing_ok=True)
     with status(f"calibrating compresskv's retrieval heads on {len(cases)} prompts (once per model)"):
         cal = _measure(model, cases)
