@@ -189,3 +189,39 @@ def test_compresskv_calibrates_heads_and_spreads_the_budget_over_layers(llama):
     bound = [layer.selector for layer in cache.layers]
     assert all(int(s.weights.sum()) == 1 for s in bound)  # one retrieval head per layer
     assert torch.isfinite(logits).all()
+
+
+def test_merged_entries_preserve_attention_mass():
+    from kvtier.attention.blockwise import partial
+    from kvtier.kv.selectors.elastic import merge
+
+    g = torch.Generator().manual_seed(0)
+    hkv, n, d = 2, 40, 16
+    anchors = torch.randn(hkv, 10, d, generator=g)
+    k = anchors.repeat_interleave(4, 1)  # each run of 4 tokens shares its anchor's key
+    v = torch.randn(hkv, n, d, generator=g)
+    pos = torch.arange(n).expand(hkv, -1)
+    keep = (torch.arange(10) * 4 + 1).expand(hkv, -1)  # one kept token per run, the others merge into it
+    km, vm, _, bias = merge(k, v, pos, torch.zeros(hkv, n), keep)
+    assert km.shape == (hkv, 10, d) and torch.allclose(bias.exp(), torch.full((hkv, 10), 4.0))
+    q = torch.randn(hkv, 3, d, generator=g)
+    m1, l1, o1 = partial(q, k, v, None)
+    m2, l2, o2 = partial(q, km, vm, None, bias)
+    torch.testing.assert_close(l2 * torch.exp(m2 - m1), l1)  # the same total attention mass
+    torch.testing.assert_close(o2 / l2, o1 / l1)  # and the same output
+
+
+def test_elastic_merges_to_its_budget_and_runs_decode_and_a_second_prefill(llama):
+    toks = tokens(300)
+    runner = ModelRunner(llama, "elastic(ratio=0)+dense(dtype=fp32)")
+    _, a = prefill(runner, toks)
+    _, b = prefill(ModelRunner(llama, "dense(dtype=fp32)"), toks)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    runner = ModelRunner(llama, "elastic(ratio=0.5)+int(bits=4,group=16)")
+    cache, logits = prefill(runner, toks[:200])
+    assert all(layer.n_held == 100 for layer in cache.layers)
+    assert all(torch.isclose(layer.bias.exp().sum(1), torch.tensor(200.0)).all() for layer in cache.layers)
+    logits = runner.run([cache], [toks[200:230]])  # a second prefill over merged entries
+    for t in toks[230:240]:
+        logits = runner.run([cache], [[t]])
+    assert torch.isfinite(logits).all()

@@ -38,14 +38,16 @@ def visible(q_start: int, t: int, k_start: int, n: int, window: int | None,
     return mask
 
 
-def partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None):
-    """Softmax pieces of one group. q ``(Hkv, G*T, D)`` pre-scaled, rows ordered (g, t).
+def partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+            bias: torch.Tensor | None = None):
+    """Softmax pieces of one group. q ``(Hkv, G*T, D)`` pre-scaled, rows ordered (g, t);
+    ``bias`` ``(Hkv, N)`` is added to every row's scores (a merged key counts for several).
 
     Returns m, l ``(Hkv, G*T, 1)`` and o ``(Hkv, G*T, D)``.
     """
     if k.shape[1] <= SMALL and q.dtype != torch.float32:  # tiny groups: fp32 kernels are faster
         q, k, v = q.float(), k.float(), v.float()
-    if (mask is None and k.shape[1] >= LONG and q.dtype != torch.float32 and q.device.type == "cpu"
+    if (mask is None and bias is None and k.shape[1] >= LONG and q.dtype != torch.float32 and q.device.type == "cpu"
             and _FLASH is not None and k.dtype == q.dtype):
         # long reduced-precision runs on the CPU: torch's flash kernel, 2x faster than the matmuls;
         # its normalised output with l = 1 and m = its log-sum-exp is the same piece
@@ -53,6 +55,8 @@ def partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
         lse = lse[0].unsqueeze(-1)
         return lse, torch.ones_like(lse), o[0].float()
     s = _scores(q, k).float()  # (Hkv, G*T, N); softmax statistics in fp32
+    if bias is not None:
+        s = s + bias[:, None, :].to(s.device)
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
     m = s.amax(-1, keepdim=True)
@@ -106,7 +110,8 @@ def reference(q: torch.Tensor, parts: list[Part], q_start: int, scale: float,
         for i in range(0, part.n, group):
             k, v = pk[:, i:i + group], pv[:, i:i + group]
             mask = visible(q_start, t, part.start + i, k.shape[1], window, q.device)
-            pieces.append(partial(qg, k, v, None if mask is None else mask.repeat(g, 1)))
+            bias = None if part.bias is None else part.bias[:, i:i + group]
+            pieces.append(partial(qg, k, v, None if mask is None else mask.repeat(g, 1), bias))
     return _ungroup(merge(pieces), hq, t).to(q.dtype)
 
 
@@ -133,7 +138,7 @@ def attend(q: torch.Tensor, parts: list[Part], q_start: int, scale: float,
             piece = p.score(qd) if p.score is not None and mask is None else None
             if piece is None:  # decode this group, attend, let it go
                 k, v = p.get()
-                piece = partial(qd, k, v, mask)
+                piece = partial(qd, k, v, mask, p.bias)
             pieces.append(piece)
             if p.done is not None:
                 p.done()
@@ -142,6 +147,8 @@ def attend(q: torch.Tensor, parts: list[Part], q_start: int, scale: float,
         pieces = [tuple(x.to(q.device) for x in piece) for piece in pieces]
         return _ungroup(merge(pieces), hq, t).to(q.dtype)
     try:
+        if any(p.bias is not None for p in parts):  # merged keys: pieces with their bias
+            return reference(q, parts, q_start, scale, window, group=1 << 30)
         return _prefill(q, parts, q_start, scale, window)
     finally:
         for p in parts:

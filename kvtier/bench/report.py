@@ -203,12 +203,14 @@ def _save(fig, axes, path: str | Path, legend_inches: float) -> None:
 
 def retrieval_table(summary: list[dict]) -> Table:
     t = Table(title="retrieval with a compressed cache (same cases; bytes held after compression vs dense)")
-    for col in ("model", "mode", "method", "correct", "accuracy", "bytes vs dense", "same outcome as kvpress"):
+    for col in ("model", "mode", "method", "correct", "accuracy", "bytes vs dense", "read/step",
+                "same outcome as kvpress"):
         t.add_column(col, justify="left" if col in ("model", "mode", "method") else "right")
     for s in sorted(summary, key=lambda s: (s["model"], s["mode"], s["peer"], -s["bytes_ratio"], s["method"])):
         agree = f"{100 * s['agree_with_kvpress']:.0f}%" if "agree_with_kvpress" in s else "-"
         t.add_row(s["model"], s["mode"], label(s), f"{s['correct']}/{s['cases']}",
-                  f"{100 * s['correct'] / s['cases']:.0f}%", f"{s['bytes_ratio']:.3f}", agree)
+                  f"{100 * s['correct'] / s['cases']:.0f}%", f"{s['bytes_ratio']:.3f}",
+                  f"{s['read_share']:.3f}" if "read_share" in s else "-", agree)
     return t
 
 

@@ -33,6 +33,8 @@ import torch
 from kvtier import spec as specs
 from kvtier.engine import ModelRunner
 from kvtier.errors import KvtierError
+from kvtier.kv.blockselect import BlockSelectKV
+from kvtier.kv.cache import LayerKV
 from kvtier.kv.codecs.dense import Dense
 from kvtier.kv.select import SelectKV
 from kvtier.kv.selectors.base import Selector
@@ -42,10 +44,6 @@ WORDS = ["amber", "bright", "copper", "distant", "eager", "frozen", "golden", "h
          "jagged", "lunar", "marble", "narrow", "olive", "purple", "quiet", "rusty", "silver"]
 NOUNS = ["harbor", "lantern", "meadow", "falcon", "orchard", "glacier", "compass", "violin",
          "canyon", "beacon", "thicket", "quarry", "river", "saddle", "tower", "willow"]
-
-
-INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. "
-         "Find it and memorize it. I will quiz you about it.\n")
 
 
 def essays() -> str:
@@ -79,7 +77,7 @@ def make_cases(tokenizer, task: str, haystack: str, contexts: list[int], depths:
                 lead = f"The special magic number for {word} mentioned in the provided text is"
             else:
                 raise KvtierError(f"unknown task {task!r}: use passkey or needle")
-            room = n - len(tokenizer(INTRO + fact + question + lead, add_special_tokens=False).input_ids) - 40
+            room = n - len(tokenizer(fact + question + lead, add_special_tokens=False).input_ids) - 40
             if room < 64 or len(ids) < room:
                 raise KvtierError(f"--context {n} is too short for a {task} case (or the haystack too small)")
             at = rng.randrange(0, len(ids) - room + 1)
@@ -88,7 +86,7 @@ def make_cases(tokenizer, task: str, haystack: str, contexts: list[int], depths:
             stop = text.find(". ", cut)  # the fact goes between two sentences
             cut = len(text) if depth >= 100 or stop < 0 else stop + 1
             cases.append({"task": task, "context_tokens": n, "depth": depth,
-                          "context": INTRO + text[:cut] + fact + text[cut:] + "\n",
+                          "context": text[:cut] + fact + text[cut:] + "\n",
                           "question": question, "answer_prefix": lead, "answer": key})
     return cases
 
@@ -166,7 +164,7 @@ def _branch(runner: ModelRunner, record):
     for i, (dst, src) in enumerate(zip(cache.layers, record.layers)):
         if isinstance(dst, SelectKV):
             dst.branch(src)
-        elif dst.codec == src.codec:
+        elif type(dst) is LayerKV and dst.codec == src.codec:
             cache.layers[i] = copy.deepcopy(src)
         else:
             cache.close()
@@ -225,13 +223,25 @@ def run(loaded, model_name: str, methods: list[str], cases: list[dict], modes: l
                     held = cache.nbytes()
                     try:
                         ids = _answer(runner, cache, rest, eos, max_new_tokens)
+                        read = _read_share(cache)
                     finally:
                         cache.close()
                     text = tok.decode(ids, skip_special_tokens=True)
-                    rows.append(_row(label, model_name, mode, i, case, text, held, dense))
+                    rows.append(_row(label, model_name, mode, i, case, text, held, dense)
+                                | ({"read_share": read} if read is not None else {}))
                 record.close()
                 step(1)
     return rows
+
+
+def _read_share(cache) -> float | None:
+    """With block-sparse attention: the share of the KV bytes the last decode step read
+    (blocks chosen, their key bounds, sinks and residual excluded), else None."""
+    layers = [layer for layer in cache.layers if isinstance(layer, BlockSelectKV)]
+    if not layers:
+        return None
+    held = sum(len(layer.slots) * layer.pool.slot_bytes() for layer in layers)
+    return sum(layer.read_bytes for layer in layers) / max(held, 1)
 
 
 def _row(label, model_name, mode, i, case, text, held, dense, peer=False) -> dict:
@@ -252,6 +262,8 @@ def summary(rows: list[dict]) -> list[dict]:
         s = {"model": model, "method": method, "mode": mode, "cases": len(rs),
              "correct": sum(r["correct"] for r in rs),
              "bytes_ratio": sum(r["bytes_ratio"] for r in rs) / len(rs), "peer": bool(rs[0].get("peer"))}
+        if "read_share" in rs[0]:
+            s["read_share"] = sum(r["read_share"] for r in rs) / len(rs)
         twin = groups.get((model, "kvpress:" + method, mode))
         if twin:
             same = {r["case"]: r["correct"] for r in twin}

@@ -39,6 +39,7 @@ class Part:
         self.load: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
         self.score: Callable | None = None  # q -> softmax pieces on the encoded form (Codec.attend)
         self.done: Callable[[], None] | None = None  # attention has finished with this part
+        self.bias: torch.Tensor | None = None  # (Hkv, n) added to the scores: log of merged tokens' count
 
     @classmethod
     def encoded(cls, start: int, n: int, n_kv: int, load: Callable, score: Callable | None) -> Part:

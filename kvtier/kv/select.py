@@ -23,6 +23,7 @@ from kvtier.kv.cache import LayerKV, Part
 from kvtier.kv.codecs.base import Codec
 from kvtier.kv.codecs.dense import Dense
 from kvtier.kv.selectors.base import Selector, View, group_attention
+from kvtier.kv.selectors.elastic import merge
 
 
 class _HeldPositions:
@@ -57,6 +58,8 @@ class SelectKV:
         self.window = None
         self.pos = torch.empty((self.n_kv, 0), dtype=torch.int32)  # real position of each held token
         self.acc = torch.empty((self.n_kv, 0)) if selector.accumulates else None
+        # log of how many tokens each held entry stands for (a selector that merges)
+        self.bias = torch.empty((self.n_kv, 0)) if getattr(selector, "merges", False) else None
         self.q: torch.Tensor | None = None  # the newest queries (selector.queries of them)
         self.scale = 1.0
         self.target: int | None = None  # tokens held after the first compression
@@ -69,6 +72,8 @@ class SelectKV:
         self.pos = torch.cat([self.pos, new.expand(self.n_kv, t)], 1)
         if self.acc is not None:
             self.acc = torch.cat([self.acc, self.acc.new_zeros(self.n_kv, t)], 1)
+        if self.bias is not None:
+            self.bias = torch.cat([self.bias, self.bias.new_zeros(self.n_kv, t)], 1)
         self.kv.append(k, v)
         self.length += t
 
@@ -77,6 +82,10 @@ class SelectKV:
         shift = self.length - self.kv.length
         out = self.kv.parts()
         for p in out:
+            if self.bias is not None:
+                b = self.bias[:, p.start: p.start + p.n]
+                if b.any():  # merged entries: attention adds their log count (on decoded keys)
+                    p.bias, p.score = b, None
             p.start += shift
         return out
 
@@ -115,6 +124,8 @@ class SelectKV:
         self.pos, self.length, self.scale = src.pos.clone(), src.length, src.scale
         if self.acc is not None:
             self.acc = src.acc.clone()
+        if self.bias is not None:
+            self.bias = torch.zeros_like(self.acc if self.acc is not None else self.pos, dtype=torch.float32)
         if self.selector.queries:
             self.q = src.q[:, -self.selector.queries:].clone()
 
@@ -129,9 +140,12 @@ class SelectKV:
         q = None if self.q is None else self.q * self.scale
         scores = self.selector.score(View(k, v, self.pos, q, self.acc, self.length, n_keep))
         idx = scores.float().topk(n_keep, dim=-1).indices.sort(-1).values  # (Hkv, n_keep), in order
-        pick = idx[..., None].expand(-1, -1, k.shape[-1])
-        k, v = k.gather(1, pick), v.gather(1, pick)
-        self.pos = self.pos.gather(1, idx)
+        if self.bias is not None:  # the others are merged into their nearest kept token
+            k, v, self.pos, self.bias = merge(k, v, self.pos, self.bias, idx)
+        else:
+            pick = idx[..., None].expand(-1, -1, k.shape[-1])
+            k, v = k.gather(1, pick), v.gather(1, pick)
+            self.pos = self.pos.gather(1, idx)
         if self.acc is not None:
             self.acc = self.acc.gather(1, idx)
         self.kv.close()
@@ -158,5 +172,6 @@ class SelectKV:
         the selector's state (accumulated attention, the newest queries)."""
         state = 4 * self.pos.numel()
         state += 0 if self.acc is None else 4 * self.acc.numel()
+        state += 0 if self.bias is None else 4 * self.bias.numel()
         state += 0 if self.q is None else self.q.numel() * self.q.element_size()
         return self.kv.nbytes() + state

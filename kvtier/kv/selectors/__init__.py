@@ -3,6 +3,7 @@
 from kvtier.kv.selectors.alisa import Alisa
 from kvtier.kv.selectors.base import Selector
 from kvtier.kv.selectors.compresskv import CompressKV
+from kvtier.kv.selectors.elastic import Elastic
 from kvtier.kv.selectors.h2o import H2O
 from kvtier.kv.selectors.nosa import Nosa
 from kvtier.kv.selectors.quest import Quest
@@ -10,4 +11,4 @@ from kvtier.kv.selectors.snapkv import SnapKV
 from kvtier.kv.selectors.tova import Tova
 from kvtier.kv.selectors.window import Window
 
-__all__ = ["H2O", "Alisa", "CompressKV", "Nosa", "Quest", "Selector", "SnapKV", "Tova", "Window"]
+__all__ = ["H2O", "Alisa", "CompressKV", "Elastic", "Nosa", "Quest", "Selector", "SnapKV", "Tova", "Window"]

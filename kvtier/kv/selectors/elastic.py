@@ -1,0 +1,48 @@
+"""``elastic``: Elastic Cache — the least important tokens are merged into their nearest kept
+anchor instead of dropped."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvtier.kv.selectors.base import Selector, View, pin
+from kvtier.registry import param, register
+
+
+@register
+@dataclass(frozen=True)
+class Elastic(Selector):
+    """Elastic Cache: keep the most attended tokens as anchors; merge every other token into its nearest anchor."""
+
+    name = "elastic"
+    accumulates = True
+    merges = True
+    ratio: float = param(0.5, "fraction of the tokens merged away", min=0.0, max=0.99)
+    budget: int = param(0, "tokens (anchors) kept (overrides ratio when > 0)", min=0)
+    recent: int = param(8, "newest tokens always kept as they are", min=0)
+
+    def score(self, view: View) -> torch.Tensor:
+        scores = view.acc / (view.length - view.pos).clamp(min=1)  # mean attention received
+        return pin(scores, view.pos >= view.length - self.recent) if self.recent else scores
+
+
+def merge(k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, bias: torch.Tensor, keep: torch.Tensor):
+    """Merge every token not in ``keep`` into the kept token nearest to it in position (per KV
+    head). A merged entry is the count-weighted mean of its keys and of its values, and its
+    bias (log count) makes it weigh in the softmax as all of them: tokens with equal keys lose
+    no attention mass. k, v ``(Hkv, n, D)``; pos, bias ``(Hkv, n)``; keep ``(Hkv, m)`` ascending.
+    Returns k, v, pos, bias of the kept tokens."""
+    hkv, _, d = k.shape
+    kept_pos = pos.gather(1, keep).float()  # (Hkv, m)
+    dist = (pos.float()[:, :, None] - kept_pos[:, None, :]).abs()  # (Hkv, n, m)
+    owner = dist.argmin(-1)  # the anchor each token joins (itself for a kept token)
+    count = bias.exp()  # tokens each entry already stands for
+    m = keep.shape[1]
+    total = torch.zeros(hkv, m).scatter_add_(1, owner, count)
+    w = (count / total.gather(1, owner))[..., None]  # (Hkv, n, 1)
+    idx = owner[..., None].expand(-1, -1, d)
+    k_m = torch.zeros(hkv, m, d).scatter_add_(1, idx, k.float() * w).to(k.dtype)
+    v_m = torch.zeros(hkv, m, d).scatter_add_(1, idx, v.float() * w).to(v.dtype)
+    return k_m, v_m, pos.gather(1, keep), total.log()

@@ -1,0 +1,79 @@
+"""The retrieval benchmark: cases built from real text, the user's own cases, the prompt
+layout kvpress uses, and one real run through the CLI with selectors and block-sparse attention."""
+
+import json
+
+import pytest
+from test_e2e import run_cli
+
+from kvtier.bench import retrieval
+from kvtier.bench.data import kjv
+from kvtier.errors import KvtierError
+
+pytestmark = pytest.mark.e2e
+
+
+def test_cases_hide_the_answer_at_their_depth_within_the_length(smollm2):
+    tok = smollm2.tokenizer
+    cases = retrieval.make_cases(tok, "passkey", kjv(), [1024, 2048], [0, 50, 100])
+    assert len(cases) == 6
+    for c in cases:
+        assert c["context"].count(c["answer"]) == 2  # "The pass key is X. ... X is the pass key."
+        first, rest = retrieval.prompt(tok, c, "agnostic")
+        assert len(first) + len(rest) <= c["context_tokens"]
+        assert len(first) + len(rest) > c["context_tokens"] - 80
+    at = [c["context"].index(c["answer"]) / len(c["context"]) for c in cases[:3]]
+    assert at[0] < 0.05 < at[1] < 0.95 < at[2]
+    again = retrieval.make_cases(tok, "passkey", kjv(), [1024, 2048], [0, 50, 100])
+    assert again == cases  # the same seed, the same cases
+
+
+def test_prompt_layout_matches_kvpress(smollm2):
+    tok = smollm2.tokenizer
+    case = {"context": "Some text.\n", "question": "What?", "answer_prefix": "It is", "answer": "x"}
+    bos = tok.bos_token or ""  # kvpress writes the BOS token before a plain context
+    first, rest = retrieval.prompt(tok, case, "agnostic")
+    assert tok.decode(first) == bos + "Some text.\n" and tok.decode(rest) == "What?\nIt is"
+    first, rest = retrieval.prompt(tok, case, "aware")
+    assert tok.decode(first) == bos + "Some text.\nWhat?" and tok.decode(rest) == "\nIt is"
+    first, rest = retrieval.prompt(tok, case, "agnostic", chat=True)
+    assert "<|im_start|>user" in tok.decode(first) and tok.decode(rest).endswith("assistant\nIt is")
+
+
+def test_user_cases_are_read_and_bad_ones_refused(tmp_path):
+    good = tmp_path / "cases.jsonl"
+    good.write_text(json.dumps({"context": "a", "question": "b", "answer": "c"}) + "\n\n")
+    assert retrieval.read_cases(str(good))[0]["answer"] == "c"
+    for text, says in [("{not json", "line 1: not JSON"), (json.dumps({"context": "a"}), "question, answer"),
+                       ("", "holds no case")]:
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(text)
+        with pytest.raises(KvtierError, match=says):
+            retrieval.read_cases(str(bad))
+    with pytest.raises(KvtierError, match="no such file"):
+        retrieval.read_cases(str(tmp_path / "missing.jsonl"))
+
+
+def test_cli_bench_retrieval_on_user_cases(tmp_path):
+    text = kjv()[:2500]
+    cases = tmp_path / "cases.jsonl"
+    cases.write_text("".join(json.dumps({
+        "context": text[:1200] + f" The pass key is {key}. Remember it. {key} is the pass key. " + text[1200:] + "\n",
+        "question": "What is the pass key?", "answer_prefix": "The pass key is", "answer": key}) + "\n"
+        for key in ("71432", "50917")))
+    out = tmp_path / "r.json"
+    r = run_cli("bench", "retrieval", "--cases", str(cases), "--methods", "dense", "--methods", "tova(ratio=0.5)",
+                "--methods", "snapkv(ratio=0.75)+int(bits=4)", "--methods", "quest(share=0.25)",
+                "--json", str(out), "--max-new-tokens", "6")
+    assert r.returncode == 0, r.stderr
+    got = json.loads(out.read_text())
+    summary = {s["method"].split("(")[0]: s for s in got["summary"]}
+    assert len(got["results"]) == 2 * 4 * 2  # cases x methods x modes
+    assert all(r["correct"] == (r["answer"] in r["text"]) for r in got["results"])
+    assert summary["dense"]["bytes_ratio"] == 1.0
+    assert summary["tova"]["bytes_ratio"] == pytest.approx(0.5, abs=0.03)
+    assert summary["snapkv"]["bytes_ratio"] < 0.25  # a quarter of the tokens, int4 (its fp16 residual is a fixed cost)
+    assert summary["quest"]["read_share"] < 0.5 and summary["quest"]["bytes_ratio"] > 1.0
+    assert "same outcome as kvpress" in r.stdout
+    bad = run_cli("bench", "retrieval", "--modes", "sideways", "--methods", "dense")
+    assert bad.returncode == 2 and "--modes" in bad.stderr.strip().splitlines()[-1]
