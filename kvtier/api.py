@@ -90,6 +90,9 @@ class LLM:
     def save_cache(self, document: str, path: str, chat: bool = False) -> Prefix:
         """Prefill ``document`` once and save its cache (encoded, checksummed) to ``path``;
         later runs continue from it with ``generate(..., prefix=llm.load_cache(path))``."""
+        if self.runner.spec.selectors:
+            raise KvtierError(f"saved caches hold codecs only; {self.spec} also selects tokens "
+                              "(save with a codec-only --kv, e.g. 'int(bits=4)')")
         ids = self.encode(document, chat)
         self.check_length(len(ids), 1)
         if len(ids) < 2:

@@ -115,6 +115,9 @@ def test_cli_generate_with_tiers_gives_the_same_text(tmp_path):
     (["bench", "ppl", "--methods", "dense", "--context", "20x"], "--context"),
     (["bench", "ppl", "--methods", "dense", "--text", "/nonexistent.txt"], "no such file"),
     (["bench", "merge", "/nonexistent.json"], "cannot read"),
+    (["cache", "save", str(Path(__file__)), "/tmp/x.kvcache", "--kv", "tova(ratio=0.5)"], "codecs only"),
+    (["generate", "--kv", "tova(ratio=0.5)+window(ratio=0.5)", "hi"], "one selector"),
+    (["bench", "retrieval", "--methods", "dense", "--cases", "/nonexistent.jsonl"], "no such file"),
     (["bench", "merge", str(Path(__file__).parents[1] / "README.md")], "not a kvtier results file"),
 ])
 def test_cli_errors_are_one_line_and_exit_2(args, words):
