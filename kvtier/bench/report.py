@@ -185,7 +185,6 @@ def offload_plot(path: str | Path, rows: list[dict]) -> None:
 
 def _save(fig, axes, path: str | Path, legend_inches: float) -> None:
     """One legend for all panels (each label once) at the right, then write the PNG."""
-    import matplotlib.pyplot as plt
 
     legend = {}
     for ax in axes:
@@ -193,8 +192,15 @@ def _save(fig, axes, path: str | Path, legend_inches: float) -> None:
             legend.setdefault(lab, h)
     fig.legend(list(legend.values()), list(legend), loc="center right", fontsize=7, frameon=False)
     fig.tight_layout(rect=(0, 0, 1 - legend_inches / fig.get_figwidth(), 1))  # room for long labels
+    _write(fig, path, 120)
+
+
+def _write(fig, path: str | Path, dpi: int) -> None:
+    """Write the PNG (one-line error when the path is not writable) and free the figure."""
+    import matplotlib.pyplot as plt
+
     try:
-        fig.savefig(path, dpi=120)
+        fig.savefig(path, dpi=dpi)
     except OSError as e:
         raise KvtierError(f"cannot write --plot {path}: {e.strerror}") from None
     finally:
@@ -246,9 +252,4 @@ def retrieval_heatmap(path: str | Path, rows: list[dict]) -> None:
     fig.supxlabel("context length")
     fig.supylabel("needle depth")
     fig.tight_layout()
-    try:
-        fig.savefig(path, dpi=110)
-    except OSError as e:
-        raise KvtierError(f"cannot write --plot {path}: {e.strerror}") from None
-    finally:
-        plt.close(fig)
+    _write(fig, path, 110)

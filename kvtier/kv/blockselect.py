@@ -51,15 +51,7 @@ class BlockSelectKV(LayerKV):
             self.reused = same / idx.numel()
         self.picked = idx
         self.read_bytes = idx.numel() * (self.pool.slot_bytes() // self.n_kv) + self.bounds.numel() * 2
-        sinks, residual = [], []
-        n_sink = min(self.length, self.n_sinks)
-        if n_sink:
-            sinks.append(Part(self.sink_k[:, :n_sink].to(self.dtype), self.sink_v[:, :n_sink].to(self.dtype), 0))
-        if self.n_residual:
-            r = self.n_residual
-            residual.append(Part(self.residual_k[:, :r].to(self.dtype), self.residual_v[:, :r].to(self.dtype),
-                                 self.length - r))
-        return sinks + [self._gathered(idx)] + residual
+        return self._sink_parts() + [self._gathered(idx)] + self._residual_parts()
 
     def observe(self, q: torch.Tensor, scale: float) -> None:
         want = getattr(self.selector, "queries", 0)

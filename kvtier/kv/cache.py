@@ -291,12 +291,7 @@ class LayerKV:
 
     def parts(self) -> list[Part]:
         """Everything held, oldest first: sinks, groups of encoded blocks (decoded on demand), residual."""
-        out = []
-        n_sink = min(self.length, self.n_sinks)
-        if self.window and self.length - self.window >= n_sink:
-            n_sink = 0  # a sliding layer: the sinks are outside every future query's window
-        if n_sink:
-            out.append(Part(self.sink_k[:, :n_sink].to(self.dtype), self.sink_v[:, :n_sink].to(self.dtype), 0))
+        out = self._sink_parts()
         self._rebuild_dropped()  # dropped blocks are needed again
         for j, n, fetch in self._placed(self._runs()):
             slots, tier = self.slots[j: j + n], self.where[j]
@@ -310,11 +305,23 @@ class LayerKV:
             out.append(part)
         if self.home is not None:
             self.home.read_ahead(self.index)
-        if self.n_residual:
-            r = self.n_residual
-            out.append(Part(self.residual_k[:, :r].to(self.dtype), self.residual_v[:, :r].to(self.dtype),
-                            self.length - r))
-        return out
+        return out + self._residual_parts()
+
+    def _sink_parts(self) -> list[Part]:
+        """The attention sinks, held as they are (none once a sliding window has passed them)."""
+        n_sink = min(self.length, self.n_sinks)
+        if self.window and self.length - self.window >= n_sink:
+            n_sink = 0  # a sliding layer: the sinks are outside every future query's window
+        if not n_sink:
+            return []
+        return [Part(self.sink_k[:, :n_sink].to(self.dtype), self.sink_v[:, :n_sink].to(self.dtype), 0)]
+
+    def _residual_parts(self) -> list[Part]:
+        """The newest tokens, not yet sealed into a block."""
+        r = self.n_residual
+        if not r:
+            return []
+        return [Part(self.residual_k[:, :r].to(self.dtype), self.residual_v[:, :r].to(self.dtype), self.length - r)]
 
     def _placed(self, runs: list[tuple[int, int]]) -> list[tuple[int, int, bool]]:
         """``(first index, count, fetch)``: whether each run is copied to the first tier before

@@ -14,8 +14,6 @@ from typing import ClassVar
 
 import torch
 
-from kvtier.errors import KvtierError
-
 
 @dataclass
 class View:
@@ -60,12 +58,9 @@ class Selector:
         return min(n, max(1, int(n * (1 - self.ratio))))  # kvpress's count
 
     def score(self, view: View) -> torch.Tensor:
-        """``(Hkv, n)`` scores of the held tokens; the top scorers of each KV head are kept."""
-        raise NotImplementedError
-
-    def check(self) -> None:
-        if not 0 <= self.ratio < 1:
-            raise KvtierError(f"{self.name}: ratio={self.ratio} must be in [0, 1) (the fraction removed)")
+        """``(Hkv, n)`` scores of the held tokens; the top scorers of each KV head are kept.
+        Every evicting selector defines it; block selectors (``sparse``) pick blocks instead."""
+        raise NotImplementedError(f"{self.name} does not score tokens")
 
 
 def group_attention(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,

@@ -19,9 +19,9 @@ import random
 from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
 
 from kvtier.kv.selectors.base import Selector, View, group_attention, pin
+from kvtier.kv.selectors.snapkv import vote
 from kvtier.paths import cache_dir
 from kvtier.progress import status
 from kvtier.registry import param, register
@@ -63,12 +63,7 @@ class CompressKV(Selector):
         return min(n, max(1, round(super().target(n) * self.factor)))
 
     def score(self, view: View) -> torch.Tensor:
-        w = min(self.window, view.q.shape[1])
-        att = group_attention(view.q[:, -w:], view.k, torch.arange(view.length - w, view.length), view.pos)
-        scores = att.mean(2)  # (Hkv, G, n)
-        if self.kernel > 1:
-            hkv, g, n = scores.shape
-            scores = F.avg_pool1d(scores.reshape(hkv * g, 1, n), self.kernel, 1, self.kernel // 2).reshape(hkv, g, n)
+        scores, w = vote(view, self.window, self.kernel)  # (Hkv, G, n)
         hw = self.weights.reshape(scores.shape[0], -1) if self.weights is not None else torch.ones(scores.shape[:2])
         hw = torch.where(hw.sum(1, keepdim=True) > 0, hw, torch.ones_like(hw))  # a group without one: all heads
         scores = (scores * hw[..., None]).sum(1) / hw.sum(1)[:, None]

@@ -27,12 +27,18 @@ class SnapKV(Selector):
         return self.window
 
     def score(self, view: View) -> torch.Tensor:
-        w = min(self.window, view.q.shape[1])
-        q_pos = torch.arange(view.length - w, view.length)
-        att = group_attention(view.q[:, -w:], view.k, q_pos, view.pos)  # (Hkv, G, w, n)
-        scores = att.mean(2)  # (Hkv, G, n): mean over the window's queries
-        if self.kernel > 1:
-            hkv, g, n = scores.shape
-            scores = F.avg_pool1d(scores.reshape(hkv * g, 1, n), self.kernel, 1, self.kernel // 2,
-                                  count_include_pad=True).reshape(hkv, g, n)
-        return pin(scores.mean(1), view.pos >= view.length - w)  # mean over the group's heads
+        votes, w = vote(view, self.window, self.kernel)
+        return pin(votes.mean(1), view.pos >= view.length - w)  # mean over the group's heads
+
+
+def vote(view: View, window: int, kernel: int) -> tuple[torch.Tensor, int]:
+    """Attention of the last ``window`` queries, averaged over them and pooled over ``kernel``
+    neighbouring tokens: ``(Hkv, G, n)`` per query head, and the window used."""
+    w = min(window, view.q.shape[1])
+    q_pos = torch.arange(view.length - w, view.length)
+    scores = group_attention(view.q[:, -w:], view.k, q_pos, view.pos).mean(2)  # (Hkv, G, n)
+    if kernel > 1:
+        hkv, g, n = scores.shape
+        scores = F.avg_pool1d(scores.reshape(hkv * g, 1, n), kernel, 1, kernel // 2,
+                              count_include_pad=True).reshape(hkv, g, n)
+    return scores, w
