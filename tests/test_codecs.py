@@ -39,7 +39,7 @@ BOUNDS = {  # relative L2 error on Gaussian data (measured x ~1.3; the formats' 
     "dense(dtype=bf16)": 4e-3, "int(bits=4,group=64,residual=0)": 0.12,
     "mxint8(hadamard=false)": 0.012, "mxfp8(hadamard=false)": 0.04, "mxfp4(hadamard=false)": 0.155,
     "nvfp4(hadamard=false)": 0.125, "nvint4(hadamard=false)": 0.115,
-    "rotatekv(bits=2,sinks=4,residual=64,keys=token,rotate=64)": 0.45,
+    "rotatekv(bits=2,sinks=4,residual=192,keys=token,rotate=64,group=64,center=false)": 0.45,
     "bfp(mantissa=4,block=16,sort=true,sinks=4)": 0.145, "ovp(bits=4,sinks=4)": 0.135,
     "lowrank(rank=1,bits=4,sinks=4)": 0.135,
     "sparse(ratio=0.5,dtype=fp16,sinks=4)": 0.36,  # half of each token's channels pruned

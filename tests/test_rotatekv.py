@@ -1,5 +1,5 @@
 """RotateKV: its transforms are exact in the full-precision limit (pre-RoPE keys, calibrated
-reordering, grouped-head rotation, sinks), and its calibration is computed once and reused."""
+reordering, key centring, grouped-head rotation, sinks), and its calibration is computed once and reused."""
 
 from dataclasses import dataclass
 
@@ -10,7 +10,7 @@ from conftest import ours_from_hf, tiny_hf
 from kvtier import spec
 from kvtier.engine import ModelRunner
 from kvtier.kv import calibration
-from kvtier.kv.codecs.rotatekv import RotateKV
+from kvtier.kv.codecs.rotatekv import RotateKV, dequantize, quantize
 from kvtier.spec import CacheSpec
 
 
@@ -24,12 +24,12 @@ class Unquantized(RotateKV):
         return {x: ((block_size, head_dim), torch.float32) for x in "kv"}
 
     def encode(self, k, v):
-        h, n, b, d = k.shape
-        return {x: self.turn(t.float().reshape(h, n * b, d)).reshape(h, n, b, d) for x, t in (("k", k), ("v", v))}
+        k, v = self.prepare(k, v)
+        return {"k": k, "v": v}
 
     def decode(self, data, dtype):
         h, n, b, d = data["k"].shape
-        return tuple(self.turn(data[x].reshape(h, n * b, d), inverse=True).to(dtype) for x in "kv")
+        return self.restore(data["k"].reshape(h, n * b, d), data["v"].reshape(h, n * b, d), dtype)
 
 
 def test_turn_is_exactly_invertible_with_a_calibrated_permutation():
@@ -43,15 +43,33 @@ def test_turn_is_exactly_invertible_with_a_calibrated_permutation():
     torch.testing.assert_close(bound.turn(turned, inverse=True), x, atol=1e-5, rtol=0)
 
 
+def test_one_byte_scales_and_int8_zero_points_cover_small_large_and_offset_groups():
+    """Groups from 1e-3 to 300 in spread, centred at 0, 5 or -100, keep 4-bit accuracy; constant
+    groups (zero included) come back within the zero point's resolution."""
+    torch.manual_seed(0)
+    spread = torch.tensor([1e-3, 1.0, 300.0]).view(1, 3, 1)
+    offset = torch.tensor([0.0, 5.0, -100.0]).view(1, 3, 1)
+    x = torch.randn(8, 3, 32) * spread + offset
+    q, sc, zero = quantize(x, 4, dim=2)
+    assert (q.dtype, sc.dtype, zero.dtype) == (torch.uint8, torch.uint8, torch.int8)
+    assert sc.shape == zero.shape == (8, 3, 1) and int(q.max()) <= 15
+    err = (dequantize(q, sc, zero) - x).norm(dim=2) / (x - x.mean(2, keepdim=True)).norm(dim=2)
+    assert err.max() < 0.15, err.max()
+    flat = torch.tensor([0.0, 5.0, -100.0, 1e-4]).view(4, 1).expand(4, 32)  # 1e-4: below the smallest scale
+    back = dequantize(*quantize(flat, 2, dim=1))
+    assert torch.equal(back[0], flat[0])
+    torch.testing.assert_close(back, flat, rtol=1e-2, atol=2.0 ** -12 / 16)
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 def test_pre_rope_rotation_is_exact_in_the_full_precision_limit(family):
-    """Keys stored before RoPE, reordered, rotated across heads, sinks kept: with no
+    """Keys stored before RoPE, centred, reordered, rotated across heads, sinks kept: with no
     quantization the logits equal the dense fp32 cache's, prefill and decode."""
     hf = tiny_hf(family)
     ours = ours_from_hf(hf)
     ids = torch.randint(0, 256, (300,)).tolist()
     width = ours.n_kv * ours.head_dim
-    lossless = CacheSpec((Unquantized(rotate=min(width, 64)),))
+    lossless = CacheSpec((Unquantized(rotate=min(width, 64), group=16, center=True),))
     out = {}
     for name, kv in (("dense", "dense(dtype=fp32)"), ("rotated", lossless)):
         runner = ModelRunner(ours, kv, block_size=16)
@@ -60,7 +78,8 @@ def test_pre_rope_rotation_is_exact_in_the_full_precision_limit(family):
         steps = [runner.run([cache], [[t]]) for t in ids[200:230]]
         out[name] = torch.cat([first] + steps)
         if name == "rotated":
-            assert cache.layers[0].codec.perm is not None  # calibrated per layer
+            codec = cache.layers[0].codec
+            assert codec.perm is not None and codec.mean.abs().max() > 0  # calibrated per layer
             assert any(layer.slots for layer in cache.layers)  # blocks really went through the codec
     torch.testing.assert_close(out["rotated"], out["dense"], atol=1e-4, rtol=1e-4)
 
@@ -76,6 +95,6 @@ def test_calibration_is_cached_on_disk_and_reused(smollm2, tmp_path, monkeypatch
     for a, b in zip(first, again):
         for key in a:
             assert torch.equal(a[key], b[key])
-    assert set(first[0]) == {f"{k}_{s}" for k in ("k", "kpre", "v") for s in ("absmax", "rms")}
+    assert set(first[0]) == {f"{k}_{s}" for k in ("k", "kpre", "v") for s in ("absmax", "rms", "mean")}
     files[0].write_bytes(b"not a safetensors file")  # damaged: recomputed, not trusted
     torch.testing.assert_close(calibration.load(model)[3]["v_rms"], first[3]["v_rms"])

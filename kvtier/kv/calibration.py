@@ -2,7 +2,7 @@
 
 A calibration pass prefills ``TOKENS`` tokens of the KJV (taken from a fixed place between the
 benchmark windows) through the model with a recording cache and keeps, per layer and KV head,
-the absolute maximum and the RMS of every channel of the post-RoPE keys (``k``), the pre-RoPE
+the absolute maximum, the RMS and the mean of every channel of the post-RoPE keys (``k``), the pre-RoPE
 keys (``kpre``) and the values (``v``). Computed once per model, stored as safetensors in
 ``<cache_dir>/calibration/`` with the text's hash and the format version, then reused:
 the same model always gets the same statistics.
@@ -20,14 +20,14 @@ from kvtier.kv.codecs.base import Codec, LayerContext
 from kvtier.paths import cache_dir
 from kvtier.progress import status
 
-VERSION = "1"
+VERSION = "2"  # 2: adds each channel's mean
 TOKENS = 2048
 WHERE = 1 / 6  # fraction into the text where the calibration span starts
 KINDS = ("k", "kpre", "v")
 
 
 def load(model) -> list[dict[str, torch.Tensor]]:
-    """The model's statistics, ``[{f"{kind}_{absmax|rms}": (Hkv, D) fp32}]`` per layer.
+    """The model's statistics, ``[{f"{kind}_{absmax|rms|mean}": (Hkv, D) fp32}]`` per layer.
 
     Read from disk when this model was calibrated before; otherwise computed and stored.
     Models without a ``key`` (built in memory, e.g. in tests) are calibrated each time.
@@ -108,11 +108,11 @@ class _Recorder(Codec):
         seen = self.acc.get("n", 0)
         kpre = self.rope.rotate(kf, seen, inverse=True) if self.rope is not None else kf
         for kind, x in (("k", kf), ("kpre", kpre), ("v", vf)):
-            top, sq = x.abs().amax(1), x.pow(2).sum(1)  # (Hkv, D)
+            top, sq, total = x.abs().amax(1), x.pow(2).sum(1), x.sum(1)  # (Hkv, D)
             if kind in self.acc:
                 top = torch.maximum(top, self.acc[kind][0])
-                sq = sq + self.acc[kind][1]
-            self.acc[kind] = (top, sq)
+                sq, total = sq + self.acc[kind][1], total + self.acc[kind][2]
+            self.acc[kind] = (top, sq, total)
         self.acc["n"] = seen + n * b
         return {"k": k.float(), "v": v.float()}
 
@@ -124,6 +124,6 @@ class _Recorder(Codec):
         n = max(self.acc.get("n", 0), 1)
         out = {}
         for kind in KINDS:
-            top, sq = self.acc[kind]
-            out[f"{kind}_absmax"], out[f"{kind}_rms"] = top, (sq / n).sqrt()
+            top, sq, total = self.acc[kind]
+            out[f"{kind}_absmax"], out[f"{kind}_rms"], out[f"{kind}_mean"] = top, (sq / n).sqrt(), total / n
         return out

@@ -20,7 +20,7 @@ class LayerContext:
 
     stats: this layer's calibration statistics (:mod:`kvtier.kv.calibration`), ``{name:
     (Hkv, D) fp32}`` for ``k`` (post-RoPE keys), ``kpre`` (pre-RoPE keys) and ``v``, each as
-    ``*_absmax`` and ``*_rms`` per channel; None unless the codec sets ``calibrated``.
+    ``*_absmax``, ``*_rms`` and ``*_mean`` per channel; None unless the codec sets ``calibrated``.
     rope: the layer's rotary embedding (``rope.rotate(x, start, inverse)``), or None.
     """
 
