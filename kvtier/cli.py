@@ -200,14 +200,22 @@ def bench_ppl(
 
 @bench.command("merge")
 def bench_merge(
-    files: Annotated[list[str], typer.Argument(help="JSON files written by bench ppl --json")],
+    files: Annotated[list[str], typer.Argument(help="JSON files written by bench ppl --json or bench retrieval --json")],
     json_path: Annotated[str | None, typer.Option("--json", help="write the rows of all files as one JSON")] = None,
-    plot: Annotated[str | None, typer.Option(help="write a PNG: PPL increase vs bits per element (Pareto)")] = None,
+    plot: Annotated[str | None, typer.Option(help="write a PNG: PPL increase vs bits per element (Pareto), "
+                                             "or the retrieval heatmap")] = None,
 ):
-    """Combine the rows of several bench ppl runs (e.g. peers run separately) into one table, JSON and plot."""
-    from kvtier.bench import report
+    """Combine several bench ppl runs, or several bench retrieval runs on the same cases (e.g.
+    peers or methods run separately), into one table, JSON and plot."""
+    from kvtier.bench import report, retrieval
 
     rows = [r for f in files for r in report.read_json(f)]
+    kinds = {"correct" in r for r in rows}
+    if len(kinds) > 1:
+        raise KvtierError("these files mix bench ppl and bench retrieval results: merge each kind on its own")
+    if kinds == {True}:
+        _retrieval_out(retrieval.merge(rows), json_path, plot)
+        return
     report.show(report.ppl_table(rows))
     if json_path:
         report.write_json(json_path, rows)
@@ -292,7 +300,7 @@ def bench_retrieval(
 ):
     """Passkey / needle retrieval with each cache spec (and kvpress), question-agnostic and -aware."""
     from kvtier import spec as specs
-    from kvtier.bench import data, report, retrieval
+    from kvtier.bench import data, retrieval
     from kvtier.models import load
 
     methods = methods or RETRIEVAL_METHODS
@@ -316,6 +324,13 @@ def bench_retrieval(
     rows = retrieval.run(loaded, model, methods, todo, mode_list, max_new_tokens, chat)
     if "kvpress" in peer_list:
         rows += retrieval.run_kvpress(loaded.folder, model, methods, todo, mode_list, max_new_tokens, chat)
+    _retrieval_out(rows, json_path, plot)
+
+
+def _retrieval_out(rows: list[dict], json_path: str | None, plot: str | None) -> None:
+    """The retrieval table, and the JSON (rows and summary) and heatmap when asked for."""
+    from kvtier.bench import report, retrieval
+
     summary = retrieval.summary(rows)
     report.show(report.retrieval_table(summary))
     if json_path:

@@ -27,11 +27,12 @@ def pieces_of_reference(q, part):
 
 
 def assert_same_pieces(got, want):
-    """Same row max and sum, same normalised output (fp32 sums in another order)."""
+    """Same row max and sum, same normalised output (fp32 sums in another order: outputs of
+    size ~5 differ by ~1e-5 between thread counts)."""
     (m, l, o), (m2, l2, o2) = got, want
     torch.testing.assert_close(m, m2, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(l, l2, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(o / l, o2 / l2, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(o / l, o2 / l2, atol=5e-5, rtol=1e-4)
 
 
 @needs_kernels

@@ -46,6 +46,22 @@ def test_picked_blocks_are_the_top_bounds_per_kv_head(sink):
         assert layer.picked[h].tolist() == sorted(ub.topk(3).indices.tolist())
 
 
+def test_recent_blocks_are_always_read_within_the_count():
+    layer, _, _ = layer_with(200, Quest(top_blocks=4, recent=2))  # 12 sealed blocks
+    for seed in range(5):
+        layer.select(torch.randn(6, 1, 32, generator=torch.Generator().manual_seed(seed)))
+        assert layer.picked.shape == (2, 4)
+        assert all({0, 10, 11} <= set(row.tolist()) for row in layer.picked)
+
+
+def test_dense_layers_read_every_block(llama):
+    runner = ModelRunner(llama, "quest(share=0.125,dense_layers=1)+dense(dtype=fp32)")
+    cache = runner.new_cache()
+    runner.run([cache], [tokens(300)])
+    kinds = [isinstance(layer, BlockSelectKV) for layer in cache.layers]
+    assert kinds == [False] + [True] * (llama.n_layers - 1)
+
+
 def test_attention_over_picked_blocks_equals_masked_reference():
     layer, k, v = layer_with(200, Quest(top_blocks=4))  # 12 blocks + 8 residual tokens
     q = torch.randn(6, 1, 32) * 0.3

@@ -63,7 +63,7 @@ def test_cli_bench_retrieval_on_user_cases(tmp_path):
         for key in ("71432", "50917")))
     out = tmp_path / "r.json"
     r = run_cli("bench", "retrieval", "--cases", str(cases), "--methods", "dense", "--methods", "tova(ratio=0.5)",
-                "--methods", "snapkv(ratio=0.75)+int(bits=4)", "--methods", "quest(share=0.25)",
+                "--methods", "snapkv(ratio=0.75)+int(bits=4)", "--methods", "quest(share=0.25,dense_layers=1)",
                 "--json", str(out), "--max-new-tokens", "6")
     assert r.returncode == 0, r.stderr
     got = json.loads(out.read_text())
@@ -75,5 +75,24 @@ def test_cli_bench_retrieval_on_user_cases(tmp_path):
     assert summary["snapkv"]["bytes_ratio"] < 0.25  # a quarter of the tokens, int4 (its fp16 residual is a fixed cost)
     assert summary["quest"]["read_share"] < 0.5 and summary["quest"]["bytes_ratio"] > 1.0
     assert "same outcome as kvpress" in r.stdout
+    # runs made separately on the same cases merge into one table; a row seen twice counts once
+    merged = tmp_path / "m.json"
+    m = run_cli("bench", "merge", str(out), str(out), "--json", str(merged))
+    assert m.returncode == 0, m.stderr
+    assert json.loads(merged.read_text()) == got
+    other = dict(got, results=[dict(row, answer="12345") for row in got["results"]])
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    m = run_cli("bench", "merge", str(out), str(tmp_path / "other.json"))
+    assert m.returncode == 2 and "different cases" in m.stderr.strip().splitlines()[-1]
     bad = run_cli("bench", "retrieval", "--modes", "sideways", "--methods", "dense")
     assert bad.returncode == 2 and "--modes" in bad.stderr.strip().splitlines()[-1]
+
+
+def test_merge_refuses_mixed_kinds(tmp_path):
+    ret = {"model": "m", "method": "dense", "mode": "agnostic", "case": 0, "answer": "1", "context_tokens": 2048,
+           "depth": 0.0, "correct": True, "bytes_ratio": 1.0}
+    ppl = {"method": "dense", "model": "m", "context": 256, "ppl": 9.0, "dense_ppl": 9.0}
+    for name, rows in (("r.json", [ret]), ("p.json", [ppl])):
+        (tmp_path / name).write_text(json.dumps({"results": rows}))
+    m = run_cli("bench", "merge", str(tmp_path / "r.json"), str(tmp_path / "p.json"))
+    assert m.returncode == 2 and "mix bench ppl and bench retrieval" in m.stderr.strip().splitlines()[-1]

@@ -82,8 +82,9 @@ def read_json(path: str | Path) -> list[dict]:
         raise KvtierError(f"cannot read {path}: {e.strerror}") from None
     except (ValueError, KeyError, TypeError):
         raise KvtierError(f"{path} is not a kvtier results file (JSON with a 'results' list)") from None
-    if not isinstance(rows, list) or not all(isinstance(r, dict) and "ppl" in r for r in rows):
-        raise KvtierError(f"{path} holds no bench ppl rows")
+    if not isinstance(rows, list) or not rows or not all(
+            isinstance(r, dict) and ("ppl" in r or "correct" in r) for r in rows):
+        raise KvtierError(f"{path} holds no bench ppl or bench retrieval rows")
     return rows
 
 
@@ -227,6 +228,8 @@ def retrieval_heatmap(path: str | Path, rows: list[dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    import textwrap
+
     rows = [r for r in rows if r["depth"] is not None]
     panels = sorted({(r["mode"], label(r)) for r in rows})
     if not panels:
@@ -235,7 +238,7 @@ def retrieval_heatmap(path: str | Path, rows: list[dict]) -> None:
     lengths = sorted({r["context_tokens"] for r in rows})
     cols = min(4, len(panels))
     n_rows = (len(panels) + cols - 1) // cols
-    fig, axes = plt.subplots(n_rows, cols, figsize=(3.2 * cols, 2.6 * n_rows), squeeze=False)
+    fig, axes = plt.subplots(n_rows, cols, figsize=(3.2 * cols, 2.9 * n_rows), squeeze=False)
     for ax, (mode, name) in zip(axes.flat, panels):
         grid = [[0.0] * len(lengths) for _ in depths]
         for i, d in enumerate(depths):
@@ -246,7 +249,7 @@ def retrieval_heatmap(path: str | Path, rows: list[dict]) -> None:
         ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
         ax.set_xticks(range(len(lengths)), [f"{n // 1024}K" if n >= 1024 else str(n) for n in lengths], fontsize=7)
         ax.set_yticks(range(len(depths)), [f"{d:g}%" for d in depths], fontsize=7)
-        ax.set_title(f"{name}\n{mode}", fontsize=6)
+        ax.set_title("\n".join(textwrap.wrap(name, 48)) + f"\n{mode}", fontsize=6)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.supxlabel("context length")

@@ -160,6 +160,8 @@ class _Record(Selector):
 def _branch(runner: ModelRunner, record):
     """A cache for ``runner``'s spec starting from the recorded prefill, or None when a layer
     cannot start from it (a codec on a layer without the selector)."""
+    if getattr(runner.spec.selectors[0], "sparse", False):  # block selectors build bounds as blocks seal
+        return None
     cache = runner.new_cache()
     for i, (dst, src) in enumerate(zip(cache.layers, record.layers)):
         if isinstance(dst, SelectKV):
@@ -235,13 +237,16 @@ def run(loaded, model_name: str, methods: list[str], cases: list[dict], modes: l
 
 
 def _read_share(cache) -> float | None:
-    """With block-sparse attention: the share of the KV bytes the last decode step read
-    (blocks chosen, their key bounds, sinks and residual excluded), else None."""
-    layers = [layer for layer in cache.layers if isinstance(layer, BlockSelectKV)]
-    if not layers:
+    """With block-sparse attention: the share of the sealed KV bytes the last decode step read,
+    over every layer (chosen blocks plus their key bounds; layers that read every block, such
+    as dense first layers and sliding-window layers, count in full; sinks and residual
+    excluded), else None."""
+    if not any(isinstance(layer, BlockSelectKV) for layer in cache.layers):
         return None
-    held = sum(len(layer.slots) * layer.pool.slot_bytes() for layer in layers)
-    return sum(layer.read_bytes for layer in layers) / max(held, 1)
+    held = sum(len(layer.slots) * layer.pool.slot_bytes() for layer in cache.layers)
+    read = sum(layer.read_bytes if isinstance(layer, BlockSelectKV) else len(layer.slots) * layer.pool.slot_bytes()
+               for layer in cache.layers)
+    return read / max(held, 1)
 
 
 def _row(label, model_name, mode, i, case, text, held, dense, peer=False) -> dict:
@@ -270,6 +275,21 @@ def summary(rows: list[dict]) -> list[dict]:
             s["agree_with_kvpress"] = sum(same.get(r["case"]) == r["correct"] for r in rs) / len(rs)
         out.append(s)
     return out
+
+
+def merge(rows: list[dict]) -> list[dict]:
+    """Rows of several retrieval runs as one run: a (model, method, mode, case) seen twice is
+    kept once; runs whose cases differ (another seed, length or depth) are refused."""
+    cases: dict[tuple, tuple] = {}
+    out: dict[tuple, dict] = {}
+    for r in rows:
+        case = (r["model"], r["mode"], r["case"])
+        what = (r["answer"], r["context_tokens"], r["depth"])
+        if cases.setdefault(case, what) != what:
+            raise KvtierError(f"these runs hold different cases (case {r['case']} of {r['model']}): merge "
+                              "runs made with the same --tasks, --context, --depths and --seed (or --cases)")
+        out.setdefault((r["model"], r["method"], r["mode"], r["case"]), r)
+    return list(out.values())
 
 
 KVPRESS_PYTHON = Path(__file__).resolve().parents[2] / ".venv-kvpress" / "bin" / "python"

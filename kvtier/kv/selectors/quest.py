@@ -23,6 +23,8 @@ class Quest(Selector):
     share: float = param(0.125, "share of the held blocks read per step (when top_blocks is 0)",
                          min=0.0, max=1.0)
     sink_block: bool = param(True, "always read the first block (it holds the attention sinks)")
+    recent: int = param(0, "newest sealed blocks always read (a local window next to the residual)", min=0)
+    dense_layers: int = param(0, "first layers that read every block (Quest leaves the first two dense)", min=0)
     ratio = 0.0
     budget = 0
 
@@ -34,12 +36,15 @@ class Quest(Selector):
     def pick(self, q: torch.Tensor, bounds: torch.Tensor, fixed: torch.Tensor | None = None) -> torch.Tensor:
         """Block indices ``(Hkv, k)``, ascending, for pre-scaled queries ``q: (Hkv, G, D)`` and
         key bounds ``(Hkv, n, 2, D)`` (channel min, max): the highest upper bound of q . k over
-        the block, the best of the group's query heads."""
+        the block, the best of the group's query heads. The sink block, the ``recent`` newest
+        blocks and the ``fixed`` ones come first, within the same count."""
         lo, hi = bounds[:, :, 0].float(), bounds[:, :, 1].float()  # (Hkv, n, D)
         qf = q.float()[:, :, None, :]  # (Hkv, G, 1, D)
         upper = torch.maximum(qf * lo[:, None], qf * hi[:, None]).sum(-1).amax(1)  # (Hkv, n)
         if self.sink_block:
             upper[:, 0] = float("inf")
+        if self.recent:
+            upper[:, -self.recent:] = float("inf")
         if fixed is not None:
             upper = torch.where(fixed, torch.full_like(upper, float("inf")), upper)
         k = self.n_blocks(upper.shape[1])
