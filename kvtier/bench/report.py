@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 
 from rich.console import Console
@@ -227,8 +228,6 @@ def retrieval_heatmap(path: str | Path, rows: list[dict]) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    import textwrap
 
     rows = [r for r in rows if r["depth"] is not None]
     panels = sorted({(r["mode"], label(r)) for r in rows})

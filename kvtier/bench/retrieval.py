@@ -160,13 +160,11 @@ class _Record(Selector):
 def _branch(runner: ModelRunner, record):
     """A cache for ``runner``'s spec starting from the recorded prefill, or None when a layer
     cannot start from it (a codec on a layer without the selector)."""
-    if getattr(runner.spec.selectors[0], "sparse", False):  # block selectors build bounds as blocks seal
-        return None
     cache = runner.new_cache()
     for i, (dst, src) in enumerate(zip(cache.layers, record.layers)):
         if isinstance(dst, SelectKV):
             dst.branch(src)
-        elif type(dst) is LayerKV and dst.codec == src.codec:
+        elif type(dst) is LayerKV and type(src) is LayerKV and dst.codec == src.codec:
             cache.layers[i] = copy.deepcopy(src)
         else:
             cache.close()
@@ -243,9 +241,11 @@ def _read_share(cache) -> float | None:
     excluded), else None."""
     if not any(isinstance(layer, BlockSelectKV) for layer in cache.layers):
         return None
-    held = sum(len(layer.slots) * layer.pool.slot_bytes() for layer in cache.layers)
-    read = sum(layer.read_bytes if isinstance(layer, BlockSelectKV) else len(layer.slots) * layer.pool.slot_bytes()
-               for layer in cache.layers)
+    held = read = 0
+    for layer in cache.layers:
+        full = len(layer.slots) * layer.pool.slot_bytes()
+        held += full
+        read += layer.read_bytes if isinstance(layer, BlockSelectKV) else full
     return read / max(held, 1)
 
 

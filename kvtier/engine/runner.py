@@ -53,9 +53,10 @@ class ModelRunner:
                 ctx = LayerContext(i, m.n_kv, m.head_dim, self.stats and self.stats[i], rope)
                 return LayerKV(c, m.n_kv, m.head_dim, self.block_size, window, self.dtype, self.device, ctx, home)
             sel = self.spec.selectors[0] if self.spec.selectors and window is None else None
-            if sel is not None and getattr(sel, "sparse", False) and i < sel.dense_layers:
+            sparse = sel is not None and getattr(sel, "sparse", False)  # reads some blocks, deletes none
+            if sparse and i < sel.dense_layers:
                 layers.append(make(codec, ropes[i]))  # a block selector's dense first layers
-            elif sel is not None and getattr(sel, "sparse", False):  # reads some blocks, deletes none
+            elif sparse:
                 ctx = LayerContext(i, m.n_kv, m.head_dim, self.stats and self.stats[i], ropes[i])
                 layers.append(BlockSelectKV(sel, codec, m.n_kv, m.head_dim, self.block_size, None,
                                             self.dtype, self.device, ctx, home))

@@ -5,9 +5,10 @@ them back): pre-RoPE keys keep their outliers in fixed channels, which RoPE woul
 channel pairs position by position. With ``center``, each key channel's calibrated mean is
 subtracted first and added back on read: on SmolLM2 the means carry 66-81 % of the keys'
 energy and centring cuts the stored keys' error 3x, yet perplexity at 8K did not improve
-(Gemma 3: +16.1 % against +18.4 %), so it is off by default. Per layer, the channels of all KV heads are concatenated, reordered by a calibrated
-permutation and rotated by a block-diagonal Walsh-Hadamard matrix whose blocks may span heads
-(grouped-head rotation, ``rotate`` channels per block): the reordering deals the outlier
+(Gemma 3: +16.1 % against +18.4 %), so it is off by default. Per layer, the channels of all
+KV heads are concatenated, reordered by a calibrated permutation and rotated by a
+block-diagonal Walsh-Hadamard matrix whose blocks may span heads (grouped-head rotation,
+``rotate`` channels per block): the reordering deals the outlier
 channels out evenly over the blocks, so each rotation spreads one outlier's energy over its
 block. Keys are then quantized per token (or per channel over the block's tokens, ``keys``),
 values (rotated the same way, without RoPE, not centred) per token, in groups of ``group``
