@@ -323,7 +323,8 @@ def bench_retrieval(
                                          [float(d) for d in depths.split(",") if d.strip()], seed)
     rows = retrieval.run(loaded, model, methods, todo, mode_list, max_new_tokens, chat)
     if "kvpress" in peer_list:
-        rows += retrieval.run_kvpress(loaded.folder, model, methods, todo, mode_list, max_new_tokens, chat)
+        dense = {(r["mode"], r["case"]): r["dense_kv_bytes"] for r in rows}
+        rows += retrieval.run_kvpress(loaded.folder, model, methods, todo, mode_list, max_new_tokens, chat, dense)
     _retrieval_out(rows, json_path, plot)
 
 

@@ -54,6 +54,19 @@ def test_recent_blocks_are_always_read_within_the_count():
         assert all({0, 10, 11} <= set(row.tolist()) for row in layer.picked)
 
 
+def test_share_is_a_byte_budget_that_includes_the_key_bounds():
+    layer, _, _ = layer_with(1616, Quest(share=0.25))  # 101 sealed blocks of 16 tokens
+    n, block = len(layer.slots), layer.pool.slot_bytes()
+    layer.select(torch.randn(6, 1, 32))
+    k = layer.picked.shape[1]
+    assert layer.read_bytes <= 0.25 * n * block  # bounds of every block plus the picked blocks
+    assert layer.read_bytes + 2 * (block // 2) > 0.25 * n * block  # one more block would not fit
+    assert k < 0.25 * n  # the bounds take their share of the budget
+    whole, _, _ = layer_with(1616, Quest(share=1.0))
+    whole.select(torch.randn(6, 1, 32))
+    assert whole.picked is None and whole.read_bytes == n * block  # every block, no bounds
+
+
 def test_dense_layers_read_every_block(llama):
     runner = ModelRunner(llama, "quest(share=0.125,dense_layers=1)+dense(dtype=fp32)")
     cache = runner.new_cache()
@@ -96,7 +109,7 @@ def test_a_small_share_reads_a_small_share_and_stays_finite(llama):
     for t in range(8):
         logits = runner.run([cache], [[t]])
     layers = [layer for layer in cache.layers if isinstance(layer, BlockSelectKV)]
-    assert layers and all(layer.picked.shape[1] == 1 for layer in layers)  # ceil(0.125 * 6) blocks
+    assert layers and all(layer.picked.shape[1] == 1 for layer in layers)  # at least one block
     assert torch.isfinite(logits).all()
 
 
@@ -107,7 +120,7 @@ def test_nosa_keeps_its_query_agnostic_blocks_from_step_to_step(llama):
     logits = runner.run([cache], [tokens(400)])
     layers = [layer for layer in cache.layers if isinstance(layer, BlockSelectKV)]
     assert all(layer.rank is not None and layer.rank.shape == (llama.n_kv, 25) for layer in layers)
-    fixed = [layer.selector.fixed(layer.rank, 25) for layer in layers]
+    fixed = [layer.selector.fixed(layer.rank, 25, 4) for layer in layers]
     for t in range(6):
         logits = runner.run([cache], [[t]])
         for layer, f in zip(layers, fixed):  # the agnostic blocks are read at every step
@@ -115,3 +128,33 @@ def test_nosa_keeps_its_query_agnostic_blocks_from_step_to_step(llama):
                 assert set(f[h].nonzero().flatten().tolist()) <= set(layer.picked[h].tolist())
     assert all(layer.reused >= 0.5 for layer in layers)
     assert torch.isfinite(logits).all()
+
+
+def test_nosa_agnostic_blocks_are_besides_the_sink_and_recent_ones():
+    from kvtier.kv.selectors.nosa import Nosa
+    nosa = Nosa(agnostic=0.5, recent=1)
+    scores = torch.arange(20.0).flip(0).expand(2, -1).clone()  # block 0 ranks first, block 19 last
+    scores[:, 19] = 100.0
+    mask = nosa.fixed(scores, 20, 6)
+    assert mask.sum(1).tolist() == [3, 3]  # half of 6 blocks
+    assert not mask[:, 0].any() and not mask[:, 19].any()  # read anyway
+    assert mask[:, 1:4].all()
+    assert nosa.fixed(scores, 20, 2).sum() == 0  # the sink and the newest block fill the count
+
+
+def test_nosa_ranks_again_on_a_later_prefill_chunk(llama):
+    runner = ModelRunner(llama, "nosa(top_blocks=4,agnostic=1.0,window=8)+dense(dtype=fp32)")
+    runner.block_size = 16
+    cache = runner.new_cache()
+    runner.run([cache], [tokens(400)])
+    layers = [layer for layer in cache.layers if isinstance(layer, BlockSelectKV)]
+    before = [layer.rank.clone() for layer in layers]
+    runner.run([cache], [tokens(40, seed=1)])  # a question after the document
+    for layer, old in zip(layers, before):
+        assert layer.rank.shape[1] == len(layer.slots) > old.shape[1]
+        assert not torch.equal(layer.rank[:, :old.shape[1]], old)  # ranked by the new queries
+    runner.run([cache], [[1]])
+    for layer in layers:
+        fixed = layer.selector.fixed(layer.rank, len(layer.slots), 4)
+        for h in range(llama.n_kv):
+            assert set(fixed[h].nonzero().flatten().tolist()) <= set(layer.picked[h].tolist())

@@ -2,6 +2,7 @@
 layout kvpress uses, and one real run through the CLI with selectors and block-sparse attention."""
 
 import json
+import sys
 
 import pytest
 from test_e2e import run_cli
@@ -96,3 +97,31 @@ def test_merge_refuses_mixed_kinds(tmp_path):
         (tmp_path / name).write_text(json.dumps({"results": rows}))
     m = run_cli("bench", "merge", str(tmp_path / "r.json"), str(tmp_path / "p.json"))
     assert m.returncode == 2 and "mix bench ppl and bench retrieval" in m.stderr.strip().splitlines()[-1]
+
+
+FAKE_KVPRESS = """import json, sys
+cases, presses, out = sys.argv[3:6]  # after kvpress_run.py and the model folder
+n = sum(1 for _ in open(cases))
+rows = [{"label": p["label"], "case": i, "text": "x", "kv_bytes": 4000 if p["press"] == "dense" else 1000}
+        for p in json.load(open(presses)) for i in range(n)]
+open(out, "w").write("".join(json.dumps(r) + "\\n" for r in rows))
+"""
+
+
+def test_kvpress_bytes_are_relative_to_kvtiers_dense_cache(tmp_path, monkeypatch):
+    """On a sliding-window model kvpress's dense cache holds every token: its rows are
+    measured against kvtier's dense bytes of the same case (a fake kvpress environment here)."""
+    (tmp_path / "fake.py").write_text(FAKE_KVPRESS)
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/bin/sh\nexec {sys.executable} {tmp_path / "fake.py"} "$@"\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("KVTIER_KVPRESS_PYTHON", str(fake))
+    cases = [{"task": "cases", "context_tokens": None, "depth": None, "context": "c", "question": "q",
+              "answer": "a"}] * 2
+    rows = retrieval.run_kvpress(tmp_path, "m", ["tova(ratio=0.75)"], cases, ["agnostic"],
+                                 dense={("agnostic", 0): 2000, ("agnostic", 1): 2000})
+    tova = [r for r in rows if "tova" in r["method"]]
+    assert [r["bytes_ratio"] for r in tova] == [0.5, 0.5]
+    assert all(r["own_dense_kv_bytes"] == 4000 and r["peer"] for r in rows)
+    alone = retrieval.run_kvpress(tmp_path, "m", ["tova(ratio=0.75)"], cases, ["agnostic"])
+    assert [r["bytes_ratio"] for r in alone if "tova" in r["method"]] == [0.25, 0.25]

@@ -313,9 +313,12 @@ def kvpress_presses(methods: list[str]) -> list[dict]:
 
 
 def run_kvpress(folder: Path, model_name: str, methods: list[str], cases: list[dict], modes: list[str],
-                max_new_tokens: int = 12, chat: bool = False) -> list[dict]:
+                max_new_tokens: int = 12, chat: bool = False, dense: dict | None = None) -> list[dict]:
     """kvpress's presses on the same cases, in its own environment (scripts/kvpress-setup.sh);
-    rows labelled ``kvpress:<the kvtier spec>``, bytes relative to kvpress's own dense cache."""
+    rows labelled ``kvpress:<the kvtier spec>``. Bytes are relative to ``dense`` (kvtier's dense
+    cache per (mode, case), as in kvtier's rows) when given, else to kvpress's own dense cache;
+    kvpress's own dense bytes are kept as ``own_dense_kv_bytes``. They differ on models with
+    sliding-window layers: kvpress's cache holds every token there."""
     python = Path(os.environ.get("KVTIER_KVPRESS_PYTHON", KVPRESS_PYTHON))
     if not python.exists():
         raise KvtierError(f"the kvpress peer needs its own environment ({python} is missing): "
@@ -335,10 +338,11 @@ def run_kvpress(folder: Path, model_name: str, methods: list[str], cases: list[d
         if done.returncode:
             raise KvtierError(f"kvpress failed (exit {done.returncode}); its messages are above")
         got = [json.loads(line) for line in (t / "out.jsonl").read_text().splitlines()]
-    dense = {g["case"]: g["kv_bytes"] for g in got if g["label"] == presses[0]["label"]}
+    own = {g["case"]: g["kv_bytes"] for g in got if g["label"] == presses[0]["label"]}
     rows = []
     for g in got:
-        c = todo[g["case"]]
-        rows.append(_row(g["label"], model_name, c["mode"], g["case"] % len(cases), c, g["text"],
-                         g["kv_bytes"], dense[g["case"]], peer=True))
+        c, i = todo[g["case"]], g["case"] % len(cases)
+        ref = (dense or {}).get((c["mode"], i), own[g["case"]])
+        rows.append(_row(g["label"], model_name, c["mode"], i, c, g["text"], g["kv_bytes"], ref, peer=True)
+                    | {"own_dense_kv_bytes": own[g["case"]]})
     return rows

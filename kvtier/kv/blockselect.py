@@ -36,7 +36,9 @@ class BlockSelectKV(LayerKV):
         """The parts one decode query ``(Hq, 1, D)`` (pre-scaled) attends: the sinks, each KV
         head's chosen blocks, the residual."""
         n = len(self.slots)
-        if n == 0 or self.selector.n_blocks(n) >= n:
+        bounds = 4 * self.n_kv * self.head_dim / max(self.pool.slot_bytes(), 1)  # fp16 min, max
+        k = self.selector.n_blocks(n, bounds) if n else 0
+        if n == 0 or k >= n:
             self.picked, self.read_bytes = None, n * self.pool.slot_bytes()
             return self.parts()
         fixed = None
@@ -44,8 +46,8 @@ class BlockSelectKV(LayerKV):
             if self.rank.shape[1] < n:  # blocks sealed since the prompt: ranked as the best so far
                 top = self.rank.amax(1, keepdim=True).expand(-1, n - self.rank.shape[1])
                 self.rank = torch.cat([self.rank, top], 1)
-            fixed = self.selector.fixed(self.rank, n)
-        idx = self.selector.pick(q.reshape(self.n_kv, -1, q.shape[-1]), self.bounds, fixed)
+            fixed = self.selector.fixed(self.rank, n, k)
+        idx = self.selector.pick(q.reshape(self.n_kv, -1, q.shape[-1]), self.bounds, k, fixed)
         if self.picked is not None and self.picked.shape == idx.shape:
             same = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(idx, self.picked))
             self.reused = same / idx.numel()
@@ -60,8 +62,9 @@ class BlockSelectKV(LayerKV):
             self.q = q[:, -want:] if self.q is None else torch.cat([self.q, q], 1)[:, -want:]
 
     def compress(self) -> None:
-        """End of the prompt: rank the blocks for the query-agnostic part, once."""
-        if self.q is None or self.rank is not None or not self.slots:
+        """End of a prefill chunk: rank the blocks for the query-agnostic part by the chunk's
+        last queries (a later chunk, such as the question after a document, ranks again)."""
+        if self.q is None or not self.slots:
             return
         k, _ = self.pool.read(self.slots, torch.float32)
         if self.codec.pre_rope:

@@ -20,24 +20,29 @@ class Quest(Selector):
     name = "quest"
     sparse = True  # chooses blocks per step, deletes nothing
     top_blocks: int = param(0, "blocks read per step and KV head (0: use share)", min=0)
-    share: float = param(0.125, "share of the held blocks read per step (when top_blocks is 0)",
-                         min=0.0, max=1.0)
+    share: float = param(0.125, "share of the held KV bytes read per step, key bounds included "
+                         "(when top_blocks is 0)", min=0.0, max=1.0)
     sink_block: bool = param(True, "always read the first block (it holds the attention sinks)")
     recent: int = param(0, "newest sealed blocks always read (a local window next to the residual)", min=0)
     dense_layers: int = param(0, "first layers that read every block (Quest leaves the first two dense)", min=0)
     ratio = 0.0
     budget = 0
 
-    def n_blocks(self, held: int) -> int:
-        """Blocks to read out of ``held``."""
-        n = self.top_blocks or math.ceil(self.share * held)
-        return max(1, min(held, n))
+    def n_blocks(self, held: int, bounds: float = 0.0) -> int:
+        """Blocks to read out of ``held``: ``top_blocks``, or as many as fit in ``share`` of the
+        held blocks' bytes once every block's key bounds are read (``bounds``: a block's bounds
+        over its bytes). A share of 1 reads every block and no bounds."""
+        if self.top_blocks:
+            return max(1, min(held, self.top_blocks))
+        if self.share >= 1.0:
+            return held
+        return max(1, min(held, math.floor((self.share - bounds) * held + 1e-9)))
 
-    def pick(self, q: torch.Tensor, bounds: torch.Tensor, fixed: torch.Tensor | None = None) -> torch.Tensor:
-        """Block indices ``(Hkv, k)``, ascending, for pre-scaled queries ``q: (Hkv, G, D)`` and
-        key bounds ``(Hkv, n, 2, D)`` (channel min, max): the highest upper bound of q . k over
-        the block, the best of the group's query heads. The sink block, the ``recent`` newest
-        blocks and the ``fixed`` ones come first, within the same count."""
+    def pick(self, q: torch.Tensor, bounds: torch.Tensor, k: int, fixed: torch.Tensor | None = None) -> torch.Tensor:
+        """``k`` block indices per KV head ``(Hkv, k)``, ascending, for pre-scaled queries
+        ``q: (Hkv, G, D)`` and key bounds ``(Hkv, n, 2, D)`` (channel min, max): the highest
+        upper bound of q . k over the block, the best of the group's query heads. The sink
+        block, the ``recent`` newest blocks and the ``fixed`` ones come first, within ``k``."""
         lo, hi = bounds[:, :, 0].float(), bounds[:, :, 1].float()  # (Hkv, n, D)
         qf = q.float()[:, :, None, :]  # (Hkv, G, 1, D)
         upper = torch.maximum(qf * lo[:, None], qf * hi[:, None]).sum(-1).amax(1)  # (Hkv, n)
@@ -47,5 +52,4 @@ class Quest(Selector):
             upper[:, -self.recent:] = float("inf")
         if fixed is not None:
             upper = torch.where(fixed, torch.full_like(upper, float("inf")), upper)
-        k = self.n_blocks(upper.shape[1])
         return upper.topk(k, dim=-1).indices.sort(-1).values
