@@ -60,7 +60,7 @@ def partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
     m = s.amax(-1, keepdim=True)
-    if mask is not None:  # a fully masked row has m = -inf; keep exp() finite there
+    if mask is not None or bias is not None:  # a fully masked row has m = -inf; keep exp() finite there
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     p = torch.exp(s - m)
     return m, p.sum(-1, keepdim=True), torch.bmm(p.to(v.dtype), v).float()

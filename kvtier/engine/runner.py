@@ -52,16 +52,16 @@ class ModelRunner:
             def make(c, rope, i=i, window=window):
                 ctx = LayerContext(i, m.n_kv, m.head_dim, self.stats and self.stats[i], rope)
                 return LayerKV(c, m.n_kv, m.head_dim, self.block_size, window, self.dtype, self.device, ctx, home)
-            sel = self.spec.selectors[0] if self.spec.selectors and window is None else None
+            sel = self.spec.selectors[0] if self.spec.selectors else None
             sparse = sel is not None and getattr(sel, "sparse", False)  # reads some blocks, deletes none
-            if sparse and i < sel.dense_layers:
-                layers.append(make(codec, ropes[i]))  # a block selector's dense first layers
+            if sparse and (i < sel.dense_layers or window is not None):
+                layers.append(make(codec, ropes[i]))  # dense first layers; a sliding window is read whole
             elif sparse:
                 ctx = LayerContext(i, m.n_kv, m.head_dim, self.stats and self.stats[i], ropes[i])
                 layers.append(BlockSelectKV(sel, codec, m.n_kv, m.head_dim, self.block_size, None,
                                             self.dtype, self.device, ctx, home))
-            elif sel is not None:  # a sliding layer already holds only its window
-                layers.append(SelectKV(self._bound(sel, i), codec, make, ropes[i], self.dtype))
+            elif sel is not None:  # on a sliding layer: the selector's share of the window
+                layers.append(SelectKV(self._bound(sel, i), codec, make, ropes[i], self.dtype, window))
             else:
                 layers.append(make(codec, ropes[i]))
         cache = SeqKV(layers, home)

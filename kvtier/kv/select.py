@@ -9,7 +9,9 @@ is held at that size: every ``slack`` new tokens it is compacted back to its tar
 Each KV head keeps its own tokens, so a layer holds them in a per-head order; their real
 positions are kept (int32, counted in the bytes) for codecs that store keys before RoPE and
 for the selectors. Attention sees the kept tokens as one run just before the newest token:
-every one of them is visible to every later query.
+every one of them is visible to every later query, except, on a sliding-window layer, those
+whose real position has left the window (masked, then dropped first at the next compaction).
+A sliding layer keeps the selector's share of its window.
 """
 
 from __future__ import annotations
@@ -44,18 +46,19 @@ class SelectKV:
     """One layer of one sequence's cache with a selector in front of the codec.
 
     make: builds an empty :class:`LayerKV` for a codec and a RoPE (the runner's settings).
+    window: the layer's sliding window, or None.
     slack: new tokens allowed above the target before a decode-time compaction.
     """
 
-    def __init__(self, selector: Selector, codec: Codec, make: Callable[[Codec, object], LayerKV],
-                 rope, dtype: torch.dtype, slack: int = 64):
+    def __init__(self, selector: Selector, codec: Codec, make: Callable[..., LayerKV],
+                 rope, dtype: torch.dtype, window: int | None = None, slack: int = 64):
         self.selector, self.codec, self.make = selector, codec, make
         self.slack = getattr(selector, "slack", slack)
         self.rope = _HeldPositions(rope, self) if rope is not None else None
         staging = next(name for name, t in DTYPES.items() if t == dtype)
-        self.kv = make(Dense(dtype=staging), self.rope)  # every token, until the first compression
+        self.kv = make(Dense(dtype=staging), self.rope, window=None)  # every token, until the first compression
         self.n_kv, self.head_dim, self.index = self.kv.n_kv, self.kv.head_dim, self.kv.index
-        self.window = None
+        self.window = window
         self.pos = torch.empty((self.n_kv, 0), dtype=torch.int32)  # real position of each held token
         self.acc = torch.empty((self.n_kv, 0)) if selector.accumulates else None
         # log of how many tokens each held entry stands for (a selector that merges)
@@ -77,20 +80,31 @@ class SelectKV:
         self.kv.append(k, v)
         self.length += t
 
-    def parts(self) -> list[Part]:
-        """The held tokens, placed as the run just before the newest position."""
+    def parts(self, t: int = 1) -> list[Part]:
+        """The held tokens, placed as the run just before the newest position; on a sliding
+        layer, tokens that left the window of the first of the ``t`` new queries are masked."""
         shift = self.length - self.kv.length
+        gone = self._gone(self.length - t) if self.target is not None else None
         out = self.kv.parts()
         for p in out:
-            if self.bias is not None:
-                b = self.bias[:, p.start: p.start + p.n]
-                if b.any():  # merged entries: attention adds their log count (on decoded keys)
-                    p.bias, p.score = b, None
+            b = None if self.bias is None else self.bias[:, p.start: p.start + p.n]
+            if gone is not None and gone[:, p.start: p.start + p.n].any():
+                out_of_window = gone[:, p.start: p.start + p.n]
+                b = torch.zeros(out_of_window.shape) if b is None else b.clone()
+                b[out_of_window] = float("-inf")
+            if b is not None and b.any():  # merged entries add their log count; gone ones -inf
+                p.bias, p.score = b, None  # (attention on decoded keys)
             p.start += shift
         return out
 
     def select(self, q: torch.Tensor) -> list[Part]:
-        return self.parts()
+        return self.parts(q.shape[1])
+
+    def _gone(self, first: int) -> torch.Tensor | None:
+        """``(Hkv, n)`` held tokens outside the window of a query at position ``first``, or None."""
+        if self.window is None or first - self.window < 0:
+            return None
+        return self.pos <= first - self.window
 
     def observe(self, q: torch.Tensor, scale: float) -> None:
         """The layer's queries of this step ``(Hq, T, D)``, after their tokens were appended:
@@ -111,7 +125,8 @@ class SelectKV:
     def compress(self) -> None:
         """End of the first prefill: keep the selector's choice, encoded by the codec."""
         if self.target is None and self.length:
-            self.target = self.selector.target(self.length)
+            seen = self.length if self.window is None else min(self.length, self.window)
+            self.target = self.selector.target(seen)
             self._compact(self.target)
 
     def branch(self, src: SelectKV) -> None:
@@ -138,8 +153,11 @@ class SelectKV:
     def _compact(self, n_keep: int) -> None:
         k, v = self._held()
         q = None if self.q is None else self.q * self.scale
-        scores = self.selector.score(View(k, v, self.pos, q, self.acc, self.length, n_keep))
-        idx = scores.float().topk(n_keep, dim=-1).indices.sort(-1).values  # (Hkv, n_keep), in order
+        scores = self.selector.score(View(k, v, self.pos, q, self.acc, self.length, n_keep)).float()
+        gone = self._gone(self.length)
+        if gone is not None:  # out of the next query's sliding window: dropped first
+            scores = scores.masked_fill(gone, float("-inf"))
+        idx = scores.topk(n_keep, dim=-1).indices.sort(-1).values  # (Hkv, n_keep), in order
         if self.bias is not None:  # the others are merged into their nearest kept token
             k, v, self.pos, self.bias = merge(k, v, self.pos, self.bias, idx)
         else:
@@ -149,7 +167,7 @@ class SelectKV:
         if self.acc is not None:
             self.acc = self.acc.gather(1, idx)
         self.kv.close()
-        self.kv = self.make(self.codec, self.rope)
+        self.kv = self.make(self.codec, self.rope, window=None)
         self.kv.append(k, v)
 
     @property
@@ -163,9 +181,10 @@ class SelectKV:
         self.kv.close()
 
     def n_elements(self) -> int:
-        """Key and value elements of every token seen (what a dense cache would hold), so bits
-        per element include what the selector saved."""
-        return 2 * self.length * self.n_kv * self.head_dim
+        """Key and value elements of every token a dense cache would hold (every token seen, or
+        the sliding window), so bits per element include what the selector saved."""
+        seen = self.length if self.window is None else min(self.length, self.window)
+        return 2 * seen * self.n_kv * self.head_dim
 
     def nbytes(self) -> int:
         """Bytes held: the codec's blocks and buffers, each held token's position (int32), and

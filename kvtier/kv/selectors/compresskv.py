@@ -55,6 +55,8 @@ class CompressKV(Selector):
         top = cal["retrieval"][index].topk(min(self.heads, model.n_heads)).indices
         w = torch.zeros(model.n_heads)
         w[top] = 1.0
+        if model.windows[index] is not None:  # a sliding layer retrieves nothing: every head votes
+            w = None
         err = cal["error"]
         share = (err / err.mean()).clamp(1 / self.spread, self.spread)
         return replace(self, weights=w, factor=float(share[index] / share.mean()))
@@ -133,8 +135,8 @@ def _measure(model, cases) -> dict[str, torch.Tensor]:
         cache = recorder.new_cache()
         recorder.run([cache], [ids])
         for i, layer in enumerate(cache.layers):
-            if not hasattr(layer, "q"):
-                continue  # a sliding layer: no selection there
+            if model.windows[i] is not None:
+                continue  # a sliding layer: its window's error is filled with the mean below
             k, v = layer._held()
             q, n = layer.q * layer.scale, len(ids)
             att = group_attention(q[:, -answer:], k, torch.arange(n - answer, n), layer.pos)  # (Hkv, G, T, n)
