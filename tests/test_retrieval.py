@@ -5,11 +5,15 @@ import json
 import sys
 
 import pytest
+from conftest import tokens
 from test_e2e import run_cli
 
+from kvtier import spec as specs
 from kvtier.bench import retrieval
 from kvtier.bench.data import kjv
+from kvtier.engine import ModelRunner
 from kvtier.errors import KvtierError
+from kvtier.kv.codecs.dense import Dense
 
 pytestmark = pytest.mark.e2e
 
@@ -125,3 +129,17 @@ def test_kvpress_bytes_are_relative_to_kvtiers_dense_cache(tmp_path, monkeypatch
     assert all(r["own_dense_kv_bytes"] == 4000 and r["peer"] for r in rows)
     alone = retrieval.run_kvpress(tmp_path, "m", ["tova(ratio=0.75)"], cases, ["agnostic"])
     assert [r["bytes_ratio"] for r in alone if "tova" in r["method"]] == [0.25, 0.25]
+
+
+@pytest.mark.parametrize("n", [10, 100, 300])
+def test_dense_reference_bytes_are_what_a_dense_cache_holds(gemma, n):
+    """The recorder keeps every token (sliding layers too); the dense bytes it reports are a
+    real dense cache's, whose sliding layers hold only their window."""
+    dense = ModelRunner(gemma, "dense(dtype=fp32)")
+    cache = dense.new_cache()
+    dense.run([cache], [tokens(n)])
+    recorder = ModelRunner(gemma, specs.CacheSpec((retrieval._Record(need=8), Dense(dtype="fp32"))))
+    record = recorder.new_cache()
+    recorder.run([record], [tokens(n)])
+    assert all(layer.kv.length == n for layer in record.layers)  # nothing dropped: branches start here
+    assert retrieval._dense_bytes(record) == cache.nbytes()

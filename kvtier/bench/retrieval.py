@@ -151,7 +151,7 @@ class _Record(Selector):
         return self.acc
 
     def target(self, n: int) -> int:
-        return n
+        return 1 << 62  # never compacts: a sliding layer keeps the tokens outside its window too
 
     def score(self, view):
         return view.pos.float()
@@ -173,7 +173,20 @@ def _branch(runner: ModelRunner, record):
 
 
 def _dense_bytes(record) -> int:
-    return sum(layer.kv.nbytes() if isinstance(layer, SelectKV) else layer.nbytes() for layer in record.layers)
+    """Bytes a dense cache holds after the recorded prefill (the staging dtype); a sliding
+    layer's are measured on a windowed layer fed the same tokens."""
+    total = 0
+    for layer in record.layers:
+        if not isinstance(layer, SelectKV):
+            total += layer.nbytes()
+        elif layer.window is None:
+            total += layer.kv.nbytes()
+        else:
+            plain = layer.make(layer.kv.codec, layer.rope)  # the layer's own window
+            plain.append(*layer._held())
+            total += plain.nbytes()
+            plain.close()
+    return total
 
 
 def _answer(runner: ModelRunner, cache, rest: list[int], eos: set[int], max_new: int) -> list[int]:

@@ -127,7 +127,8 @@ class SelectKV:
         if self.target is None and self.length:
             seen = self.length if self.window is None else min(self.length, self.window)
             self.target = self.selector.target(seen)
-            self._compact(self.target)
+            if self.target <= self.kv.length:  # (a recorder keeping everything never compacts)
+                self._compact(self.target)
 
     def branch(self, src: SelectKV) -> None:
         """Start from ``src``'s uncompressed state (tokens, positions, queries, accumulated
