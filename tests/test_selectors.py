@@ -156,6 +156,28 @@ def test_sliding_layers_keep_the_selectors_share_of_their_window(gemma):
     assert torch.isfinite(logits).all()
 
 
+@pytest.mark.parametrize("kv", ["tova(ratio=0.25)", "snapkv(ratio=0.25,window=8)", "h2o(ratio=0.25)", "elastic(ratio=0.25)"])
+def test_sliding_layers_never_attend_outside_their_window(gemma, kv):
+    runner = ModelRunner(gemma, kv + "+dense(dtype=fp32)")
+    cache, logits = prefill(runner, tokens(100))
+    for layer in cache.layers:
+        if isinstance(layer, SelectKV) and layer.window:
+            layer.slack = 8
+    masked = 0
+    for step in range(30):
+        logits = runner.run([cache], [[int(logits[0].argmax())]])
+        assert torch.isfinite(logits).all()
+        for layer in cache.layers:
+            if isinstance(layer, SelectKV) and layer.window:  # as the newest query saw them
+                parts = layer.parts(1)
+                bias = torch.cat([p.bias if p.bias is not None else torch.zeros(layer.n_kv, p.n) for p in parts], 1)
+                gone = layer.pos <= cache.length - 1 - layer.window
+                assert torch.isneginf(bias[gone]).all() and torch.isfinite(bias[~gone]).all()
+                assert layer.n_held <= 12 + 8  # three quarters of the window, plus the slack
+                masked += int(gone.sum())
+    assert masked  # tokens did leave the window between compactions
+
+
 def test_nothing_evicted_on_sliding_layers_gives_the_dense_logits(gemma):
     """Tokens leave the window while decoding: masked at once, dropped at each compaction."""
     toks = tokens(140)

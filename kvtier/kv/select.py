@@ -160,7 +160,8 @@ class SelectKV:
             scores = scores.masked_fill(gone, float("-inf"))
         idx = scores.topk(n_keep, dim=-1).indices.sort(-1).values  # (Hkv, n_keep), in order
         if self.bias is not None:  # the others are merged into their nearest kept token
-            k, v, self.pos, self.bias = merge(k, v, self.pos, self.bias, idx)
+            bias = self.bias if gone is None else self.bias.masked_fill(gone, float("-inf"))
+            k, v, self.pos, self.bias = merge(k, v, self.pos, bias, idx)
         else:
             pick = idx[..., None].expand(-1, -1, k.shape[-1])
             k, v = k.gather(1, pick), v.gather(1, pick)

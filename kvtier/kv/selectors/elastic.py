@@ -33,6 +33,7 @@ def merge(k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, bias: torch.Tenso
     head). A merged entry is the count-weighted mean of its keys and of its values, and its
     bias (log count) makes it weigh in the softmax as all of them: tokens with equal keys lose
     no attention mass. k, v ``(Hkv, n, D)``; pos, bias ``(Hkv, n)``; keep ``(Hkv, m)`` ascending.
+    A token with bias -inf (out of a sliding window) stands for nothing and adds nothing.
     Returns k, v, pos, bias of the kept tokens."""
     hkv, _, d = k.shape
     kept_pos = pos.gather(1, keep).float()  # (Hkv, m)
@@ -41,7 +42,7 @@ def merge(k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, bias: torch.Tenso
     count = bias.exp()  # tokens each entry already stands for
     m = keep.shape[1]
     total = torch.zeros(hkv, m).scatter_add_(1, owner, count)
-    w = (count / total.gather(1, owner))[..., None]  # (Hkv, n, 1)
+    w = (count / total.gather(1, owner).clamp_min(1e-30))[..., None]  # (Hkv, n, 1); count 0: weight 0
     idx = owner[..., None].expand(-1, -1, d)
     k_m = torch.zeros(hkv, m, d).scatter_add_(1, idx, k.float() * w).to(k.dtype)
     v_m = torch.zeros(hkv, m, d).scatter_add_(1, idx, v.float() * w).to(v.dtype)
