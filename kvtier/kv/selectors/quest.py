@@ -23,7 +23,7 @@ class Quest(Selector):
     share: float = param(0.125, "share of the held KV bytes read per step, key bounds included "
                          "(when top_blocks is 0)", min=0.0, max=1.0)
     sink_block: bool = param(True, "always read the first block (it holds the attention sinks)")
-    recent: int = param(0, "newest sealed blocks always read (a local window next to the residual)", min=0)
+    recent: int = param(1, "newest sealed blocks always read (a local window next to the residual)", min=0)
     dense_layers: int = param(0, "first layers that read every block (Quest leaves the first two dense)", min=0)
     ratio = 0.0
     budget = 0
