@@ -168,14 +168,43 @@ def test_sliding_layers_never_attend_outside_their_window(gemma, kv):
         logits = runner.run([cache], [[int(logits[0].argmax())]])
         assert torch.isfinite(logits).all()
         for layer in cache.layers:
-            if isinstance(layer, SelectKV) and layer.window:  # as the newest query saw them
+            if isinstance(layer, SelectKV) and layer.window:  # as the next query will see them
                 parts = layer.parts(1)
                 bias = torch.cat([p.bias if p.bias is not None else torch.zeros(layer.n_kv, p.n) for p in parts], 1)
-                gone = layer.pos <= cache.length - 1 - layer.window
+                gone = layer.pos <= cache.length - layer.window
                 assert torch.isneginf(bias[gone]).all() and torch.isfinite(bias[~gone]).all()
                 assert layer.n_held <= 12 + 8  # three quarters of the window, plus the slack
                 masked += int(gone.sum())
     assert masked  # tokens did leave the window between compactions
+
+
+def test_a_chunk_after_compression_sees_each_querys_own_window(gemma):
+    """A multi-token chunk (a question after the document) on a sliding layer whose held tokens
+    are out of order: each query attends exactly the held tokens inside its own window."""
+    from kvtier.attention.blockwise import attend
+    from kvtier.kv.cache import Part
+
+    runner = ModelRunner(gemma, "tova(ratio=0.5)+dense(dtype=fp32)")
+    cache, logits = prefill(runner, tokens(100))
+    for t in range(5):
+        logits = runner.run([cache], [[t]])
+    layer = next(layer for layer in cache.layers if isinstance(layer, SelectKV) and layer.window)
+    w, start, t = layer.window, layer.length, 12
+    g = torch.Generator().manual_seed(0)
+    hq = gemma.n_heads
+    q = torch.randn(hq, t, gemma.head_dim, generator=g)
+    k, v = (torch.randn(layer.n_kv, t, gemma.head_dim, generator=g) for _ in range(2))
+    out = attend(q, layer.parts(t) + [Part(k, v, start)], start, 0.1, w)
+    held_k, held_v = layer._held()
+    keys, values = torch.cat([held_k, k], 1), torch.cat([held_v, v], 1)
+    pos = torch.cat([layer.pos, torch.arange(start, start + t).expand(layer.n_kv, -1)], 1)
+    qpos = torch.arange(start, start + t)
+    seen = (pos[:, None, :] <= qpos[None, :, None]) & (qpos[None, :, None] - pos[:, None, :] < w)  # (Hkv, T, N)
+    assert (~seen[:, :, :layer.n_held]).any()  # some held tokens are outside some query's window
+    qg = q.reshape(layer.n_kv, hq // layer.n_kv, t, -1)
+    s = torch.einsum("hgtd,hnd->hgtn", qg * 0.1, keys).masked_fill(~seen[:, None], float("-inf"))
+    ref = torch.einsum("hgtn,hnd->hgtd", s.softmax(-1), values).reshape(hq, t, -1)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
 def test_nothing_evicted_on_sliding_layers_gives_the_dense_logits(gemma):

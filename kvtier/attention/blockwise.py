@@ -41,7 +41,8 @@ def visible(q_start: int, t: int, k_start: int, n: int, window: int | None,
 def partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
             bias: torch.Tensor | None = None):
     """Softmax pieces of one group. q ``(Hkv, G*T, D)`` pre-scaled, rows ordered (g, t);
-    ``bias`` ``(Hkv, N)`` is added to every row's scores (a merged key counts for several).
+    ``bias`` ``(Hkv, N)`` is added to every row's scores (a merged key counts for several), or
+    ``(Hkv, T, N)`` to each query's (a sliding window over keys held out of order).
 
     Returns m, l ``(Hkv, G*T, 1)`` and o ``(Hkv, G*T, D)``.
     """
@@ -55,8 +56,9 @@ def partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
         lse = lse[0].unsqueeze(-1)
         return lse, torch.ones_like(lse), o[0].float()
     s = _scores(q, k).float()  # (Hkv, G*T, N); softmax statistics in fp32
-    if bias is not None:
-        s = s + bias[:, None, :].to(s.device)
+    if bias is not None:  # per key (Hkv, N), or per query (Hkv, T, N): rows are ordered (g, t)
+        b = bias[:, None, :] if bias.dim() == 2 else bias.repeat(1, s.shape[1] // bias.shape[1], 1)
+        s = s + b.to(s.device)
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
     m = s.amax(-1, keepdim=True)
@@ -110,7 +112,7 @@ def reference(q: torch.Tensor, parts: list[Part], q_start: int, scale: float,
         for i in range(0, part.n, group):
             k, v = pk[:, i:i + group], pv[:, i:i + group]
             mask = visible(q_start, t, part.start + i, k.shape[1], window, q.device)
-            bias = None if part.bias is None else part.bias[:, i:i + group]
+            bias = None if part.bias is None else part.bias[..., i:i + group]
             pieces.append(partial(qg, k, v, None if mask is None else mask.repeat(g, 1), bias))
     return _ungroup(merge(pieces), hq, t).to(q.dtype)
 

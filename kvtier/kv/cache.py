@@ -39,7 +39,8 @@ class Part:
         self.load: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
         self.score: Callable | None = None  # q -> softmax pieces on the encoded form (Codec.attend)
         self.done: Callable[[], None] | None = None  # attention has finished with this part
-        self.bias: torch.Tensor | None = None  # (Hkv, n) added to the scores: log of merged tokens' count
+        # added to the scores, (Hkv, n) or per query (Hkv, T, n): merged tokens' log count, -inf masks
+        self.bias: torch.Tensor | None = None
 
     @classmethod
     def encoded(cls, start: int, n: int, n_kv: int, load: Callable, score: Callable | None) -> Part:
@@ -289,8 +290,9 @@ class LayerKV:
         """Position of the first token of block ``j``."""
         return self.n_sinks + j * self.block_size
 
-    def parts(self) -> list[Part]:
-        """Everything held, oldest first: sinks, groups of encoded blocks (decoded on demand), residual."""
+    def parts(self, queries: int = 1) -> list[Part]:
+        """Everything held, oldest first: sinks, groups of encoded blocks (decoded on demand),
+        residual (``queries``, the new queries about to attend, matters to a selector's layer)."""
         out = self._sink_parts()
         self._rebuild_dropped()  # dropped blocks are needed again
         for j, n, fetch in self._placed(self._runs()):

@@ -80,31 +80,39 @@ class SelectKV:
         self.kv.append(k, v)
         self.length += t
 
-    def parts(self, t: int = 1) -> list[Part]:
-        """The held tokens, placed as the run just before the newest position; on a sliding
-        layer, tokens that left the window of the first of the ``t`` new queries are masked."""
+    def parts(self, queries: int = 1) -> list[Part]:
+        """The held tokens, placed as the run just before the newest position, for ``queries``
+        new queries at the next positions (a prefill chunk, before its tokens are stored)."""
+        return self._parts(self.length, queries)
+
+    def select(self, q: torch.Tensor) -> list[Part]:
+        return self._parts(self.length - q.shape[1], q.shape[1])  # their tokens are stored
+
+    def _parts(self, first: int, t: int) -> list[Part]:
+        """The held tokens for ``t`` queries at positions ``first ..``; on a sliding layer each
+        query masks the held tokens that left its window (a bias per query when t > 1)."""
         shift = self.length - self.kv.length
-        gone = self._gone(self.length - t) if self.target is not None else None
+        gone = self._gone(first, t) if self.target is not None else None  # (Hkv, t, n)
         out = self.kv.parts()
         for p in out:
-            b = None if self.bias is None else self.bias[:, p.start: p.start + p.n]
-            if gone is not None and gone[:, p.start: p.start + p.n].any():
-                out_of_window = gone[:, p.start: p.start + p.n]
-                b = torch.zeros(out_of_window.shape) if b is None else b.clone()
-                b[out_of_window] = float("-inf")
+            cut = slice(p.start, p.start + p.n)
+            b = None if self.bias is None else self.bias[:, cut]
+            if gone is not None and gone[..., cut].any():
+                base = torch.zeros(self.n_kv, p.n) if b is None else b
+                b = base[:, None, :].expand(-1, t, -1).masked_fill(gone[..., cut], float("-inf"))
+                b = b[:, 0] if t == 1 else b
             if b is not None and b.any():  # merged entries add their log count; gone ones -inf
                 p.bias, p.score = b, None  # (attention on decoded keys)
             p.start += shift
         return out
 
-    def select(self, q: torch.Tensor) -> list[Part]:
-        return self.parts(q.shape[1])
-
-    def _gone(self, first: int) -> torch.Tensor | None:
-        """``(Hkv, n)`` held tokens outside the window of a query at position ``first``, or None."""
-        if self.window is None or first - self.window < 0:
+    def _gone(self, first: int, t: int = 1) -> torch.Tensor | None:
+        """``(Hkv, t, n)``: the held tokens outside the window of each query at positions
+        ``first .. first + t - 1`` (a query at p sees keys at p - window < k <= p), or None."""
+        if self.window is None or first + t - 1 - self.window < 0:
             return None
-        return self.pos <= first - self.window
+        edge = torch.arange(first, first + t) - self.window
+        return self.pos[:, None, :] <= edge[None, :, None]
 
     def observe(self, q: torch.Tensor, scale: float) -> None:
         """The layer's queries of this step ``(Hq, T, D)``, after their tokens were appended:
@@ -156,6 +164,7 @@ class SelectKV:
         q = None if self.q is None else self.q * self.scale
         scores = self.selector.score(View(k, v, self.pos, q, self.acc, self.length, n_keep)).float()
         gone = self._gone(self.length)
+        gone = None if gone is None else gone[:, 0]
         if gone is not None:  # out of the next query's sliding window: dropped first
             scores = scores.masked_fill(gone, float("-inf"))
         idx = scores.topk(n_keep, dim=-1).indices.sort(-1).values  # (Hkv, n_keep), in order

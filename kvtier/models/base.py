@@ -169,7 +169,7 @@ class DecoderModel:
                 layer.append(ks, vs)
                 parts = layer.select(qs * scale)  # all blocks, unless a selector picks some
             else:       # prefill: the chunk attends to itself in full precision, then is stored
-                parts = layer.parts() + [Part(ks, vs, start)]
+                parts = layer.parts(n) + [Part(ks, vs, start)]
             outs.append(attend(qs, parts, start, scale, self.windows[i]).transpose(0, 1))
             if n > 1:
                 layer.append(ks, vs)

@@ -31,7 +31,8 @@ class Quest(Selector):
     def n_blocks(self, held: int, bounds: float = 0.0) -> int:
         """Blocks to read out of ``held``: ``top_blocks``, or as many as fit in ``share`` of the
         held blocks' bytes once every block's key bounds are read (``bounds``: a block's bounds
-        over its bytes). A share of 1 reads every block and no bounds."""
+        over its bytes). A share of 1 reads every block and no bounds; at least one block is
+        read even when the bounds alone exceed the share (a small share with a low-bit codec)."""
         if self.top_blocks:
             return max(1, min(held, self.top_blocks))
         if self.share >= 1.0:
