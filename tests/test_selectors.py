@@ -296,3 +296,16 @@ def test_elastic_merges_to_its_budget_and_runs_decode_and_a_second_prefill(llama
     for t in toks[230:240]:
         logits = runner.run([cache], [[t]])
     assert torch.isfinite(logits).all()
+
+
+def test_scores_on_a_sliding_layer_count_only_keys_inside_the_window():
+    q = torch.randn(4, 3, 8)  # 4 query heads over 2 KV heads, queries at positions 10, 11, 12
+    k = torch.randn(2, 6, 8)
+    k_pos = torch.tensor([[0, 5, 8, 9, 11, 12], [1, 6, 7, 10, 11, 12]])
+    w = group_attention(q, k, torch.tensor([10, 11, 12]), k_pos, window=4)  # (Hkv, G, T, n)
+    qp = torch.tensor([10, 11, 12])[None, None, :, None]
+    inside = (k_pos[:, None, None, :] <= qp) & (qp - k_pos[:, None, None, :] < 4)
+    assert torch.all(w[~inside.expand_as(w)] == 0)
+    torch.testing.assert_close(w.sum(-1), torch.ones(2, 2, 3))
+    none = group_attention(q[:, :1], k, torch.tensor([4]), k_pos + 100, window=4)
+    assert torch.all(none == 0)  # a query that sees no key

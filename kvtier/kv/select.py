@@ -125,7 +125,8 @@ class SelectKV:
         if self.acc is not None:
             k, _ = self._held()
             t = q.shape[1]
-            w = group_attention(q * scale, k, torch.arange(self.length - t, self.length), self.pos)
+            w = group_attention(q * scale, k, torch.arange(self.length - t, self.length), self.pos,
+                                window=self.window)
             self.acc += w.sum(2).mean(1)  # summed over the new queries, mean over the group's heads
         if q.shape[1] == 1 and self.target is not None and self.kv.length > self.target + self.slack:
             self._compact(self.target)
@@ -162,7 +163,8 @@ class SelectKV:
     def _compact(self, n_keep: int) -> None:
         k, v = self._held()
         q = None if self.q is None else self.q * self.scale
-        scores = self.selector.score(View(k, v, self.pos, q, self.acc, self.length, n_keep)).float()
+        view = View(k, v, self.pos, q, self.acc, self.length, n_keep, self.window)
+        scores = self.selector.score(view).float()
         gone = self._gone(self.length)
         gone = None if gone is None else gone[:, 0]
         if gone is not None:  # out of the next query's sliding window: dropped first

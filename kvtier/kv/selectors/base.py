@@ -23,7 +23,7 @@ class View:
     newest queries ``(Hq, w, D)`` (post-RoPE, at positions ``length - w ..``), pre-scaled by
     ``1/sqrt(D)``; acc: ``(Hkv, n)`` attention each token received from every query so far
     (mean over the heads of its group), or None unless the selector ``accumulates``; keep: how
-    many tokens per KV head will be kept.
+    many tokens per KV head will be kept; window: the layer's sliding window, or None.
     """
 
     k: torch.Tensor
@@ -33,6 +33,7 @@ class View:
     acc: torch.Tensor | None
     length: int
     keep: int = 0
+    window: int | None = None  # the layer's sliding window: queries see only keys inside it
 
 
 class Selector:
@@ -64,10 +65,11 @@ class Selector:
 
 
 def group_attention(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
-                    rows: int = 256) -> torch.Tensor:
+                    rows: int = 256, window: int | None = None) -> torch.Tensor:
     """Softmax attention weights of queries over keys, ``(Hkv, G, T, n)`` in fp32, causal by
-    position (a query sees keys at positions <= its own). q: ``(Hq, T, D)`` pre-scaled; k:
-    ``(Hkv, n, D)``; q_pos ``(T,)``; k_pos ``(Hkv, n)``. Computed ``rows`` queries at a time."""
+    position (a query sees keys at positions <= its own, and within ``window`` of it). q:
+    ``(Hq, T, D)`` pre-scaled; k: ``(Hkv, n, D)``; q_pos ``(T,)``; k_pos ``(Hkv, n)``.
+    Computed ``rows`` queries at a time; a query that sees no key gets all-zero weights."""
     hq, t, d = q.shape
     hkv, n, _ = k.shape
     g = hq // hkv
@@ -78,7 +80,9 @@ def group_attention(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, k_pos
         qa = qg.reshape(hkv, g, t, d)[:, :, idx].reshape(hkv, -1, d)
         s = torch.bmm(qa, k.float().transpose(1, 2)).reshape(hkv, g, len(idx), n)
         seen = k_pos[:, None, None, :] <= q_pos[idx][None, None, :, None]
-        out.append(torch.softmax(s.masked_fill(~seen, float("-inf")), -1))
+        if window is not None:
+            seen &= q_pos[idx][None, None, :, None] - k_pos[:, None, None, :] < window
+        out.append(torch.softmax(s.masked_fill(~seen, float("-inf")), -1).nan_to_num(0.0))
     return torch.cat(out, 2)
 
 

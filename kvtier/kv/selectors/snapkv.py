@@ -36,7 +36,7 @@ def vote(view: View, window: int, kernel: int) -> tuple[torch.Tensor, int]:
     neighbouring tokens: ``(Hkv, G, n)`` per query head, and the window used."""
     w = min(window, view.q.shape[1])
     q_pos = torch.arange(view.length - w, view.length)
-    scores = group_attention(view.q[:, -w:], view.k, q_pos, view.pos).mean(2)  # (Hkv, G, n)
+    scores = group_attention(view.q[:, -w:], view.k, q_pos, view.pos, window=view.window).mean(2)  # (Hkv, G, n)
     if kernel > 1:
         hkv, g, n = scores.shape
         scores = F.avg_pool1d(scores.reshape(hkv * g, 1, n), kernel, 1, kernel // 2,

@@ -22,7 +22,7 @@ class Tova(Selector):
 
     def score(self, view: View) -> torch.Tensor:
         last = torch.tensor([view.length - 1])
-        w = group_attention(view.q[:, -1:], view.k, last, view.pos)  # (Hkv, G, 1, n)
+        w = group_attention(view.q[:, -1:], view.k, last, view.pos, window=view.window)  # (Hkv, G, 1, n)
         # one ranking for every head (TOVA averages over all heads); the newest token stays
         scores = w.mean((1, 2)).mean(0, keepdim=True).expand_as(view.pos)
         return pin(scores, view.pos == view.length - 1)
