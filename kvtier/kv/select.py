@@ -166,8 +166,8 @@ class SelectKV:
         view = View(k, v, self.pos, q, self.acc, self.length, n_keep, self.window)
         scores = self.selector.score(view).float()
         gone = self._gone(self.length)
-        gone = None if gone is None else gone[:, 0]
         if gone is not None:  # out of the next query's sliding window: dropped first
+            gone = gone[:, 0]
             scores = scores.masked_fill(gone, float("-inf"))
         idx = scores.topk(n_keep, dim=-1).indices.sort(-1).values  # (Hkv, n_keep), in order
         if self.bias is not None:  # the others are merged into their nearest kept token
