@@ -17,10 +17,12 @@ _METHODS: dict[str, type] = {}
 
 
 def param(default: Any, help: str, choices: tuple | None = None,
-          min: float | None = None, max: float | None = None) -> Any:
-    """A method parameter: its default, a one-line help, and its allowed values."""
+          min: float | None = None, max: float | None = None, quiet: bool = False) -> Any:
+    """A method parameter: its default, a one-line help, and its allowed values. ``quiet``: left
+    out of the spec's printed form while at its default (an option added later, so the names
+    of earlier results stay the same)."""
     return dataclasses.field(default=default, metadata={
-        "help": help, "choices": choices, "min": min, "max": max})
+        "help": help, "choices": choices, "min": min, "max": max, "quiet": quiet})
 
 
 def register(cls: type[T]) -> type[T]:

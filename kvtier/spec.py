@@ -46,7 +46,8 @@ class CacheSpec:
 
 
 def format_method(m) -> str:
-    args = ",".join(f"{f.name}={_format_value(getattr(m, f.name))}" for f in registry.params(type(m)))
+    args = ",".join(f"{f.name}={_format_value(getattr(m, f.name))}" for f in registry.params(type(m))
+                    if not (f.metadata["quiet"] and getattr(m, f.name) == f.default))
     return f"{m.name}({args})"
 
 

@@ -309,3 +309,81 @@ def test_scores_on_a_sliding_layer_count_only_keys_inside_the_window():
     torch.testing.assert_close(w.sum(-1), torch.ones(2, 2, 3))
     none = group_attention(q[:, :1], k, torch.tensor([4]), k_pos + 100, window=4)
     assert torch.all(none == 0)  # a query that sees no key
+
+
+# per-head budgets (AdaKV): heads compete for the layer's budget, each in its own cache
+
+def test_per_head_budgets_keep_the_layers_top_scorers_over_all_heads(llama, monkeypatch):
+    """The layer keeps its n_kv x target best tokens wherever they are, each head at least its
+    safeguard share; the heads really hold different numbers of tokens."""
+    runner = ModelRunner(llama, "snapkv(ratio=0.75,window=16,ada=0.2)+dense(dtype=fp32)")
+    seen, recording = spy(runner)
+    monkeypatch.setattr(type(runner.spec.selectors[0]), "score", recording)
+    cache, _ = prefill(runner, tokens(400))
+    uneven = False
+    for layer, (view, scores) in zip(cache.layers, seen):
+        target = 100
+        assert int(layer.counts.sum()) == llama.n_kv * target and layer.n_held == target  # exact
+        assert [h.n_held for h in layer.heads] == layer.counts.tolist()  # each head holds its own
+        uneven |= len(set(layer.counts.tolist())) > 1
+        safe = scores.topk(20, -1).indices
+        rest = scores.scatter(1, safe, float("inf")).reshape(-1)
+        chosen = rest.topk(llama.n_kv * target).indices
+        for h in range(llama.n_kv):
+            mine = chosen[(chosen // 400) == h] % 400
+            assert set(layer.pos[h][layer.pos[h] < (1 << 30)].tolist()) == set(view.pos[h, mine].tolist())
+        k_held, v_held = layer._held()  # left-padded rows: the original keys of the kept tokens
+        for h in range(llama.n_kv):
+            n = int(layer.counts[h])
+            idx = layer.pos[h, -n:].long()
+            assert torch.equal(k_held[h, -n:], view.k[h, idx]) and torch.equal(v_held[h, -n:], view.v[h, idx])
+            assert not k_held[h, :-n].any()
+    assert uneven
+
+
+@pytest.mark.parametrize("codec", ["dense(dtype=fp32)", "int(bits=4,group=16)"])
+def test_per_head_budgets_with_a_full_safeguard_give_the_uniform_logits(llama, codec):
+    """ada=1 gives every head exactly its own top tokens: the one-head caches, padding and
+    per-head positions must then reproduce the uniform layer's logits, prefill and decode."""
+    toks = tokens(300)
+    outs = []
+    for kv in [f"snapkv(budget=90,window=16)+{codec}", f"snapkv(budget=90,window=16,ada=1.0)+{codec}"]:
+        runner = ModelRunner(llama, kv)
+        cache, logits = prefill(runner, toks)
+        steps = [logits]
+        for _ in range(90):  # past a decode-time compaction
+            steps.append(runner.run([cache], [[int(steps[-1][0].argmax())]]))
+        outs.append(torch.cat(steps))
+        if "ada" in kv:
+            assert all(layer.heads is not None for layer in cache.layers)
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=0)
+
+
+def test_per_head_budgets_really_shrink_memory(llama):
+    """Bytes held with per-head budgets: the kept tokens only (kvpress would hold every token),
+    about what the same total held evenly costs."""
+    toks = tokens(640)
+    full, _ = prefill(ModelRunner(llama, "dense(dtype=fp32)"), toks)
+    even, _ = prefill(ModelRunner(llama, "snapkv(ratio=0.75,window=16)+dense(dtype=fp32)"), toks)
+    ada, _ = prefill(ModelRunner(llama, "snapkv(ratio=0.75,window=16,ada=0.2)+dense(dtype=fp32)"), toks)
+    for layer in ada.layers:
+        data = sum(2 * h.n_held * h.head_dim * 4 for h in layer.heads)
+        assert data == 2 * 160 * llama.n_kv * llama.head_dim * 4  # the kept entries, fp32
+        assert sum(h.nbytes() for h in layer.heads) >= data
+    assert ada.nbytes() == pytest.approx(even.nbytes(), rel=0.02)
+    assert ada.nbytes() < 0.3 * full.nbytes()
+
+
+def test_per_head_budgets_stay_at_budget_while_decoding_and_batch(llama):
+    runner = ModelRunner(llama, "h2o(budget=96,ada=0.2)+int(bits=4,group=16)")
+    cache, logits = prefill(runner, tokens(200))
+    sizes = []
+    for _ in range(150):
+        logits = runner.run([cache], [[int(logits[0].argmax())]])
+        sizes.append(int(cache.layers[0].counts.sum()))
+    assert max(sizes) <= llama.n_kv * (96 + 64) and sizes.count(llama.n_kv * 96) >= 2
+    assert torch.isfinite(logits).all()
+    a, b = tokens(260, seed=1), tokens(180, seed=2)
+    alone = [prefill(runner, toks)[1] for toks in (a, b)]
+    together = runner.run([runner.new_cache(), runner.new_cache()], [a, b])
+    torch.testing.assert_close(together, torch.cat(alone), atol=1e-4, rtol=0)

@@ -310,7 +310,8 @@ KVPRESS_PYTHON = Path(__file__).resolve().parents[2] / ".venv-kvpress" / "bin" /
 
 def kvpress_presses(methods: list[str]) -> list[dict]:
     """The kvpress press for each spec that has a same-named one: a selector over the dense
-    codec (window, tova, snapkv, h2o) with a ratio; plus kvpress without a press."""
+    codec (window, tova, snapkv, h2o) with a ratio, inside kvpress's ``AdaKVPress`` when the
+    spec has per-head budgets (``ada``); plus kvpress without a press."""
     out = [{"press": "dense", "ratio": 0.0}]
     for m in methods:
         s = specs.parse(m)
@@ -319,9 +320,12 @@ def kvpress_presses(methods: list[str]) -> list[dict]:
         sel = s.selectors[0]
         if sel.name not in ("window", "tova", "snapkv", "h2o") or sel.budget or getattr(sel, "recent", 0):
             continue
+        if sel.name == "h2o" and getattr(sel, "ada", 0):
+            continue  # kvpress's AdaKVPress does not take ObservedAttention
         extra = {"window": {"sinks": getattr(sel, "sinks", 4)},
                  "snapkv": {"window": getattr(sel, "window", 32), "kernel": getattr(sel, "kernel", 7)}}
-        out.append({"press": sel.name, "ratio": sel.ratio, "spec": str(s)} | extra.get(sel.name, {}))
+        ada = {"ada": sel.ada} if getattr(sel, "ada", 0) else {}  # AdaKVPress around the press
+        out.append({"press": sel.name, "ratio": sel.ratio, "spec": str(s)} | extra.get(sel.name, {}) | ada)
     return out
 
 

@@ -49,9 +49,12 @@ class ModelRunner:
         home = self.store.sequence() if self.store else None
         layers = []
         for i, window in enumerate(m.windows):
-            def make(c, rope, i=i, window=window):
-                ctx = LayerContext(i, m.n_kv, m.head_dim, self.stats and self.stats[i], rope)
-                return LayerKV(c, m.n_kv, m.head_dim, self.block_size, window, self.dtype, self.device, ctx, home)
+            def make(c, rope, i=i, window=window, head=None):
+                n_kv, stats = m.n_kv, self.stats and self.stats[i]
+                if head is not None:  # one KV head's own cache (per-head budgets)
+                    n_kv, stats = 1, stats and {name: t[head: head + 1] for name, t in stats.items()}
+                ctx = LayerContext(i, n_kv, m.head_dim, stats, rope)
+                return LayerKV(c, n_kv, m.head_dim, self.block_size, window, self.dtype, self.device, ctx, home)
             sel = self.spec.selectors[0] if self.spec.selectors else None
             sparse = sel is not None and getattr(sel, "sparse", False)  # reads some blocks, deletes none
             if sparse and (i < sel.dense_layers or window is not None):

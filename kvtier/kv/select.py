@@ -12,6 +12,13 @@ for the selectors. Attention sees the kept tokens as one run just before the new
 every one of them is visible to every later query, except, on a sliding-window layer, those
 whose real position has left the window (masked, then dropped first at the next compaction).
 A sliding layer keeps the selector's share of its window.
+
+With per-head budgets (a selector's ``ada``, AdaKV) the KV heads of a layer compete for the
+layer's budget: the layer keeps its ``n_kv x target`` best tokens wherever they are, each head
+keeping at least ``ada`` of its even share. Heads then hold different numbers of tokens, each in
+its own one-head cache, so memory really falls by the budget (kvpress masks the dropped entries
+and holds them all). Positions and selector state are kept as rows left-padded to the longest
+head (padding slots sit at position ``PAD``, after every query, so no query sees them).
 """
 
 from __future__ import annotations
@@ -27,16 +34,22 @@ from kvtier.kv.codecs.dense import Dense
 from kvtier.kv.selectors.base import Selector, View, group_attention
 from kvtier.kv.selectors.elastic import merge
 
+PAD = 1 << 30  # position of a padding slot in a per-head-budget layer's rows: no query sees it
+
 
 class _HeldPositions:
     """The RoPE a codec inside :class:`SelectKV` sees: index ``i`` of the held tokens is
     rotated at head h's real position ``pos[h, i]``, not at ``i``."""
 
-    def __init__(self, rope, owner: SelectKV):
-        self.rope, self.owner = rope, owner
+    def __init__(self, rope, owner: SelectKV, head: int | None = None):
+        self.rope, self.owner, self.head = rope, owner, head  # head: a one-head cache's head
 
     def rotate(self, x: torch.Tensor, start: int, inverse: bool = False) -> torch.Tensor:
-        return self.rope.rotate_at(x, self.owner.pos[:, start: start + x.shape[1]], inverse)
+        pos, h = self.owner.pos, self.head
+        if h is not None:  # row h, after its left padding
+            start += pos.shape[1] - int(self.owner.counts[h])
+            pos = pos[h: h + 1]
+        return self.rope.rotate_at(x, pos[:, start: start + x.shape[1]], inverse)
 
     def __getattr__(self, name):
         return getattr(self.rope, name)
@@ -45,7 +58,8 @@ class _HeldPositions:
 class SelectKV:
     """One layer of one sequence's cache with a selector in front of the codec.
 
-    make: builds an empty :class:`LayerKV` for a codec and a RoPE (the runner's settings).
+    make: builds an empty :class:`LayerKV` for a codec and a RoPE (the runner's settings), or
+    with ``head=h`` a one-head cache for KV head h (per-head budgets).
     window: the layer's sliding window, or None.
     slack: new tokens allowed above the target before a decode-time compaction.
     """
@@ -54,9 +68,13 @@ class SelectKV:
                  rope, dtype: torch.dtype, window: int | None = None, slack: int = 64):
         self.selector, self.codec, self.make = selector, codec, make
         self.slack = getattr(selector, "slack", slack)
+        self.ada = float(getattr(selector, "ada", 0.0))  # > 0: per-head budgets (AdaKV's safeguard)
+        self.base_rope = rope
         self.rope = _HeldPositions(rope, self) if rope is not None else None
         staging = next(name for name, t in DTYPES.items() if t == dtype)
         self.kv = make(Dense(dtype=staging), self.rope, window=None)  # every token, until the first compression
+        self.heads: list[LayerKV] | None = None  # one cache per KV head, once per-head budgets differ
+        self.counts: torch.Tensor | None = None  # (Hkv,) tokens each of those holds
         self.n_kv, self.head_dim, self.index = self.kv.n_kv, self.kv.head_dim, self.kv.index
         self.window = window
         self.pos = torch.empty((self.n_kv, 0), dtype=torch.int32)  # real position of each held token
@@ -77,7 +95,12 @@ class SelectKV:
             self.acc = torch.cat([self.acc, self.acc.new_zeros(self.n_kv, t)], 1)
         if self.bias is not None:
             self.bias = torch.cat([self.bias, self.bias.new_zeros(self.n_kv, t)], 1)
-        self.kv.append(k, v)
+        if self.heads is None:
+            self.kv.append(k, v)
+        else:
+            self.counts += t
+            for h, layer in enumerate(self.heads):
+                layer.append(k[h: h + 1], v[h: h + 1])
         self.length += t
 
     def parts(self, queries: int = 1) -> list[Part]:
@@ -90,10 +113,16 @@ class SelectKV:
 
     def _parts(self, first: int, t: int) -> list[Part]:
         """The held tokens for ``t`` queries at positions ``first ..``; on a sliding layer each
-        query masks the held tokens that left its window (a bias per query when t > 1)."""
-        shift = self.length - self.kv.length
+        query masks the held tokens that left its window (a bias per query when t > 1). With
+        per-head budgets the heads' tokens come as one part, padding masked."""
+        shift = self.length - self.pos.shape[1]
         gone = self._gone(first, t) if self.target is not None else None  # (Hkv, t, n)
-        out = self.kv.parts()
+        if self.heads is None:
+            out = self.kv.parts()
+        else:
+            out = [Part(*self._held(), 0)]
+            pad = (self.pos >= PAD)[:, None, :]
+            gone = pad if gone is None else gone | pad
         for p in out:
             cut = slice(p.start, p.start + p.n)
             b = None if self.bias is None else self.bias[:, cut]
@@ -128,7 +157,7 @@ class SelectKV:
             w = group_attention(q * scale, k, torch.arange(self.length - t, self.length), self.pos,
                                 window=self.window)
             self.acc += w.sum(2).mean(1)  # summed over the new queries, mean over the group's heads
-        if q.shape[1] == 1 and self.target is not None and self.kv.length > self.target + self.slack:
+        if q.shape[1] == 1 and self.target is not None and self.n_held > self.target + self.slack:
             self._compact(self.target)
 
     def compress(self) -> None:
@@ -156,8 +185,15 @@ class SelectKV:
 
     # the rest of the layer interface
     def _held(self) -> tuple[torch.Tensor, torch.Tensor]:
-        parts = self.kv.parts()
-        kv = [p.get() for p in parts]
+        """The held keys and values ``(Hkv, n, D)``, decoded; per-head rows left-padded with zeros."""
+        if self.heads is not None:
+            rows = [self._decoded(layer) for layer in self.heads]
+            return _pad([k[0] for k, _ in rows], 0.0), _pad([v[0] for _, v in rows], 0.0)
+        return self._decoded(self.kv)
+
+    @staticmethod
+    def _decoded(layer: LayerKV) -> tuple[torch.Tensor, torch.Tensor]:
+        kv = [p.get() for p in layer.parts()]
         return torch.cat([k for k, _ in kv], 1), torch.cat([v for _, v in kv], 1)
 
     def _compact(self, n_keep: int) -> None:
@@ -169,6 +205,9 @@ class SelectKV:
         if gone is not None:  # out of the next query's sliding window: dropped first
             gone = gone[:, 0]
             scores = scores.masked_fill(gone, float("-inf"))
+        if self.ada:
+            self._store_ragged(k, v, gone, self._choose(scores, n_keep))
+            return
         idx = scores.topk(n_keep, dim=-1).indices.sort(-1).values  # (Hkv, n_keep), in order
         if self.bias is not None:  # the others are merged into their nearest kept token
             bias = self.bias if gone is None else self.bias.masked_fill(gone, float("-inf"))
@@ -183,15 +222,69 @@ class SelectKV:
         self.kv = self.make(self.codec, self.rope, window=None)
         self.kv.append(k, v)
 
+    def _choose(self, scores: torch.Tensor, n_keep: int) -> list[torch.Tensor]:
+        """Per-head budgets (AdaKV): the layer's ``n_kv x n_keep`` top scorers over every head,
+        each head first keeping its ``ada x n_keep`` best. Returns each head's kept indices,
+        ascending (padding never kept)."""
+        hkv, n = scores.shape
+        pad = self.pos >= PAD
+        scores = scores.masked_fill(pad, float("-inf"))
+        safe = min(n_keep, max(1, int(self.ada * n_keep)))  # kvpress's AdaKVPress: at least one
+        if safe:
+            top = scores.topk(safe, dim=-1).indices
+            scores = scores.scatter(1, top, float("inf"))
+        keep = torch.zeros(hkv * n, dtype=torch.bool)
+        keep[scores.reshape(-1).topk(min(hkv * n_keep, hkv * n), sorted=False).indices] = True
+        keep = keep.reshape(hkv, n) & ~pad
+        return [row.nonzero()[:, 0] for row in keep]
+
+    def _store_ragged(self, k: torch.Tensor, v: torch.Tensor, gone: torch.Tensor | None,
+                      idx: list[torch.Tensor]) -> None:
+        """Keep tokens ``idx[h]`` of each head ``h`` (merging the others when the selector
+        merges), each head in its own one-head cache encoded by the codec."""
+        rows = []
+        for h, i in enumerate(idx):
+            kh, vh, pos = k[h: h + 1], v[h: h + 1], self.pos[h: h + 1]
+            if self.bias is not None:
+                dead = pos >= PAD if gone is None else (pos >= PAD) | gone[h: h + 1]
+                kh, vh, pos, bias = merge(kh, vh, pos, self.bias[h: h + 1].masked_fill(dead, float("-inf")), i[None])
+            else:
+                kh, vh, pos, bias = kh[:, i], vh[:, i], pos[:, i], None
+            acc = None if self.acc is None else self.acc[h, i]
+            rows.append((kh[0], vh[0], pos[0], None if bias is None else bias[0], acc))
+        self.pos = _pad([r[2] for r in rows], PAD)
+        self.counts = torch.tensor([len(r[2]) for r in rows])
+        if self.bias is not None:
+            self.bias = _pad([r[3] for r in rows], 0.0)
+        if self.acc is not None:
+            self.acc = _pad([r[4] for r in rows], 0.0)
+        for layer in self.heads or [self.kv]:
+            layer.close()
+        self.heads = []
+        for h, (kh, vh, *_) in enumerate(rows):
+            rope = _HeldPositions(self.base_rope, self, h) if self.base_rope is not None else None
+            layer = self.make(self.codec, rope, window=None, head=h)
+            layer.append(kh[None], vh[None])
+            self.heads.append(layer)
+        self.kv = None
+
     @property
     def n_held(self) -> int:
+        """Tokens held per KV head (the mean over heads with per-head budgets)."""
+        if self.heads is not None:
+            return int(self.counts.sum()) // self.n_kv
         return self.kv.n_held
 
+    def _layers(self) -> list[LayerKV]:
+        return self.heads if self.heads is not None else [self.kv]
+
     def reserve(self, n_tokens: int) -> None:
-        self.kv.reserve(n_tokens)
+        for layer in self._layers():
+            layer.reserve(n_tokens)
 
     def close(self) -> None:
-        self.kv.close()
+        for layer in self._layers():
+            layer.close()
 
     def n_elements(self) -> int:
         """Key and value elements of every token a dense cache would hold (every token seen, or
@@ -206,4 +299,14 @@ class SelectKV:
         state += 0 if self.acc is None else 4 * self.acc.numel()
         state += 0 if self.bias is None else 4 * self.bias.numel()
         state += 0 if self.q is None else self.q.numel() * self.q.element_size()
-        return self.kv.nbytes() + state
+        state += 0 if self.counts is None else 8 * self.counts.numel()
+        return sum(layer.nbytes() for layer in self._layers()) + state
+
+
+def _pad(rows: list[torch.Tensor], fill: float) -> torch.Tensor:
+    """Rows of different lengths ``(n_h, ...)`` stacked left-padded with ``fill``: ``(H, max n_h, ...)``."""
+    m = max(len(r) for r in rows)
+    out = rows[0].new_full((len(rows), m, *rows[0].shape[1:]), fill)
+    for h, r in enumerate(rows):
+        out[h, m - len(r):] = r
+    return out

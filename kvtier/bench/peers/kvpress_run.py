@@ -4,7 +4,8 @@ environment: kvpress pins transformers < 5.3). Imports nothing from kvtier.
     python kvpress_run.py MODEL_FOLDER CASES.jsonl PRESSES.json OUT.jsonl
 
 PRESSES.json: ``[{"press": "tova", "ratio": 0.5, "label": "kvpress:tova(...)"}, ...]`` (snapkv
-also ``window`` and ``kernel``, window also ``sinks``).
+also ``window`` and ``kernel``, window also ``sinks``; ``ada``: inside ``AdaKVPress`` with that
+safeguard — it masks the entries it drops, so its cache keeps its full size).
 Each case (``context``, ``question``, ``answer``, ``mode``) runs through kvpress's own
 pipeline; ``mode = "agnostic"`` compresses the context before the question is seen,
 ``"aware"`` compresses context and question together. Each output line: label, case index,
@@ -16,7 +17,13 @@ import json
 import sys
 
 import torch
-from kvpress import ObservedAttentionPress, SnapKVPress, StreamingLLMPress, TOVAPress
+from kvpress import (
+    AdaKVPress,
+    ObservedAttentionPress,
+    SnapKVPress,
+    StreamingLLMPress,
+    TOVAPress,
+)
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, pipeline
 
 # On the text-only Gemma 3 (gemma3-270m, not in kvpress's tested models) kvpress presses every
@@ -39,15 +46,17 @@ def main(folder, cases_path, presses_path, out_path):
         cases = [json.loads(line) for line in f]
     with open(presses_path) as f:
         presses = json.load(f)
-    eager = any(p["press"] == "h2o" for p in presses)  # observed attention needs the weights
     tok = AutoTokenizer.from_pretrained(folder)
     template = tok.chat_template
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=torch.bfloat16, attn_implementation="eager" if eager else "sdpa").eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
     pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tok, device="cpu")
     with open(out_path, "w") as out:
         for p in presses:
+            # observed attention needs the weights (eager); AdaKVPress refuses eager
+            model.set_attn_implementation("eager" if p["press"] == "h2o" else "sdpa")
             press = PRESSES[p["press"]](p)
+            if p.get("ada"):
+                press = AdaKVPress(press, alpha_safeguard=p["ada"])
             for i, case in enumerate(cases):
                 # kvpress wraps prompts in the chat template when the tokenizer has one;
                 # kvtier's plain layout is the same pipeline without it

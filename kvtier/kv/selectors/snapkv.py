@@ -21,6 +21,9 @@ class SnapKV(Selector):
     budget: int = param(0, "tokens kept (overrides ratio when > 0)", min=0)
     window: int = param(32, "recent queries that vote (their own tokens are always kept)", min=1)
     kernel: int = param(7, "width of the average pooling over neighbouring tokens (odd)", min=1)
+    ada: float = param(0.0, "per-head budgets (AdaKV): the heads share the layer's budget, each keeping "
+                       "at least this part of its even share (0: the same count per head)",
+                       min=0.0, max=1.0, quiet=True)
 
     @property
     def queries(self) -> int:  # type: ignore[override]
