@@ -158,3 +158,47 @@ def test_nosa_ranks_again_on_a_later_prefill_chunk(llama):
         fixed = layer.selector.fixed(layer.rank, len(layer.slots), 4)
         for h in range(llama.n_kv):
             assert set(fixed[h].nonzero().flatten().tolist()) <= set(layer.picked[h].tolist())
+
+
+def test_on_a_sliding_layer_attention_over_picked_blocks_equals_masked_reference():
+    """Blocks inside the window only; the oldest may be partly out, its old tokens masked."""
+    g = torch.Generator().manual_seed(3)
+    layer = BlockSelectKV(Quest(top_blocks=2, recent=0), Dense(dtype="fp32"), 2, 32, 16, 72, torch.float32,
+                          "cpu", LayerContext(0, 2, 32))
+    k, v = torch.randn(2, 200, 32, generator=g), torch.randn(2, 200, 32, generator=g)
+    layer.append(k, v)
+    assert layer.bounds.shape[1] == len(layer.slots) and layer.first_block > 0  # freed with their bounds
+    assert not layer.selector.sink_block
+    for seed in range(4):
+        q = torch.randn(6, 1, 32, generator=torch.Generator().manual_seed(seed)) * 0.5
+        q[:, :, :4] += 4.0 * k[:, 130:131, :4].repeat_interleave(3, 0)  # the block partly out of the window
+        out = attend(q, layer.select(q), 199, 1.0, window=72)
+        keep = torch.zeros(2, 200, dtype=torch.bool)
+        keep[:, 192:] = True  # the residual
+        for h in range(2):
+            for b in layer.picked[h].tolist():
+                first = (layer.first_block + b) * 16
+                keep[h, first:first + 16] = True
+        keep[:, :199 - 72 + 1] = False  # out of the window
+        s = torch.einsum("htd,hnd->htn", q.reshape(2, 3, 32), k)
+        p = s.masked_fill(~keep[:, None], float("-inf")).softmax(-1)
+        ref = torch.einsum("htn,hnd->htd", p, v).reshape(6, 1, 32)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+
+
+def test_sliding_layers_pick_blocks_when_asked(gemma):
+    toks = tokens(120)
+    outs = {}
+    for kv in ["dense(dtype=fp32)", "quest(share=1.0,sliding=true)+dense(dtype=fp32)",
+               "nosa(top_blocks=1,sliding=true,window=4)+dense(dtype=fp32)"]:
+        runner = ModelRunner(gemma, kv)
+        runner.block_size = 4
+        cache = runner.new_cache()
+        out = [runner.run([cache], [toks[:100]])] + [runner.run([cache], [[t]]) for t in toks[100:]]
+        outs[kv.split("(")[0]] = torch.cat(out)
+        if kv.startswith("nosa"):
+            sliding = [layer for layer in cache.layers if layer.window is not None]
+            assert sliding and all(isinstance(layer, BlockSelectKV) and layer.picked.shape[1] == 1 for layer in sliding)
+            assert all(layer.bounds.shape[1] == len(layer.slots) == layer.rank.shape[1] for layer in sliding)
+    torch.testing.assert_close(outs["quest"], outs["dense"], atol=1e-5, rtol=0)  # every block: the codec's logits
+    assert torch.isfinite(outs["nosa"]).all()

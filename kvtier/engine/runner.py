@@ -57,11 +57,11 @@ class ModelRunner:
                 return LayerKV(c, n_kv, m.head_dim, self.block_size, window, self.dtype, self.device, ctx, home)
             sel = self.spec.selectors[0] if self.spec.selectors else None
             sparse = sel is not None and getattr(sel, "sparse", False)  # reads some blocks, deletes none
-            if sparse and (i < sel.dense_layers or window is not None):
-                layers.append(make(codec, ropes[i]))  # dense first layers; a sliding window is read whole
+            if sparse and (i < sel.dense_layers or (window is not None and not sel.sliding)):
+                layers.append(make(codec, ropes[i]))  # dense first layers; a sliding window read whole
             elif sparse:
                 ctx = LayerContext(i, m.n_kv, m.head_dim, self.stats and self.stats[i], ropes[i])
-                layers.append(BlockSelectKV(sel, codec, m.n_kv, m.head_dim, self.block_size, None,
+                layers.append(BlockSelectKV(sel, codec, m.n_kv, m.head_dim, self.block_size, window,
                                             self.dtype, self.device, ctx, home))
             elif sel is not None:  # on a sliding layer: the selector's share of the window
                 layers.append(SelectKV(self._bound(sel, i), codec, make, ropes[i], self.dtype, window))

@@ -5,9 +5,15 @@ bytes). At each decode step the selector picks, per KV head, the blocks whose bo
 the highest scores for the current query; attention reads those blocks plus the sinks and
 the residual. Nothing is deleted, so a later step can pick any block again. Prefill reads
 every block.
+
+On a sliding-window layer the blocks are those inside the window (older ones are freed as
+usual); there is no sink block to force (the sequence's first tokens left the window), and a
+chosen block that is partly out of the window has those tokens masked.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -19,6 +25,8 @@ class BlockSelectKV(LayerKV):
 
     def __init__(self, selector, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        if self.window is not None and getattr(selector, "sink_block", False):
+            selector = dataclasses.replace(selector, sink_block=False)  # the sinks left the window
         self.selector = selector
         self.bounds = torch.empty((self.n_kv, 0, 2, self.head_dim), dtype=torch.float16)
         self.picked: torch.Tensor | None = None  # (Hkv, k) blocks read at the last decode step
@@ -55,6 +63,13 @@ class BlockSelectKV(LayerKV):
         self.read_bytes = idx.numel() * (self.pool.slot_bytes() // self.n_kv) + self.bounds.numel() * 2
         return self._sink_parts() + [self._gathered(idx)] + self._residual_parts()
 
+    def _drop(self, n: int) -> None:
+        """Free the ``n`` oldest blocks (out of a sliding window), with their bounds and rank."""
+        super()._drop(n)
+        self.bounds = self.bounds[:, n:]
+        if self.rank is not None:
+            self.rank = self.rank[:, n:]
+
     def observe(self, q: torch.Tensor, scale: float) -> None:
         want = getattr(self.selector, "queries", 0)
         if want and q.shape[1] > 1:  # the prompt's last queries
@@ -79,6 +94,14 @@ class BlockSelectKV(LayerKV):
                   for name, t in self.pool.data.items()}
         k_blocks = idx.shape[1]
         start = self.block_start(self.first_block)
+        bias = None
+        if self.window is not None:  # placed just before the residual (all inside the window);
+            # the tokens of a chosen block that left the newest query's window are masked
+            real = start + idx[..., None] * self.block_size + torch.arange(self.block_size)
+            gone = real.reshape(self.n_kv, -1) <= self.length - 1 - self.window
+            if gone.any():
+                bias = torch.zeros(gone.shape).masked_fill(gone, float("-inf"))
+            start = self.block_start(self.first_block + len(self.slots)) - k_blocks * self.block_size
 
         def load():
             k, v = self.codec.decode(fields, self.dtype)
@@ -88,10 +111,12 @@ class BlockSelectKV(LayerKV):
                 k = self.rope.rotate_at(k.float(), pos).to(self.dtype)
             return k, v
         score = None
-        if self.scores and not self.codec.pre_rope:
+        if self.scores and not self.codec.pre_rope and bias is None:
             def score(q):
                 return self.codec.attend(q, fields)
-        return Part.encoded(start, k_blocks * self.block_size, self.n_kv, load, score)
+        part = Part.encoded(start, k_blocks * self.block_size, self.n_kv, load, score)
+        part.bias = bias
+        return part
 
     def nbytes(self) -> int:
         """The blocks and buffers, the key bounds and the query-agnostic ranking."""

@@ -25,6 +25,8 @@ class Quest(Selector):
     sink_block: bool = param(True, "always read the first block (it holds the attention sinks)")
     recent: int = param(1, "newest sealed blocks always read (a local window next to the residual)", min=0)
     dense_layers: int = param(0, "first layers that read every block (Quest leaves the first two dense)", min=0)
+    sliding: bool = param(False, "pick blocks inside sliding windows too (else a sliding layer reads its "
+                          "whole window)", quiet=True)
     ratio = 0.0
     budget = 0
 
