@@ -258,8 +258,7 @@ class SelectKV:
             self.bias = _pad([r[3] for r in rows], 0.0)
         if self.acc is not None:
             self.acc = _pad([r[4] for r in rows], 0.0)
-        for layer in self.heads or [self.kv]:
-            layer.close()
+        self.close()
         self.heads = []
         for h, (kh, vh, *_) in enumerate(rows):
             rope = _HeldPositions(self.base_rope, self, h) if self.base_rope is not None else None
