@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -165,9 +166,12 @@ def test_cli_bench_speed(tmp_path):
 def test_damaged_weight_cache_is_rebuilt(tmp_path, monkeypatch):
     from kvtier.models import loader
 
-    monkeypatch.setenv("KVTIER_CACHE", str(tmp_path))
     gguf = loader.NAMED["smollm2-135m"]()
-    folder = loader.convert_gguf(gguf)
+    built = loader.convert_gguf(gguf)  # the shared cache's copy (converted once per machine)
+    monkeypatch.setenv("KVTIER_CACHE", str(tmp_path))
+    folder = tmp_path / "models" / built.name
+    shutil.copytree(built, folder)
+    assert loader.convert_gguf(gguf) == folder and loader._valid(folder)
     weights = folder / "model.safetensors"
     good = weights.stat().st_size
     with open(weights, "r+b") as f:  # flip bytes in the middle: same size, wrong content

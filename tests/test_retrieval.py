@@ -69,14 +69,15 @@ def test_cli_bench_retrieval_on_user_cases(tmp_path):
     out = tmp_path / "r.json"
     r = run_cli("bench", "retrieval", "--cases", str(cases), "--methods", "dense", "--methods", "tova(ratio=0.5)",
                 "--methods", "snapkv(ratio=0.75)+int(bits=4)", "--methods", "quest(share=0.25,dense_layers=1)",
-                "--json", str(out), "--max-new-tokens", "6")
+                "--json", str(out), "--max-new-tokens", "6", "--dtype", "fp32")  # bf16 is 3x slower on CPU
     assert r.returncode == 0, r.stderr
     got = json.loads(out.read_text())
     summary = {s["method"].split("(")[0]: s for s in got["summary"]}
     assert len(got["results"]) == 2 * 4 * 2  # cases x methods x modes
     assert all(r["correct"] == (r["answer"] in r["text"]) for r in got["results"])
     assert summary["dense"]["bytes_ratio"] == 1.0
-    assert summary["tova"]["bytes_ratio"] == pytest.approx(0.5, abs=0.03)
+    # half the tokens; the unsealed newest block stays in the fp32 compute dtype
+    assert 0.5 < summary["tova"]["bytes_ratio"] < 0.6
     assert summary["snapkv"]["bytes_ratio"] < 0.25  # a quarter of the tokens, int4 (its fp16 residual is a fixed cost)
     assert summary["quest"]["read_share"] < 0.5 and summary["quest"]["bytes_ratio"] > 1.0
     assert "same outcome as kvpress" in r.stdout
@@ -134,8 +135,9 @@ def test_kvpress_bytes_are_relative_to_kvtiers_dense_cache(tmp_path, monkeypatch
 @pytest.mark.parametrize("n", [10, 100, 300])
 def test_dense_reference_bytes_are_what_a_dense_cache_holds(gemma, n):
     """The recorder keeps every token (sliding layers too); the dense bytes it reports are a
-    real dense cache's, whose sliding layers hold only their window."""
-    dense = ModelRunner(gemma, "dense(dtype=fp32)")
+    real 16-bit dense cache's, whose sliding layers hold only their window, whatever the
+    recorder's staging dtype."""
+    dense = ModelRunner(gemma, "dense(dtype=bf16)")
     cache = dense.new_cache()
     dense.run([cache], [tokens(n)])
     recorder = ModelRunner(gemma, specs.CacheSpec((retrieval._Record(need=8), Dense(dtype="fp32"))))

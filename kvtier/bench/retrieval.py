@@ -173,19 +173,22 @@ def _branch(runner: ModelRunner, record):
 
 
 def _dense_bytes(record) -> int:
-    """Bytes a dense cache holds after the recorded prefill (the staging dtype); a sliding
-    layer's are measured on a windowed layer fed the same tokens."""
+    """Bytes a 16-bit dense cache holds after the recorded prefill: the baseline of every bytes
+    ratio, whatever the compute dtype. With fp32 staging, and on a sliding layer (its own
+    window), the recorded keys and values are stored again in such a cache and measured."""
     total = 0
     for layer in record.layers:
         if not isinstance(layer, SelectKV):
             total += layer.nbytes()
-        elif layer.window is None:
+            continue
+        codec = layer.kv.codec
+        if codec.dtype in ("fp16", "bf16") and layer.window is None:
             total += layer.kv.nbytes()
-        else:
-            plain = layer.make(layer.kv.codec, layer.rope)  # the layer's own window
-            plain.append(*layer._held())
-            total += plain.nbytes()
-            plain.close()
+            continue
+        plain = layer.make(codec if codec.dtype != "fp32" else Dense(dtype="bf16"), layer.rope)
+        plain.append(*layer._held())
+        total += plain.nbytes()
+        plain.close()
     return total
 
 
