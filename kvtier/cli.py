@@ -294,6 +294,8 @@ def bench_retrieval(
     chat: Annotated[bool, typer.Option(help="wrap context and question in the model's chat template "
                                        "(kvpress's layout for chat models; default: plain text)")] = False,
     seed: Annotated[int, typer.Option(help="seed of the generated cases")] = 0,
+    intro: Annotated[str, typer.Option(help="text that opens every generated context, e.g. an "
+                                       "instruction to find and remember the fact")] = "",
     dtype: Annotated[str, typer.Option(help="compute dtype: auto, fp32, bf16")] = "bf16",
     json_path: Annotated[str | None, typer.Option("--json", help="write every case and the summary as JSON")] = None,
     plot: Annotated[str | None, typer.Option(help="write a PNG heatmap: accuracy per depth x length")] = None,
@@ -312,6 +314,8 @@ def bench_retrieval(
     peer_list = [p.strip() for p in peers.split(",") if p.strip()]
     if set(peer_list) - {"kvpress"}:
         raise KvtierError(f"--peers {peers}: the retrieval peer is kvpress")
+    if cases and intro:
+        raise KvtierError("--intro opens generated contexts; with --cases, write it into your cases' context")
     loaded = load(model, compute_dtype(dtype))
     if cases:
         todo = retrieval.read_cases(cases)
@@ -320,7 +324,7 @@ def bench_retrieval(
         for task in [t.strip() for t in tasks.split(",") if t.strip()]:
             hay = data.load_text("kjv") if task == "passkey" else retrieval.essays()
             todo += retrieval.make_cases(loaded.tokenizer, task, hay, _ints(context, "--context"),
-                                         [float(d) for d in depths.split(",") if d.strip()], seed)
+                                         [float(d) for d in depths.split(",") if d.strip()], seed, intro)
     rows = retrieval.run(loaded, model, methods, todo, mode_list, max_new_tokens, chat)
     if "kvpress" in peer_list:
         dense = {(r["mode"], r["case"]): r["dense_kv_bytes"] for r in rows}

@@ -31,6 +31,11 @@ def test_cases_hide_the_answer_at_their_depth_within_the_length(smollm2):
     assert at[0] < 0.05 < at[1] < 0.95 < at[2]
     again = retrieval.make_cases(tok, "passkey", kjv(), [1024, 2048], [0, 50, 100])
     assert again == cases  # the same seed, the same cases
+    intro = "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it.\n\n"
+    for c in retrieval.make_cases(tok, "passkey", kjv(), [1024], [0, 100], intro=intro):
+        first, rest = retrieval.prompt(tok, c, "agnostic")
+        assert c["context"].startswith(intro) and c["context"].count(c["answer"]) == 2
+        assert c["context_tokens"] - 80 < len(first) + len(rest) <= c["context_tokens"]
 
 
 def test_prompt_layout_matches_kvpress(smollm2):
@@ -92,6 +97,8 @@ def test_cli_bench_retrieval_on_user_cases(tmp_path):
     assert m.returncode == 2 and "different cases" in m.stderr.strip().splitlines()[-1]
     bad = run_cli("bench", "retrieval", "--modes", "sideways", "--methods", "dense")
     assert bad.returncode == 2 and "--modes" in bad.stderr.strip().splitlines()[-1]
+    bad = run_cli("bench", "retrieval", "--cases", str(cases), "--intro", "Find the key.")
+    assert bad.returncode == 2 and "--intro" in bad.stderr.strip().splitlines()[-1]
 
 
 def test_merge_refuses_mixed_kinds(tmp_path):

@@ -284,6 +284,24 @@ def test_merged_entries_preserve_attention_mass():
     torch.testing.assert_close(o2 / l2, o1 / l1)  # and the same output
 
 
+def test_nothing_is_merged_into_the_attention_sinks():
+    from kvtier.kv.selectors.elastic import merge
+
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn(1, 12, 8, generator=g), torch.randn(1, 12, 8, generator=g)
+    pos = torch.arange(12)[None]
+    keep = torch.tensor([[0, 1, 6, 11]])  # two sinks; tokens 2-5 lie nearest sink 1
+    km, vm, _, bias = merge(k, v, pos, torch.zeros(1, 12), keep, sinks=2)
+    torch.testing.assert_close(km[:, :2], k[:, :2])  # the sinks as they were
+    torch.testing.assert_close(vm[:, :2], v[:, :2])
+    assert bias.exp()[0].tolist() == pytest.approx([1.0, 1.0, 7.0, 3.0])  # 2-8 join token 6
+    torch.testing.assert_close(vm[0, 2], v[0, 2:9].mean(0))
+    _, _, _, alone = merge(k, v, pos, torch.zeros(1, 12), keep[:, :2], sinks=2)
+    assert alone.exp()[0].tolist() == pytest.approx([1.0, 1.0])  # no other anchor: the rest is dropped
+    _, _, _, old = merge(k, v, pos, torch.zeros(1, 12), keep)
+    assert old.exp()[0, 1] == pytest.approx(3.0)  # without sinks, tokens 2-3 would join token 1
+
+
 def test_elastic_merges_to_its_budget_and_runs_decode_and_a_second_prefill(llama):
     toks = tokens(300)
     runner = ModelRunner(llama, "elastic(ratio=0)+dense(dtype=fp32)")

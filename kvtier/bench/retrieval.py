@@ -58,9 +58,10 @@ def essays() -> str:
 
 
 def make_cases(tokenizer, task: str, haystack: str, contexts: list[int], depths: list[float],
-               seed: int = 0) -> list[dict]:
+               seed: int = 0, intro: str = "") -> list[dict]:
     """One case per (context, depth): ``task`` is ``passkey`` or ``needle``; the haystack is
-    cut from ``haystack`` at a different place for each case."""
+    cut from ``haystack`` at a different place for each case. ``intro`` (an instruction such as
+    the classic passkey preamble) opens every context and counts in its length."""
     rng = random.Random(seed)
     ids = tokenizer(haystack, add_special_tokens=False).input_ids
     cases = []
@@ -77,7 +78,7 @@ def make_cases(tokenizer, task: str, haystack: str, contexts: list[int], depths:
                 lead = f"The special magic number for {word} mentioned in the provided text is"
             else:
                 raise KvtierError(f"unknown task {task!r}: use passkey or needle")
-            room = n - len(tokenizer(fact + question + lead, add_special_tokens=False).input_ids) - 40
+            room = n - len(tokenizer(intro + fact + question + lead, add_special_tokens=False).input_ids) - 40
             if room < 64 or len(ids) < room:
                 raise KvtierError(f"--context {n} is too short for a {task} case (or the haystack too small)")
             at = rng.randrange(0, len(ids) - room + 1)
@@ -86,7 +87,7 @@ def make_cases(tokenizer, task: str, haystack: str, contexts: list[int], depths:
             stop = text.find(". ", cut)  # the fact goes between two sentences
             cut = len(text) if depth >= 100 or stop < 0 else stop + 1
             cases.append({"task": task, "context_tokens": n, "depth": depth,
-                          "context": text[:cut] + fact + text[cut:] + "\n",
+                          "context": intro + text[:cut] + fact + text[cut:] + "\n",
                           "question": question, "answer_prefix": lead, "answer": key})
     return cases
 

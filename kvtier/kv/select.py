@@ -69,6 +69,7 @@ class SelectKV:
         self.selector, self.codec, self.make = selector, codec, make
         self.slack = getattr(selector, "slack", slack)
         self.ada = float(getattr(selector, "ada", 0.0))  # > 0: per-head budgets (AdaKV's safeguard)
+        self.sinks = int(getattr(selector, "sinks", 0)) if getattr(selector, "merges", False) else 0  # merged into by nothing
         self.base_rope = rope
         self.rope = _HeldPositions(rope, self) if rope is not None else None
         staging = next(name for name, t in DTYPES.items() if t == dtype)
@@ -211,7 +212,7 @@ class SelectKV:
         idx = scores.topk(n_keep, dim=-1).indices.sort(-1).values  # (Hkv, n_keep), in order
         if self.bias is not None:  # the others are merged into their nearest kept token
             bias = self.bias if gone is None else self.bias.masked_fill(gone, float("-inf"))
-            k, v, self.pos, self.bias = merge(k, v, self.pos, bias, idx)
+            k, v, self.pos, self.bias = merge(k, v, self.pos, bias, idx, self.sinks)
         else:
             pick = idx[..., None].expand(-1, -1, k.shape[-1])
             k, v = k.gather(1, pick), v.gather(1, pick)
@@ -247,7 +248,8 @@ class SelectKV:
             kh, vh, pos = k[h: h + 1], v[h: h + 1], self.pos[h: h + 1]
             if self.bias is not None:
                 dead = pos >= PAD if gone is None else (pos >= PAD) | gone[h: h + 1]
-                kh, vh, pos, bias = merge(kh, vh, pos, self.bias[h: h + 1].masked_fill(dead, float("-inf")), i[None])
+                kh, vh, pos, bias = merge(kh, vh, pos, self.bias[h: h + 1].masked_fill(dead, float("-inf")), i[None],
+                                          self.sinks)
             else:
                 kh, vh, pos, bias = kh[:, i], vh[:, i], pos[:, i], None
             acc = None if self.acc is None else self.acc[h, i]

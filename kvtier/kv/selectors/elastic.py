@@ -22,24 +22,33 @@ class Elastic(Selector):
     ratio: float = param(0.5, "fraction of the tokens merged away", min=0.0, max=0.99)
     budget: int = param(0, "tokens (anchors) kept (overrides ratio when > 0)", min=0)
     recent: int = param(8, "newest tokens always kept as they are", min=0)
+    sinks: int = param(4, "first tokens always kept as they are, nothing merged into them "
+                       "(attention sinks)", min=0)
 
     def score(self, view: View) -> torch.Tensor:
         scores = view.acc / (view.length - view.pos).clamp(min=1)  # mean attention received
-        return pin(scores, view.pos >= view.length - self.recent) if self.recent else scores
+        fixed = (view.pos < self.sinks) | (view.pos >= view.length - self.recent)
+        return pin(scores, fixed) if self.sinks or self.recent else scores
 
 
-def merge(k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, bias: torch.Tensor, keep: torch.Tensor):
+def merge(k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, bias: torch.Tensor, keep: torch.Tensor,
+          sinks: int = 0):
     """Merge every token not in ``keep`` into the kept token nearest to it in position (per KV
     head). A merged entry is the count-weighted mean of its keys and of its values, and its
     bias (log count) makes it weigh in the softmax as all of them: tokens with equal keys lose
     no attention mass. k, v ``(Hkv, n, D)``; pos, bias ``(Hkv, n)``; keep ``(Hkv, m)`` ascending.
     A token with bias -inf (out of a sliding window) stands for nothing and adds nothing.
+    Kept tokens at positions below ``sinks`` (attention sinks) take in no other token: merging
+    into a sink changes what every query attends most (SmolLM2 at 2K, ratio 0.5: +57 % PPL
+    against +2 % without). A token with no other anchor is dropped.
     Returns k, v, pos, bias of the kept tokens."""
     hkv, _, d = k.shape
     kept_pos = pos.gather(1, keep).float()  # (Hkv, m)
     dist = (pos.float()[:, :, None] - kept_pos[:, None, :]).abs()  # (Hkv, n, m)
-    owner = dist.argmin(-1)  # the anchor each token joins (itself for a kept token)
-    count = bias.exp()  # tokens each entry already stands for
+    if sinks:
+        dist = dist.masked_fill((kept_pos[:, None, :] < sinks) & (dist > 0), float("inf"))
+    nearest, owner = dist.min(-1)  # the anchor each token joins (itself for a kept token)
+    count = bias.exp().masked_fill(nearest.isinf(), 0.0)  # tokens each entry already stands for
     m = keep.shape[1]
     total = torch.zeros(hkv, m).scatter_add_(1, owner, count)
     w = (count / total.gather(1, owner).clamp_min(1e-30))[..., None]  # (Hkv, n, 1); count 0: weight 0
