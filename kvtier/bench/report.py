@@ -105,7 +105,7 @@ def ppl_plot(path: str | Path, rows: list[dict]) -> None:
     contexts = sorted({(r["model"], r["context"]) for r in rows})
     methods = list(dict.fromkeys(r["method"] for r in rows))
     markers = "os^vD<>pX*hP"
-    fig, axes = plt.subplots(1, len(contexts), figsize=(5 * len(contexts) + 4.6, 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(contexts), figsize=(5 * len(contexts), 4.2), squeeze=False)
     for ax, (model, ctx) in zip(axes[0], contexts):
         panel = [r for r in rows if (r["model"], r["context"]) == (model, ctx)]
         for r in panel:
@@ -125,7 +125,7 @@ def ppl_plot(path: str | Path, rows: list[dict]) -> None:
         ax.axhline(0, color="grey", lw=0.5)
         ax.margins(x=0.1, y=0.15)
         ax.grid(alpha=0.3)
-    _save(fig, axes[0], path, legend_inches=4.4)
+    _save(fig, axes[0], path)
 
 
 def offload_table(rows: list[dict]) -> Table:
@@ -159,7 +159,7 @@ def offload_plot(path: str | Path, rows: list[dict]) -> None:
     import matplotlib.ticker
 
     panels = sorted({(r["model"], r["context"]) for r in rows})
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels) + 4.0, 4.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.4), squeeze=False)
     for ax, (model, ctx) in zip(axes[0], panels):
         panel = [r for r in rows if (r["model"], r["context"]) == (model, ctx) and not r.get("rss_run")]
         for i, method in enumerate(dict.fromkeys(r["method"] for r in panel)):
@@ -182,18 +182,20 @@ def offload_plot(path: str | Path, rows: list[dict]) -> None:
         ax.set(title=f"{model} @ {ctx} tokens", xlabel="KV bytes / RAM budget", ylabel="decode tok/s")
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
-    _save(fig, axes[0], path, legend_inches=4.0)
+    _save(fig, axes[0], path)
 
 
-def _save(fig, axes, path: str | Path, legend_inches: float) -> None:
-    """One legend for all panels (each label once) at the right, then write the PNG."""
+def _save(fig, axes, path: str | Path) -> None:
+    """One legend for all panels (each label once) outside them at the right, then write the
+    PNG, widened to the longest label."""
 
     legend = {}
     for ax in axes:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             legend.setdefault(lab, h)
-    fig.legend(list(legend.values()), list(legend), loc="center right", fontsize=7, frameon=False)
-    fig.tight_layout(rect=(0, 0, 1 - legend_inches / fig.get_figwidth(), 1))  # room for long labels
+    fig.tight_layout()
+    fig.legend(list(legend.values()), list(legend), loc="center left", bbox_to_anchor=(1.0, 0.5),
+               fontsize=7, frameon=False)
     _write(fig, path, 120)
 
 
@@ -202,7 +204,7 @@ def _write(fig, path: str | Path, dpi: int) -> None:
     import matplotlib.pyplot as plt
 
     try:
-        fig.savefig(path, dpi=dpi)
+        fig.savefig(path, dpi=dpi, bbox_inches="tight")
     except OSError as e:
         raise KvtierError(f"cannot write --plot {path}: {e.strerror}") from None
     finally:
