@@ -69,7 +69,8 @@ class SelectKV:
         self.selector, self.codec, self.make = selector, codec, make
         self.slack = getattr(selector, "slack", slack)
         self.ada = float(getattr(selector, "ada", 0.0))  # > 0: per-head budgets (AdaKV's safeguard)
-        self.sinks = int(getattr(selector, "sinks", 0)) if getattr(selector, "merges", False) else 0  # merged into by nothing
+        # a merging selector's first tokens (attention sinks) take in no merged token
+        self.sinks = int(getattr(selector, "sinks", 0)) if getattr(selector, "merges", False) else 0
         self.base_rope = rope
         self.rope = _HeldPositions(rope, self) if rope is not None else None
         staging = next(name for name, t in DTYPES.items() if t == dtype)
