@@ -32,7 +32,7 @@ def test_cases_hide_the_answer_at_their_depth_within_the_length(smollm2):
     again = retrieval.make_cases(tok, "passkey", kjv(), [1024, 2048], [0, 50, 100])
     assert again == cases  # the same seed, the same cases
     intro = "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it.\n\n"
-    for c in retrieval.make_cases(tok, "passkey", kjv(), [1024], [0, 100], intro=intro):
+    for c in retrieval.make_cases(tok, "passkey", kjv()[:100_000], [1024], [0, 100], intro=intro):
         first, rest = retrieval.prompt(tok, c, "agnostic")
         assert c["context"].startswith(intro) and c["context"].count(c["answer"]) == 2
         assert c["context_tokens"] - 80 < len(first) + len(rest) <= c["context_tokens"]

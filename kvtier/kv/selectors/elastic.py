@@ -28,7 +28,7 @@ class Elastic(Selector):
     def score(self, view: View) -> torch.Tensor:
         scores = view.acc / (view.length - view.pos).clamp(min=1)  # mean attention received
         fixed = (view.pos < self.sinks) | (view.pos >= view.length - self.recent)
-        return pin(scores, fixed) if self.sinks or self.recent else scores
+        return pin(scores, fixed)
 
 
 def merge(k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, bias: torch.Tensor, keep: torch.Tensor,
