@@ -59,10 +59,10 @@ def generate(
 ):
     """Generate text, streaming tokens as they come; report the KV bytes held at the end."""
     from kvtier import spec as specs
+    from kvtier.textio import check_text, read_text
 
-    specs.parse(kv)  # a bad spec fails before the model loads
-    if prompt == "-":
-        prompt = sys.stdin.read()
+    specs.parse(kv)  # a bad spec or bad text fails before the model loads
+    prompt = read_text("-") if prompt == "-" else check_text(prompt)
     from kvtier.api import LLM
 
     llm = LLM(model=model, kv=kv, dtype=dtype, tiers=tiers, attend=attend, prefetch=prefetch)
@@ -102,18 +102,12 @@ def cache_save(
     """Prefill a document once and save its (compressed) cache; then ask about it with
     `kvtier generate --cache OUT "question"`, in this run or any later one."""
     import time
-    from pathlib import Path
 
     from kvtier import spec as specs
+    from kvtier.textio import read_text
 
     specs.parse(kv)
-    if document == "-":
-        text = sys.stdin.read()
-    else:
-        try:
-            text = Path(document).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise KvtierError(f"cannot read {document}: {e}") from None
+    text = read_text(document)
     from kvtier.api import LLM
 
     llm = LLM(model=model, kv=kv, dtype=dtype)

@@ -8,6 +8,7 @@ read them from here, so a default is written once.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -54,6 +55,9 @@ def check(obj: Any, fail: Callable[[str], Exception]) -> None:
     """Validate a method instance's parameters against their declared bounds."""
     for f in params(type(obj)):
         value, meta = getattr(obj, f.name), f.metadata
+        if isinstance(value, float) and not math.isfinite(value):  # nan passes every < and >
+            raise fail(f"{obj.name}: {f.name}={value} is not a finite number; give one "
+                       + _range(meta, f.default))
         if meta.get("choices") and value not in meta["choices"]:
             raise fail(f"{obj.name}: {f.name}={value} is not one of "
                        + ", ".join(map(str, meta["choices"])))
@@ -61,3 +65,12 @@ def check(obj: Any, fail: Callable[[str], Exception]) -> None:
             raise fail(f"{obj.name}: {f.name}={value} is below its minimum {meta['min']}")
         if meta.get("max") is not None and value > meta["max"]:
             raise fail(f"{obj.name}: {f.name}={value} is above its maximum {meta['max']}")
+
+
+def _range(meta: dict, default: Any) -> str:
+    lo, hi = meta.get("min"), meta.get("max")
+    if lo is not None and hi is not None:
+        return f"from {lo} to {hi}"
+    if lo is not None or hi is not None:
+        return f"of at least {lo}" if lo is not None else f"of at most {hi}"
+    return f"such as {default}"

@@ -98,6 +98,8 @@ def _parse_term(term: str, whole: str, known: dict) -> object:
         if key not in fields:
             raise SpecError(f"{name} has no parameter {key!r}; its parameters: "
                             + (", ".join(fields) or "none"))
+        if key in kwargs:
+            raise SpecError(f"{name}: parameter {key!r} is given twice in {term.strip()!r}; give it once")
         kwargs[key] = _coerce(raw.strip(), fields[key], name)
     obj = cls(**kwargs)
     registry.check(obj, SpecError)

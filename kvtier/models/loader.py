@@ -100,6 +100,7 @@ def load(model: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device=
 
 
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     files = sorted(folder.glob("*.safetensors"))
@@ -107,7 +108,11 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
         raise KvtierError(f"{folder} has no .safetensors weights")
     weights = {}
     for f in files:
-        weights.update(load_file(f))
+        try:
+            weights.update(load_file(f))
+        except SafetensorError as e:
+            raise KvtierError(f"{f} is damaged or truncated ({e}): download or save the model "
+                              "again") from None
     return {k.removeprefix("language_model."): v for k, v in weights.items()}
 
 
