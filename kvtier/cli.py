@@ -419,6 +419,122 @@ def bench_offload(
         report.offload_plot(plot, rows)
 
 
+from kvtier.bench.serve import LoadConfig as _Serve, helptext as _serve_help  # noqa: E402  (light: no torch)
+
+
+@bench.command("serve")
+def bench_serve(
+    model: ModelOpt = DEFAULT_MODEL,
+    kv: Annotated[list[str] | None, typer.Option(help="kvtier cache specs to serve, one `kvtier serve` "
+                                                   "each; repeat (default: dense)")] = None,
+    concurrency: Annotated[str | None, typer.Option(help="closed loop: requests in flight, comma-separated "
+                                                         "(default: 1,4,16, or none with --rate)")] = None,
+    rate: Annotated[str | None, typer.Option(help="open loop: Poisson arrival rates in requests/s, comma-separated")] = None,
+    requests: Annotated[int, typer.Option(min=1, help=_serve_help("requests"))] = _Serve.requests,
+    prompt_tokens: Annotated[int, typer.Option(min=1, help=_serve_help("prompt_tokens"))] = _Serve.prompt_tokens,
+    max_tokens: Annotated[int, typer.Option(min=1, help=_serve_help("max_tokens"))] = _Serve.max_tokens,
+    prefix_tokens: Annotated[int, typer.Option(min=0, help=_serve_help("prefix_tokens"))] = _Serve.prefix_tokens,
+    prompts: Annotated[str | None, typer.Option(help='JSON lines, one {"prompt": ...} or {"messages": [...]} '
+                                                     "each, instead of KJV passages")] = None,
+    peers: Annotated[str | None, typer.Option(help="peer servers, comma-separated: vllm, llamacpp, transformers, "
+                                                   "with parameters as in llamacpp(kv=q8_0) "
+                                                   "(install: bash scripts/bench-serve-setup.sh)")] = None,
+    with_kvtier: Annotated[bool, typer.Option("--kvtier/--no-kvtier", help="serve kvtier itself (off: peers only)")] = True,
+    server_args: Annotated[str | None, typer.Option(help="extra arguments for every `kvtier serve`, as one "
+                                                         "string, e.g. '--max-running 32'")] = None,
+    ttft_slo: Annotated[float, typer.Option(min=0.0, help=_serve_help("ttft_slo"))] = _Serve.ttft_slo,
+    tpot_slo: Annotated[float, typer.Option(min=0.0, help=_serve_help("tpot_slo"))] = _Serve.tpot_slo,
+    request_timeout: Annotated[float, typer.Option(min=0.1, help=_serve_help("request_timeout"))] = _Serve.request_timeout,
+    run_timeout: Annotated[float, typer.Option(min=0.1, help=_serve_help("run_timeout"))] = _Serve.run_timeout,
+    open_slots: Annotated[int, typer.Option(min=1, help=_serve_help("open_slots"))] = _Serve.open_slots,
+    seed: Annotated[int, typer.Option(help=_serve_help("seed"))] = _Serve.seed,
+    json_path: Annotated[str | None, typer.Option("--json", help="write results as JSON")] = None,
+    plot: Annotated[str | None, typer.Option(help="write a PNG: output tok/s vs p90 TTFT and p90 TPOT")] = None,
+):
+    """Serve the same streamed chat load from kvtier and its peers, each started here on a
+    loopback port: TTFT, TPOT, ITL, throughput, goodput, peak RSS and KV bytes per row."""
+    import math
+    import shlex
+
+    from kvtier import spec as specs
+    from kvtier.bench import report, serve
+    from kvtier.bench.peers import servers
+    from kvtier.paths import cache_dir
+
+    conc = _ints(concurrency, "--concurrency") if concurrency else ([] if rate else [1, 4, 16])
+    try:
+        rates = [float(x) for x in (rate or "").split(",") if x.strip()]
+    except ValueError:
+        raise KvtierError(f"--rate takes comma-separated numbers (requests/s), e.g. 0.5,2; got {rate!r}") from None
+    if rate is not None and (not rates or not all(math.isfinite(r) and r > 0 for r in rates)):
+        raise KvtierError(f"--rate takes positive numbers (requests/s); got {rate!r}")
+    if prefix_tokens > prompt_tokens:
+        raise KvtierError(f"--prefix-tokens {prefix_tokens} is more than --prompt-tokens {prompt_tokens}")
+    if prompts and prefix_tokens:
+        raise KvtierError("--prefix-tokens shapes KJV prompts; with --prompts, give the shared prefix in the file")
+    if not all(math.isfinite(x) for x in (ttft_slo, tpot_slo, request_timeout, run_timeout)):
+        raise KvtierError("--ttft-slo, --tpot-slo and the timeouts must be finite numbers")
+    try:
+        extra = tuple(shlex.split(server_args or ""))
+    except ValueError as e:
+        raise KvtierError(f"--server-args {server_args!r}: {e}") from None
+    kvs = [str(specs.parse(k)) for k in (kv or ["dense"])] if with_kvtier else []
+    peer_list = servers.parse_list(peers) if peers else []
+    if not kvs and not peer_list:
+        raise KvtierError("nothing to serve: --no-kvtier needs --peers")
+    cfg = serve.LoadConfig(requests=requests, prompt_tokens=prompt_tokens, max_tokens=max_tokens,
+                           prefix_tokens=prefix_tokens, ttft_slo=ttft_slo, tpot_slo=tpot_slo,
+                           request_timeout=request_timeout, run_timeout=run_timeout, open_slots=open_slots,
+                           seed=seed)
+    loads = [serve.Load(concurrency=c) for c in conc] + [serve.Load(rate=r) for r in rates]
+    for s in [servers.Kvtier()] * bool(kvs) + peer_list:
+        s.require()  # before the tokenizer or any model loads
+    if prompts:
+        messages = [serve.read_prompts(prompts, requests)] * len(loads)
+        context = serve.longest(model, messages[0]) + max_tokens + 64  # + the chat template
+    else:
+        messages = serve.kjv_prompts(model, len(loads), cfg)
+        context = prompt_tokens + max_tokens + 64  # + the chat template
+    slots = max(conc, default=open_slots)
+    targets = [(servers.Kvtier(), servers.Launch(model, k, slots, context, extra)) for k in kvs]
+    targets += [(p, servers.Launch(model, "dense", slots, context)) for p in peer_list]
+    rows, errors = serve.bench(targets, loads, messages, cfg, None if prompts else prompt_tokens,
+                               cache_dir("serve-logs"))
+    if rows:
+        report.show(report.serve_table(rows))
+        if json_path:
+            report.write_json(json_path, rows, model=model, errors=errors)
+        if plot:
+            report.serve_plot(plot, rows)
+    if errors:
+        raise KvtierError("some servers did not run: " + " | ".join(e.splitlines()[0] for e in errors))
+
+
+def _serve(**kwargs):
+    """Serve the model over an OpenAI-compatible HTTP API (completions, chat, models, health,
+    metrics), with continuous batching over the compressed KV store."""
+    from kvtier import spec as specs
+    from kvtier.config import EngineConfig, ServerConfig
+    from kvtier.serve import check, serve
+
+    engine_cfg, server_cfg = split(kwargs, EngineConfig, ServerConfig)
+    specs.parse(engine_cfg.kv)  # bad input fails before the model loads
+    for s in (server_cfg.allowed_kv or "").split(";"):
+        if s.strip():
+            specs.parse(s)
+    check(server_cfg)
+    serve(engine_cfg, server_cfg)
+
+
+def _register_serve() -> None:
+    from kvtier.config import EngineConfig, ServerConfig
+
+    app.command("serve", help=_serve.__doc__)(command(flags(EngineConfig, ServerConfig), _serve))
+
+
+_register_serve()
+
+
 def main() -> None:
     # typer handles usage errors (exit 2) and --help; kvtier's own errors become one line here
     try:

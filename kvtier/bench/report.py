@@ -257,3 +257,62 @@ def retrieval_heatmap(path: str | Path, rows: list[dict]) -> None:
     fig.supylabel("needle depth")
     fig.tight_layout()
     _write(fig, path, 110)
+
+
+def _secs(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}" if x < 10 else f"{x:.1f}"
+
+
+def serve_table(rows: list[dict]) -> Table:
+    """``bench serve``: one row per server x kv x load (same prompts for every server)."""
+    from kvtier.kv.tiers import format_size
+
+    t = Table(title="serving: streamed greedy chat requests against each server (same prompts, same run; "
+                    "latencies in seconds)")
+    for col in ("server", "kv", "load", "done", "failed", "out tok/s", "req/s", "TTFT p50", "p90", "p99",
+                "TPOT p50", "p90", "ITL p90", "goodput", "peak RSS", "peak KV"):
+        t.add_column(col, justify="left" if col in ("server", "kv", "load") else "right")
+    for r in rows:
+        load = f"{r['concurrency']} at once" if r["concurrency"] else f"{r['rate']:g} req/s"
+        t.add_row(r["server"], r["kv"], load, f"{r['completed']}/{r['requests']}", str(r["failed"]),
+                  f"{r['output_tok_s']:.1f}", f"{r['req_s']:.2f}", _secs(r["ttft_p50_s"]),
+                  _secs(r["ttft_p90_s"]), _secs(r["ttft_p99_s"]), _secs(r["tpot_p50_s"]),
+                  _secs(r["tpot_p90_s"]), _secs(r["itl_p90_s"]), f"{r['goodput_req_s']:.2f}",
+                  format_size(r["peak_rss_bytes"]) if r["peak_rss_bytes"] else "-",
+                  format_size(r["kv_bytes_peak"]) if r["kv_bytes_peak"] is not None else "-")
+    return t
+
+
+def serve_plot(path: str | Path, rows: list[dict]) -> None:
+    """Output tok/s against p90 TTFT (left) and p90 TPOT (right), one line per server x kv
+    through its concurrencies (each point marked with N); open-loop rows as their own line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), squeeze=False)
+    lines: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["completed"]:
+            kind = "" if r["concurrency"] else ", Poisson"
+            lines.setdefault(f"{r['server']} {r['kv']}{kind}", []).append(r)
+    for i, (name, pts) in enumerate(lines.items()):
+        pts.sort(key=lambda r: r["concurrency"] or r["rate"])
+        for ax, key in zip(axes[0], ("ttft_p90_s", "tpot_p90_s")):
+            xy = [(r[key], r["output_tok_s"], r) for r in pts if r[key] is not None]
+            if not xy:
+                continue
+            ax.plot([x for x, _, _ in xy], [y for _, y, _ in xy], marker="os^vDx<>"[i % 8],
+                    color=plt.cm.tab10(i % 10), label=name)
+            for x, y, r in xy:
+                ax.annotate(f"{r['concurrency']}" if r["concurrency"] else f"{r['rate']:g}/s", (x, y),
+                            textcoords="offset points", xytext=(4, 4), fontsize=7)
+    for ax, what in zip(axes[0], ("time to first token, p90 (s)", "time per output token, p90 (s)")):
+        ax.set(xlabel=what, ylabel="output tok/s")
+        ax.set_xscale("log")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_title("throughput vs TTFT as concurrency grows")
+    axes[0][1].set_title("throughput vs TPOT as concurrency grows")
+    _save(fig, axes[0], path)
