@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import time
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import torch
-
-from kvtier.dtypes import compute_dtype
-from kvtier.engine import ModelRunner, sample
+from kvtier.config import BLOCK_SIZE, DEFAULT_MODEL, MAX_NEW_TOKENS, EngineConfig, SamplingParams
+from kvtier.engine.engine import Engine
+from kvtier.engine.sequence import Sequence
 from kvtier.errors import KvtierError
 from kvtier.kv import persist
 from kvtier.kv.persist import Prefix
-from kvtier.kv.store import TierStore
-from kvtier.models import loader
+from kvtier.textio import check_text
 
 
 @dataclass
@@ -38,7 +36,8 @@ class Completion:
 
 
 class LLM:
-    """A model with a KV-cache configuration.
+    """A model with a KV-cache configuration; :meth:`generate` and :meth:`stream` are short
+    loops over :meth:`kvtier.engine.Engine.step`.
 
     Parameters
     ----------
@@ -47,36 +46,48 @@ class LLM:
     dtype : compute dtype, ``auto`` (bf16 where the hardware has native bf16 matmul), ``fp32``
         or ``bf16``.
     block_size : tokens per KV block.
+    prefill_chunk : tokens per forward step (the scheduler's ``max_batched_tokens``).
     tiers : where blocks may live, fastest first, with byte budgets, e.g.
         ``"cpu:2GiB,disk:/mnt/nvme/kv:50GiB"``; None keeps every block in RAM.
     attend : with tiers, ``local`` computes attention where each block lives; ``fetch`` copies
         every block to the first tier first.
     prefetch : with a disk tier, hint the next layer's disk blocks to the kernel ahead of time
         from a background thread (off by default: it did not pay on the 2-core reference machine).
+    **engine : any other :class:`kvtier.config.EngineConfig` field (``max_seqs``, ``kv_budget``,
+        ``prefix_cache``, ``skip_layers`` ...).
     """
 
-    def __init__(self, model: str = loader.DEFAULT_MODEL, kv: str | None = None,
-                 dtype: str = "auto", block_size: int = 64, prefill_chunk: int = 2048,
-                 tiers: str | None = None, attend: str = "local", prefetch: bool = False):
-        store = TierStore(tiers, attend, prefetch=prefetch) if tiers else None  # a bad spec fails before loading
-        self.loaded = loader.load(model, compute_dtype(dtype))
-        self.model, self.tokenizer = self.loaded.model, self.loaded.tokenizer
-        self.runner = ModelRunner(self.model, kv, block_size=block_size, prefill_chunk=prefill_chunk,
-                                  tiers=store)
-        self.eos = _eos_ids(self.tokenizer, self.model.hf_config)
+    def __init__(self, model: str = DEFAULT_MODEL, kv: str | None = None, dtype: str = "auto",
+                 block_size: int = BLOCK_SIZE, prefill_chunk: int | None = None, tiers: str | None = None,
+                 attend: str = "local", prefetch: bool = False, **engine):
+        fields = {f.name for f in dataclasses.fields(EngineConfig)}
+        unknown = set(engine) - fields
+        if unknown:
+            raise KvtierError(f"LLM() has no option {', '.join(sorted(unknown))}; options: {', '.join(sorted(fields))}")
+        if prefill_chunk is not None:
+            engine["max_batched_tokens"] = prefill_chunk
+        config = EngineConfig(model=model, kv=kv or "dense", dtype=dtype, block_size=block_size, tiers=tiers,
+                              attend=attend, prefetch=prefetch, **engine)
+        self.engine = Engine(config)
+        self.loaded, self.model, self.tokenizer = self.engine.loaded, self.engine.model, self.engine.tokenizer
+        self.runner, self.eos = self.engine.runner, self.engine.eos
 
     @property
     def spec(self) -> str:
         return str(self.runner.spec)
 
     def encode(self, prompt: str, chat: bool = False) -> list[int]:
+        check_text(prompt, "the prompt")
         if chat:
-            if not getattr(self.tokenizer, "chat_template", None):
-                raise KvtierError(f"{self.loaded.name} has no chat template; run without --chat")
-            text = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
-            return self.tokenizer(text, add_special_tokens=False).input_ids
+            return self.encode_chat([{"role": "user", "content": prompt}])
         return self.tokenizer(prompt).input_ids
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """Token ids of ``messages`` in the model's chat template, ready for the reply."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise KvtierError(f"{self.loaded.name} has no chat template; run without --chat")
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer(text, add_special_tokens=False).input_ids
 
     def check_length(self, n_prompt: int, max_new_tokens: int) -> None:
         if n_prompt == 0:
@@ -99,7 +110,7 @@ class LLM:
             raise KvtierError("the document is a single token; there is nothing to save")
         cache = self.runner.new_cache(reserve=len(ids))
         try:
-            self.runner.run([cache], [ids[:-1]])
+            self.runner.feed([cache], [ids[:-1]])
             persist.save(path, self.runner, cache, ids, self.loaded.name)
         finally:
             cache.close()
@@ -110,107 +121,78 @@ class LLM:
         cache spec, dtype or format version."""
         return persist.open_prefix(path, self.runner, self.loaded.name)
 
-    def generate(self, prompts: str | list[str], max_new_tokens: int = 128, temperature: float = 0.0,
+    def generate(self, prompts: str | list[str], max_new_tokens: int = MAX_NEW_TOKENS, temperature: float = 0.0,
                  top_p: float = 1.0, chat: bool = False, seed: int = 0,
-                 prefix: Prefix | None = None) -> list[Completion]:
-        """Generate for a batch of prompts together (sequences of different lengths). With
-        ``prefix`` (a saved cache), each prompt continues the saved document."""
-        results: list[Completion] = []
-        for _ in self.tokens(prompts, results, max_new_tokens, temperature, top_p, chat, seed, prefix):
-            pass
-        return results
+                 prefix: Prefix | None = None, **sampling) -> list[Completion]:
+        """Generate for several prompts together (continuous batching: each runs to its own
+        end). With ``prefix`` (a saved cache), each prompt continues the saved document.
+        ``sampling``: any other :class:`kvtier.config.SamplingParams` field (``top_k``, ``stop`` ...)."""
+        seqs = self._add(prompts, max_new_tokens, temperature, top_p, chat, seed, prefix, sampling)
+        try:
+            while any(not s.finished for s in seqs):
+                self.engine.step()
+        finally:
+            for s in seqs:
+                self.engine.abort(s)
+        if len(seqs) == 1 and seqs[0].exception is not None:
+            raise seqs[0].exception  # one request: its failure is the caller's; a batch goes on without it
+        return [self._completion(s, prefix) for s in seqs]
 
-    def stream(self, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0,
+    def stream(self, prompt: str, max_new_tokens: int = MAX_NEW_TOKENS, temperature: float = 0.0,
                top_p: float = 1.0, chat: bool = False, seed: int = 0,
-               prefix: Prefix | None = None) -> Iterator[str | Completion]:
+               prefix: Prefix | None = None, **sampling) -> Iterator[str | Completion]:
         """Yield text pieces of one prompt as they are generated, then its :class:`Completion`."""
-        results: list[Completion] = []
-        ids: list[int] = []
-        shown = ""
-        for _, tok in self.tokens([prompt], results, max_new_tokens, temperature, top_p, chat, seed, prefix):
-            ids.append(tok)
-            text = self.tokenizer.decode(ids, skip_special_tokens=True)
-            if len(text) > len(shown) and not text.endswith("\ufffd"):  # whole characters only
-                yield text[len(shown):]
-                shown = text
-        yield results[0]
+        (seq,) = self._add(prompt, max_new_tokens, temperature, top_p, chat, seed, prefix, sampling)
+        try:
+            while not seq.finished:
+                self.engine.step()
+                piece = self.engine.visible_text(seq)
+                if piece:
+                    yield piece
+        finally:
+            self.engine.abort(seq)
+        if seq.exception is not None:
+            raise seq.exception
+        piece = self.engine.visible_text(seq)
+        if piece:
+            yield piece
+        yield self._completion(seq, prefix)
 
-    def tokens(self, prompts: str | list[str], results: list[Completion], max_new_tokens: int = 128,
-               temperature: float = 0.0, top_p: float = 1.0, chat: bool = False,
-               seed: int = 0, prefix: Prefix | None = None) -> Iterator[tuple[int, int]]:
-        """Yield ``(prompt index, token id)`` as tokens are generated; fills ``results`` at the end."""
+    def _add(self, prompts, max_new_tokens, temperature, top_p, chat, seed, prefix, sampling) -> list[Sequence]:
         if isinstance(prompts, str):
             prompts = [prompts]
-        if max_new_tokens < 1:
-            raise KvtierError("max_new_tokens must be at least 1")
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise KvtierError("give at least one prompt (a string or a non-empty list of strings)")
+        if not all(isinstance(p, str) for p in prompts):
+            raise KvtierError("every prompt must be a string")
+        params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                                **sampling)
         if prefix is None:
             ids = [self.encode(p, chat) for p in prompts]
-        else:  # the document's last token, then the prompt as its continuation
+        else:  # the prompt follows the saved document
             if chat:
                 raise KvtierError("a saved cache continues its document as plain text; run without --chat")
-            ids = [prefix.token_ids[-1:] + self.tokenizer(p, add_special_tokens=False).input_ids
-                   for p in prompts]
+            for p in prompts:
+                check_text(p, "the prompt")
+            ids = [self.tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
         held = prefix.length if prefix else 0
         for p in ids:
-            self.check_length(held + len(p), max_new_tokens)
-        gen = torch.Generator().manual_seed(seed)
-        caches = []
+            self.check_length(held + len(p) + (1 if prefix else 0), max_new_tokens)
+        seqs = []
         try:
             for p in ids:
-                if prefix is None:
-                    caches.append(self.runner.new_cache(reserve=len(p) + max_new_tokens))
-                else:
-                    caches.append(persist.restore(prefix, self.runner))
-            yield from self._decode(ids, caches, results, max_new_tokens, temperature, top_p, gen)
-        finally:
-            for c in caches:
-                c.close()
+                seqs.append(self.engine.add(p, params, prefix=prefix))
+        except BaseException:
+            for s in seqs:
+                self.engine.abort(s)
+            raise
+        return seqs
 
-    def _decode(self, ids, caches, results, max_new_tokens, temperature, top_p, gen):
-        t0 = time.perf_counter()
-        logits = self.runner.run(caches, ids)
-        prefill_s, t0 = time.perf_counter() - t0, time.perf_counter()
-        outs: list[list[int]] = [[] for _ in ids]
-        reason, errors = ["length"] * len(ids), [None] * len(ids)
-        live = self._drop_failed(list(range(len(ids))), caches, reason, errors)
-        rows = dict(zip(range(len(ids)), logits))
-        while live:
-            step = []
-            picked = sample(torch.stack([rows[i] for i in live]), temperature, top_p, gen).tolist()
-            for i, tok in zip(live, picked):
-                if tok in self.eos:
-                    reason[i] = "stop"
-                    continue
-                outs[i].append(tok)
-                yield i, tok
-                if len(outs[i]) < max_new_tokens:
-                    step.append((i, tok))
-            live = [i for i, _ in step]
-            if live:
-                logits = self.runner.run([caches[i] for i in live], [[t] for _, t in step])
-                rows = dict(zip(live, logits))
-                live = self._drop_failed(live, caches, reason, errors)
-        decode_s = time.perf_counter() - t0
-        results.extend(Completion(self.tokenizer.decode(o, skip_special_tokens=True), o, len(p),
-                                  c.nbytes(), c.length, prefill_s, decode_s, r, e,
-                                  c.nbytes_by_tier() if c.home else None)
-                       for o, p, c, r, e in zip(outs, ids, caches, reason, errors))
-
-    @staticmethod
-    def _drop_failed(live, caches, reason, errors) -> list[int]:
-        """End the sequences whose cache could not be placed (e.g. the disk filled up); a
-        request of one raises the error, a batch goes on without them."""
-        failed = [i for i in live if caches[i].error is not None]
-        if failed and len(caches) == 1:
-            raise caches[0].error
-        for i in failed:
-            reason[i], errors[i] = "error", str(caches[i].error)
-            caches[i].close()
-        return [i for i in live if i not in failed]
-
-
-def _eos_ids(tokenizer, config) -> set[int]:
-    ids = {tokenizer.eos_token_id}
-    eos = getattr(config, "eos_token_id", None)
-    ids.update(eos if isinstance(eos, list) else [eos])
-    return {i for i in ids if i is not None}
+    def _completion(self, seq: Sequence, prefix: Prefix | None) -> Completion:
+        text = seq.text if seq.params.stop else self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+        t = seq.timing
+        prefill = (t.first_token or t.finished or t.arrival) - (t.scheduled or t.arrival)
+        decode = (t.finished or t.arrival) - (t.first_token or t.finished or t.arrival)
+        n_prompt = len(seq.prompt_ids) - (prefix.length if prefix else 0)
+        return Completion(text, list(seq.output_ids), n_prompt, seq.kv_bytes, seq.kv_tokens, prefill, decode,
+                          seq.finish_reason, seq.error, seq.kv_bytes_by_tier)

@@ -7,8 +7,10 @@ from typing import Annotated
 
 import typer
 
+from kvtier.cli_options import command, flags, split
 from kvtier.dtypes import compute_dtype, dtype_name
 from kvtier.errors import KvtierError
+from kvtier.config import MAX_NEW_TOKENS
 from kvtier.models.loader import DEFAULT_MODEL
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -44,7 +46,7 @@ def generate(
     prompt: Annotated[str, typer.Argument(help="the prompt, or - to read it from stdin")],
     model: ModelOpt = DEFAULT_MODEL,
     kv: Annotated[str, typer.Option(help="KV cache spec, see `kvtier methods`")] = "dense",
-    max_new_tokens: Annotated[int, typer.Option(min=1, help="tokens to generate at most")] = 256,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="tokens to generate at most")] = MAX_NEW_TOKENS,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy")] = 0.0,
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="nucleus sampling mass")] = 1.0,
     chat: Annotated[bool, typer.Option(help="wrap the prompt in the model's chat template")] = False,

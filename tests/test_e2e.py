@@ -33,20 +33,20 @@ def kjv_ids(smollm2):
 def test_logits_match_transformers_on_real_text(smollm2, hf, kjv_ids):
     ids = kjv_ids[1000:1400]
     runner = ModelRunner(smollm2.model, "dense(dtype=fp32)", prefill_chunk=150)
-    ours = runner.run([runner.new_cache()], [ids[:300]], logits="all")
+    ours = runner.feed([runner.new_cache()], [ids[:300]], logits="all")
     with torch.no_grad():
         want = hf(torch.tensor([ids])).logits[0]
     assert (ours - want[:300]).abs().max() <= 1e-3
     cache = runner.new_cache()  # chunked prefill then token-by-token decode
-    runner.run([cache], [ids[:300]])
-    rows = torch.stack([runner.run([cache], [[t]])[0] for t in ids[300:340]])
+    runner.feed([cache], [ids[:300]])
+    rows = torch.stack([runner.feed([cache], [[t]])[0] for t in ids[300:340]])
     assert (rows - want[300:340]).abs().max() <= 1e-3
 
 
 def test_dense_fp16_holds_23040_bytes_per_token_plus_block_table(smollm2, kjv_ids):
     runner = ModelRunner(smollm2.model, "dense(dtype=fp16)")
     cache = runner.new_cache()
-    runner.run([cache], [kjv_ids[:640]])
+    runner.feed([cache], [kjv_ids[:640]])
     blocks = 30 * 10  # 30 layers x 10 blocks of 64 tokens
     assert cache.nbytes() == 640 * 23040 + blocks * 8
 
@@ -198,9 +198,9 @@ def test_gemma3_logits_match_transformers_on_real_text():
         want = hf(torch.tensor([ids])).logits[0]
     runner = ModelRunner(gemma.model, "dense(dtype=fp32)", prefill_chunk=256)
     cache = runner.new_cache()
-    ours = torch.cat([runner.run([cache], [ids[i:min(i + 256, 640)]], logits="all") for i in range(0, 640, 256)])
+    ours = torch.cat([runner.feed([cache], [ids[i:min(i + 256, 640)]], logits="all") for i in range(0, 640, 256)])
     assert (ours - want[:640]).abs().max() <= 1e-3
-    rows = torch.stack([runner.run([cache], [[t]])[0] for t in ids[640:]])
+    rows = torch.stack([runner.feed([cache], [[t]])[0] for t in ids[640:]])
     assert (rows - want[640:]).abs().max() <= 1e-3
     sliding = [layer for layer, w in zip(cache.layers, gemma.model.windows) if w]
     assert sliding and all(layer.n_held <= 512 + 64 for layer in sliding)

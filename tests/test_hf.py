@@ -98,8 +98,8 @@ def test_lossy_cache_matches_kvtier_engine(hf, dense_logits, spec):
     differ = total = engine_bytes = 0
     for row, ids in enumerate(IDS.tolist()):
         seq = runner.new_cache()
-        want = [runner.run([seq], [ids[:PREFILL]], logits="all")]
-        want += [runner.run([seq], [[t]]) for t in ids[PREFILL:]]
+        want = [runner.feed([seq], [ids[:PREFILL]], logits="all")]
+        want += [runner.feed([seq], [[t]]) for t in ids[PREFILL:]]
         assert (got[row] - torch.cat(want)).abs().max() <= 0.05 * effect
         engine_bytes += seq.nbytes()
         for ours, theirs in zip(seq.layers, (layer.rows[row] for layer in cache.layers)):
@@ -161,10 +161,10 @@ def test_generate_on_smollm2_equals_kvtier_greedy(smollm2, smol_hf, spec):
     got = out[0, len(ids):].tolist()
     runner = ModelRunner(smollm2.model, spec)
     seq = runner.new_cache()
-    want, logits = [], runner.run([seq], [ids])
+    want, logits = [], runner.feed([seq], [ids])
     for i in range(8):
         want.append(int(logits[0].argmax()))
         if i < 7:  # as generate, the last token is not fed back
-            logits = runner.run([seq], [[want[-1]]])
+            logits = runner.feed([seq], [[want[-1]]])
     assert got == want
     assert cache.nbytes() == seq.nbytes()

@@ -39,7 +39,7 @@ IDS = torch.randint(0, 256, (90,), generator=torch.Generator().manual_seed(3)).t
 def test_prefill_logits_match_transformers(pair):
     hf, ours = pair
     runner = ModelRunner(ours, "dense(dtype=fp32)", block_size=8)
-    got = runner.run([runner.new_cache()], [IDS], logits="all")
+    got = runner.feed([runner.new_cache()], [IDS], logits="all")
     assert (got - hf_logits(hf, IDS)).abs().max() <= 1e-3
 
 
@@ -59,23 +59,23 @@ def test_batch_of_different_lengths_equals_one_at_a_time(pair):
     _, ours = pair
     runner = ModelRunner(ours, "dense(dtype=fp32)", block_size=8, prefill_chunk=50)
     prompts = [IDS[:70], IDS[5:20], IDS[30:61]]
-    alone = [runner.run([runner.new_cache()], [p])[0] for p in prompts]
+    alone = [runner.feed([runner.new_cache()], [p])[0] for p in prompts]
     caches = [runner.new_cache() for _ in prompts]
-    together = runner.run(caches, prompts)
+    together = runner.feed(caches, prompts)
     torch.testing.assert_close(together, torch.stack(alone), atol=1e-4, rtol=1e-4)
     # one decode step for all three, each at its own position
-    step = runner.run(caches, [[1], [2], [3]])
+    step = runner.feed(caches, [[1], [2], [3]])
     for p, t, row in zip(prompts, [1, 2, 3], step):
         c = runner.new_cache()
-        runner.run([c], [p])
-        torch.testing.assert_close(row, runner.run([c], [[t]])[0], atol=1e-4, rtol=1e-4)
+        runner.feed([c], [p])
+        torch.testing.assert_close(row, runner.feed([c], [[t]])[0], atol=1e-4, rtol=1e-4)
 
 
 def test_gemma_sliding_layers_hold_only_their_window():
     hf, ours = build("gemma3")
     runner = ModelRunner(ours, "dense(dtype=fp32)", block_size=8)
     cache = runner.new_cache()
-    runner.run([cache], [IDS])
+    runner.feed([cache], [IDS])
     for layer, window in zip(cache.layers, ours.windows):
         if window:
             assert layer.n_held < window + 2 * 8  # window 16: at most the window + a block either side

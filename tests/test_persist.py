@@ -16,13 +16,13 @@ from kvtier.kv import persist
 
 def continue_from(runner, cache, toks):
     """Logits of running ``toks`` one at a time on ``cache``."""
-    return torch.cat([runner.run([cache], [[t]]) for t in toks])
+    return torch.cat([runner.feed([cache], [[t]]) for t in toks])
 
 
 def saved(runner, toks, path, n_doc=300):
     """Prefill ``toks[:n_doc - 1]`` and save it (the document is ``toks[:n_doc]``)."""
     cache = runner.new_cache()
-    runner.run([cache], [toks[: n_doc - 1]])
+    runner.feed([cache], [toks[: n_doc - 1]])
     persist.save(path, runner, cache, toks[:n_doc], "tiny")
     cache.close()
     return persist.open_prefix(path, runner, "tiny")
@@ -35,7 +35,7 @@ def test_a_saved_cache_continues_exactly(family, kv, tmp_path, request):
     toks = tokens(330)
     runner = ModelRunner(model, kv, block_size=16, prefill_chunk=128)
     ref_cache = runner.new_cache()
-    runner.run([ref_cache], [toks[:299]])
+    runner.feed([ref_cache], [toks[:299]])
     want = continue_from(runner, ref_cache, toks[299:])
 
     prefix = saved(runner, toks, tmp_path / "doc.kvcache")
@@ -129,7 +129,7 @@ def test_damaged_or_foreign_files_are_refused(llama, tmp_path):
     with pytest.raises(KvtierError, match="no saved cache at"):
         persist.open_prefix(tmp_path / "missing.kvcache", runner, "tiny")
     cache = runner.new_cache()
-    runner.run([cache], [tokens(50)[:49]])
+    runner.feed([cache], [tokens(50)[:49]])
     with pytest.raises(KvtierError, match="folder .* does not exist"):
         persist.save(tmp_path / "no" / "x.kvcache", runner, cache, tokens(50), "tiny")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["doc.kvcache", "notes.txt"]  # no temporary left

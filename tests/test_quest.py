@@ -70,7 +70,7 @@ def test_share_is_a_byte_budget_that_includes_the_key_bounds():
 def test_dense_layers_read_every_block(llama):
     runner = ModelRunner(llama, "quest(share=0.125,dense_layers=1)+dense(dtype=fp32)")
     cache = runner.new_cache()
-    runner.run([cache], [tokens(300)])
+    runner.feed([cache], [tokens(300)])
     kinds = [isinstance(layer, BlockSelectKV) for layer in cache.layers]
     assert kinds == [False] + [True] * (llama.n_layers - 1)
 
@@ -97,7 +97,7 @@ def test_reading_every_block_gives_the_codec_logits(llama):
     for kv in ["int(bits=4,group=16)", "quest(share=1.0)+int(bits=4,group=16)"]:
         runner = ModelRunner(llama, kv)
         cache = runner.new_cache()
-        out = [runner.run([cache], [toks[:260]])] + [runner.run([cache], [[t]]) for t in toks[260:]]
+        out = [runner.feed([cache], [toks[:260]])] + [runner.feed([cache], [[t]]) for t in toks[260:]]
         outs.append(torch.cat(out))
     torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=0)
 
@@ -105,9 +105,9 @@ def test_reading_every_block_gives_the_codec_logits(llama):
 def test_a_small_share_reads_a_small_share_and_stays_finite(llama):
     runner = ModelRunner(llama, "quest(share=0.125)+int(bits=4,group=16)")
     cache = runner.new_cache()
-    logits = runner.run([cache], [tokens(400)])
+    logits = runner.feed([cache], [tokens(400)])
     for t in range(8):
-        logits = runner.run([cache], [[t]])
+        logits = runner.feed([cache], [[t]])
     layers = [layer for layer in cache.layers if isinstance(layer, BlockSelectKV)]
     assert layers and all(layer.picked.shape[1] == 1 for layer in layers)  # at least one block
     assert torch.isfinite(logits).all()
@@ -117,12 +117,12 @@ def test_nosa_keeps_its_query_agnostic_blocks_from_step_to_step(llama):
     runner = ModelRunner(llama, "nosa(top_blocks=4,agnostic=0.5,window=16)+dense(dtype=fp32)")
     runner.block_size = 16
     cache = runner.new_cache()
-    logits = runner.run([cache], [tokens(400)])
+    logits = runner.feed([cache], [tokens(400)])
     layers = [layer for layer in cache.layers if isinstance(layer, BlockSelectKV)]
     assert all(layer.rank is not None and layer.rank.shape == (llama.n_kv, 25) for layer in layers)
     fixed = [layer.selector.fixed(layer.rank, 25, 4) for layer in layers]
     for t in range(6):
-        logits = runner.run([cache], [[t]])
+        logits = runner.feed([cache], [[t]])
         for layer, f in zip(layers, fixed):  # the agnostic blocks are read at every step
             for h in range(llama.n_kv):
                 assert set(f[h].nonzero().flatten().tolist()) <= set(layer.picked[h].tolist())
@@ -146,14 +146,14 @@ def test_nosa_ranks_again_on_a_later_prefill_chunk(llama):
     runner = ModelRunner(llama, "nosa(top_blocks=4,agnostic=1.0,window=8)+dense(dtype=fp32)")
     runner.block_size = 16
     cache = runner.new_cache()
-    runner.run([cache], [tokens(400)])
+    runner.feed([cache], [tokens(400)])
     layers = [layer for layer in cache.layers if isinstance(layer, BlockSelectKV)]
     before = [layer.rank.clone() for layer in layers]
-    runner.run([cache], [tokens(40, seed=1)])  # a question after the document
+    runner.feed([cache], [tokens(40, seed=1)])  # a question after the document
     for layer, old in zip(layers, before):
         assert layer.rank.shape[1] == len(layer.slots) > old.shape[1]
         assert not torch.equal(layer.rank[:, :old.shape[1]], old)  # ranked by the new queries
-    runner.run([cache], [[1]])
+    runner.feed([cache], [[1]])
     for layer in layers:
         fixed = layer.selector.fixed(layer.rank, len(layer.slots), 4)
         for h in range(llama.n_kv):
@@ -194,7 +194,7 @@ def test_sliding_layers_pick_blocks_when_asked(gemma):
         runner = ModelRunner(gemma, kv)
         runner.block_size = 4
         cache = runner.new_cache()
-        out = [runner.run([cache], [toks[:100]])] + [runner.run([cache], [[t]]) for t in toks[100:]]
+        out = [runner.feed([cache], [toks[:100]])] + [runner.feed([cache], [[t]]) for t in toks[100:]]
         outs[kv.split("(")[0]] = torch.cat(out)
         if kv.startswith("nosa"):
             sliding = [layer for layer in cache.layers if layer.window is not None]

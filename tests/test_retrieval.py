@@ -146,9 +146,9 @@ def test_dense_reference_bytes_are_what_a_dense_cache_holds(gemma, n):
     recorder's staging dtype."""
     dense = ModelRunner(gemma, "dense(dtype=bf16)")
     cache = dense.new_cache()
-    dense.run([cache], [tokens(n)])
+    dense.feed([cache], [tokens(n)])
     recorder = ModelRunner(gemma, specs.CacheSpec((retrieval._Record(need=8), Dense(dtype="fp32"))))
     record = recorder.new_cache()
-    recorder.run([record], [tokens(n)])
+    recorder.feed([record], [tokens(n)])
     assert all(layer.kv.length == n for layer in record.layers)  # nothing dropped: branches start here
     assert retrieval._dense_bytes(record) == cache.nbytes()

@@ -74,8 +74,8 @@ def test_pre_rope_rotation_is_exact_in_the_full_precision_limit(family):
     for name, kv in (("dense", "dense(dtype=fp32)"), ("rotated", lossless)):
         runner = ModelRunner(ours, kv, block_size=16)
         cache = runner.new_cache()
-        first = runner.run([cache], [ids[:200]])
-        steps = [runner.run([cache], [[t]]) for t in ids[200:230]]
+        first = runner.feed([cache], [ids[:200]])
+        steps = [runner.feed([cache], [[t]]) for t in ids[200:230]]
         out[name] = torch.cat([first] + steps)
         if name == "rotated":
             codec = cache.layers[0].codec

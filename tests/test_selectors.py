@@ -29,7 +29,7 @@ def spy(runner):
 
 def prefill(runner, toks):
     cache = runner.new_cache()
-    logits = runner.run([cache], [toks])
+    logits = runner.feed([cache], [toks])
     return cache, logits
 
 
@@ -59,7 +59,7 @@ def test_ratio_zero_keeps_the_codec_logits(llama):
         for kv in [codec, "tova(ratio=0)+" + codec]:
             runner = ModelRunner(llama, kv)
             cache, first = prefill(runner, toks[:300])
-            steps = [runner.run([cache], [[t]]) for t in toks[300:340]]
+            steps = [runner.feed([cache], [[t]]) for t in toks[300:340]]
             outs.append(torch.cat([first, *steps]))
         torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=0)
 
@@ -74,7 +74,7 @@ def test_selector_scores_match_a_plain_computation(llama, monkeypatch):
         runner = ModelRunner(llama, kv + "+dense(dtype=fp32)")
         seen, recording = spy(runner)
         monkeypatch.setattr(type(runner.spec.selectors[0]), "score", recording)
-        runner.run([runner.new_cache()], [toks[:120], ][:1])
+        runner.feed([runner.new_cache()], [toks[:120], ][:1])
         view, scores = seen[0]  # layer 0
         q = torch.cat([qq for i, qq in queries if i == 0], 1)  # every query of layer 0, (Hq, T, D)
         g = q.shape[0] // view.k.shape[0]
@@ -123,7 +123,7 @@ def test_decode_keeps_the_cache_at_its_budget(llama):
     cache, logits = prefill(runner, tokens(200))
     sizes = []
     for _ in range(200):
-        logits = runner.run([cache], [[int(logits[0].argmax())]])
+        logits = runner.feed([cache], [[int(logits[0].argmax())]])
         sizes.append(cache.layers[0].n_held)
     assert max(sizes) <= 96 + 64 and sizes.count(96) >= 2 and cache.length == 400
     assert torch.isfinite(logits).all()
@@ -136,11 +136,11 @@ def test_batch_of_different_lengths_matches_one_at_a_time(llama, kv):
     alone = []
     for toks in (a, b):
         cache, logits = prefill(runner, toks)
-        alone.append([logits] + [runner.run([cache], [[t]]) for t in range(5)])
+        alone.append([logits] + [runner.feed([cache], [[t]]) for t in range(5)])
     caches = [runner.new_cache(), runner.new_cache()]
-    together = [[row] for row in runner.run(caches, [a, b])]
+    together = [[row] for row in runner.feed(caches, [a, b])]
     for t in range(5):
-        for out, row in zip(together, runner.run(caches, [[t], [t]])):
+        for out, row in zip(together, runner.feed(caches, [[t], [t]])):
             out.append(row)
     for one, both in zip(alone, together):
         torch.testing.assert_close(torch.stack(both), torch.cat(one), atol=1e-4, rtol=0)
@@ -166,7 +166,7 @@ def test_sliding_layers_never_attend_outside_their_window(gemma, kv):
             layer.slack = 8
     masked = 0
     for step in range(30):
-        logits = runner.run([cache], [[int(logits[0].argmax())]])
+        logits = runner.feed([cache], [[int(logits[0].argmax())]])
         assert torch.isfinite(logits).all()
         for layer in cache.layers:
             if isinstance(layer, SelectKV) and layer.window:  # as the next query will see them
@@ -189,7 +189,7 @@ def test_a_chunk_after_compression_sees_each_querys_own_window(gemma):
     runner = ModelRunner(gemma, "tova(ratio=0.5)+dense(dtype=fp32)")
     cache, logits = prefill(runner, tokens(100))
     for t in range(5):
-        logits = runner.run([cache], [[t]])
+        logits = runner.feed([cache], [[t]])
     layer = next(layer for layer in cache.layers if isinstance(layer, SelectKV) and layer.window)
     w, start, t = layer.window, layer.length, 12
     g = torch.Generator().manual_seed(0)
@@ -216,11 +216,11 @@ def test_nothing_evicted_on_sliding_layers_gives_the_dense_logits(gemma):
     for kv in ["dense(dtype=fp32)", "tova(ratio=0)+dense(dtype=fp32)"]:
         runner = ModelRunner(gemma, kv)
         cache = runner.new_cache()
-        out = [runner.run([cache], [toks[:100]])]
+        out = [runner.feed([cache], [toks[:100]])]
         for layer in cache.layers:
             if isinstance(layer, SelectKV) and layer.window:
                 layer.slack = 8  # compact every 8 steps (global layers: not within this run)
-        out += [runner.run([cache], [[t]]) for t in toks[100:]]
+        out += [runner.feed([cache], [[t]]) for t in toks[100:]]
         outs.append(torch.cat(out))
         held = [layer.n_held for layer in cache.layers if isinstance(layer, SelectKV) and layer.window]
     assert held and all(h <= 16 + 8 for h in held)  # the window plus the slack
@@ -240,7 +240,7 @@ def test_alisa_keeps_its_recent_window_and_rechooses_while_decoding(llama):
     runner = ModelRunner(llama, "alisa(budget=80,local=0.5,every=8)+dense(dtype=fp32)")
     cache, logits = prefill(runner, tokens(200))
     for step in range(40):
-        logits = runner.run([cache], [[int(logits[0].argmax())]])
+        logits = runner.feed([cache], [[int(logits[0].argmax())]])
         for layer in cache.layers:
             assert layer.n_held <= 80 + 8
             if layer.n_held == 80:  # just re-chosen: the newest 40 tokens are all there, every head
@@ -312,9 +312,9 @@ def test_elastic_merges_to_its_budget_and_runs_decode_and_a_second_prefill(llama
     cache, logits = prefill(runner, toks[:200])
     assert all(layer.n_held == 100 for layer in cache.layers)
     assert all(torch.isclose(layer.bias.exp().sum(1), torch.tensor(200.0)).all() for layer in cache.layers)
-    logits = runner.run([cache], [toks[200:230]])  # a second prefill over merged entries
+    logits = runner.feed([cache], [toks[200:230]])  # a second prefill over merged entries
     for t in toks[230:240]:
-        logits = runner.run([cache], [[t]])
+        logits = runner.feed([cache], [[t]])
     assert torch.isfinite(logits).all()
 
 
@@ -372,7 +372,7 @@ def test_per_head_budgets_with_a_full_safeguard_give_the_uniform_logits(llama, c
         cache, logits = prefill(runner, toks)
         steps = [logits]
         for _ in range(90):  # past a decode-time compaction
-            steps.append(runner.run([cache], [[int(steps[-1][0].argmax())]]))
+            steps.append(runner.feed([cache], [[int(steps[-1][0].argmax())]]))
         outs.append(torch.cat(steps))
         if "ada" in kv:
             assert all(layer.heads is not None for layer in cache.layers)
@@ -399,11 +399,11 @@ def test_per_head_budgets_stay_at_budget_while_decoding_and_batch(llama):
     cache, logits = prefill(runner, tokens(200))
     sizes = []
     for _ in range(150):
-        logits = runner.run([cache], [[int(logits[0].argmax())]])
+        logits = runner.feed([cache], [[int(logits[0].argmax())]])
         sizes.append(int(cache.layers[0].counts.sum()))
     assert max(sizes) <= llama.n_kv * (96 + 64) and sizes.count(llama.n_kv * 96) >= 2
     assert torch.isfinite(logits).all()
     a, b = tokens(260, seed=1), tokens(180, seed=2)
     alone = [prefill(runner, toks)[1] for toks in (a, b)]
-    together = runner.run([runner.new_cache(), runner.new_cache()], [a, b])
+    together = runner.feed([runner.new_cache(), runner.new_cache()], [a, b])
     torch.testing.assert_close(together, torch.cat(alone), atol=1e-4, rtol=0)

@@ -22,9 +22,9 @@ from kvtier.kv.store import TierStore
 def generate(runner, toks, prompt=300, steps=24):
     """Logits of a prefill (two chunks) and ``steps`` greedy-free decode steps on fixed tokens."""
     cache = runner.new_cache()
-    out = [runner.run([cache], [toks[:prompt]])]
+    out = [runner.feed([cache], [toks[:prompt]])]
     for t in toks[prompt: prompt + steps]:
-        out.append(runner.run([cache], [[t]]))
+        out.append(runner.feed([cache], [[t]]))
     return torch.cat(out), cache
 
 
@@ -161,16 +161,16 @@ FULL_DISK = textwrap.dedent("""
     runner = ModelRunner(model, "dense(dtype=fp32)", block_size=16, tiers="cpu:40KiB,disk:{folder}:1GiB")
     toks = torch.randint(0, 256, (400,), generator=torch.Generator().manual_seed(0)).tolist()
     big, small = runner.new_cache(), runner.new_cache()
-    runner.run([big, small], [toks[:400], toks[:10]])
+    runner.feed([big, small], [toks[:400], toks[:10]])
     print("ERROR:", big.error)
     big.close()  # what the engine does with a failed request: its blocks are freed
     for t in toks[10:20]:
-        out = runner.run([small], [[t]])
+        out = runner.feed([small], [[t]])
     ref = ModelRunner(model, "dense(dtype=fp32)", block_size=16)
     c = ref.new_cache()
-    ref.run([c], [toks[:10]])
+    ref.feed([c], [toks[:10]])
     for t in toks[10:20]:
-        want = ref.run([c], [[t]])
+        want = ref.feed([c], [[t]])
     assert small.error is None and torch.allclose(out, want, atol=1e-5), "the other sequence goes on"
     small.close()
 """)
@@ -197,7 +197,7 @@ def test_disk_full_on_a_small_tmpfs(tmp_path, llama):
         cache = runner.new_cache()
         try:
             with pytest.raises(KvtierError, match="disk tier is full"):
-                runner.run([cache], [tokens(500)])
+                runner.feed([cache], [tokens(500)])
         finally:
             cache.close()
         assert list(mnt.iterdir()) == []
@@ -234,7 +234,7 @@ def test_a_corrupted_block_is_recomputed_when_the_policy_allows(llama, tmp_path)
     runner = ModelRunner(llama, kv, block_size=16, prefill_chunk=512,  # one chunk: no block read yet
                          tiers=f"cpu:12KiB,disk:{tmp_path}:10MiB,recompute")
     cache = runner.new_cache()
-    got = [runner.run([cache], [toks[:300]])]
+    got = [runner.feed([cache], [toks[:300]])]
     layer = cache.layers[1]
     pool, j = layer.pools[1], layer.where.index(1)
     for done in pool.pending.values():
@@ -243,7 +243,7 @@ def test_a_corrupted_block_is_recomputed_when_the_policy_allows(llama, tmp_path)
     fd = cache.home.file.fd
     os.pwrite(fd, bytes([os.pread(fd, 1, offset)[0] ^ 0x40]), offset)
     for t in toks[300:308]:
-        got.append(runner.run([cache], [[t]]))
+        got.append(runner.feed([cache], [[t]]))
     torch.testing.assert_close(torch.cat(got), ref, rtol=1e-4, atol=1e-4)
     assert runner.store.traffic.recomputed > 0 and cache.error is None
     cache.close()

@@ -64,13 +64,13 @@ def child(job: dict) -> dict:
         reset_peak()
         m0, d0 = (store.traffic.moved, store.traffic.disk_read) if store else (0, 0)
         r0, rs0 = (store.traffic.recomputed, store.traffic.recompute_s) if store else (0, 0.0)
-        tok = sample(runner.run([cache], [prefix.token_ids[-1:]]))
+        tok = sample(runner.feed([cache], [prefix.token_ids[-1:]]))
         dt = 0.0
         for i in range(job["new_tokens"] - 1):
             if job.get("cold"):
                 evict(cache)
             t0 = time.perf_counter()
-            tok = sample(runner.run([cache], [[int(tok)]]))
+            tok = sample(runner.feed([cache], [[int(tok)]]))
             dt += time.perf_counter() - t0
             if job["sample_every"] and (i + 1) % job["sample_every"] == 0:
                 samples.append((i + 1, rss()[0]))
@@ -120,7 +120,7 @@ def prefill(loaded, kv: str, ids: list[int], path: Path) -> tuple[int, int]:
 
     runner = ModelRunner(loaded.model, kv)
     cache = runner.new_cache(reserve=len(ids))
-    runner.run([cache], [ids[:-1]])
+    runner.feed([cache], [ids[:-1]])
     persist.save(path, runner, cache, ids, loaded.name)
     blocks = sum(sum(layer.nbytes_by_tier()) for layer in cache.layers)
     plain = sum(layer.plain_bytes() for layer in cache.layers)

@@ -46,7 +46,7 @@ def score(runner: ModelRunner, wins: list[list[int]], eval_tokens: int, progress
     context = len(wins[0])
     prefix = context - eval_tokens
     caches = [runner.new_cache(reserve=context) for _ in wins]
-    logits = runner.run(caches, [w[:prefix] for w in wins])
+    logits = runner.feed(caches, [w[:prefix] for w in wins])
     if progress:
         progress(prefix * len(wins))
     nll = torch.zeros(len(wins), dtype=torch.float64)
@@ -55,7 +55,7 @@ def score(runner: ModelRunner, wins: list[list[int]], eval_tokens: int, progress
         target = torch.tensor([w[j] for w in wins])
         nll += torch.nn.functional.cross_entropy(logits.float(), target, reduction="none").double()
         if j + 1 < context:
-            logits = runner.run(caches, [[w[j]] for w in wins])
+            logits = runner.feed(caches, [[w[j]] for w in wins])
         if progress:
             progress(len(wins))
     decode_s = time.perf_counter() - t0

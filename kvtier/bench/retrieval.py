@@ -194,14 +194,14 @@ def _dense_bytes(record) -> int:
 
 
 def _answer(runner: ModelRunner, cache, rest: list[int], eos: set[int], max_new: int) -> list[int]:
-    logits = runner.run([cache], [rest])
+    logits = runner.feed([cache], [rest])
     out = []
     for _ in range(max_new):
         tok = int(logits[0].argmax())
         if tok in eos:
             break
         out.append(tok)
-        logits = runner.run([cache], [[tok]])
+        logits = runner.feed([cache], [[tok]])
     return out
 
 
@@ -228,13 +228,13 @@ def run(loaded, model_name: str, methods: list[str], cases: list[dict], modes: l
                     raise KvtierError(f"case {i} is {len(first) + len(rest)} tokens; {model_name} allows "
                                       f"{model.max_context}: use shorter contexts")
                 record = recorder.new_cache()
-                recorder.run([record], [first])
+                recorder.feed([record], [first])
                 dense = _dense_bytes(record)
                 for label, runner in runners.items():
                     cache = _branch(runner, record) if runner.spec.selectors else None
                     if cache is None:  # its own prefill (compressed at its end)
                         cache = runner.new_cache()
-                        runner.run([cache], [first])
+                        runner.feed([cache], [first])
                     else:
                         cache.compress()
                     held = cache.nbytes()

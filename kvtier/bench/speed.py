@@ -20,11 +20,11 @@ def kvtier_timing(runner: ModelRunner, prompt: list[int], new_tokens: int) -> tu
     """(prefill seconds, seconds per decode step) for one greedy generation."""
     cache = runner.new_cache(reserve=len(prompt) + new_tokens)
     t0 = time.perf_counter()
-    logits = runner.run([cache], [prompt])
+    logits = runner.feed([cache], [prompt])
     tok = sample(logits)
     t1 = time.perf_counter()
     for _ in range(new_tokens - 1):
-        tok = sample(runner.run([cache], [[int(tok)]]))
+        tok = sample(runner.feed([cache], [[int(tok)]]))
     t2 = time.perf_counter()
     return t1 - t0, (t2 - t1) / max(new_tokens - 1, 1)
 

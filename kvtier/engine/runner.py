@@ -1,8 +1,8 @@
 """ModelRunner: a model plus a cache spec; runs new tokens of many sequences at once.
 
-Prefill and decode share one verb, :meth:`run`: each sequence brings its new tokens; long
-prompts are cut into chunks of at most ``prefill_chunk`` tokens per forward, short ones are
-packed together into one forward.
+Prefill and decode share one verb, :meth:`run`: one forward in which each sequence brings its
+new tokens (the scheduler decides how many). :meth:`feed` is the offline convenience that cuts
+whole prompts into forwards of at most ``prefill_chunk`` tokens.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from kvtier import spec as specs
 from kvtier.errors import KvtierError
 from kvtier.kv import calibration
 from kvtier.kv.blockselect import BlockSelectKV
-from kvtier.kv.cache import LayerKV, SeqKV
+from kvtier.kv.cache import TABLE_ENTRY_BYTES, LayerKV, SeqKV
 from kvtier.kv.codecs.base import LayerContext
 from kvtier.kv.select import SelectKV
 from kvtier.kv.store import TierStore
@@ -39,6 +39,7 @@ class ModelRunner:
         self.dtype, self.device = model.dtype, device  # residual blocks in the compute dtype
         self.stats: list[dict] | None = None  # per-layer calibration, loaded when a codec needs it
         self._selectors: dict = {}  # selectors bound to layers
+        self._sizes: list | None = None  # per-layer byte sizes, for bytes_for
 
     def new_cache(self, reserve: int = 0) -> SeqKV:
         """An empty cache for one sequence, with room for ``reserve`` tokens allocated up front."""
@@ -90,13 +91,23 @@ class ModelRunner:
         return out
 
     def run(self, caches: list[SeqKV], chunks: list[list[int]], logits: str = "last") -> torch.Tensor:
-        """Feed each cache its new tokens. Returns the logits after each sequence's last token,
-        ``(n_seqs, V)``; with ``logits="all"`` (one forward only), every token's ``(N, V)``."""
+        """One forward: each cache receives its chunk of new tokens (the scheduler's batch).
+
+        Returns the logits after each sequence's last new token, ``(n_seqs, V)``, or with
+        ``logits="all"`` every token's ``(N, V)``. A sequence whose blocks could not be placed
+        is marked on its cache (``cache.error``); the caller ends it."""
         if self.store and self.store.recomputes:  # the ids a dropped block is rebuilt from
             for cache, toks in zip(caches, chunks):
                 cache.home.ids.extend(toks)
+        return self._forward(Batch.of(caches, chunks, self.device), logits=logits)
+
+    def feed(self, caches: list[SeqKV], chunks: list[list[int]], logits: str = "last") -> torch.Tensor:
+        """Offline convenience over :meth:`run`: feed whole prompts, cut into forwards of at
+        most ``prefill_chunk`` tokens, short ones packed together; at the end of a prefill the
+        caches' selectors choose. Returns each sequence's last logits ``(n_seqs, V)`` (with
+        ``logits="all"``, one forward only, every token's)."""
         if logits == "all":
-            return self._forward(Batch.of(caches, chunks, self.device), logits="all")
+            return self.run(caches, chunks, logits="all")
         out: list[torch.Tensor | None] = [None] * len(caches)
         todo = [(i, list(c)) for i, c in enumerate(chunks) if c]
         while todo:
@@ -106,17 +117,52 @@ class ModelRunner:
                     break
                 picked.append((i, toks[:budget]))
                 budget -= len(picked[-1][1])
-            batch = Batch.of([caches[i] for i, _ in picked], [t for _, t in picked], self.device)
-            last = self._forward(batch)
-            done = {i: n for i, n in ((i, len(t)) for i, t in picked)}
+            last = self.run([caches[i] for i, _ in picked], [t for _, t in picked])
+            done = {i: len(t) for i, t in picked}
             for (i, _), row in zip(picked, last):
                 out[i] = row
             todo = [(i, toks[done.get(i, 0):]) for i, toks in todo]
             todo = [(i, toks) for i, toks in todo if toks]
-        if any(len(c) > 1 for c in chunks):
-            for cache, toks in zip(caches, chunks):  # end of a prefill: selectors choose now
-                if len(toks) > 1:
-                    cache.compress()
+        for cache, toks in zip(caches, chunks):  # end of a prefill: selectors choose now
+            if len(toks) > 1:
+                cache.compress()
         if len(caches) == 1 and caches[0].error is not None:
-            raise caches[0].error  # one sequence: its failure is the caller's (a batch: LLM ends it)
+            raise caches[0].error  # one sequence: its failure is the caller's (a batch: the engine ends it)
         return torch.stack(out)
+
+    @property
+    def shares_prefixes(self) -> bool:
+        """Whether prompt prefixes can be reused as encoded blocks: codec-only specs (a selector
+        keeps different tokens per sequence), no sliding windows (their old blocks are gone by
+        the time a prefill ends) and all blocks in RAM."""
+        return not self.spec.selectors and self.store is None and not any(self.model.windows)
+
+    def bytes_for(self, n_tokens: int) -> int:
+        """Bytes a cache of this spec holds at ``n_tokens`` tokens: blocks (slot sizes of the real
+        pools) plus the block table and the buffers of sinks and residual tokens. Exact for a
+        codec-only spec (tested against ``cache.nbytes()``); a selector's cache is charged as the
+        full-precision staging it holds during a prefill, its largest size."""
+        if self._sizes is None:
+            probe = self.new_cache()
+            try:
+                self._sizes = [_layer_sizes(layer) for layer in probe.layers]
+            finally:
+                probe.close()
+        total = 0
+        for slot, plain, sinks, window, full in self._sizes:
+            n = n_tokens if window is None else min(n_tokens, window + self.block_size)
+            if full:  # a selector's staging: every token in the compute dtype
+                total += n * full
+                continue
+            blocks = max(0, n - sinks) // self.block_size
+            total += blocks * (slot + TABLE_ENTRY_BYTES) + plain
+        return total
+
+
+def _layer_sizes(layer) -> tuple[int, int, int, int | None, int]:
+    """(slot bytes, sink and residual buffer bytes, sinks, window, bytes per token if charged
+    per token) of one layer of an empty cache."""
+    if isinstance(layer, LayerKV):
+        return layer.pool.slot_bytes(), layer.plain_bytes(), layer.n_sinks, layer.window, 0
+    per_token = 2 * layer.n_kv * layer.head_dim * layer.kv.dtype.itemsize + 4 * layer.n_kv
+    return 0, 0, 0, layer.window, per_token

@@ -65,7 +65,7 @@ def measure(model, ids: list[int]) -> list[dict[str, torch.Tensor]]:
     for layer, rec in zip(cache.layers, recorders):
         layer.codec = layer.pool.codec = rec.for_layer(LayerContext(0, model.n_kv, model.head_dim,
                                                                      rope=layer.rope))
-    runner.run([cache], [ids])
+    runner.feed([cache], [ids])
     return [rec.stats() for rec in recorders]
 
 

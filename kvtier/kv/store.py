@@ -178,7 +178,7 @@ class SeqTiers:
         again.stats = src.stats
         temp = again.new_cache(reserve=upto)
         try:
-            again.run([temp], [self.ids[:upto]])
+            again.feed([temp], [self.ids[:upto]])
             for layer, fresh in zip(self.layers, temp.layers):
                 layer.refill(drop, fresh)
         finally:

@@ -139,6 +139,7 @@ class DecoderModel:
         self.hf_config = hf_config
         self.key: str | None = None  # identifies the weights (set by the loader; None in memory)
         self.tokenizer = None
+        self.skip: frozenset[int] = frozenset()  # layers skipped (EngineConfig.skip_layers)
         self.w = {k: v.float() if "norm" in k else v for k, v in weights.items()}
 
     @torch.inference_mode()
@@ -150,7 +151,8 @@ class DecoderModel:
         """
         x = self.embed(batch.tokens)  # (N, C)
         for i in range(self.n_layers):
-            x = self.layer(i, x, batch)
+            if i not in self.skip:  # layer skipping: the residual stream passes through
+                x = self.layer(i, x, batch)
         if logits == "last":
             x = x[batch.last_index()]
         return self.head(x)

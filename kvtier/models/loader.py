@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from kvtier.config import DEFAULT_MODEL  # noqa: F401  (defined once, with the engine config)
 from kvtier.errors import KvtierError
 from kvtier.paths import cache_dir
 from kvtier.progress import status
@@ -49,7 +50,6 @@ def _gemma3() -> Path:
 
 
 NAMED = {"smollm2-135m": _smollm2, "gemma3-270m": _gemma3}
-DEFAULT_MODEL = "smollm2-135m"
 
 
 @dataclass

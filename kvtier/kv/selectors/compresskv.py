@@ -133,7 +133,7 @@ def _measure(model, cases) -> dict[str, torch.Tensor]:
     window, answer = 32, 5  # the observation window; the answer's last tokens
     for ids, a, b in cases:
         cache = recorder.new_cache()
-        recorder.run([cache], [ids])
+        recorder.feed([cache], [ids])
         for i, layer in enumerate(cache.layers):
             if model.windows[i] is not None:
                 continue  # a sliding layer: its window's error is filled with the mean below

@@ -1,0 +1,147 @@
+"""Configuration, defined once: the engine, the sampling of one request, the server.
+
+Each field has a default, a one-line help and its bounds (``option(...)``, like a method's
+``param``); :func:`check` validates an instance against them, and the CLI builds its flags from
+the fields (:func:`kvtier.cli_options.flags`), so no default is written twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvtier.errors import KvtierError
+
+DEFAULT_MODEL = "smollm2-135m"
+BLOCK_SIZE = 64  # tokens per KV block
+MAX_NEW_TOKENS = 128
+
+
+def option(default: Any, help: str, min: float | None = None, max: float | None = None,
+           choices: tuple | None = None, flag: str | None = None, cli: bool = True) -> Any:
+    """A config field: default, one-line help, bounds. ``flag``: the CLI name when it differs
+    from ``--field-name``; ``cli=False``: not offered as a flag."""
+    meta = {"help": help, "min": min, "max": max, "choices": choices, "flag": flag, "cli": cli}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def check(obj: Any, what: str = "") -> None:
+    """Raise :class:`KvtierError` for a field outside its bounds, a non-finite number or a
+    value of the wrong type (``2.5`` where an integer is expected)."""
+    for f in dataclasses.fields(obj):
+        if "help" not in f.metadata:
+            continue
+        value, meta = getattr(obj, f.name), f.metadata
+        name = f"{what}{f.name}"
+        if value is None:
+            continue
+        kind = {"int": int, "float": float, "bool": bool, "str": str}.get(str(f.type).split("|")[0].strip())
+        if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+                object.__setattr__(obj, f.name, value)
+            else:
+                raise KvtierError(f"{name} must be an integer, got {value!r}")
+        if kind is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise KvtierError(f"{name} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise KvtierError(f"{name} must be a finite number, got {value!r}")
+        if kind is bool and not isinstance(value, bool):
+            raise KvtierError(f"{name} must be true or false, got {value!r}")
+        if kind is str and not isinstance(value, str):
+            raise KvtierError(f"{name} must be a string, got {value!r}")
+        if meta["choices"] and value not in meta["choices"]:
+            raise KvtierError(f"{name}={value!r} is not one of {', '.join(map(str, meta['choices']))}")
+        if meta["min"] is not None and value < meta["min"]:
+            raise KvtierError(f"{name}={value!r} is below its minimum {meta['min']}")
+        if meta["max"] is not None and value > meta["max"]:
+            raise KvtierError(f"{name}={value!r} is above its maximum {meta['max']}")
+
+
+@dataclass
+class EngineConfig:
+    """The model, its cache and how the scheduler fills each step."""
+
+    model: str = option(DEFAULT_MODEL, "named model (smollm2-135m, gemma3-270m), HF folder or .gguf file",
+                        flag="--model")
+    kv: str = option("dense", "KV cache spec, see `kvtier methods`")
+    dtype: str = option("auto", "compute dtype: auto (bf16 where the CPU/GPU has native bf16), fp32, bf16",
+                        choices=("auto", "fp32", "bf16"))
+    tiers: str | None = option(None, "where KV blocks may live, fastest first, with byte budgets, e.g. "
+                               "cpu:2GiB,disk:/path:50GiB (default: all in RAM)")
+    attend: str = option("local", "with --tiers: local, fetch or split[:SHARE]")
+    prefetch: bool = option(False, "with a disk tier: read the next layer's blocks ahead")
+    block_size: int = option(BLOCK_SIZE, "tokens per KV block", min=8, max=1024)
+    max_batched_tokens: int = option(2048, "tokens per forward step: decode tokens first, then prefill chunks",
+                                     min=1, max=1 << 20)
+    max_seqs: int = option(64, "sequences running at once (decoding or in prefill)", min=1, max=4096)
+    kv_budget: str | None = option(None, "bytes the running sequences' KV caches and the prefix cache may "
+                                   "hold, e.g. 512MiB; a sequence is admitted when its prompt fits, "
+                                   "the lowest-priority one is preempted when decoding outgrows it "
+                                   "(default: no limit)")
+    prefix_cache: bool = option(True, "reuse the encoded blocks of a prompt prefix seen before")
+    prefill_share: float = option(1.0, "share of a step's token budget prefill chunks may take once decode "
+                                  "tokens are scheduled (with SLO targets this is the starting point)",
+                                  min=0.05, max=1.0)
+    ttft_slo: float | None = option(None, "time-to-first-token target in seconds (p90): the prefill share "
+                                    "adapts to meet it and --tpot-slo")
+    tpot_slo: float | None = option(None, "time-per-output-token target in seconds (p90)")
+    skip_layers: float = option(0.0, "share of the middle layers to skip (layer skipping: faster, "
+                                "less accurate)", min=0.0, max=0.9)
+
+
+@dataclass
+class SamplingParams:
+    """How one request's tokens are chosen, and when it stops."""
+
+    max_tokens: int = option(MAX_NEW_TOKENS, "tokens to generate at most", min=1, max=1 << 20)
+    temperature: float = option(0.0, "0 = greedy", min=0.0, max=100.0)
+    top_p: float = option(1.0, "nucleus sampling mass, above 0 and at most 1", max=1.0)
+    top_k: int = option(0, "sample among the k likeliest tokens (0 = all)", min=0, max=1 << 20)
+    min_p: float = option(0.0, "drop tokens below this fraction of the likeliest one's probability",
+                          min=0.0, max=1.0)
+    presence_penalty: float = option(0.0, "subtracted from the logit of every token already generated",
+                                     min=-2.0, max=2.0)
+    frequency_penalty: float = option(0.0, "subtracted per occurrence of a token already generated",
+                                      min=-2.0, max=2.0)
+    seed: int | None = option(None, "sampling seed (default: 0 offline, random in the server)")
+    stop: list = option([], "strings that end the text (not included in it)")
+    logprobs: int | None = option(None, "return the sampled token's log-probability and this many "
+                                  "alternatives", min=0, max=20)
+    ignore_eos: bool = option(False, "keep generating past the end-of-sequence token")
+
+    def __post_init__(self):
+        check(self)
+        if self.top_p <= 0:
+            raise KvtierError(f"top_p={self.top_p!r} must be above 0 (and at most 1)")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
+            raise KvtierError("stop must be a non-empty string or a list of them")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class ServerConfig:
+    """The HTTP server in front of the engine."""
+
+    host: str = option("127.0.0.1", "address to bind (anything but loopback needs --api-key)")
+    port: int = option(8000, "port", min=0, max=65535)
+    api_key: str | None = option(None, "require 'Authorization: Bearer KEY' on every /v1 route")
+    allowed_kv: str | None = option(None, "cache specs a request may name in its 'kv' field, separated by "
+                                    "';' (default: only the server's --kv)")
+    max_queued: int = option(256, "requests waiting beyond the running ones; more get 429", min=0,
+                             max=1 << 20)
+    max_request_tokens: int = option(4096, "largest max_tokens a request may ask for", min=1, max=1 << 20)
+    max_body_bytes: int = option(4 << 20, "largest request body in bytes", min=1024, max=1 << 30)
+    read_timeout: float = option(30.0, "seconds a client may take to send its request", min=0.1, max=3600)
+    cache: str | None = option(None, "a file from `kvtier cache save` loaded into the prefix cache at start",
+                               flag="--cache")
