@@ -42,6 +42,7 @@ class Engine:
             self.model.skip = skipped_layers(self.model.n_layers, config.skip_layers)
         self.runners = {self.default_kv: ModelRunner(self.model, self.default_kv, block_size=config.block_size,
                                                      prefill_chunk=config.max_batched_tokens, tiers=store)}
+        self.runner.bytes_for(1)  # the spec fits the model (head size, group sizes)
         self.eos = eos_ids(self.tokenizer, self.model.hf_config)
         self.prefixes = PrefixCache(config.block_size) if config.prefix_cache else None
         self.scheduler = Scheduler(config, self)
@@ -60,8 +61,10 @@ class Engine:
             if self.runner.store is not None:
                 raise KvtierError(f"this engine runs {self.default_kv} on tiers ({self.runner.store}); "
                                   f"a request cannot name another cache spec ({key})")
-            self.runners[key] = ModelRunner(self.model, key, block_size=self.config.block_size,
-                                            prefill_chunk=self.config.max_batched_tokens)
+            runner = ModelRunner(self.model, key, block_size=self.config.block_size,
+                                 prefill_chunk=self.config.max_batched_tokens)
+            runner.bytes_for(1)  # a spec that does not fit this model fails here, not inside a step
+            self.runners[key] = runner
         return self.runners[key]
 
     # requests

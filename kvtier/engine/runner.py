@@ -138,31 +138,38 @@ class ModelRunner:
         return not self.spec.selectors and self.store is None and not any(self.model.windows)
 
     def bytes_for(self, n_tokens: int) -> int:
-        """Bytes a cache of this spec holds at ``n_tokens`` tokens: blocks (slot sizes of the real
-        pools) plus the block table and the buffers of sinks and residual tokens. Exact for a
-        codec-only spec (tested against ``cache.nbytes()``); a selector's cache is charged as the
-        full-precision staging it holds during a prefill, its largest size."""
+        """Bytes a cache of this spec holds at ``n_tokens`` tokens, counted as
+        :meth:`SeqKV.nbytes` counts them: sealed blocks (slot sizes of the real pools) and their
+        block table entries, the sink and residual tokens held, the codec's state. Exact for a
+        codec-only spec (tested); a selector's cache is charged as the full-precision staging it
+        holds during a prefill, its largest size."""
         if self._sizes is None:
             probe = self.new_cache()
             try:
                 self._sizes = [_layer_sizes(layer) for layer in probe.layers]
             finally:
                 probe.close()
-        total = 0
-        for slot, plain, sinks, window, full in self._sizes:
-            n = n_tokens if window is None else min(n_tokens, window + self.block_size)
+        total, b = 0, self.block_size
+        for slot, plain, sinks, keep, window, state, full in self._sizes:
             if full:  # a selector's staging: every token in the compute dtype
-                total += n * full
+                total += (n_tokens if window is None else min(n_tokens, window + b)) * full
                 continue
-            blocks = max(0, n - sinks) // self.block_size
-            total += blocks * (slot + TABLE_ENTRY_BYTES) + plain
+            held_sinks = min(n_tokens, sinks)
+            rest = n_tokens - held_sinks
+            blocks = max(0, rest - keep) // b
+            residual = rest - blocks * b
+            if window:  # blocks no query can see any more are freed
+                blocks -= max(0, min(blocks, (n_tokens - window - sinks) // b))
+            total += blocks * (slot + TABLE_ENTRY_BYTES) + (held_sinks + residual) * plain + state
         return total
 
 
-def _layer_sizes(layer) -> tuple[int, int, int, int | None, int]:
-    """(slot bytes, sink and residual buffer bytes, sinks, window, bytes per token if charged
-    per token) of one layer of an empty cache."""
+def _layer_sizes(layer) -> tuple:
+    """(slot bytes, bytes of one plain token, sinks, codec residual, window, codec state bytes,
+    bytes per token when charged per token) of one layer of an empty cache."""
     if isinstance(layer, LayerKV):
-        return layer.pool.slot_bytes(), layer.plain_bytes(), layer.n_sinks, layer.window, 0
+        plain = 2 * layer.n_kv * layer.head_dim * layer.residual_k.element_size()
+        return (layer.pool.slot_bytes(), plain, layer.n_sinks, layer.keep, layer.window,
+                layer.codec.state_bytes(), 0)
     per_token = 2 * layer.n_kv * layer.head_dim * layer.kv.dtype.itemsize + 4 * layer.n_kv
-    return 0, 0, 0, layer.window, per_token
+    return 0, 0, 0, 0, layer.window, 0, per_token

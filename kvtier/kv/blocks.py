@@ -7,6 +7,8 @@ Slots freed (a sliding window moving on) are reused before the pool grows.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from kvtier.kv.codecs.base import Codec
@@ -78,8 +80,9 @@ class BlockPool:
         return 0
 
     def slot_bytes(self) -> int:
-        """Bytes one slot holds across all fields (packed data, scales, everything stored)."""
-        return sum(t.element_size() * t[:, :1].numel() for t in self.data.values())
+        """Bytes one slot holds across all fields (packed data, scales, everything stored), from
+        the field tensors' shapes and dtypes (so an empty pool answers too)."""
+        return sum(t.element_size() * t.shape[0] * math.prod(t.shape[2:]) for t in self.data.values())
 
     def reserved_bytes(self) -> int:
         return sum(t.element_size() * t.numel() for t in self.data.values())
