@@ -316,7 +316,7 @@ def test_peer_servers_parse_and_bind_loopback(tmp_path):
     llama = servers.LlamaServer(kv="q8_0")
     if llama.binary():
         cmd = llama.command(8124, servers.Launch(str(gguf), slots=4, context=1100))
-        assert cmd[cmd.index("-np") + 1] == "4" and cmd[cmd.index("-c") + 1] == "4608"
+        assert cmd[cmd.index("-np") + 1] == "4" and cmd[cmd.index("-c") + 1] == str(4 * 1280)
         assert cmd[cmd.index("--host") + 1] == "127.0.0.1" and cmd[cmd.index("-ctk") + 1] == "q8_0"
 
 
@@ -327,7 +327,8 @@ def test_kv_bytes_from_metrics_and_logs():
     assert servers.Kvtier().kv_held("other 1\n", "") is None
     vllm = servers.Vllm(kv_space_gib=2)
     assert vllm.kv_held('vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.25\n', "") == 2**29
-    log = "llama_kv_cache: size =   90.00 MiB (  4096 cells,  30 layers,  4/4 seqs), K (f16):   45.00 MiB"
+    log = ("0.01.369.765 I llama_kv_cache: size =   90.00 MiB (  4096 cells,  30 layers,  4/4 seqs), "
+           "K (f16):   45.00 MiB, V (f16):   45.00 MiB")
     assert servers.LlamaServer().kv_held(None, log) == 90 * 2**20
 
 

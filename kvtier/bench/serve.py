@@ -142,8 +142,10 @@ def arrivals(n: int, rate: float, seed: int) -> list[float]:
     return out
 
 
-async def run_load(base_url: str, bodies: list[dict], load: Load, cfg: LoadConfig) -> tuple[list[Sample], float]:
-    """Send every body once under ``load``; (one sample per body, wall seconds)."""
+async def run_load(base_url: str, bodies: list[dict], load: Load, cfg: LoadConfig,
+                   progress=None) -> tuple[list[Sample], float]:
+    """Send every body once under ``load``; (one sample per body, wall seconds). ``progress()``
+    is called as each request ends."""
     import httpx
 
     url = base_url.rstrip("/") + "/v1/chat/completions"
@@ -154,6 +156,8 @@ async def run_load(base_url: str, bodies: list[dict], load: Load, cfg: LoadConfi
 
         async def one(i: int) -> None:
             results[i] = await request(client, url, bodies[i], cfg.request_timeout)
+            if progress:
+                progress()
 
         async def closed() -> None:
             todo = iter(range(len(bodies)))  # shared: each worker takes the next request
@@ -480,10 +484,13 @@ class Watch:
 def measure(running: Running, launch: Launch, load: Load, messages: list[list[dict]], cfg: LoadConfig,
             prompt_tokens: int | None) -> dict:
     """One row: ``load`` with ``messages`` against a started server."""
-    bodies = [running.server.request(chat_body(running.model_id, m, cfg.max_tokens)) for m in messages]
-    with Watch(running) as watch:
-        samples, wall = asyncio.run(run_load(running.url, bodies, load, cfg))
+    from kvtier.progress import bar
+
     server = running.server
+    bodies = [server.request(chat_body(running.model_id, m, cfg.max_tokens)) for m in messages]
+    what = f"{load.concurrency} at once" if load.concurrency else f"{load.rate:g} req/s"
+    with Watch(running) as watch, bar(len(bodies), f"{server.name} {server.label(launch)}, {what}") as step:
+        samples, wall = asyncio.run(run_load(running.url, bodies, load, cfg, progress=step))
     kv = watch.peak_kv if server.metrics else server.kv_held(None, running.log_text())
     return {"server": server.name, "kv": server.label(launch), "spec": str(server),
             "concurrency": load.concurrency, "rate": load.rate, "prompt_tokens": prompt_tokens,

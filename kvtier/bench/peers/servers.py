@@ -244,11 +244,12 @@ class LlamaServer(Server):
         if gguf.suffix != ".gguf" or not gguf.is_file():
             raise KvtierError(f"peer llamacpp runs GGUF files: give a named model ({', '.join(NAMED)}) "
                               f"or a .gguf path, not {launch.model}")
-        ctx = -(-launch.slots * launch.context // 256) * 256  # every slot holds a whole request
+        per_slot = -(-launch.context // 256) * 256  # every slot holds a whole request; -c splits evenly
         t = str(_threads())
+        # -lv 4: the log level at which it prints its KV cache's size (kv_held reads it)
         return [str(self.binary()), "-m", str(gguf), "--alias", Path(launch.model).name,
-                "-np", str(launch.slots), "-c", str(ctx), "-t", t, "-tb", t, "-fa", "on",
-                "-ctk", self.kv, "-ctv", self.kv, "--host", HOST, "--port", str(port), *launch.extra]
+                "-np", str(launch.slots), "-c", str(launch.slots * per_slot), "-t", t, "-tb", t, "-fa", "on",
+                "-ctk", self.kv, "-ctv", self.kv, "-lv", "4", "--host", HOST, "--port", str(port), *launch.extra]
 
     def label(self, launch: Launch) -> str:
         return self.kv
