@@ -25,6 +25,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
 
 from kvtier import spec as specs
+from kvtier.config import BLOCK_SIZE
 from kvtier.errors import KvtierError
 from kvtier.kv import calibration
 from kvtier.kv.cache import LayerKV
@@ -35,7 +36,7 @@ SLIDING = ("sliding_attention", "chunked_attention")  # transformers' windowed l
 
 
 def cache(spec: str | specs.CacheSpec | None, model, tokenizer=None,
-          block_size: int = 64) -> KvtierCache:
+          block_size: int = BLOCK_SIZE) -> KvtierCache:
     """A transformers ``Cache`` that stores keys and values with kvtier's codec ``spec``.
 
     Parameters

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvtier.config import BLOCK_SIZE
 from kvtier.engine import ModelRunner
 from kvtier.errors import KvtierError
 from kvtier.progress import bar
@@ -65,7 +66,7 @@ def score(runner: ModelRunner, wins: list[list[int]], eval_tokens: int, progress
 
 
 def run(model, model_name: str, methods: list[str], contexts: list[int], eval_tokens: int,
-        ids: list[int], n_windows: int = 4, block_size: int = 64) -> list[dict]:
+        ids: list[int], n_windows: int = 4, block_size: int = BLOCK_SIZE) -> list[dict]:
     """Every method (a cache spec or a peer) at every context, each against the fp32 dense
     cache on the same windows."""
     from kvtier.bench import peers

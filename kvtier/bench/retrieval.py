@@ -31,6 +31,7 @@ from typing import ClassVar
 import torch
 
 from kvtier import spec as specs
+from kvtier.config import BLOCK_SIZE
 from kvtier.engine import ModelRunner
 from kvtier.errors import KvtierError
 from kvtier.kv.blockselect import BlockSelectKV
@@ -206,7 +207,7 @@ def _answer(runner: ModelRunner, cache, rest: list[int], eos: set[int], max_new:
 
 
 def run(loaded, model_name: str, methods: list[str], cases: list[dict], modes: list[str],
-        max_new_tokens: int = 12, chat: bool = False, block_size: int = 64) -> list[dict]:
+        max_new_tokens: int = 12, chat: bool = False, block_size: int = BLOCK_SIZE) -> list[dict]:
     """Every spec on every case in every mode; one row per (spec, mode, case)."""
     from kvtier.api import _eos_ids
 

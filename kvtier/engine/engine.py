@@ -49,6 +49,7 @@ class Engine:
         self.slo = SloController(config, self.scheduler)
         self.sampler = Sampler()
         self._ids = itertools.count()
+        self._logprobs: dict = {}  # this step's sampled log-probabilities, by sequence
         self.steps = 0
 
     @property

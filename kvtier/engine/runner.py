@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from kvtier import spec as specs
+from kvtier.config import BLOCK_SIZE
 from kvtier.errors import KvtierError
 from kvtier.kv import calibration
 from kvtier.kv.blockselect import BlockSelectKV
@@ -21,7 +22,7 @@ from kvtier.models.base import Batch
 
 
 class ModelRunner:
-    def __init__(self, model, kv: str | specs.CacheSpec | None = None, block_size: int = 64,
+    def __init__(self, model, kv: str | specs.CacheSpec | None = None, block_size: int = BLOCK_SIZE,
                  prefill_chunk: int = 2048, device="cpu", tiers: str | TierStore | None = None,
                  attend: str = "local"):
         if block_size < 1 or prefill_chunk < 1:

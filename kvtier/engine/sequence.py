@@ -68,6 +68,8 @@ class Sequence:
     offloaded: int = 0                 # bytes swapped down a tier at a preemption
     suspect: int = 0                   # forwards that raised with this sequence in them
     offsets: tuple[int, int] = (0, 0)  # detokenizer window over output_ids
+    request_id: str | None = None      # the HTTP request it answers (a request of n>1 has n sequences)
+    emitted: int = 0                   # output tokens already handed to the server
     _shown: int = 0                    # characters of ``text`` already handed out
 
     def __post_init__(self):

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from kvtier.config import BLOCK_SIZE
 from kvtier.errors import KvtierError
 from kvtier.kv.blocks import BlockPool
 from kvtier.kv.codecs.base import Codec, LayerContext
@@ -62,7 +63,7 @@ class LayerKV:
     ``sinks + j * block_size ..``. A codec with ``pre_rope`` stores keys before RoPE.
     """
 
-    def __init__(self, codec: Codec, n_kv: int, head_dim: int, block_size: int = 64,
+    def __init__(self, codec: Codec, n_kv: int, head_dim: int, block_size: int = BLOCK_SIZE,
                  window: int | None = None, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu", ctx: LayerContext | None = None,
                  home: SeqTiers | None = None):

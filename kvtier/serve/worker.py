@@ -144,7 +144,7 @@ class Worker:
         if owner is None:
             return
         loop, q, index, _ = owner
-        seen = getattr(seq, "emitted", 0)
+        seen = seq.emitted
         new = seq.output_ids[seen:]
         seq.emitted = len(seq.output_ids)
         delta = Delta(index, self.engine.visible_text(seq), new, seq.logprobs[seen:] if seq.logprobs else [])
@@ -164,7 +164,7 @@ class Worker:
         ttft = (t.first_token - t.arrival) if t.first_token else float("nan")
         total = (t.finished or time.perf_counter()) - t.arrival
         log.info("request %s seq %d: prompt %d tokens (%d cached), %d generated, queue %.3f s, "
-                 "TTFT %.3f s, total %.3f s, finish %s", getattr(seq, "request_id", "-"), seq.id,
+                 "TTFT %.3f s, total %.3f s, finish %s", seq.request_id or "-", seq.id,
                  len(seq.prompt_ids), seq.n_cached, len(seq.output_ids), t.queue_s, ttft, total,
                  seq.finish_reason)
         if self.metrics is not None:
