@@ -271,7 +271,8 @@ def serve_table(rows: list[dict]) -> Table:
                     "latencies in seconds)")
     for col in ("server", "kv", "load", "done", "failed", "out tok/s", "req/s", "TTFT p50", "p90", "p99",
                 "TPOT p50", "p90", "ITL p90", "goodput", "peak RSS", "peak KV"):
-        t.add_column(col, justify="left" if col in ("server", "kv", "load") else "right")
+        t.add_column(col, justify="left" if col in ("server", "kv", "load") else "right",
+                     overflow="fold" if col == "kv" else "ellipsis")  # a spec is long: wrap it whole
     for r in rows:
         load = f"{r['concurrency']} at once" if r["concurrency"] else f"{r['rate']:g} req/s"
         t.add_row(r["server"], r["kv"], load, f"{r['completed']}/{r['requests']}", str(r["failed"]),
@@ -290,6 +291,7 @@ def serve_plot(path: str | Path, rows: list[dict]) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), squeeze=False)
     lines: dict[str, list[dict]] = {}
@@ -311,6 +313,10 @@ def serve_plot(path: str | Path, rows: list[dict]) -> None:
     for ax, what in zip(axes[0], ("time to first token, p90 (s)", "time per output token, p90 (s)")):
         ax.set(xlabel=what, ylabel="output tok/s")
         ax.set_xscale("log")
+        plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")  # 0.2, 2, 20: not 2x10^-1
+        ax.xaxis.set_major_formatter(plain)
+        ax.xaxis.set_minor_formatter(plain)
+        ax.tick_params(axis="x", which="minor", labelsize=6)
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
     axes[0][0].set_title("throughput vs TTFT as concurrency grows")
