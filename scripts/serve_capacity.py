@@ -20,6 +20,7 @@ import torch
 
 from kvtier.bench import data
 from kvtier.config import EngineConfig, SamplingParams
+from kvtier.dtypes import compute_dtype
 from kvtier.engine import Engine
 from kvtier.kv.tiers import parse_size
 from kvtier.models import load
@@ -36,12 +37,12 @@ def main() -> None:
     ap.add_argument("--json")
     a = ap.parse_args()
     torch.set_num_threads(2)
-    loaded = load("smollm2-135m", torch.bfloat16)
+    loaded = load("smollm2-135m", compute_dtype("auto"))
     ids = loaded.tokenizer(data.load_text("kjv")[:4_000_000], add_special_tokens=False).input_ids
     prompts = [ids[i * 5000: i * 5000 + a.prompt_tokens] for i in range(a.sessions)]
     rows = []
-    for kv in a.kv:
-        engine = Engine(EngineConfig(kv=kv, kv_budget=a.budget, prefix_cache=False, max_batched_tokens=4096),
+    for kv in a.kv:  # admission only: a token budget that never binds, no forward run
+        engine = Engine(EngineConfig(kv=kv, kv_budget=a.budget, prefix_cache=False, max_batched_tokens=1 << 20),
                         loaded=loaded)
         per = engine.runner.bytes_for(a.prompt_tokens + a.max_tokens)
         seqs = [engine.add(p, SamplingParams(max_tokens=a.max_tokens, ignore_eos=True)) for p in prompts]
@@ -60,6 +61,8 @@ def main() -> None:
                 running = engine.scheduler.running
                 peak = max(peak, sum(s.cache.nbytes() for s in running if s.cache is not None))
                 peak_running = max(peak_running, len(running))
+                print(f"step {engine.steps}: running {len(running)}, waiting {len(engine.scheduler.waiting)}, "
+                      f"held {peak / 2**20:.0f} MiB peak", flush=True) if engine.steps % 20 == 0 else None
             row.update(completed=sum(s.finish_reason == "length" for s in seqs), peak_kv_bytes=peak,
                        peak_running=peak_running, preempted=sum(s.n_preempted for s in seqs),
                        seconds=time.perf_counter() - t0)

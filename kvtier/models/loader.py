@@ -170,12 +170,17 @@ def _convert(gguf: Path, folder: Path, digest: str) -> None:
                   metadata={"format": "pt"})
         config = hf.config.to_dict()
         config.pop("quantization_config", None)
+        config["architectures"] = config.get("architectures") or [type(hf).__name__]  # servers read it
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         tokenizer.save_pretrained(tmp)
         weights = tmp / "model.safetensors"
         (tmp / "kvtier.json").write_text(json.dumps({
             "source": str(gguf), "source_sha256": digest,
             "size": weights.stat().st_size, "sha256": sha256(weights)}))
-        tmp.rename(folder)
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process converted the same file first: use its folder
+            if not _valid(folder):
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
