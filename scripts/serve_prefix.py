@@ -49,9 +49,9 @@ def main() -> None:
                "prefix_cache_bytes": engine.prefixes.nbytes}
         print(json.dumps(row), flush=True)
         rows.append(row)
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"results": rows}, f, indent=1)
+        if a.json:  # after every row: a run cut short keeps what it measured
+            with open(a.json, "w") as f:
+                json.dump({"results": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
