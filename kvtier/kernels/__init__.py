@@ -26,7 +26,8 @@ import torch
 
 from kvtier.paths import cache_dir
 
-SOURCES = ("intattn.c",)
+SOURCES = ("intattn.c", "batched.c")
+HEADERS = ("intblock.h",)  # included by the sources: part of the build's hash
 # -ffast-math lets gcc vectorize the reductions and expf; it is given only when compiling,
 # never when linking, so the process's floating-point mode (crtfastmath) is left alone.
 COMPILE = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-c"]
@@ -48,7 +49,7 @@ def library() -> ctypes.CDLL | None:
                       stacklevel=2)
         return None
     here = Path(__file__).parent
-    src = b"".join((here / s).read_bytes() for s in SOURCES)
+    src = b"".join((here / s).read_bytes() for s in SOURCES + HEADERS)
     key = hashlib.sha256(src + " ".join(COMPILE + LINK).encode() + _cpu_flags().encode()).hexdigest()[:16]
     out = cache_dir("kernels") / f"kvtier-{key}.so"
     if not out.exists():
@@ -93,6 +94,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     p, i, l = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
     lib.kvtier_int_attend.argtypes = [p, i, i, i, i, i, i, i, p, p, p, p, p, p, l, l, l, l, p, p, p, i]
     lib.kvtier_int_attend.restype = i
+    # q, n_seq, n_kv, g, d, parts, seq_parts, q_pos, lo, out, threads (kvtier.attention.batched)
+    lib.kvtier_batched_decode.argtypes = [p, i, i, i, i, p, p, p, p, p, i]
+    lib.kvtier_batched_decode.restype = i
 
 
 def int_attend(q: torch.Tensor, data: dict[str, torch.Tensor], bits: int, group: int):

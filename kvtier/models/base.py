@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from kvtier.attention import attend
+from kvtier.attention import attend, decode
 from kvtier.kv.cache import Part, SeqKV
 
 
@@ -159,24 +159,43 @@ class DecoderModel:
 
     def attention(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   batch: Batch, scale: float) -> torch.Tensor:
-        """Per sequence: attend over its cache parts plus its new tokens, then store them.
+        """Attend each sequence's new tokens over its cache, and store their keys/values.
+
+        A prefill chunk (n > 1) attends to its cache and to itself in full precision, then is
+        stored. Decode tokens (n = 1) are stored first, then every decoding sequence's parts are
+        gathered and attended together, one call for all (:func:`kvtier.attention.decode`).
 
         q: ``(N, Hq, D)``, k, v: ``(N, Hkv, D)``. Returns ``(N, Hq * D)``.
         """
-        outs, off = [], 0
+        window = self.windows[i]
+        outs: list[torch.Tensor | None] = []  # per sequence, in batch order
+        decoding = []  # (index in outs, layer, position, row in q) of each decoding sequence
+        off = 0
         for cache, n in zip(batch.caches, batch.lengths):
             layer, start = cache.layers[i], cache.layers[i].length
             qs, ks, vs = (t[off:off + n].transpose(0, 1) for t in (q, k, v))  # (H, n, D)
-            if n == 1:  # decode: the new token joins the residual block, attention reads the cache
+            if n == 1:  # decode: the new token joins the residual block; attention below
                 layer.append(ks, vs)
-                parts = layer.select(qs * scale)  # all blocks, unless a selector picks some
-            else:       # prefill: the chunk attends to itself in full precision, then is stored
+                decoding.append((len(outs), layer, start, off))
+                outs.append(None)
+            else:
                 parts = layer.parts(n) + [Part(ks, vs, start)]
-            outs.append(attend(qs, parts, start, scale, self.windows[i]).transpose(0, 1))
-            if n > 1:
+                outs.append(attend(qs, parts, start, scale, window).transpose(0, 1))
                 layer.append(ks, vs)
-            layer.observe(qs, scale)  # a selector's cache sees the queries
+                layer.observe(qs, scale)  # a selector's cache sees the queries
             off += n
+        if decoding:
+            everyone = len(decoding) == len(outs)
+            qd = q if everyone else q[[row for *_, row in decoding]]  # (S, Hq, D)
+            qs = qd.unsqueeze(2)  # (S, Hq, 1, D)
+            # all blocks, unless a selector picks some
+            parts = [layer.select(qsc) for (_, layer, _, _), qsc in zip(decoding, (qs * scale).unbind(0))]
+            o = decode(qd, parts, [start for _, _, start, _ in decoding], scale, window)  # (S, Hq, D)
+            for (at, layer, _, _), qsc, oj in zip(decoding, qs.unbind(0), o.split(1)):
+                layer.observe(qsc, scale)
+                outs[at] = oj
+            if everyone:
+                return o.reshape(o.shape[0], -1)
         o = outs[0] if len(outs) == 1 else torch.cat(outs)
         return o.reshape(o.shape[0], -1)
 

@@ -1,0 +1,199 @@
+"""Decode attention for all decoding sequences of a batch in one call per layer.
+
+:func:`decode` hands every sequence's parts to the native kernel (``kvtier/kernels/batched.c``)
+as rows of plain numbers (address, strides, length, start position, kind), so one call
+computes each sequence's attention and merges its parts by log-sum-exp inside the kernel,
+in parallel over (sequence, KV head). A sequence whose parts the kernel cannot take is
+attended as before, one sequence at a time by :func:`kvtier.attention.blockwise.attend`;
+:func:`native_parts` is the one place that decides. :func:`reference` is the oracle.
+
+The kernel takes parts on the CPU without a ``bias``: held keys/values in fp32, bf16 or fp16
+(sinks, the residual block, a selector's held tokens), the ``dense`` codec's blocks (read in
+their storage dtype) and the ``int`` codec's packed blocks (2, 4 or 8 bits; the shapes
+``kvtier.kernels.int_attend`` takes). Everything else falls back: other codecs, codecs that
+store keys before RoPE, parts with a bias (merged or masked tokens), parts on another device,
+parts a selector gathered itself (Quest's per-head blocks).
+
+Shapes: queries ``(S, Hq, D)``, one decode token per sequence, sequence s at position
+``q_starts[s]``; parts as in :mod:`kvtier.attention.blockwise`.
+"""
+
+from __future__ import annotations
+
+import array
+import functools
+import os
+
+import torch
+
+from kvtier import kernels
+from kvtier.attention import blockwise
+from kvtier.dtypes import DTYPES
+from kvtier.kv.cache import LayerKV, Part
+from kvtier.kv.codecs.dense import Dense
+from kvtier.kv.codecs.intq import Int
+
+# a part as the kernel reads it (batched.c's PartDesc, in this order)
+FIELDS = ("kind", "n", "start", "k", "v", "k_hs", "k_ts", "v_hs", "v_ts",
+          "ks", "kz", "vs", "vz", "ks_hs", "vs_hs", "bits", "group", "block")
+KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+INT = 3
+MAX_HEAD_DIM, MAX_GROUP = 256, 32  # the kernel's MAXD and MAXR (query heads per KV head)
+
+
+def enabled() -> bool:
+    """``KVTIER_BATCHED=0`` attends each sequence on its own (the path this one replaces)."""
+    return os.environ.get("KVTIER_BATCHED", "1") != "0"
+
+
+def decode(queries: torch.Tensor, parts: list[list[Part]], q_starts: list[int], scale: float,
+           window: int | None = None) -> torch.Tensor:
+    """Attention of one decode query per sequence over that sequence's parts.
+
+    queries: ``(S, Hq, D)``; parts[s]: what sequence s attends (its new token included);
+    q_starts[s]: its query's position; window: the layer's sliding window or None.
+    Returns ``(S, Hq, D)`` in the queries' dtype. Every part's ``done()`` has run on return.
+    """
+    s_count, hq, d = queries.shape
+    n_kv = next((p[0].n_kv for p in parts if p), hq)
+    lib = kernels.library() if enabled() and queries.device.type == "cpu" else None
+    if lib is None or hq % n_kv or hq // n_kv > MAX_GROUP or d > MAX_HEAD_DIM:
+        return per_sequence(queries, parts, q_starts, scale, window)
+    plans = [native_parts(p) for p in parts]
+    native = [s for s, plan in enumerate(plans) if plan is not None]
+    if not native:
+        return per_sequence(queries, parts, q_starts, scale, window)
+    out = torch.empty_like(queries)
+    out[native] = _kernel(lib, queries[native], [plans[s] for s in native], [q_starts[s] for s in native],
+                          n_kv, scale, window).to(out.dtype)
+    for s in native:
+        for p in parts[s]:
+            if p.done is not None:
+                p.done()
+    for s, plan in enumerate(plans):
+        if plan is None:
+            out[s] = _one(queries[s], parts[s], q_starts[s], scale, window)
+    return out
+
+
+def _kernel(lib, queries: torch.Tensor, plans: list, q_starts: list[int], n_kv: int, scale: float,
+            window: int | None) -> torch.Tensor:
+    """One kernel call for the sequences of ``plans`` (:func:`native_parts`): ``(S, Hq, D)`` fp32."""
+    rows, seq_parts = array.array("q"), array.array("q", [0])
+    for plan, _ in plans:  # the tensors the rows point into stay alive in ``plans`` meanwhile
+        for row in plan:
+            rows.extend(row)
+        seq_parts.append(len(rows) // len(FIELDS))
+    s_count, hq, d = queries.shape
+    q = (queries.float() * scale).contiguous()
+    pos = array.array("q", q_starts)
+    lo = array.array("q", (p - window + 1 if window else 0 for p in q_starts))  # first visible position
+    out = torch.empty_like(q)
+    rc = lib.kvtier_batched_decode(q.data_ptr(), s_count, n_kv, hq // n_kv, d, _addr(rows), _addr(seq_parts),
+                                   _addr(pos), _addr(lo), out.data_ptr(), torch.get_num_threads())
+    assert rc == 0, "the batched decode kernel refused parts that native_parts took"
+    return out
+
+
+def per_sequence(queries: torch.Tensor, parts: list[list[Part]], q_starts: list[int], scale: float,
+                 window: int | None = None) -> torch.Tensor:
+    """:func:`decode` one sequence at a time with :func:`blockwise.attend` (the fallback)."""
+    return torch.stack([_one(q, p, s, scale, window) for q, p, s in zip(queries, parts, q_starts)])
+
+
+def reference(queries: torch.Tensor, parts: list[list[Part]], q_starts: list[int], scale: float,
+              window: int | None = None) -> torch.Tensor:
+    """The oracle for :func:`decode`: each sequence by :func:`blockwise.reference`."""
+    return torch.stack([blockwise.reference(q[:, None], p, s, scale, window)[:, 0]
+                        for q, p, s in zip(queries, parts, q_starts)])
+
+
+def _one(q: torch.Tensor, parts: list[Part], q_start: int, scale: float, window: int | None) -> torch.Tensor:
+    return blockwise.attend(q[:, None], parts, q_start, scale, window)[:, 0]  # (Hq, D)
+
+
+def native_parts(parts: list[Part]) -> tuple[list[list[int]], list] | None:
+    """The kernel's rows for a sequence's parts (and the tensors they point into), or None
+    when any part is one the kernel does not take: the sequence is then attended on its own.
+    Nothing is read (no tier traffic counted) for a sequence that falls back."""
+    if not parts or not all(takes(p) for p in parts):
+        return None
+    rows, keep = [], []
+    for p in parts:
+        if p.load is None:
+            k, v = p.k, p.v
+        else:
+            layer = _block_run(p)
+            tier, slots, _, fetch = p.load.args
+            fields = layer._fields(tier, slots, fetch)  # as layer._read would read them
+            if type(layer.codec) is Int:
+                fields = {name: t if _rows_contiguous(t) else t.contiguous() for name, t in fields.items()}
+                for a, b in (("k_scale", "k_zero"), ("v_scale", "v_zero")):  # a head stride shared in the kernel
+                    if fields[a].stride(0) != fields[b].stride(0):
+                        fields[a], fields[b] = fields[a].contiguous(), fields[b].contiguous()
+                rows.append(_int_row(layer.codec, fields, p.start))
+                keep.append(fields)
+                continue
+            k, v = fields["k"].flatten(1, 2), fields["v"].flatten(1, 2)  # dense (Hkv, n*B, D): a view of the pool
+        k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (k, v))
+        rows.append([KINDS[k.dtype], k.shape[1], p.start, k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1),
+                     v.stride(0), v.stride(1), 0, 0, 0, 0, 0, 0, 0, 0, 0])
+        keep.append((k, v))
+    return rows, keep
+
+
+def takes(part: Part) -> bool:
+    """Whether the kernel takes this part: held keys/values in fp32, bf16 or fp16, or a run of
+    ``dense`` or ``int`` blocks (the kernel's shapes), on the CPU, without a bias."""
+    if part.bias is not None or (part.device is not None and part.device.type != "cpu"):
+        return False
+    if part.load is None:
+        return part.k.dtype in KINDS and part.v.dtype == part.k.dtype and part.k.shape == part.v.shape
+    layer = _block_run(part)
+    if layer is None:
+        return False
+    codec = layer.codec
+    if type(codec) is Dense:
+        return DTYPES[codec.dtype] in KINDS
+    if type(codec) is Int:
+        b, d = layer.block_size, layer.head_dim
+        return (codec.bits in (2, 4, 8) and b % 16 == 0 and b <= 256 and (d * codec.bits // 8) % 16 == 0
+                and codec.group % 16 == 0 and d % codec.group == 0)
+    return False
+
+
+def _int_row(codec: Int, f: dict[str, torch.Tensor], start: int) -> list[int]:
+    k, ks, kz, v, vs, vz = (f[name] for name in ("k", "k_scale", "k_zero", "v", "v_scale", "v_zero"))
+    _, n, b, _ = v.shape  # values token-major (Hkv, n, B, packed)
+    return [INT, n * b, start, k.data_ptr(), v.data_ptr(), k.stride(0), 0, v.stride(0), 0,
+            ks.data_ptr(), kz.data_ptr(), vs.data_ptr(), vz.data_ptr(), ks.stride(0), vs.stride(0),
+            codec.bits, codec.group, b]
+
+
+def _block_run(part: Part) -> LayerKV | None:
+    """The :class:`LayerKV` whose run of blocks ``part`` is, or None for any other part.
+
+    A Part does not say what it is; a run of blocks is one whose ``load`` is
+    ``partial(layer._read, tier, slots, start, fetch)`` (as ``LayerKV.parts`` builds it);
+    its fields are then read as ``_read`` would read them (same tier traffic, same fetch).
+    A ``Part.blocks`` accessor set by ``LayerKV.parts`` would replace this.
+    """
+    load = part.load
+    if not isinstance(load, functools.partial) or getattr(load.func, "__func__", None) is not LayerKV._read:
+        return None
+    layer = load.func.__self__
+    return None if layer.codec.pre_rope else layer  # keys stored before RoPE: decoding rotates them
+
+
+def _rows_contiguous(t: torch.Tensor) -> bool:
+    """Contiguous within each head (the head stride may be larger: a view of the pool)."""
+    want = 1
+    for size, stride in zip(reversed(t.shape[1:]), reversed(t.stride()[1:])):
+        if size != 1 and stride != want:
+            return False
+        want *= size
+    return True
+
+
+def _addr(a: array.array) -> int:
+    return a.buffer_info()[0]

@@ -1,0 +1,302 @@
+/* Decode attention for every decoding sequence of a batch, one call per layer, in fp32.
+ *
+ * Each sequence s brings one pre-scaled query per head, q[s, Hq, D], and the list of its parts
+ * (kvtier.attention.batched packs them as PartDesc rows): runs of keys/values at positions
+ * start .. start + n - 1, either plain tensors (fp32, bf16 or fp16; token rows of D elements
+ * at any head and token stride) or the `int` codec's packed blocks (layout in intattn.c).
+ * Query head h reads KV head h / G (GQA, G = Hq / Hkv); a key is visible when its position p
+ * has lo[s] <= p <= q_pos[s] (causal, and a sliding window's first visible position).
+ *
+ * Work is cut into (sequence, KV head, split) tasks on `threads` OpenMP threads: a split is a
+ * share of the sequence's visible tokens (more than one only when there are fewer
+ * (sequence, head) pairs than threads). A task keeps a running softmax (max m, sum l,
+ * unnormalised output o) for its G query rows, folding in one chunk of keys at a time (64
+ * tokens of a plain part; an int part's blocks seen whole in one piece from intattn.c's
+ * kernel, a block the window cuts on its own, masked); the splits of a (sequence, head) are
+ * then merged by log-sum-exp, as kvtier.attention.blockwise.merge does, and normalised.
+ */
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "intblock.h"
+
+enum { F32 = 0, BF16 = 1, F16 = 2, INT = 3 };
+
+/* One part, all int64 (kvtier.attention.batched.FIELDS names them in this order). Strides are
+ * in elements; plain parts use k, v, k_hs .. v_ts; int parts every field but the token strides. */
+typedef struct {
+    int64_t kind, n, start;
+    int64_t k, v;                     /* addresses */
+    int64_t k_hs, k_ts, v_hs, v_ts;   /* head and token strides */
+    int64_t ks, kz, vs, vz;           /* int: fp16 key scale/zero, value scale/zero */
+    int64_t ks_hs, vs_hs;             /* int: head strides of the scales (zeros alike) */
+    int64_t bits, group, block;       /* int */
+} PartDesc;
+
+typedef struct {
+    const float *q;                   /* (S, Hq, D) */
+    const PartDesc *parts;
+    const int64_t *seq_parts;         /* (S + 1,): sequence s owns parts[seq_parts[s] ..] */
+    const int64_t *q_pos, *lo;        /* (S,) */
+    int n_seq, n_kv, g, d, splits;
+    float *m, *l, *o;                 /* per task: g, g, g * d */
+} Job;
+
+#define CH 64  /* tokens of a plain part scored at a time */
+
+INLINE int visible(const Job *J, int s, const PartDesc *P, long *a, long *b) {
+    /* part-local range [a, b) of the tokens the query of sequence s sees */
+    long first = J->lo[s] > P->start ? J->lo[s] : P->start;
+    long last = J->q_pos[s] + 1 < P->start + P->n ? J->q_pos[s] + 1 : P->start + P->n;
+    *a = first - P->start;
+    *b = last - P->start;
+    return *b > *a;
+}
+
+/* Fold the scores s[r * ld + t] of a chunk (visible t in [ta, tb), nt in all) into the running
+ * (m, l, o); leaves p = exp(s - m) in s, 0 for the tokens outside [ta, tb). */
+INLINE void softmax_step(float *s, long ld, int ta, int tb, int nt, float *m, float *l, float *o,
+                         const int G, const int D) {
+    for (int r = 0; r < G; r++) {
+        float *sr = s + r * ld, top = -FLT_MAX, sum = 0.f;
+        for (int t = ta; t < tb; t++) top = sr[t] > top ? sr[t] : top;
+        if (top > m[r]) {  /* a new max: the running sums shrink to its scale */
+            const float w = l[r] > 0.f ? expf(m[r] - top) : 0.f;
+            l[r] *= w;
+            for (int c = 0; c < D; c++) o[r * D + c] *= w;
+            m[r] = top;
+        }
+        for (int t = 0; t < ta; t++) sr[t] = 0.f;
+        for (int t = ta; t < tb; t++) { sr[t] = expf(sr[t] - m[r]); sum += sr[t]; }
+        for (int t = tb; t < nt; t++) sr[t] = 0.f;
+        l[r] += sum;
+    }
+}
+
+INLINE void load_row(const char *p, float *out, const int KIND, const int D) {
+    if (KIND == F32) {
+        memcpy(out, p, sizeof(float) * D);
+    } else if (KIND == BF16) {  /* bf16 is the high half of an fp32 */
+        const uint16_t *x = (const uint16_t *)p;
+        for (int c = 0; c < D; c++) { uint32_t u = (uint32_t)x[c] << 16; memcpy(out + c, &u, 4); }
+    } else {
+        const _Float16 *x = (const _Float16 *)p;
+        for (int c = 0; c < D; c++) out[c] = (float)x[c];
+    }
+}
+
+/* tokens [t0, t1) of a plain part, KV head h */
+INLINE void plain_part(const PartDesc *P, int h, long t0, long t1, const float *q,
+                       float *m, float *l, float *o, const int KIND, const int G, const int D) {
+    const long es = KIND == F32 ? 4 : 2;
+    const char *kb = (const char *)P->k + h * P->k_hs * es, *vb = (const char *)P->v + h * P->v_hs * es;
+    float s[MAXR * CH], row[MAXD];
+    for (long c0 = t0; c0 < t1; c0 += CH) {
+        const int nt = t1 - c0 < CH ? (int)(t1 - c0) : CH;
+        for (int t = 0; t < nt; t++) {
+            load_row(kb + (c0 + t) * P->k_ts * es, row, KIND, D);
+            for (int r = 0; r < G; r++) {
+                float acc = 0.f;
+                for (int c = 0; c < D; c++) acc += q[r * D + c] * row[c];
+                s[r * CH + t] = acc;
+            }
+        }
+        softmax_step(s, CH, 0, nt, nt, m, l, o, G, D);
+        for (int t = 0; t < nt; t++) {
+            load_row(vb + (c0 + t) * P->v_ts * es, row, KIND, D);
+            for (int r = 0; r < G; r++) {
+                const float p = s[r * CH + t];
+                for (int c = 0; c < D; c++) o[r * D + c] += p * row[c];
+            }
+        }
+    }
+}
+
+/* Fold softmax pieces (pm, pl, po) of some keys into the running (m, l, o). */
+INLINE void absorb(const float *pm, const float *pl, const float *po, float *m, float *l, float *o,
+                   int G, int D) {
+    for (int r = 0; r < G; r++) {
+        if (pl[r] <= 0.f) continue;
+        const float top = l[r] > 0.f && m[r] > pm[r] ? m[r] : pm[r];
+        const float wa = l[r] > 0.f ? expf(m[r] - top) : 0.f, wb = expf(pm[r] - top);
+        for (int c = 0; c < D; c++) o[r * D + c] = o[r * D + c] * wa + po[r * D + c] * wb;
+        l[r] = l[r] * wa + pl[r] * wb;
+        m[r] = top;
+    }
+}
+
+/* block j of an int part, head pointers given, its part-local tokens outside [a, b) masked */
+INLINE void masked_block(const PartDesc *P, const uint8_t *kp, const _Float16 *ks, const _Float16 *kz,
+                         const uint8_t *vp, const _Float16 *vs, const _Float16 *vz, long j, long a, long b,
+                         const float *q, float *m, float *l, float *o, int G, const int BITS, int D, int B) {
+    const int mb = D * BITS / 8, group = (int)P->group, ng = D / group;
+    float s[MAXR * MAXB], qs[MAXR * MAXD], bias[MAXR], ob[MAXR * MAXD];
+    for (int r = 0; r < G; r++) {  /* the block's per-channel key scales fold into the query */
+        float acc = 0.f;
+        for (int c = 0; c < D; c++) {
+            qs[r * D + c] = q[r * D + c] * (float)ks[j * D + c];
+            acc += q[r * D + c] * (float)kz[j * D + c];
+        }
+        bias[r] = acc;
+    }
+    key_block(kp + j * B * mb, qs, bias, s, B, G, BITS, D, B);
+    const long ta = a - j * B > 0 ? a - j * B : 0, tb = b - j * B < B ? b - j * B : B;
+    softmax_step(s, B, (int)ta, (int)tb, B, m, l, o, G, D);
+    value_rows(vp + j * B * mb, vs + j * B * ng, vz + j * B * ng, s, B, B, group, ob, G, BITS, D);
+    for (int i = 0; i < G * D; i++) o[i] += ob[i];
+}
+
+/* blocks [j0, j1) of an int part, KV head h, part-local tokens outside [a, b) masked: the
+ * blocks seen whole go to intattn.c's specialised kernel in one piece; a block cut by the
+ * window (or the query's position) is scored here, masked. */
+static void int_part(const PartDesc *P, int h, long j0, long j1, long a, long b, const float *q,
+                     float *m, float *l, float *o, int G, int D) {
+    const int B = (int)P->block, bits = (int)P->bits;
+    const uint8_t *kp = (const uint8_t *)P->k + h * P->k_hs, *vp = (const uint8_t *)P->v + h * P->v_hs;
+    const _Float16 *ks = (const _Float16 *)P->ks + h * P->ks_hs, *kz = (const _Float16 *)P->kz + h * P->ks_hs;
+    const _Float16 *vs = (const _Float16 *)P->vs + h * P->vs_hs, *vz = (const _Float16 *)P->vz + h * P->vs_hs;
+    long w0 = (a + B - 1) / B, w1 = b / B;  /* blocks wholly visible */
+    w0 = w0 > j0 ? w0 : j0;
+    w1 = w1 < j1 ? w1 : j1;
+    for (long j = j0; j < j1; j++) {
+        if (j >= w0 && j < w1) continue;
+        switch (bits) {
+        case 2: masked_block(P, kp, ks, kz, vp, vs, vz, j, a, b, q, m, l, o, G, 2, D, B); break;
+        case 4: masked_block(P, kp, ks, kz, vp, vs, vz, j, a, b, q, m, l, o, G, 4, D, B); break;
+        default: masked_block(P, kp, ks, kz, vp, vs, vz, j, a, b, q, m, l, o, G, 8, D, B); break;
+        }
+    }
+    if (w1 > w0) {
+        float pm[MAXR], pl[MAXR], po[MAXR * MAXD];
+        kvtier_int_span(q, G, D, bits, (int)P->group, B, (int)w0, (int)w1, kp, ks, kz, vp, vs, vz, pm, pl, po);
+        absorb(pm, pl, po, m, l, o, G, D);
+    }
+}
+
+/* one task: sequence s, KV head h, split p of the sequence's visible tokens */
+INLINE void task_body(const Job *J, int s, int h, int p, float *m, float *l, float *o,
+                      const int G, const int D) {
+    const float *q = J->q + ((long)s * J->n_kv + h) * G * D;  /* query heads h*G .. h*G+G-1 */
+    const PartDesc *parts = J->parts + J->seq_parts[s];
+    const int np = (int)(J->seq_parts[s + 1] - J->seq_parts[s]);
+    for (int r = 0; r < G; r++) { m[r] = -FLT_MAX; l[r] = 0.f; }
+    memset(o, 0, sizeof(float) * G * D);
+    long total = 0, a, b;
+    for (int i = 0; i < np; i++)
+        if (visible(J, s, &parts[i], &a, &b)) total += b - a;
+    /* this task's share [g0, g1) of the visible tokens, counted across the parts in order */
+    const long g0 = total * p / J->splits, g1 = total * (p + 1) / J->splits;
+    long c = 0;  /* visible tokens in the parts before this one */
+    for (int i = 0; i < np && c < g1; i++) {
+        const PartDesc *P = &parts[i];
+        if (!visible(J, s, P, &a, &b)) continue;
+        const long nv = b - a;
+        if (c + nv > g0) {
+            if (P->kind == INT) {  /* a block goes to the split that holds its first visible token */
+                const long B = P->block;
+                long j0 = -1, j1 = -1;
+                for (long j = a / B; j <= (b - 1) / B; j++) {
+                    const long first = c + (j * B > a ? j * B : a) - a;
+                    if (first >= g0 && first < g1) { if (j0 < 0) j0 = j; j1 = j + 1; }
+                }
+                if (j0 >= 0) int_part(P, h, j0, j1, a, b, q, m, l, o, G, D);
+            } else {
+                const long t0 = a + (g0 > c ? g0 - c : 0), t1 = a + (g1 - c < nv ? g1 - c : nv);
+                switch (P->kind) {
+                case F32: plain_part(P, h, t0, t1, q, m, l, o, F32, G, D); break;
+                case BF16: plain_part(P, h, t0, t1, q, m, l, o, BF16, G, D); break;
+                default: plain_part(P, h, t0, t1, q, m, l, o, F16, G, D); break;
+                }
+            }
+        }
+        c += nv;
+    }
+}
+
+/* specialised for the common shapes (constants let gcc unroll and vectorise over D) */
+static void task(const Job *J, int id) {
+    const int p = id % J->splits, h = (id / J->splits) % J->n_kv, s = id / J->splits / J->n_kv;
+    const int G = J->g, D = J->d;
+    float *m = J->m + (long)id * G, *l = J->l + (long)id * G, *o = J->o + (long)id * G * D;
+#define G_CASES(DI) switch (G) { \
+    case 1: task_body(J, s, h, p, m, l, o, 1, DI); return; \
+    case 2: task_body(J, s, h, p, m, l, o, 2, DI); return; \
+    case 3: task_body(J, s, h, p, m, l, o, 3, DI); return; \
+    case 4: task_body(J, s, h, p, m, l, o, 4, DI); return; \
+    case 8: task_body(J, s, h, p, m, l, o, 8, DI); return; }
+    if (D == 64) G_CASES(64)
+    if (D == 128) G_CASES(128)
+#undef G_CASES
+    task_body(J, s, h, p, m, l, o, G, D);
+}
+
+static int part_ok(const PartDesc *P, int d) {
+    if (P->kind >= F32 && P->kind <= F16) return 1;
+    if (P->kind != INT) return 0;
+    const long b = P->block, g = P->group;
+    return (P->bits == 2 || P->bits == 4 || P->bits == 8) && b > 0 && b <= MAXB && b % 16 == 0
+        && P->n % b == 0 && (d * P->bits / 8) % 16 == 0 && g > 0 && g % 16 == 0 && d % g == 0;
+}
+
+/* out (S, Hq, D): each sequence's attention output. Returns 0, or -1 when a size or a part is
+ * outside what this kernel handles (the caller falls back; nothing is written then). */
+int kvtier_batched_decode(const float *q, int n_seq, int n_kv, int g, int d,
+                          const PartDesc *parts, const int64_t *seq_parts,
+                          const int64_t *q_pos, const int64_t *lo, float *out, int threads) {
+    if (n_seq < 1 || n_kv < 1 || g < 1 || g > MAXR || d < 1 || d > MAXD) return -1;
+    long longest = 0;
+    for (int s = 0; s < n_seq; s++) {
+        long total = 0;
+        for (long i = seq_parts[s]; i < seq_parts[s + 1]; i++) {
+            if (!part_ok(&parts[i], d)) return -1;
+            total += parts[i].n;
+        }
+        longest = total > longest ? total : longest;
+    }
+    if (threads < 1) threads = 1;
+    /* few (sequence, head) pairs: cut each sequence's tokens so every thread has work, but no
+     * split shorter than a few blocks (its merge and its share of a block cost more) */
+    const int pairs = n_seq * n_kv;
+    int splits = pairs >= 2 * threads ? 1 : (2 * threads + pairs - 1) / pairs;
+    const long most = longest / 256 > 1 ? longest / 256 : 1;
+    splits = splits < most ? splits : (int)most;
+    Job J = {q, parts, seq_parts, q_pos, lo, n_seq, n_kv, g, d, splits, NULL, NULL, NULL};
+    const long n_tasks = (long)pairs * splits;
+    J.m = malloc(sizeof(float) * n_tasks * g);
+    J.l = malloc(sizeof(float) * n_tasks * g);
+    J.o = malloc(sizeof(float) * n_tasks * g * d);
+    if (!J.m || !J.l || !J.o) { free(J.m); free(J.l); free(J.o); return -1; }
+    /* torch's own libgomp in a torch process: the kernel runs on torch's thread pool */
+    #pragma omp parallel num_threads(threads)
+    {
+        #pragma omp for schedule(dynamic, 1)
+        for (long id = 0; id < n_tasks; id++) task(&J, (int)id);
+        #pragma omp for schedule(static)
+        for (long pair = 0; pair < pairs; pair++)  /* merge the splits (log-sum-exp), normalise */
+            for (int r = 0; r < g; r++) {
+                const long base = pair * splits;
+                float top = -FLT_MAX, sum = 0.f;
+                for (int p = 0; p < splits; p++) {
+                    const float mp = J.m[(base + p) * g + r];
+                    top = J.l[(base + p) * g + r] > 0.f && mp > top ? mp : top;
+                }
+                float *dst = out + (pair * g + r) * d;  /* (s, h) pairs in order: rows h*G + r */
+                memset(dst, 0, sizeof(float) * d);
+                for (int p = 0; p < splits; p++) {
+                    const long id = base + p;
+                    if (J.l[id * g + r] <= 0.f) continue;  /* a split that saw no key */
+                    const float w = expf(J.m[id * g + r] - top);
+                    sum += w * J.l[id * g + r];
+                    const float *op = J.o + (id * g + r) * d;
+                    for (int c = 0; c < d; c++) dst[c] += w * op[c];
+                }
+                const float inv = sum > 0.f ? 1.f / sum : 0.f;
+                for (int c = 0; c < d; c++) dst[c] *= inv;
+            }
+    }
+    free(J.m); free(J.l); free(J.o);
+    return 0;
+}

@@ -1,0 +1,210 @@
+"""Batched decode attention: the native kernel over many sequences' parts equals the per-sequence
+oracle (:func:`kvtier.attention.blockwise.reference`) for every kind of part it takes, the
+sequences it does not take fall back to the per-sequence path, and a model decoding many
+sequences together gives the logits each gives alone."""
+
+import pytest
+import torch
+from conftest import ours_from_hf, tiny_hf, tokens
+
+from kvtier import kernels, spec
+from kvtier.attention import batched
+from kvtier.engine import ModelRunner
+from kvtier.kv.cache import LayerKV, Part
+
+needs_kernels = pytest.mark.skipif(kernels.library() is None, reason="no C compiler: PyTorch path only")
+
+
+def decoding(codec: str, lengths: list[int], dtype=torch.float32, hq=9, n_kv=3, d=64, block=64,
+             window=None, seed=0):
+    """Sequences of ``lengths`` tokens, the last one just appended: queries ``(S, Hq, D)``,
+    each sequence's parts (as ``DecoderModel.attention`` gathers them) and positions."""
+    torch.manual_seed(seed)
+    queries, parts, starts = [], [], []
+    for n in lengths:
+        layer = LayerKV(spec.parse(codec).codec, n_kv, d, block, window, dtype)
+        k = torch.randn(n_kv, n, d) * torch.linspace(0.2, 3, d)
+        k[:, :, 3] += 6.0  # an outlier channel
+        layer.append(k.to(dtype), torch.randn(n_kv, n, d).to(dtype))
+        q = torch.randn(hq, 1, d).to(dtype)
+        queries.append(q[:, 0])
+        parts.append(layer.select(q * d ** -0.5))
+        starts.append(n - 1)
+    return torch.stack(queries), parts, starts
+
+
+def as_float(parts: list[Part]) -> list[Part]:
+    return [Part(*(t.float() for t in p.get()), p.start) for p in parts]
+
+
+def check(codec, lengths, dtype=torch.float32, window=None, **shape):
+    q, parts, starts = decoding(codec, lengths, dtype, window=window, **shape)
+    assert all(batched.native_parts(p) is not None for p in parts)  # no fallback here
+    scale = q.shape[-1] ** -0.5
+    got = batched.decode(q, parts, starts, scale, window)
+    assert got.dtype == dtype and got.shape == q.shape
+    if dtype == torch.float32:
+        want = batched.reference(q, parts, starts, scale, window)
+        tol = 1e-5 if codec.startswith("dense") else 5e-5  # int: scales folded in another order
+        torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+    else:  # as tests/test_kernels.py: fp32 inside, the output rounded to bf16
+        want = batched.reference(q.float(), [as_float(p) for p in parts], starts, scale, window)
+        for g, w in zip(got.float(), want):
+            assert (g - w).norm() / w.norm() < 0.01
+
+
+LENGTHS = [1, 128, 64 * 7 + 5, 64 * 20 + 33, 63, 2]  # one token, ends on a block, a long one
+
+
+@needs_kernels
+@pytest.mark.parametrize("codec", ["dense(dtype=fp32)", "dense(dtype=bf16)", "dense(dtype=fp16)",
+                                   "int(bits=2)", "int(bits=4)", "int(bits=8)", "int(bits=4,group=16,residual=40)"])
+def test_kernel_equals_reference_fp32(codec):
+    check(codec, LENGTHS)
+
+
+@needs_kernels
+@pytest.mark.parametrize("codec", ["dense(dtype=bf16)", "dense(dtype=fp16)", "int(bits=4)", "int(bits=2)"])
+def test_kernel_equals_reference_bf16(codec):
+    check(codec, LENGTHS, torch.bfloat16)
+
+
+@needs_kernels
+@pytest.mark.parametrize("hq, n_kv, d", [(2, 2, 64), (8, 2, 128), (12, 2, 96), (4, 1, 32)])
+def test_gqa_and_head_sizes(hq, n_kv, d):
+    """Query heads per KV head 1, 4, 6 and 4; head sizes 64 and 128, and two the kernel does
+    not specialise (96, 32), nor 6 query heads per KV head."""
+    check("dense(dtype=fp32)", LENGTHS, hq=hq, n_kv=n_kv, d=d)
+    check("int(bits=4,group=32)", LENGTHS, hq=hq, n_kv=n_kv, d=d)
+
+
+@needs_kernels
+@pytest.mark.parametrize("codec", ["dense(dtype=fp32)", "int(bits=4)", "int(bits=8)"])
+@pytest.mark.parametrize("window", [16, 40])
+def test_sliding_window_masks_inside_blocks(codec, window):
+    """Blocks of 16 and a window of 40: the oldest held block is partly out of the window."""
+    check(codec, [1, 15, 16, 17, 40, 41, 100, 16 * 9], window=window, block=16)
+
+
+@needs_kernels
+def test_sinks_and_shifted_parts():
+    """A held part at position 0 (attention sinks) before blocks that start later."""
+    q, parts, starts = decoding("int(bits=4)", [64 * 3 + 9, 64 * 2], seed=1)
+    torch.manual_seed(3)
+    with_sinks = []
+    for ps in parts:
+        sink = Part(torch.randn(3, 4, 64), torch.randn(3, 4, 64), 0)
+        for p in ps:
+            p.start += 4
+        with_sinks.append([sink] + ps)
+    starts = [s + 4 for s in starts]
+    assert all(batched.native_parts(p) is not None for p in with_sinks)
+    got = batched.decode(q, with_sinks, starts, 0.125)
+    torch.testing.assert_close(got, batched.reference(q, with_sinks, starts, 0.125), atol=5e-5, rtol=5e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("threads", [1, 4])
+def test_one_long_sequence_split_over_threads(threads):
+    """One sequence and one KV head: its tokens are cut over the threads, merged by LSE."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        check("int(bits=4)", [64 * 40 + 3], hq=4, n_kv=1)
+        check("dense(dtype=bf16)", [64 * 40 + 3], hq=4, n_kv=1)
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_kernels
+def test_a_batch_mixing_kernel_and_fallback_sequences():
+    """Other codecs and parts with a bias go one sequence at a time; the rest stay batched."""
+    q_int, p_int, s_int = decoding("int(bits=4)", [64 * 5 + 3, 9])
+    q_fp4, p_fp4, s_fp4 = decoding("mxfp4", [64 * 3 + 1], seed=1)
+    q_b, p_b, s_b = decoding("dense(dtype=fp32)", [64 * 2 + 7], seed=2)
+    p_b[0][-1].bias = torch.zeros(3, p_b[0][-1].n)
+    p_b[0][-1].bias[:, 0] = float("-inf")  # one masked key, as a selector masks a gone token
+    q = torch.cat([q_int[:1], q_fp4, q_b, q_int[1:]])
+    parts, starts = [p_int[0], p_fp4[0], p_b[0], p_int[1]], [s_int[0], s_fp4[0], s_b[0], s_int[1]]
+    assert [batched.native_parts(p) is not None for p in parts] == [True, False, False, True]
+    got = batched.decode(q, parts, starts, 0.125)
+    torch.testing.assert_close(got, batched.reference(q, parts, starts, 0.125), atol=5e-5, rtol=5e-5)
+
+
+def test_kernels_off_runs_the_per_sequence_path(monkeypatch):
+    q, parts, starts = decoding("int(bits=4)", [64 * 3 + 2, 5])
+    monkeypatch.setenv("KVTIER_KERNELS", "0")
+    kernels.library.cache_clear()
+    try:
+        got = batched.decode(q, parts, starts, 0.125)
+    finally:
+        monkeypatch.delenv("KVTIER_KERNELS")
+        kernels.library.cache_clear()
+    torch.testing.assert_close(got, batched.reference(q, parts, starts, 0.125), atol=5e-5, rtol=5e-5)
+
+
+def test_done_runs_for_every_part_on_both_paths():
+    q, parts, starts = decoding("int(bits=4)", [64 * 3 + 2, 5])
+    q_fp4, p_fp4, s_fp4 = decoding("mxfp4", [64 * 2 + 1])
+    parts, starts, q = parts + p_fp4, starts + s_fp4, torch.cat([q, q_fp4])
+    called = []
+    for s, ps in enumerate(parts):
+        for j, p in enumerate(ps):
+            p.done = lambda s=s, j=j: called.append((s, j))
+    batched.decode(q, parts, starts, 0.125)
+    assert sorted(called) == [(s, j) for s, ps in enumerate(parts) for j in range(len(ps))]
+
+
+# the model: decoding together gives each sequence's logits alone
+
+PROMPTS = [1, 7, 64, 65, 130]  # prompt lengths: a lone token, a block, one past it, two blocks
+
+
+def generate(runner, prompts, steps, together):
+    """Prefill each prompt, then decode ``steps`` tokens (greedy) for all of them, together
+    (one forward per step) or one sequence at a time. Returns each step's logits ``(S, V)``."""
+    caches = [runner.new_cache() for _ in prompts]
+    for c, p in zip(caches, prompts):
+        runner.run([c], [p])
+    out, feed = [], [[(sum(p) * 7) % 256] for p in prompts]  # any first token
+    for _ in range(steps):
+        if together:
+            logits = runner.run(caches, feed)
+        else:
+            logits = torch.cat([runner.run([c], [f]) for c, f in zip(caches, feed)])
+        out.append(logits)
+        feed = [[int(t)] for t in logits.argmax(-1)]
+    return torch.stack(out)
+
+
+def counting_native(monkeypatch):
+    seen = {"native": 0, "fallback": 0}
+    inner = batched.native_parts
+
+    def spy(parts):
+        plan = inner(parts)
+        seen["native" if plan is not None else "fallback"] += 1
+        return plan
+    monkeypatch.setattr(batched, "native_parts", spy)
+    return seen
+
+
+@pytest.mark.parametrize("family, kv, block", [
+    ("llama", "dense(dtype=fp32)", 64), ("llama", "int(bits=4)", 64), ("llama", "int(bits=2)", 16),
+    ("gemma3", "dense(dtype=bf16)", 16), ("gemma3", "int(bits=4,group=32)", 16),
+    ("llama", "snapkv(ratio=0.5)+int(bits=4)", 16), ("llama", "quest(top_blocks=2)+int(bits=4)", 16),
+])
+def test_model_decoding_together_equals_one_at_a_time(family, kv, block, monkeypatch):
+    """Tiny Llama (GQA 4/2, head size 64) and tiny Gemma 3 (4/1, window 16 on its sliding
+    layers); 5 sequences decode 6 steps together, and one at a time on the per-sequence path.
+    Quest's gathered blocks fall back, its short sequences (no blocks yet) stay batched."""
+    model = ours_from_hf(tiny_hf("llama", head_dim=64) if family == "llama" else tiny_hf("gemma3"))
+    prompts = [tokens(n, seed=n) for n in PROMPTS]
+    seen = counting_native(monkeypatch)
+    together = generate(ModelRunner(model, kv, block_size=block), prompts, 6, True)
+    if kernels.library() is not None:
+        assert seen["native"] > 0
+        assert (seen["fallback"] > 0) == kv.startswith("quest")
+    monkeypatch.setenv("KVTIER_BATCHED", "0")
+    alone = generate(ModelRunner(model, kv, block_size=block), prompts, 6, False)
+    torch.testing.assert_close(together, alone, atol=2e-4, rtol=2e-4)
