@@ -75,7 +75,7 @@ def decode(runner: ModelRunner, cache, steps: int, warmup: int = 3):
     for i in range(warmup + steps):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        logits = runner.run([cache], [[tok]])
+        logits = runner.feed([cache], [[tok]])
         torch.cuda.synchronize()
         if i >= warmup:
             times.append(1000 * (time.perf_counter() - t0))

@@ -209,7 +209,7 @@ def _answer(runner: ModelRunner, cache, rest: list[int], eos: set[int], max_new:
 def run(loaded, model_name: str, methods: list[str], cases: list[dict], modes: list[str],
         max_new_tokens: int = 12, chat: bool = False, block_size: int = BLOCK_SIZE) -> list[dict]:
     """Every spec on every case in every mode; one row per (spec, mode, case)."""
-    from kvtier.api import _eos_ids
+    from kvtier.engine.engine import eos_ids
 
     model, tok = loaded.model, loaded.tokenizer
     parsed = {str(specs.parse(m)): specs.parse(m) for m in methods}
@@ -219,7 +219,7 @@ def run(loaded, model_name: str, methods: list[str], cases: list[dict], modes: l
     recorder = ModelRunner(model, specs.CacheSpec((
         _Record(need=max([s.queries for s in sels], default=0), acc=any(s.accumulates for s in sels)),
         staging)), block_size)
-    eos = _eos_ids(tok, model.hf_config)
+    eos = eos_ids(tok, model.hf_config)
     rows = []
     with bar(len(cases) * len(modes), f"retrieval {model_name}") as step:
         for mode in modes:
