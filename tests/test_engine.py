@@ -103,6 +103,70 @@ def test_prefix_cache_entries_hold_encoded_bytes_and_leave_least_recently_used_f
     assert gone == {blocks[1].key}  # document 0's deepest block: least recently used
 
 
+def _shared_slots(seq):
+    """Per layer: the shared-pool slots ``seq``'s block table points at."""
+    return [[s for s, w in zip(layer.slots, layer.where) if layer.pools[w].shared] for layer in seq.cache.layers]
+
+
+@pytest.mark.parametrize("kv", ["dense(dtype=fp32)", "int(bits=2,group=16)"])
+def test_cached_prefix_is_held_once_and_read_by_every_sequence(make, kv):
+    doc = tokens(200, seed=3)
+    cold = make(kv=kv, prefix_cache=False)
+    alone = []
+    for tail in ([1, 2], [3, 4, 5], [6]):
+        s = cold.add(doc + tail, greedy(8))
+        run_all(cold, [s])
+        alone.append(s.output_ids)
+    engine = make(kv=kv)
+    first = engine.add(doc + [9], greedy(1))
+    run_all(engine, [first])
+    pools = engine.prefixes.pools[str(first.kv)]
+    cached = engine.prefixes.nbytes
+    assert [p.holders(s) for p, s in zip(pools, [0] * len(pools))] == [1] * len(pools)  # the cache alone
+    seqs = [engine.add(doc + tail, greedy(8)) for tail in ([1, 2], [3, 4, 5], [6])]
+    engine.step()  # all three admitted, each pointed at the three cached blocks
+    assert all(s.n_cached == 192 for s in seqs)
+    assert _shared_slots(seqs[0]) == _shared_slots(seqs[1]) == _shared_slots(seqs[2])
+    assert all(p.holders(s) == 4 for p, slots in zip(pools, _shared_slots(seqs[0])) for s in slots)
+    own = sum(s.cache.nbytes() - s.cache.shared_bytes() for s in seqs)
+    assert engine.prefixes.nbytes == cached  # nothing copied
+    assert engine.kv_bytes()[0][1] == own + cached
+    assert engine.held(engine.scheduler.running) < sum(s.cache.nbytes() for s in seqs)
+    run_all(engine, seqs)
+    if kv.startswith("dense"):  # (a cold prefill attends its prompt before encoding; a hit, after)
+        assert [s.output_ids for s in seqs] == alone  # attention on the shared blocks: same tokens
+    assert all(p.holders(s) == 1 for b in engine.prefixes.blocks.values() for p, s in zip(pools, b.slots))
+    assert engine.reclaim(10 ** 9) == cached and engine.prefixes.nbytes == 0
+    assert all(not p.refs for p in pools)  # every slot back to the free list
+
+
+def test_prompts_prefilled_together_end_up_sharing_one_copy(make):
+    engine = make()
+    doc = tokens(150, seed=5)
+    a, b = engine.add(doc + [1], greedy(4)), engine.add(doc + [2], greedy(4))
+    engine.step()  # both prefill at once: nothing is cached yet
+    assert a.n_cached == b.n_cached == 0
+    assert _shared_slots(a) == _shared_slots(b) and _shared_slots(a)[0] == [0, 1]
+    pool = engine.prefixes.pools[a.kv][0]
+    assert pool.holders(0) == 3  # the cache, a and b: b's own copy was freed for the cached one
+    assert engine.kv_bytes()[0][1] == sum(s.cache.nbytes() - s.cache.shared_bytes() for s in (a, b)) \
+        + engine.prefixes.nbytes
+    run_all(engine, [a, b])
+    assert pool.holders(0) == 1
+
+
+def test_eviction_skips_blocks_a_running_sequence_reads(make):
+    engine = make()
+    doc = tokens(140, seed=8)
+    run_all(engine, [engine.add(doc, greedy(1))])
+    reader = engine.add(doc + [7], greedy(50))
+    engine.step()
+    assert reader.n_cached == 128
+    assert engine.reclaim(10 ** 9) == 0  # both blocks are read by a running sequence
+    run_all(engine, [reader])
+    assert engine.reclaim(10 ** 9) > 0 and not engine.prefixes.blocks
+
+
 @pytest.mark.parametrize("kv", ["dense(dtype=bf16)", "int(bits=4,group=16)", "int(bits=2,group=16,residual=32)", "dense(dtype=fp16)"])
 def test_bytes_charged_are_the_bytes_held(llama, kv):
     runner = ModelRunner(llama, kv)

@@ -21,7 +21,6 @@ Shapes: queries ``(S, Hq, D)``, one decode token per sequence, sequence s at pos
 from __future__ import annotations
 
 import array
-import functools
 import os
 
 import torch
@@ -123,9 +122,8 @@ def native_parts(parts: list[Part]) -> tuple[list[list[int]], list] | None:
         if p.load is None:
             k, v = p.k, p.v
         else:
-            layer = _block_run(p)
-            tier, slots, _, fetch = p.load.args
-            fields = layer._fields(tier, slots, fetch)  # as layer._read would read them
+            layer = p.blocks.layer
+            fields = p.blocks.fields()  # as the layer's own decode would read them
             if type(layer.codec) is Int:
                 fields = {name: t if _rows_contiguous(t) else t.contiguous() for name, t in fields.items()}
                 for a, b in (("k_scale", "k_zero"), ("v_scale", "v_zero")):  # a head stride shared in the kernel
@@ -171,18 +169,12 @@ def _int_row(codec: Int, f: dict[str, torch.Tensor], start: int) -> list[int]:
 
 
 def _block_run(part: Part) -> LayerKV | None:
-    """The :class:`LayerKV` whose run of blocks ``part`` is, or None for any other part.
-
-    A Part does not say what it is; a run of blocks is one whose ``load`` is
-    ``partial(layer._read, tier, slots, start, fetch)`` (as ``LayerKV.parts`` builds it);
-    its fields are then read as ``_read`` would read them (same tier traffic, same fetch).
-    A ``Part.blocks`` accessor set by ``LayerKV.parts`` would replace this.
-    """
-    load = part.load
-    if not isinstance(load, functools.partial) or getattr(load.func, "__func__", None) is not LayerKV._read:
+    """The :class:`LayerKV` whose run of blocks ``part`` is, or None for any other part (and for
+    keys stored before RoPE: decoding rotates them)."""
+    run = part.blocks
+    if run is None or run.layer.codec.pre_rope:
         return None
-    layer = load.func.__self__
-    return None if layer.codec.pre_rope else layer  # keys stored before RoPE: decoding rotates them
+    return run.layer
 
 
 def _rows_contiguous(t: torch.Tensor) -> bool:

@@ -162,6 +162,7 @@ class Engine:
         now = time.perf_counter()
         if not seq.output_ids and self.prefixes is not None and self.runners[seq.kv].shares_prefixes:
             self.prefixes.insert(seq.kv, seq.prompt_ids, seq.cache)  # the prompt's blocks, for later requests
+            seq.shared = seq.cache.shared_bytes()
         if seq.timing.first_token is None:
             seq.timing.first_token = now
         seq.timing.last_token = now
@@ -216,11 +217,16 @@ class Engine:
         total = self.prefixes.nbytes if self.prefixes is not None else 0
         for seq in running:  # a sequence in its prompt is charged for all of it (it was admitted so)
             n = max(seq.n_computed + extra, len(seq.ids) if seq.prefilling else 0)
-            total += self.runners[seq.kv].bytes_for(n) - seq.offloaded
+            total += self.runners[seq.kv].bytes_for(n) - seq.offloaded - seq.shared  # shared: counted once, above
         return total
 
     def need(self, seq: Sequence) -> int:
-        return self.runners[seq.kv].bytes_for(len(seq.ids)) - seq.offloaded  # swapped blocks stay down
+        runner = self.runners[seq.kv]
+        shared = 0
+        if seq.status is Status.WAITING and seq.prefix is None and self.prefixes is not None and runner.shares_prefixes:
+            hit = self.prefixes.match(seq.kv, seq.ids, runner.spec.codec.sinks, count=False)
+            shared = len(hit) * self.prefixes.block_bytes(seq.kv)  # read from the cache, not held again
+        return runner.bytes_for(len(seq.ids)) - seq.offloaded - shared  # swapped blocks stay down
 
     def allocate(self, seq: Sequence) -> None:
         runner = self.runners[seq.kv]
@@ -233,7 +239,8 @@ class Engine:
         seq.n_computed = 0
         if self.prefixes is not None and runner.shares_prefixes:
             hit = self.prefixes.match(seq.kv, seq.ids, seq.cache.layers[0].n_sinks)
-            seq.n_computed = seq.n_cached = self.prefixes.fill(seq.cache, hit)
+            seq.n_computed = seq.n_cached = self.prefixes.fill(seq.cache, seq.kv, hit)
+            seq.shared = seq.cache.shared_bytes()
         if seq.cache.home is not None:
             seq.cache.home.ids = list(seq.ids[:seq.n_computed])
 
@@ -247,7 +254,7 @@ class Engine:
         seq.kv_bytes, seq.kv_tokens = cache.nbytes(), cache.length
         seq.kv_bytes_by_tier = cache.nbytes_by_tier() if cache.home is not None else None
         cache.close()
-        seq.offloaded = 0
+        seq.offloaded = seq.shared = 0
 
     def swap_out(self, seq: Sequence) -> bool:
         store = self.runners[seq.kv].store
@@ -267,7 +274,7 @@ class Engine:
         """Bytes held now, by tier (running caches, really counted, plus the prefix cache)."""
         store = self.runner.store
         if store is None:
-            held = sum(s.cache.nbytes() for s in self.scheduler.running if s.cache is not None)
+            held = sum(s.cache.nbytes() - s.cache.shared_bytes() for s in self.scheduler.running if s.cache is not None)
             if self.prefixes is not None:
                 held += self.prefixes.nbytes
             return [(self.runner.device if isinstance(self.runner.device, str) else "cpu", held)]

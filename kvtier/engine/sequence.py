@@ -66,6 +66,7 @@ class Sequence:
     prefix: Prefix | None = None       # a saved cache the prompt continues
     exception: Exception | None = None  # why it failed (``error`` is its message)
     offloaded: int = 0                 # bytes swapped down a tier at a preemption
+    shared: int = 0                    # bytes of its blocks read from the prefix cache's shared pools
     suspect: int = 0                   # forwards that raised with this sequence in them
     offsets: tuple[int, int] = (0, 0)  # detokenizer window over output_ids
     request_id: str | None = None      # the HTTP request it answers (a request of n>1 has n sequences)

@@ -1,8 +1,12 @@
-"""A pool of block slots for one sequence and one layer, stored in the codec's fields.
+"""A pool of block slots for one layer, stored in the codec's fields.
 
 Each field lives in one tensor ``(Hkv, capacity, *shape)``: the slot axis is second so that a
 run of consecutive slots reads as a view, ``(Hkv, n, B, D) -> (Hkv, n * B, D)``, with no copy.
 Slots freed (a sliding window moving on) are reused before the pool grows.
+
+A :class:`BlockPool` belongs to one sequence. A :class:`SharedPool` holds blocks several
+sequences' block tables point into (the prefix cache's): each slot counts its holders and is
+freed when the last one lets go.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from kvtier.kv.codecs.base import Codec
 
 
 class BlockPool:
+    shared = False  # one holder: the sequence whose layer made the pool
+
     def __init__(self, codec: Codec, n_kv: int, head_dim: int, block_size: int,
                  device: torch.device | str = "cpu", pin: bool = False):
         self.codec, self.n_kv, self.block_size = codec, n_kv, block_size
@@ -94,3 +100,42 @@ def _as_index(slots: list[int]) -> slice | list[int]:
             b - a == 1 for a, b in zip(slots, slots[1:])):
         return slice(slots[0], slots[-1] + 1)
     return list(slots)
+
+
+class SharedPool(BlockPool):
+    """Blocks held by several holders at once (the prefix cache and the sequences reading a
+    cached prefix): :meth:`ref` adds a holder to slots, :meth:`release` takes one away, and a
+    slot is freed for reuse when nobody holds it. A slot :meth:`put` fills has no holder yet."""
+
+    shared = True
+
+    def __init__(self, codec: Codec, n_kv: int, head_dim: int, block_size: int,
+                 device: torch.device | str = "cpu"):
+        super().__init__(codec, n_kv, head_dim, block_size, device)
+        self.refs: dict[int, int] = {}
+
+    def put(self, encoded: dict[str, torch.Tensor], blocks=(), tokens: int = 0) -> list[int]:
+        slots = super().put(encoded, blocks, tokens)
+        for s in slots:
+            self.refs[s] = 0
+        return slots
+
+    def ref(self, slots: list[int]) -> None:
+        for s in slots:
+            self.refs[s] += 1
+
+    def release(self, slots: list[int]) -> None:
+        for s in slots:
+            n = self.refs[s] - 1
+            if n > 0:
+                self.refs[s] = n
+            else:
+                del self.refs[s]
+                self.free.append(s)
+
+    def holders(self, slot: int) -> int:
+        return self.refs.get(slot, 0)
+
+    def held_bytes(self) -> int:
+        """Bytes of the slots someone holds."""
+        return len(self.refs) * self.slot_bytes()

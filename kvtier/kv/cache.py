@@ -8,6 +8,7 @@ future query can see.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -15,7 +16,7 @@ import torch
 
 from kvtier.config import BLOCK_SIZE
 from kvtier.errors import KvtierError
-from kvtier.kv.blocks import BlockPool
+from kvtier.kv.blocks import BlockPool, SharedPool
 from kvtier.kv.codecs.base import Codec, LayerContext
 from kvtier.kv.prefetch import release
 from kvtier.progress import note
@@ -26,11 +27,27 @@ if TYPE_CHECKING:
 TABLE_ENTRY_BYTES = 8  # per held block: int32 slot + int32 start position
 
 
+@dataclass
+class BlockRun:
+    """What an encoded :class:`Part` is made of: a run of one layer's blocks on one tier, for a
+    native kernel that attends on the encoded fields itself."""
+
+    layer: LayerKV
+    tier: int
+    slots: list[int]
+    fetch: bool  # copied to the first tier before attention (``attend=fetch``)
+
+    def fields(self) -> dict[str, torch.Tensor]:
+        """The encoded fields, read where attention reads them (tier traffic counted)."""
+        return self.layer._fields(self.tier, self.slots, self.fetch)
+
+
 class Part:
     """A run of keys/values at positions ``start .. start + n - 1``, for attention.
 
     Either held (``k, v``: ``(Hkv, n, D)``) or encoded: ``get()`` then decodes the blocks on
-    demand, so attention can decode one group at a time and drop it after use.
+    demand, so attention can decode one group at a time and drop it after use; ``blocks`` says
+    which blocks those are.
     """
 
     def __init__(self, k: torch.Tensor | None, v: torch.Tensor | None, start: int):
@@ -42,6 +59,7 @@ class Part:
         self.done: Callable[[], None] | None = None  # attention has finished with this part
         # added to the scores, (Hkv, n) or per query (Hkv, T, n): merged tokens' log count, -inf masks
         self.bias: torch.Tensor | None = None
+        self.blocks: BlockRun | None = None  # an encoded part of a layer's blocks
 
     @classmethod
     def encoded(cls, start: int, n: int, n_kv: int, load: Callable, score: Callable | None) -> Part:
@@ -202,6 +220,51 @@ class LayerKV:
             self.slots[j], self.where[j] = slot, 0
         self.home.store.charge(0, len(js) * self.pool.slot_bytes())
 
+    # blocks shared with other sequences (the prefix cache)
+    def adopt(self, pool: SharedPool, slots: list[int], sinks: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        """Start this empty layer from a cached prefix: blocks held in the shared ``pool`` join
+        the block table as they are (this layer becomes one more holder; nothing is copied),
+        after the prefix's sink tokens ``sinks`` (k, v), which are copied."""
+        if self.length or self.home is not None:
+            raise KvtierError("internal: a cached prefix starts an empty cache with every block in RAM")
+        n = 0
+        if sinks is not None:
+            k, v = sinks
+            n = k.shape[1]
+            self.sink_k[:, :n], self.sink_v[:, :n] = k, v
+        pool.ref(slots)
+        self.slots, self.where = list(slots), [self._tier(pool)] * len(slots)
+        self.length = n + len(slots) * self.block_size
+
+    def share(self, j: int, pool: SharedPool, slot: int | None = None) -> int:
+        """Block ``j`` comes to live in the shared ``pool``: at ``slot`` (a cached block of the
+        same tokens; this layer's own copy is freed) or in a new slot there. This layer holds it
+        either way. Returns its slot in ``pool``."""
+        tier = self._tier(pool)
+        if self.where[j] == tier:
+            return self.slots[j]
+        own, src = self.slots[j], self.pools[self.where[j]]
+        if slot is None:
+            (slot,) = pool.put(src.fields_of([own]))
+        pool.ref([slot])
+        src.release([own])
+        self.slots[j], self.where[j] = slot, tier
+        return slot
+
+    def _tier(self, pool: BlockPool) -> int:
+        """The index of ``pool`` in this layer's pools (a shared pool joins at its first use)."""
+        for t, p in enumerate(self.pools):
+            if p is pool:
+                return t
+        if self.home is not None:
+            raise KvtierError("internal: blocks are shared only when every block is in RAM")
+        self.pools.append(pool)
+        return len(self.pools) - 1
+
+    def shared_bytes(self) -> int:
+        """Bytes of the blocks this layer reads from a shared pool (held once, by the pool)."""
+        return sum(self.pools[t].slot_bytes() for t in self.where if self.pools[t].shared)
+
     def snapshot(self) -> tuple[dict[str, int], dict[str, torch.Tensor]]:
         """Everything this layer holds, for saving: counters and tensors (on the CPU). Blocks
         are in encoded form (``f.<field>``, ``(Hkv, n_blocks, *shape)``), gathered from every tier."""
@@ -303,6 +366,7 @@ class LayerKV:
             part = Part.encoded(start, n * self.block_size, self.n_kv,
                                 partial(self._read, tier, slots, start, fetch), score)
             part.device = self.pool.device if fetch else self._device(tier)
+            part.blocks = BlockRun(self, tier, slots, fetch)
             if self._on_disk(tier) and not fetch:
                 part.done = partial(self._release, tier, slots)
             out.append(part)
@@ -486,6 +550,10 @@ class SeqKV:
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
+
+    def shared_bytes(self) -> int:
+        """Bytes of blocks read from the prefix cache's shared pools (counted there, once)."""
+        return sum(layer.shared_bytes() for layer in self.layers)
 
     def n_elements(self) -> int:
         return sum(layer.n_elements() for layer in self.layers)
