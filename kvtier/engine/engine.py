@@ -7,6 +7,7 @@ and the scheduler; it is single-threaded (the server drives it from one thread).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 
@@ -104,6 +105,7 @@ class Engine:
         out = self.scheduler.schedule()
         if not out:
             return []
+        cost = self.slo.cost(out)
         t0 = time.perf_counter()
         try:
             logits = self.runner.run([i.seq.cache for i in out.items], [i.tokens for i in out.items])
@@ -136,7 +138,7 @@ class Engine:
             if item.seq.prefilling:
                 item.seq.timing.prefill_s += dt
         self.scheduler.postprocess(out, tokens, self._accept)
-        self.slo.observe(out, dt)
+        self.slo.observe(out, cost, dt)
         self.steps += 1
         return [i.seq for i in out.items]
 
@@ -292,6 +294,18 @@ class Engine:
         finally:
             cache.close()
         return prefix.length
+
+
+@contextlib.contextmanager
+def skipping(model, share: float):
+    """Run ``model`` with :func:`skipped_layers` of ``share`` skipped (none at 0), then put its
+    own set back (for benches that compare shares on one loaded model)."""
+    old = model.skip
+    model.skip = skipped_layers(model.n_layers, share)
+    try:
+        yield model.skip
+    finally:
+        model.skip = old
 
 
 def skipped_layers(n_layers: int, share: float) -> frozenset[int]:
