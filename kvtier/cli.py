@@ -41,6 +41,21 @@ def _ints(text: str, flag: str) -> list[int]:
     return values
 
 
+def _shares(text: str, flag: str) -> list[float]:
+    """Comma-separated shares in [0, 1), as a curve: 0 (the full model) first, then ascending."""
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise KvtierError(f"{flag} takes comma-separated shares, e.g. 0.1,0.2,0.3; got {text!r}") from None
+    if not values or not all(0 <= v < 1 for v in values):  # NaN fails this too
+        raise KvtierError(f"{flag} takes shares of at least 0 and below 1; got {text!r}")
+    return sorted({0.0, *values})
+
+
+SkipOpt = Annotated[str, typer.Option("--skip-layers", help="also run with these shares of the middle layers "
+                                      "skipped (layer skipping), comma-separated, e.g. 0.1,0.2,0.3")]
+
+
 @app.command()
 def generate(
     prompt: Annotated[str, typer.Argument(help="the prompt, or - to read it from stdin")],
@@ -171,6 +186,7 @@ def bench_ppl(
     json_path: Annotated[str | None, typer.Option("--json", help="write results as JSON")] = None,
     plot: Annotated[str | None, typer.Option(help="write a PNG: PPL increase vs bits per element (Pareto)")] = None,
     dtype: Annotated[str, typer.Option(help="compute dtype (fp32 isolates the cache's effect)")] = "fp32",
+    skip_layers: SkipOpt = "0",
 ):
     """Perplexity with each cache (or peer) against the dense fp32 cache on the same tokens."""
     from kvtier.bench import data, peers, ppl, report
@@ -178,6 +194,7 @@ def bench_ppl(
     from kvtier.progress import status
 
     contexts = _ints(context, "--context")
+    skips = _shares(skip_layers, "--skip-layers")
     for m in methods:  # a bad spec or a peer not installed fails before the model loads
         if isinstance(p := peers.method(m), peers.Peer):
             p.require()
@@ -186,7 +203,7 @@ def bench_ppl(
     loaded = load(model, compute)
     with status("tokenizing the text"):
         ids = loaded.tokenizer(raw, add_special_tokens=False).input_ids
-    rows = ppl.run(loaded.model, model, methods, contexts, eval_tokens, ids, windows)
+    rows = ppl.run(loaded.model, model, methods, contexts, eval_tokens, ids, windows, skips=skips)
     report.show(report.ppl_table(rows))
     if json_path:
         report.write_json(json_path, rows)
@@ -232,6 +249,7 @@ def bench_speed(
     json_path: Annotated[str | None, typer.Option("--json", help="write results as JSON")] = None,
     peer: Annotated[list[str] | None, typer.Option("--peers", help="also time a peer, e.g. "
                                                       "\"llamacpp(kv=f16)\"; repeat for more")] = None,
+    skip_layers: SkipOpt = "0",
 ):
     """Prefill and decode tok/s of kvtier against transformers' generate (DynamicCache) and peers."""
     from kvtier import spec as specs
@@ -240,6 +258,7 @@ def bench_speed(
     from kvtier.progress import bar
 
     contexts = _ints(context, "--context")
+    skips = _shares(skip_layers, "--skip-layers")
     chosen = []
     for name in peer or []:
         if (p := peers.parse(name)) is None:
@@ -257,8 +276,8 @@ def bench_speed(
     ids = loaded.tokenizer(raw, add_special_tokens=False).input_ids
     if len(ids) < max(contexts):
         raise KvtierError(f"the text has {len(ids)} tokens, fewer than --context {max(contexts)}")
-    with bar((1 + len(kvs) + len(chosen)) * repeats * len(contexts), f"speed {model}") as step:
-        rows = speed.run(loaded, contexts, ids, new_tokens, repeats, kvs, progress=step, peers=chosen)
+    with bar((1 + len(kvs) * len(skips) + len(chosen)) * repeats * len(contexts), f"speed {model}") as step:
+        rows = speed.run(loaded, contexts, ids, new_tokens, repeats, kvs, progress=step, peers=chosen, skips=skips)
     report.show(report.speed_table(rows))
     if chosen:
         report.show(report.peer_speed_table(rows))
@@ -442,8 +461,9 @@ def bench_serve(
                                                    "with parameters as in llamacpp(kv=q8_0) "
                                                    "(install: bash scripts/bench-serve-setup.sh)")] = None,
     with_kvtier: Annotated[bool, typer.Option("--kvtier/--no-kvtier", help="serve kvtier itself (off: peers only)")] = True,
-    server_args: Annotated[str | None, typer.Option(help="extra arguments for every `kvtier serve`, as one "
-                                                         "string, e.g. '--max-running 32'")] = None,
+    server_args: Annotated[list[str] | None, typer.Option(help="extra arguments for `kvtier serve`, as one "
+                                                               "string, e.g. '--max-seqs 32'; repeat to compare "
+                                                               "settings (one server each, per --kv)")] = None,
     ttft_slo: Annotated[float, typer.Option(min=0.0, help=_serve_help("ttft_slo"))] = _Serve.ttft_slo,
     tpot_slo: Annotated[float, typer.Option(min=0.0, help=_serve_help("tpot_slo"))] = _Serve.tpot_slo,
     request_timeout: Annotated[float, typer.Option(min=0.1, help=_serve_help("request_timeout"))] = _Serve.request_timeout,
@@ -476,10 +496,12 @@ def bench_serve(
         raise KvtierError("--prefix-tokens shapes KJV prompts; with --prompts, give the shared prefix in the file")
     if not all(math.isfinite(x) for x in (ttft_slo, tpot_slo, request_timeout, run_timeout)):
         raise KvtierError("--ttft-slo, --tpot-slo and the timeouts must be finite numbers")
-    try:
-        extra = tuple(shlex.split(server_args or ""))
-    except ValueError as e:
-        raise KvtierError(f"--server-args {server_args!r}: {e}") from None
+    extras = []
+    for text in server_args or [""]:
+        try:
+            extras.append(tuple(shlex.split(text)))
+        except ValueError as e:
+            raise KvtierError(f"--server-args {text!r}: {e}") from None
     kvs = [str(specs.parse(k)) for k in (kv or ["dense"])] if with_kvtier else []
     peer_list = servers.parse_list(peers) if peers else []
     if not kvs and not peer_list:
@@ -498,7 +520,7 @@ def bench_serve(
         messages = serve.kjv_prompts(model, len(loads), cfg)
         context = prompt_tokens + max_tokens + 64  # + the chat template
     slots = max(conc, default=open_slots)
-    targets = [(servers.Kvtier(), servers.Launch(model, k, slots, context, extra)) for k in kvs]
+    targets = [(servers.Kvtier(), servers.Launch(model, k, slots, context, extra)) for extra in extras for k in kvs]
     targets += [(p, servers.Launch(model, "dense", slots, context)) for p in peer_list]
     rows, errors = serve.bench(targets, loads, messages, cfg, None if prompts else prompt_tokens,
                                cache_dir("serve-logs"))

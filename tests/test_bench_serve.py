@@ -311,6 +311,9 @@ def test_peer_servers_parse_and_bind_loopback(tmp_path):
         servers.parse("llamacpp(kv=q2)")
     cmd = servers.Kvtier().command(8123, servers.Launch("smollm2-135m", kv="rotatekv"))
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1" and "rotatekv" in cmd
+    tuned = servers.Launch("smollm2-135m", kv="dense", extra=("--ttft-slo", "5"))
+    assert servers.Kvtier().command(8123, tuned)[-2:] == ["--ttft-slo", "5"]
+    assert servers.Kvtier().label(tuned) == "dense --ttft-slo 5"  # rows of compared settings stay apart
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF")
     llama = servers.LlamaServer(kv="q8_0")

@@ -172,7 +172,7 @@ class Kvtier(Server):
                 "--host", HOST, "--port", str(port), *launch.extra]
 
     def label(self, launch: Launch) -> str:
-        return launch.kv
+        return " ".join((launch.kv, *launch.extra))  # settings compared side by side stay apart
 
     def kv_held(self, metrics: str | None, log: str) -> int | None:
         got = samples(metrics or "", "kvtier:kv_bytes")
