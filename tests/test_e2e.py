@@ -81,6 +81,17 @@ def test_ppl_harness_agrees_with_transformers(smollm2, hf, kjv_ids):
     assert bf16["kv_bytes_per_token"] < fp32["kv_bytes_per_token"]
 
 
+def test_ppl_with_layers_skipped_costs_perplexity_against_the_full_model(smollm2, kjv_ids):
+    from kvtier.bench import ppl
+
+    full, skipped = ppl.run(smollm2.model, "smollm2-135m", ["dense(dtype=fp32)"], [320], 64, kjv_ids,
+                            n_windows=2, skips=[0.0, 0.2])
+    assert (full["skip_layers"], skipped["skip_layers"]) == (0.0, 0.2)
+    assert full["ppl"] == full["dense_ppl"] == skipped["dense_ppl"]  # the baseline keeps every layer
+    assert skipped["ppl"] > 1.05 * full["ppl"]  # six of 30 layers gone: the model gets worse
+    assert smollm2.model.skip == frozenset()  # the model is put back
+
+
 def run_cli(*args, input=None, env=None):
     return subprocess.run(KVTIER + list(args), capture_output=True, text=True, input=input,
                           env={**os.environ, **(env or {})}, timeout=600)
@@ -116,6 +127,8 @@ def test_cli_generate_with_tiers_gives_the_same_text(tmp_path):
     (["bench", "ppl", "--methods", "dense", "--context", "20x"], "--context"),
     (["bench", "ppl", "--methods", "dense", "--text", "/nonexistent.txt"], "no such file"),
     (["bench", "merge", "/nonexistent.json"], "cannot read"),
+    (["bench", "ppl", "--methods", "dense", "--skip-layers", "0.2,1"], "--skip-layers"),
+    (["bench", "speed", "--skip-layers", "nan"], "--skip-layers"),
     (["cache", "save", str(Path(__file__)), "/tmp/x.kvcache", "--kv", "tova(ratio=0.5)"], "codecs only"),
     (["generate", "--kv", "tova(ratio=0.5)+window(ratio=0.5)", "hi"], "one selector"),
     (["bench", "retrieval", "--methods", "dense", "--cases", "/nonexistent.jsonl"], "no such file"),
@@ -153,9 +166,11 @@ def test_cli_bench_ppl_writes_json_and_plot(tmp_path):
 def test_cli_bench_speed(tmp_path):
     out = tmp_path / "speed.json"
     r = run_cli("bench", "speed", "--context", "140", "--new-tokens", "4", "--repeats", "1",
-                "--kv", "dense", "--kv", "int(bits=4)", "--json", str(out))
+                "--kv", "dense", "--kv", "int(bits=4)", "--skip-layers", "0.3", "--json", str(out))
     assert r.returncode == 0, r.stderr
-    dense, int4 = json.loads(out.read_text())["results"]
+    dense, int4, dense_skip, int4_skip = json.loads(out.read_text())["results"]
+    assert [row["skip_layers"] for row in (dense, int4, dense_skip, int4_skip)] == [0, 0, 0.3, 0.3]
+    assert dense_skip["kv"] == dense["kv"] and "30% of layers skipped" in r.stdout
     assert (dense["kv"], int4["kv"]) == ("dense(dtype=bf16)", "int(bits=4,group=64,residual=0)")
     for row in (dense, int4):
         assert row["kvtier_decode_tok_s"] > 0 and row["transformers_decode_tok_s"] > 0

@@ -28,6 +28,8 @@ def ppl_table(rows: list[dict]) -> Table:
 def label(r: dict) -> str:
     """A row's method, marked when it is a peer (another tool measured the same way)."""
     name = r.get("method", r.get("kv"))
+    if r.get("skip_layers"):
+        name += f", {r['skip_layers']:.0%} of layers skipped"
     return f"{name} (peer)" if r.get("peer") else name
 
 
@@ -41,7 +43,7 @@ def speed_table(rows: list[dict]) -> Table:
                 "decode tok/s", "tf decode", "ratio", "vs first kv"):
         t.add_column(col, justify="left" if col in ("model", "dtype", "kv") else "right")
     for r in (r for r in rows if not r.get("peer")):
-        t.add_row(r["model"], r["dtype"], r["kv"], str(r["context"]), f"{r['kvtier_prefill_tok_s']:.1f}",
+        t.add_row(r["model"], r["dtype"], label(r), str(r["context"]), f"{r['kvtier_prefill_tok_s']:.1f}",
                   f"{r['transformers_prefill_tok_s']:.1f}", f"{r['prefill_ratio']:.2f}x",
                   f"{r['kvtier_decode_tok_s']:.2f}", f"{r['transformers_decode_tok_s']:.2f}",
                   f"{r['decode_ratio']:.2f}x", f"{r.get('vs_first', 1.0):.2f}x")

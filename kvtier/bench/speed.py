@@ -59,16 +59,21 @@ def transformers_timing(hf_model, prompt: list[int], new_tokens: int, cache=None
 
 
 def run(loaded, contexts: list[int], ids: list[int], new_tokens: int = 32, repeats: int = 3,
-        kv: str | list[str] = "dense(dtype=fp32)", progress=None, peers: list = ()) -> list[dict]:
-    """kvtier against transformers: one row per cache spec and context (``vs_first``: decode
-    speed against the first spec's, same run), then each peer (one row per context)."""
+        kv: str | list[str] = "dense(dtype=fp32)", progress=None, peers: list = (),
+        skips: list[float] = (0.0,)) -> list[dict]:
+    """kvtier against transformers: one row per cache spec, share of layers skipped (layer
+    skipping, ``skips``) and context (``vs_first``: decode speed against the first spec's with
+    every layer, same run), then each peer (one row per context)."""
     from transformers import AutoModelForCausalLM
 
     from kvtier.dtypes import dtype_name
+    from kvtier.engine.engine import skipping
 
     dtype = loaded.model.dtype  # transformers runs in the same compute dtype
     hf = AutoModelForCausalLM.from_pretrained(loaded.folder, dtype=dtype).eval()
-    runners = [ModelRunner(loaded.model, k) for k in ([kv] if isinstance(kv, str) else kv)]
+    kvs = [kv] if isinstance(kv, str) else kv
+    variants = [(ModelRunner(loaded.model, k), share) for share in sorted({0.0, *skips}) for k in kvs]
+    runners = [r for r, _ in variants]
     runner = runners[0]
     handles = [p.load(loaded.name) for p in peers]
     rows, peer_rows = [], []
@@ -76,8 +81,9 @@ def run(loaded, contexts: list[int], ids: list[int], new_tokens: int = 32, repea
         prompt = ids[:c - new_tokens]  # decoding ends at c tokens of context
         times_of, theirs, peers_t = [[] for _ in runners], [], [[] for _ in peers]
         for _ in range(repeats):  # interleaved, so drift in machine load hits every side
-            for r, times in zip(runners, times_of):
-                times.append(kvtier_timing(r, prompt, new_tokens))
+            for (r, share), times in zip(variants, times_of):
+                with skipping(loaded.model, share):
+                    times.append(kvtier_timing(r, prompt, new_tokens))
                 if progress:
                     progress()
             theirs.append(transformers_timing(hf, prompt, new_tokens))
@@ -90,11 +96,12 @@ def run(loaded, contexts: list[int], ids: list[int], new_tokens: int = 32, repea
         tp = statistics.median(len(prompt) / p for p, _ in theirs)
         td = statistics.median(1 / d for _, d in theirs)
         first_kd = None
-        for r, ours in zip(runners, times_of):
+        for (r, share), ours in zip(variants, times_of):
             p_ = statistics.median(len(prompt) / p for p, _ in ours)
             d_ = statistics.median(1 / d for _, d in ours)
             first_kd = first_kd or d_
-            rows.append({"model": loaded.name, "kv": str(r.spec), "dtype": dtype_name(dtype), "context": c,
+            rows.append({"model": loaded.name, "kv": str(r.spec), "skip_layers": share,
+                         "dtype": dtype_name(dtype), "context": c,
                          "new_tokens": new_tokens, "repeats": repeats,
                          "kvtier_prefill_tok_s": p_, "transformers_prefill_tok_s": tp,
                          "prefill_ratio": p_ / tp,
