@@ -25,7 +25,8 @@ from kvtier.config import EngineConfig
 
 STEP = 0.1        # share moved per adjustment
 EVERY = 8         # steps between adjustments
-WINDOW = 64       # samples kept of each latency, and steps kept for the cost model
+WINDOW = 64       # step times kept (for the TPOT p90 and the cost model)
+RECENT = 8        # time-to-first-token samples kept: the last few requests, so a miss shows at once
 
 
 class SloController:
@@ -33,7 +34,7 @@ class SloController:
         self.ttft_slo, self.tpot_slo = config.ttft_slo, config.tpot_slo
         self.scheduler, self.budget = scheduler, config.max_batched_tokens
         self.share = config.prefill_share
-        self.ttft: deque[float] = deque(maxlen=WINDOW)
+        self.ttft: deque[float] = deque(maxlen=RECENT)
         self.tpot: deque[float] = deque(maxlen=WINDOW)
         self.steps: deque[Cost] = deque(maxlen=WINDOW)
         self.n = 0
@@ -75,7 +76,7 @@ class SloController:
             self.adjust()
 
     def adjust(self) -> None:
-        ttft_miss = self.ttft_slo is not None and len(self.ttft) >= 4 and _p90(self.ttft) > self.ttft_slo
+        ttft_miss = self.ttft_slo is not None and len(self.ttft) >= 2 and _p90(self.ttft) > self.ttft_slo
         tpot_miss = self.tpot_slo is not None and len(self.tpot) >= 4 and _p90(self.tpot) > self.tpot_slo
         if ttft_miss and not tpot_miss:
             self.share = min(1.0, self.share + STEP)
