@@ -54,7 +54,7 @@ def test_the_cost_model_recovers_a_steps_costs_and_caps_prefill_by_them():
 
 def test_the_controller_adjusts_every_few_steps_and_only_with_a_target():
     class Out:
-        items = []
+        items: tuple = ()
     idle = controller()
     assert idle.cost(Out()) is None
     for _ in range(2 * EVERY):

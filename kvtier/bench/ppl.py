@@ -71,10 +71,9 @@ def run(model, model_name: str, methods: list[str], contexts: list[int], eval_to
     """Every method (a cache spec or a peer) at every context, each against the fp32 dense
     cache on the same windows; each kvtier method also with every share of ``skips`` of the
     model's layers skipped (layer skipping; the baseline keeps every layer)."""
-    from kvtier.engine.engine import skipping
-
     from kvtier.bench import peers
     from kvtier.bench.data import windows
+    from kvtier.engine.engine import skipping
 
     chosen = {str(m): m for m in map(peers.method, methods)}  # canonical label -> spec or peer
     canon = list(chosen)
