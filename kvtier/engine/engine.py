@@ -276,7 +276,7 @@ class Engine:
         """Bytes held now, by tier (running caches, really counted, plus the prefix cache)."""
         store = self.runner.store
         if store is None:
-            held = sum(s.cache.nbytes() - s.cache.shared_bytes() for s in self.scheduler.running if s.cache is not None)
+            held = sum(s.cache.nbytes() - s.shared for s in self.scheduler.running if s.cache is not None)
             if self.prefixes is not None:
                 held += self.prefixes.nbytes
             return [(self.runner.device if isinstance(self.runner.device, str) else "cpu", held)]
