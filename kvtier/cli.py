@@ -25,6 +25,11 @@ TiersOpt = Annotated[str | None, typer.Option(help="where KV blocks may live, fa
                                                    "e.g. cpu:2GiB,disk:/path/to/dir:50GiB; end with ,recompute to "
                                                    "drop the coldest blocks and rebuild them from the token ids "
                                                    "(default: all in RAM)")]
+WeightsOpt = Annotated[str, typer.Option(help="weight format: dense (the compute dtype), q8 (8-bit groups, "
+                                              "GGUF Q8_0) or q4 (4-bit groups, GGUF Q4_1; a GGUF's own Q4 "
+                                              "tensors used as they are), multiplied packed")]
+WeightsListOpt = Annotated[list[str] | None, typer.Option("--weights", help="weight formats to compare: dense, "
+                                                          "q8, q4; repeat for more (default: dense)")]
 AttendOpt = Annotated[str, typer.Option(help="with --tiers: local (attention where each block lives), "
                                              "fetch (copy blocks to the first tier first) or split[:SHARE] "
                                              "(fetch that share of each lower tier's blocks, attend the rest "
@@ -52,6 +57,15 @@ def _shares(text: str, flag: str) -> list[float]:
     return sorted({0.0, *values})
 
 
+def _weight_formats(names: list[str] | None) -> list[str]:
+    from kvtier import weights
+
+    names = list(dict.fromkeys(names or ["dense"]))
+    for n in names:
+        weights.get(n)  # a bad name fails before any model loads
+    return names
+
+
 SkipOpt = Annotated[str, typer.Option("--skip-layers", help="also run with these shares of the middle layers "
                                       "skipped (layer skipping), comma-separated, e.g. 0.1,0.2,0.3")]
 
@@ -67,6 +81,7 @@ def generate(
     chat: Annotated[bool, typer.Option(help="wrap the prompt in the model's chat template")] = False,
     seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
     dtype: Annotated[str, typer.Option(help="compute dtype: auto (bf16 where the CPU/GPU has native bf16), fp32, bf16")] = "auto",
+    weights: WeightsOpt = "dense",
     tiers: TiersOpt = None,
     attend: AttendOpt = "local",
     prefetch: Annotated[bool, typer.Option(help="with a disk tier: ask the kernel to read the next layer's "
@@ -82,7 +97,7 @@ def generate(
     prompt = read_text("-") if prompt == "-" else check_text(prompt)
     from kvtier.api import LLM
 
-    llm = LLM(model=model, kv=kv, dtype=dtype, tiers=tiers, attend=attend, prefetch=prefetch)
+    llm = LLM(model=model, kv=kv, dtype=dtype, weights=weights, tiers=tiers, attend=attend, prefetch=prefetch)
     prefix = llm.load_cache(cache) if cache else None
     result = None
     for piece in llm.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature,
@@ -187,8 +202,10 @@ def bench_ppl(
     plot: Annotated[str | None, typer.Option(help="write a PNG: PPL increase vs bits per element (Pareto)")] = None,
     dtype: Annotated[str, typer.Option(help="compute dtype (fp32 isolates the cache's effect)")] = "fp32",
     skip_layers: SkipOpt = "0",
+    weights: WeightsListOpt = None,
 ):
-    """Perplexity with each cache (or peer) against the dense fp32 cache on the same tokens."""
+    """Perplexity with each cache (or peer) against the dense fp32 cache on the same tokens; with
+    several --weights, every format against the first one's dense cache."""
     from kvtier.bench import data, peers, ppl, report
     from kvtier.models import load
     from kvtier.progress import status
@@ -199,11 +216,15 @@ def bench_ppl(
         if isinstance(p := peers.method(m), peers.Peer):
             p.require()
     compute = compute_dtype(dtype)
+    formats = _weight_formats(weights)
     raw = data.load_text(text)
-    loaded = load(model, compute)
+    models = [load(model, compute, weights=w) for w in formats]
     with status("tokenizing the text"):
-        ids = loaded.tokenizer(raw, add_special_tokens=False).input_ids
-    rows = ppl.run(loaded.model, model, methods, contexts, eval_tokens, ids, windows, skips=skips)
+        ids = models[0].tokenizer(raw, add_special_tokens=False).input_ids
+    ours = [m for m in methods if not isinstance(peers.method(m), peers.Peer)]  # peers run once
+    rows = [r for i, m in enumerate(models)
+            for r in ppl.run(m.model, model, methods if i == 0 else ours, contexts, eval_tokens, ids, windows,
+                             skips=skips, reference=models[0].model)]
     report.show(report.ppl_table(rows))
     if json_path:
         report.write_json(json_path, rows)
@@ -250,6 +271,7 @@ def bench_speed(
     peer: Annotated[list[str] | None, typer.Option("--peers", help="also time a peer, e.g. "
                                                       "\"llamacpp(kv=f16)\"; repeat for more")] = None,
     skip_layers: SkipOpt = "0",
+    weights: WeightsListOpt = None,
 ):
     """Prefill and decode tok/s of kvtier against transformers' generate (DynamicCache) and peers."""
     from kvtier import spec as specs
@@ -267,8 +289,10 @@ def bench_speed(
         chosen.append(p)
     compute = compute_dtype(dtype)
     kvs = [str(specs.parse(k)) for k in (kv or [f"dense(dtype={dtype_name(compute)})"])]
+    formats = _weight_formats(weights)
     raw = data.load_text(text)
-    loaded = load(model, compute)
+    models = [load(model, compute, weights=w) for w in formats]
+    loaded = models[0]
     for c in contexts:
         if c > loaded.model.max_context or c <= new_tokens:
             raise KvtierError(f"--context {c} must be above --new-tokens {new_tokens} and at most "
@@ -276,8 +300,9 @@ def bench_speed(
     ids = loaded.tokenizer(raw, add_special_tokens=False).input_ids
     if len(ids) < max(contexts):
         raise KvtierError(f"the text has {len(ids)} tokens, fewer than --context {max(contexts)}")
-    with bar((1 + len(kvs) * len(skips) + len(chosen)) * repeats * len(contexts), f"speed {model}") as step:
-        rows = speed.run(loaded, contexts, ids, new_tokens, repeats, kvs, progress=step, peers=chosen, skips=skips)
+    with bar((1 + len(models) * len(kvs) * len(skips) + len(chosen)) * repeats * len(contexts),
+             f"speed {model}") as step:
+        rows = speed.run(models, contexts, ids, new_tokens, repeats, kvs, progress=step, peers=chosen, skips=skips)
     report.show(report.speed_table(rows))
     if chosen:
         report.show(report.peer_speed_table(rows))

@@ -72,6 +72,9 @@ class EngineConfig:
     kv: str = option("dense", "KV cache spec, see `kvtier methods`")
     dtype: str = option("auto", "compute dtype: auto (bf16 where the CPU/GPU has native bf16), fp32, bf16",
                         choices=("auto", "fp32", "bf16"))
+    weights: str = option("dense", "weight format: dense (the compute dtype), q8 (8-bit groups, GGUF Q8_0 "
+                          "layout) or q4 (4-bit groups, GGUF Q4_1; a GGUF's own Q4 tensors used as they "
+                          "are), multiplied packed", choices=("dense", "q8", "q4"))
     tiers: str | None = option(None, "where KV blocks may live, fastest first, with byte budgets, e.g. "
                                "cpu:2GiB,disk:/path:50GiB (default: all in RAM)")
     attend: str = option("local", "with --tiers: local, fetch or split[:SHARE]")

@@ -77,7 +77,7 @@ def test_a_cache_from_another_model_spec_or_dtype_is_refused(llama, gemma, tmp_p
         persist.open_prefix(path, ModelRunner(gemma, "int(bits=4,group=16)", block_size=16), "other")
     other = ours_from_hf(tiny_hf("llama"))
     with torch.no_grad():
-        other.w["model.embed_tokens.weight"][3] += 1  # one changed row: another model
+        other.w["model.embed_tokens.weight"].w[3] += 1  # one changed row: another model
     with pytest.raises(KvtierError, match="weights differ"):
         persist.open_prefix(path, ModelRunner(other, "int(bits=4,group=16)", block_size=16), "other")
     with pytest.raises(KvtierError, match=r"spec int\(bits=4.*run with --kv"):

@@ -56,7 +56,7 @@ def child(job: dict) -> dict:
     store = TierStore(job["tiers"], job["attend"], prefetch=job["prefetch"]) if job["tiers"] else None
     runner = ModelRunner(loaded.model, job["kv"], tiers=store)
     prefix = persist.open_prefix(job["prefix"], runner, job["model"])
-    model_bytes = sum(t.numel() * t.element_size() for t in loaded.model.w.values())
+    model_bytes = loaded.model.weight_bytes()
     speeds, moved, read, peaks, samples, recompute_tok_s = [], [], [], [], [], []
     for _ in range(job["repeats"]):
         cache = persist.restore(prefix, runner)

@@ -67,10 +67,12 @@ def score(runner: ModelRunner, wins: list[list[int]], eval_tokens: int, progress
 
 def run(model, model_name: str, methods: list[str], contexts: list[int], eval_tokens: int,
         ids: list[int], n_windows: int = 4, block_size: int = BLOCK_SIZE,
-        skips: list[float] = (0.0,)) -> list[dict]:
+        skips: list[float] = (0.0,), reference=None) -> list[dict]:
     """Every method (a cache spec or a peer) at every context, each against the fp32 dense
     cache on the same windows; each kvtier method also with every share of ``skips`` of the
-    model's layers skipped (layer skipping; the baseline keeps every layer)."""
+    model's layers skipped (layer skipping; the baseline keeps every layer). ``reference``: the
+    model that scores the baseline (default ``model``): the same model in dense weights when
+    ``model``'s are packed, so a row's ΔPPL is the weights' cost plus the cache's."""
     from kvtier.bench import peers
     from kvtier.bench.data import windows
     from kvtier.engine.engine import skipping
@@ -87,21 +89,24 @@ def run(model, model_name: str, methods: list[str], contexts: list[int], eval_to
     for c in contexts:
         wins = windows(ids, c, n_windows)
         runs = [(m, 0.0) for m in canon] + [(m, share) for share in skips if share for m in canon if m not in loaded]
-        total = (len([r for r in runs if r != (BASELINE, 0.0)]) + 1) * c * n_windows
+        total = (len([r for r in runs if r != (BASELINE, 0.0) or model is not (reference or model)]) + 1) \
+            * c * n_windows
         with bar(total, f"ppl {model_name} @ {c}") as step:
-            with skipping(model, 0.0):
-                base = score(ModelRunner(model, BASELINE, block_size), wins, eval_tokens, step)
+            ref = reference or model
+            with skipping(ref, 0.0):
+                base = score(ModelRunner(ref, BASELINE, block_size), wins, eval_tokens, step)
             for m, share in runs:
                 if m in loaded:
                     s = chosen[m].score(loaded[m], wins, eval_tokens, step)
-                elif m == BASELINE and not share:
+                elif m == BASELINE and not share and ref is model:
                     s = base
                 else:
                     with skipping(model, share):
                         s = score(ModelRunner(model, m, block_size), wins, eval_tokens, step)
                 rows.append({
                     "method": m, "model": model_name, "context": c, "eval_tokens": eval_tokens,
-                    "skip_layers": share,
+                    "skip_layers": share, "weights": "peer" if m in loaded else model.weight_format,
+                    "weight_bytes": None if m in loaded else model.weight_bytes(),
                     "windows": n_windows, "ppl": s.ppl, "dense_ppl": base.ppl,
                     "ppl_per_window": s.ppl_per_window, "dense_ppl_per_window": base.ppl_per_window,
                     "kv_bytes_per_token": s.kv_bytes / s.kv_tokens,

@@ -28,6 +28,8 @@ def ppl_table(rows: list[dict]) -> Table:
 def label(r: dict) -> str:
     """A row's method, marked when it is a peer (another tool measured the same way)."""
     name = r.get("method", r.get("kv"))
+    if r.get("weights") not in (None, "dense", "peer"):
+        name += f", {r['weights']} weights"
     if r.get("skip_layers"):
         name += f", {r['skip_layers']:.0%} of layers skipped"
     return f"{name} (peer)" if r.get("peer") else name

@@ -58,21 +58,24 @@ def transformers_timing(hf_model, prompt: list[int], new_tokens: int, cache=None
     return first - t0, (last - first) / max(new_tokens - 1, 1)
 
 
-def run(loaded, contexts: list[int], ids: list[int], new_tokens: int = 32, repeats: int = 3,
+def run(models, contexts: list[int], ids: list[int], new_tokens: int = 32, repeats: int = 3,
         kv: str | list[str] = "dense(dtype=fp32)", progress=None, peers: list = (),
         skips: list[float] = (0.0,)) -> list[dict]:
-    """kvtier against transformers: one row per cache spec, share of layers skipped (layer
-    skipping, ``skips``) and context (``vs_first``: decode speed against the first spec's with
-    every layer, same run), then each peer (one row per context)."""
+    """kvtier against transformers: one row per weight format (``models``: one loaded model per
+    format, or one), cache spec, share of layers skipped (layer skipping, ``skips``) and context
+    (``vs_first``: decode speed against the first row's at that context, same run), then each
+    peer (one row per context, against that first row)."""
     from transformers import AutoModelForCausalLM
 
     from kvtier.dtypes import dtype_name
     from kvtier.engine.engine import skipping
 
+    models = models if isinstance(models, (list, tuple)) else [models]
+    loaded = models[0]
     dtype = loaded.model.dtype  # transformers runs in the same compute dtype
     hf = AutoModelForCausalLM.from_pretrained(loaded.folder, dtype=dtype).eval()
     kvs = [kv] if isinstance(kv, str) else kv
-    variants = [(ModelRunner(loaded.model, k), share) for share in sorted({0.0, *skips}) for k in kvs]
+    variants = [(ModelRunner(m.model, k), share) for m in models for share in sorted({0.0, *skips}) for k in kvs]
     runners = [r for r, _ in variants]
     runner = runners[0]
     handles = [p.load(loaded.name) for p in peers]
@@ -82,7 +85,7 @@ def run(loaded, contexts: list[int], ids: list[int], new_tokens: int = 32, repea
         times_of, theirs, peers_t = [[] for _ in runners], [], [[] for _ in peers]
         for _ in range(repeats):  # interleaved, so drift in machine load hits every side
             for (r, share), times in zip(variants, times_of):
-                with skipping(loaded.model, share):
+                with skipping(r.model, share):
                     times.append(kvtier_timing(r, prompt, new_tokens))
                 if progress:
                     progress()
@@ -101,6 +104,7 @@ def run(loaded, contexts: list[int], ids: list[int], new_tokens: int = 32, repea
             d_ = statistics.median(1 / d for _, d in ours)
             first_kd = first_kd or d_
             rows.append({"model": loaded.name, "kv": str(r.spec), "skip_layers": share,
+                         "weights": r.model.weight_format, "weight_bytes": r.model.weight_bytes(),
                          "dtype": dtype_name(dtype), "context": c,
                          "new_tokens": new_tokens, "repeats": repeats,
                          "kvtier_prefill_tok_s": p_, "transformers_prefill_tok_s": tp,
@@ -115,6 +119,7 @@ def run(loaded, contexts: list[int], ids: list[int], new_tokens: int = 32, repea
             peer_rows.append({"model": loaded.name, "kv": str(p), "peer": True, "dtype": p.compute,
                               "context": c, "new_tokens": new_tokens, "repeats": repeats,
                               "prefill_tok_s": pp, "decode_tok_s": pd, "decode_ms": 1000 / pd,
-                              "kvtier_kv": str(runner.spec), "kvtier_prefill_tok_s": kp,
+                              "kvtier_kv": str(runner.spec), "kvtier_weights": runner.model.weight_format,
+                              "kvtier_prefill_tok_s": kp,
                               "kvtier_decode_tok_s": kd, "prefill_ratio": kp / pp, "decode_ratio": kd / pd})
     return rows + peer_rows

@@ -37,7 +37,8 @@ class Engine:
         self.default_kv = str(specs.parse(config.kv))  # a bad spec fails before the model loads
         store = TierStore(config.tiers, config.attend, prefetch=config.prefetch) if config.tiers else None
         self.budget = parse_size(config.kv_budget) if config.kv_budget else UNLIMITED
-        self.loaded = loaded or loader.load(config.model, compute_dtype(config.dtype))
+        self.loaded = loaded or loader.load(config.model, compute_dtype(config.dtype),
+                                                   weights=config.weights)
         self.model, self.tokenizer = self.loaded.model, self.loaded.tokenizer
         if config.skip_layers:
             self.model.skip = skipped_layers(self.model.n_layers, config.skip_layers)

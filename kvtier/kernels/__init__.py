@@ -26,7 +26,7 @@ import torch
 
 from kvtier.paths import cache_dir
 
-SOURCES = ("intattn.c", "batched.c")
+SOURCES = ("intattn.c", "batched.c", "qmatmul.c")
 HEADERS = ("intblock.h",)  # included by the sources: part of the build's hash
 # -ffast-math lets gcc vectorize the reductions and expf; it is given only when compiling,
 # never when linking, so the process's floating-point mode (crtfastmath) is left alone.
@@ -97,6 +97,12 @@ def _declare(lib: ctypes.CDLL) -> None:
     # q, n_seq, n_kv, g, d, parts, seq_parts, q_pos, lo, out, threads (kvtier.attention.batched)
     lib.kvtier_batched_decode.argtypes = [p, i, i, i, i, p, p, p, p, p, i]
     lib.kvtier_batched_decode.restype = i
+    # x, M, K, codes, d, m, N, bits, y, threads (kvtier.weights.quant)
+    lib.kvtier_qmatmul.argtypes = [p, l, l, p, p, p, l, i, p, i]
+    lib.kvtier_qmatmul.restype = i
+    # codes, d, m, N, K, bits, out, threads
+    lib.kvtier_qdequant.argtypes = [p, p, p, l, l, i, p, i]
+    lib.kvtier_qdequant.restype = i
 
 
 def int_attend(q: torch.Tensor, data: dict[str, torch.Tensor], bits: int, group: int):
@@ -130,3 +136,32 @@ def int_attend(q: torch.Tensor, data: dict[str, torch.Tensor], bits: int, group:
 def _rows_contiguous(t: torch.Tensor) -> bool:
     """Contiguous within each head (the head stride may be larger: a view of the pool)."""
     return t[0].is_contiguous()
+
+
+def qmatmul(x: torch.Tensor, codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None,
+            bits: int) -> torch.Tensor | None:
+    """``x (M, K) @ W^T`` in fp32 for group-quantized ``W (N, K)`` kept packed (see qmatmul.c):
+    codes ``(N, K/2)`` uint8 (4-bit) or ``(N, K)`` int8, d and m ``(N, K/32)`` fp16. Returns
+    ``(M, N)``, or None when the kernel is unavailable or does not handle these sizes."""
+    lib = library()
+    if lib is None or x.device.type != "cpu":
+        return None
+    x = x.float().contiguous()
+    n, k = d.shape[0], x.shape[1]
+    y = torch.empty((x.shape[0], n))
+    rc = lib.kvtier_qmatmul(x.data_ptr(), x.shape[0], k, codes.data_ptr(), d.data_ptr(),
+                            None if m is None else m.data_ptr(), n, bits, y.data_ptr(),
+                            torch.get_num_threads())
+    return y if rc == 0 else None
+
+
+def qdequant(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None, bits: int, k: int
+             ) -> torch.Tensor | None:
+    """The fp32 ``(N, K)`` weight of :func:`qmatmul`'s packed fields, or None (no kernel)."""
+    lib = library()
+    if lib is None or codes.device.type != "cpu":
+        return None
+    out = torch.empty((d.shape[0], k))
+    rc = lib.kvtier_qdequant(codes.data_ptr(), d.data_ptr(), None if m is None else m.data_ptr(),
+                             d.shape[0], k, bits, out.data_ptr(), torch.get_num_threads())
+    return out if rc == 0 else None

@@ -57,9 +57,10 @@ def fingerprint(model) -> str:
     h.update(json.dumps([c.model_type, model.n_layers, model.n_kv, model.head_dim,
                          getattr(c, "hidden_size", 0), getattr(c, "vocab_size", 0)]).encode())
     for name in sorted(model.w):
-        t = model.w[name].reshape(-1)
+        w = model.w[name]
+        t = (w if isinstance(w, torch.Tensor) else w.dense()).reshape(-1)  # packed: its values
         sample = t[:: max(1, t.numel() // 4096)].to(torch.bfloat16).float()
-        h.update(name.encode() + str(tuple(model.w[name].shape)).encode())
+        h.update(name.encode() + str(tuple(w.shape)).encode())
         h.update(sample.cpu().numpy().tobytes())
     model._fingerprint = h.hexdigest()[:32]
     return model._fingerprint

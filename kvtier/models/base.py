@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
+from kvtier import weights as weights_
 from kvtier.attention import attend, decode
 from kvtier.kv.cache import Part, SeqKV
 
@@ -133,14 +133,20 @@ class DecoderModel:
     max_context: int
     windows: list[int | None]
 
-    def __init__(self, hf_config, weights: dict[str, torch.Tensor]):
+    def __init__(self, hf_config, weights: dict[str, torch.Tensor], weight_format: str = "dense",
+                 raw: dict | None = None):
+        """``weights``: float tensors by Hugging Face name; every matrix becomes a
+        :class:`~kvtier.weights.Linear` in ``weight_format`` (``raw``: a GGUF's own packed
+        tensors, see :func:`kvtier.weights.pack`)."""
         self.dtype = weights["model.embed_tokens.weight"].dtype  # the compute dtype
-        # norms run in fp32 whatever the compute dtype (as transformers does)
         self.hf_config = hf_config
         self.key: str | None = None  # identifies the weights (set by the loader; None in memory)
         self.tokenizer = None
         self.skip: frozenset[int] = frozenset()  # layers skipped (EngineConfig.skip_layers)
-        self.w = {k: v.float() if "norm" in k else v for k, v in weights.items()}
+        self.weight_format = weight_format
+        # norms run in fp32 whatever the compute dtype (as transformers does)
+        self.w = weights_.pack({k: v.float() if "norm" in k else v for k, v in weights.items()},
+                               weight_format, raw, self.dtype)
 
     @torch.inference_mode()
     def forward(self, batch: Batch, logits: str = "last") -> torch.Tensor:
@@ -200,4 +206,9 @@ class DecoderModel:
         return o.reshape(o.shape[0], -1)
 
     def linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        return F.linear(x, self.w[name + ".weight"], self.w.get(name + ".bias"))
+        return self.w[name + ".weight"](x, self.w.get(name + ".bias"))
+
+    def weight_bytes(self) -> int:
+        """Bytes the weights hold, packed matrices at their packed size."""
+        return sum(w.nbytes if isinstance(w, weights_.Linear) else w.numel() * w.element_size()
+                   for w in self.w.values())

@@ -17,8 +17,8 @@ from kvtier.models.llama import Llama
 
 
 class Gemma3(Llama):
-    def __init__(self, hf_config, weights):
-        super().__init__(hf_config, weights)
+    def __init__(self, hf_config, weights, **kw):
+        super().__init__(hf_config, weights, **kw)
         c = hf_config
         self.windows = [c.sliding_window if t == "sliding_attention" else None for t in c.layer_types]
         self.scale = c.query_pre_attn_scalar ** -0.5
@@ -27,8 +27,7 @@ class Gemma3(Llama):
         self.act = lambda x: F.gelu(x, approximate="tanh")
 
     def embed(self, tokens):
-        table = self.w["model.embed_tokens.weight"]
-        return F.embedding(tokens, table) * self.embed_scale.to(table.dtype)
+        return self.w["model.embed_tokens.weight"].rows(tokens) * self.embed_scale.to(self.dtype)
 
     def norm(self, x, name):
         return rms_norm(x, self.w[name + ".weight"], self.eps, offset=1.0)
@@ -50,7 +49,7 @@ class Gemma3(Llama):
 
     def head(self, x):
         x = self.norm(x, "model.norm")
-        logits = F.linear(x, self.w.get("lm_head.weight", self.w["model.embed_tokens.weight"]))
+        logits = self.w.get("lm_head.weight", self.w["model.embed_tokens.weight"])(x)
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits

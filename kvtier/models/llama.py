@@ -10,11 +10,12 @@ import torch
 import torch.nn.functional as F
 
 from kvtier.models.base import Batch, DecoderModel, rms_norm, rope_for
+from kvtier.weights import cat
 
 
 class Llama(DecoderModel):
-    def __init__(self, hf_config, weights):
-        super().__init__(hf_config, weights)
+    def __init__(self, hf_config, weights, **kw):
+        super().__init__(hf_config, weights, **kw)
         c = hf_config
         self.n_layers, self.n_heads = c.num_hidden_layers, c.num_attention_heads
         self.n_kv = c.num_key_value_heads
@@ -29,7 +30,7 @@ class Llama(DecoderModel):
         _fuse(self.w, self.n_layers)
 
     def embed(self, tokens):
-        return F.embedding(tokens, self.w["model.embed_tokens.weight"])
+        return self.w["model.embed_tokens.weight"].rows(tokens)
 
     def layer(self, i, x, batch: Batch):
         p = f"model.layers.{i}."
@@ -61,14 +62,14 @@ class Llama(DecoderModel):
 
     def head(self, x):
         x = rms_norm(x, self.w["model.norm.weight"], self.eps)
-        return F.linear(x, self.w.get("lm_head.weight", self.w["model.embed_tokens.weight"]))
+        return self.w.get("lm_head.weight", self.w["model.embed_tokens.weight"])(x)
 
 
 def _fuse(w: dict[str, torch.Tensor], n_layers: int) -> None:
     """Fuse q/k/v and gate/up projections: one matmul each instead of three and two."""
     for i in range(n_layers):
         a, m = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
-        w[a + "qkv_proj.weight"] = torch.cat([w.pop(a + f"{x}_proj.weight") for x in "qkv"])
+        w[a + "qkv_proj.weight"] = cat([w.pop(a + f"{x}_proj.weight") for x in "qkv"])
         if a + "q_proj.bias" in w:
             w[a + "qkv_proj.bias"] = torch.cat([w.pop(a + f"{x}_proj.bias") for x in "qkv"])
-        w[m + "gate_up_proj.weight"] = torch.cat([w.pop(m + "gate_proj.weight"), w.pop(m + "up_proj.weight")])
+        w[m + "gate_up_proj.weight"] = cat([w.pop(m + "gate_proj.weight"), w.pop(m + "up_proj.weight")])

@@ -23,6 +23,7 @@ from kvtier.config import DEFAULT_MODEL  # noqa: F401  (defined once, with the e
 from kvtier.errors import KvtierError
 from kvtier.paths import cache_dir
 from kvtier.progress import status
+from kvtier.weights import gguf as formats_gguf
 
 FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "llama",
             "gemma3_text": "gemma3", "gemma3": "gemma3"}
@@ -77,8 +78,11 @@ def resolve(model: str) -> Path:
     return convert_gguf(path)
 
 
-def load(model: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device="cpu") -> Loaded:
-    """Load a model for kvtier's own forward."""
+def load(model: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device="cpu",
+         weights: str = "dense") -> Loaded:
+    """Load a model for kvtier's own forward, its matrices in weight format ``weights``
+    (``dense``, ``q8``, ``q4``: see :mod:`kvtier.weights`)."""
+    from kvtier import weights as formats
     from transformers import AutoConfig, AutoTokenizer
 
     from kvtier.models.gemma3 import Gemma3
@@ -91,10 +95,16 @@ def load(model: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device=
     if family is None:
         raise KvtierError(f"model type {config.model_type!r} is not supported yet; kvtier runs "
                           "the Llama family (llama, mistral, qwen2) and Gemma 3")
-    with status(f"loading {model}"):
-        weights = {k: v.to(device=device, dtype=dtype) for k, v in read_weights(folder).items()}
+    fmt = formats.get(weights)  # a bad name fails before the weights are read
+    with status(f"loading {model}" + (f" ({fmt.name} weights)" if fmt.name != "dense" else "")):
+        floats = read_weights(folder)
+        raw = {}
+        if fmt.name != "dense" and (gguf := formats_gguf.source(folder)):
+            raw = formats_gguf.raw_tensors(gguf, floats, config)
+        tensors = {k: v.to(device=device, dtype=dtype) for k, v in floats.items()}
+        del floats
         tokenizer = AutoTokenizer.from_pretrained(folder)
-    ours = {"llama": Llama, "gemma3": Gemma3}[family](config, weights)
+        ours = {"llama": Llama, "gemma3": Gemma3}[family](config, tensors, weight_format=fmt.name, raw=raw)
     ours.key, ours.tokenizer = folder.name, tokenizer  # calibration data is cached per model
     return Loaded(ours, tokenizer, folder, model)
 

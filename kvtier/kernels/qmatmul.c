@@ -1,0 +1,167 @@
+/* Matmul on group-quantized weights kept packed: y = x @ W^T.
+ *
+ * W is (N, K), quantized in groups of 32 along K with an fp16 scale d (and for 4-bit an fp16
+ * minimum m) per group, the layouts of GGUF Q8_0, Q4_0 and Q4_1:
+ *   bits=8: W[n, 32g + j] = d[n, g] * codes[n, 32g + j]           (int8 codes)
+ *   bits=4: W[n, 32g + j] = d[n, g] * q + m[n, g], q = codes[n, 16g + j] & 15 for j < 16
+ *                                                   and codes[n, 16g + j - 16] >> 4 for j >= 16
+ * The PyTorch reference beside it is kvtier.weights.quant.GroupQuant.dense (dequantize, then
+ * F.linear); tests/test_weights.py checks the two agree.
+ *
+ * Each output row is dequantized once into an fp32 row buffer (L1-resident) and dotted with
+ * every row of x, so the packed weights are read once per call whatever M is: decode of one
+ * sequence and of a batch of sequences both read the weights' bytes once per step.
+ */
+
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define KVT_AVX2 1
+#endif
+
+static inline float half_to_float(uint16_t h) {
+#ifdef KVT_AVX2
+    return _cvtsh_ss(h);
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0) {
+        if (man == 0) {
+            bits = sign;
+        } else {  /* subnormal: normalize */
+            exp = 127 - 15 + 1;
+            while (!(man & 0x400)) { man <<= 1; exp--; }
+            bits = sign | (exp << 23) | ((man & 0x3ff) << 13);
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7f800000 | (man << 13);
+    } else {
+        bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+#endif
+}
+
+/* One row of W (K values) into out. */
+static void dequant_row(const uint8_t *c, const uint16_t *d, const uint16_t *mn, int64_t K, int bits,
+                        float *out) {
+    int64_t groups = K / 32;
+    for (int64_t g = 0; g < groups; g++) {
+        float s = half_to_float(d[g]), m = mn ? half_to_float(mn[g]) : 0.0f;
+        float *o = out + 32 * g;
+#ifdef KVT_AVX2
+        __m256 vs = _mm256_set1_ps(s), vm = _mm256_set1_ps(m);
+        if (bits == 4) {
+            __m128i q = _mm_loadu_si128((const __m128i *)(c + 16 * g));
+            __m128i lo = _mm_and_si128(q, _mm_set1_epi8(15));
+            __m128i hi = _mm_and_si128(_mm_srli_epi16(q, 4), _mm_set1_epi8(15));
+            __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+            for (int p = 0; p < 4; p++) {
+                __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[p]));
+                _mm256_storeu_ps(o + 8 * p, _mm256_fmadd_ps(f, vs, vm));
+            }
+        } else {
+            const int8_t *q = (const int8_t *)c + 32 * g;
+            for (int p = 0; p < 4; p++) {
+                __m128i b = _mm_loadl_epi64((const __m128i *)(q + 8 * p));
+                _mm256_storeu_ps(o + 8 * p, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), vs));
+            }
+        }
+#else
+        if (bits == 4) {
+            const uint8_t *q = c + 16 * g;
+            for (int j = 0; j < 16; j++) {
+                o[j] = s * (float)(q[j] & 15) + m;
+                o[j + 16] = s * (float)(q[j] >> 4) + m;
+            }
+        } else {
+            const int8_t *q = (const int8_t *)c + 32 * g;
+            for (int j = 0; j < 32; j++) o[j] = s * (float)q[j];
+        }
+#endif
+    }
+}
+
+/* y[m] = dot(w, x[m]) for rows m of x (K a multiple of 32). */
+static void dot_rows(const float *w, const float *x, int64_t M, int64_t K, int64_t ldy, float *y) {
+    int64_t m = 0;
+#ifdef KVT_AVX2
+    for (; m + 4 <= M; m += 4) {  /* four rows share each load of w */
+        const float *x0 = x + m * K, *x1 = x0 + K, *x2 = x1 + K, *x3 = x2 + K;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+        for (int64_t k = 0; k < K; k += 16) {
+            __m256 w0 = _mm256_loadu_ps(w + k), w1 = _mm256_loadu_ps(w + k + 8);
+            a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x0 + k), a0);
+            b0 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x0 + k + 8), b0);
+            a1 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x1 + k), a1);
+            b1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x1 + k + 8), b1);
+            a2 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x2 + k), a2);
+            b2 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x2 + k + 8), b2);
+            a3 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x3 + k), a3);
+            b3 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x3 + k + 8), b3);
+        }
+        __m256 s[4] = {_mm256_add_ps(a0, b0), _mm256_add_ps(a1, b1), _mm256_add_ps(a2, b2), _mm256_add_ps(a3, b3)};
+        for (int t = 0; t < 4; t++) {
+            __m128 h = _mm_add_ps(_mm256_castps256_ps128(s[t]), _mm256_extractf128_ps(s[t], 1));
+            h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+            h = _mm_add_ss(h, _mm_movehdup_ps(h));
+            y[(m + t) * ldy] = _mm_cvtss_f32(h);
+        }
+    }
+    for (; m < M; m++) {
+        const float *xm = x + m * K;
+        __m256 a = _mm256_setzero_ps(), b = a, c = a, e = a;
+        for (int64_t k = 0; k < K; k += 32) {
+            a = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(xm + k), a);
+            b = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 8), _mm256_loadu_ps(xm + k + 8), b);
+            c = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 16), _mm256_loadu_ps(xm + k + 16), c);
+            e = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 24), _mm256_loadu_ps(xm + k + 24), e);
+        }
+        __m256 s = _mm256_add_ps(_mm256_add_ps(a, b), _mm256_add_ps(c, e));
+        __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+        h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_add_ss(h, _mm_movehdup_ps(h));
+        y[m * ldy] = _mm_cvtss_f32(h);
+    }
+#endif
+    for (; m < M; m++) {
+        const float *xm = x + m * K;
+        float acc[8] = {0};
+        for (int64_t k = 0; k < K; k += 8)
+            for (int j = 0; j < 8; j++) acc[j] += w[k + j] * xm[k + j];
+        float s = 0;
+        for (int j = 0; j < 8; j++) s += acc[j];
+        y[m * ldy] = s;
+    }
+}
+
+/* y (M, N) = x (M, K) @ W^T; returns 0, or -1 for sizes it does not handle (K % 32 != 0). */
+int kvtier_qmatmul(const float *x, int64_t M, int64_t K, const uint8_t *codes, const uint16_t *d,
+                   const uint16_t *mn, int64_t N, int bits, float *y, int threads) {
+    if (K % 32 != 0 || K > 16384 || (bits != 4 && bits != 8)) return -1;
+    int64_t row_bytes = bits == 4 ? K / 2 : K, groups = K / 32;
+    #pragma omp parallel num_threads(threads)
+    {
+        float w[16384] __attribute__((aligned(64)));
+        #pragma omp for schedule(static)
+        for (int64_t n = 0; n < N; n++) {
+            dequant_row(codes + n * row_bytes, d + n * groups, mn ? mn + n * groups : 0, K, bits, w);
+            dot_rows(w, x, M, K, N, y + n);
+        }
+    }
+    return 0;
+}
+
+/* W (N, K) dequantized to fp32 (for long prefill chunks, where a blocked sgemm wins). */
+int kvtier_qdequant(const uint8_t *codes, const uint16_t *d, const uint16_t *mn, int64_t N, int64_t K,
+                    int bits, float *out, int threads) {
+    if (K % 32 != 0 || (bits != 4 && bits != 8)) return -1;
+    int64_t row_bytes = bits == 4 ? K / 2 : K, groups = K / 32;
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < N; n++)
+        dequant_row(codes + n * row_bytes, d + n * groups, mn ? mn + n * groups : 0, K, bits, out + n * K);
+    return 0;
+}

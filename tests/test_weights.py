@@ -1,0 +1,186 @@
+"""Weight formats: packed layouts equal GGUF's, the native kernel equals the PyTorch reference,
+models run in every format, and SmolLM2's Q4_1 GGUF gives exactly the weights it holds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ours_from_hf, tiny_hf, tokens
+from kvtier import kernels, weights
+from kvtier.errors import KvtierError
+from kvtier.models.base import Batch
+from kvtier.weights.base import Dense
+from kvtier.weights.gguf import _packed, _rope_order, hf_name
+from kvtier.weights.quant import GroupQuant, dequantize, quantize
+
+
+def _gguf_bytes(w: np.ndarray, kind: str) -> np.ndarray:
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize as gq
+
+    return gq(w, GGMLQuantizationType[kind])
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_0", "Q4_1"])
+def test_gguf_blocks_read_as_gguf_dequantizes_them(kind):
+    """Our view of a GGUF tensor's bytes gives the values gguf-py's own dequantize gives."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize as gdq
+
+    w = np.random.default_rng(0).standard_normal((6, 96)).astype(np.float32)
+    raw = _gguf_bytes(w, kind)
+    packed = _packed(kind, raw)
+    assert packed.shape == (6, 96) and packed.bits == (8 if kind == "Q8_0" else 4)
+    expect = gdq(raw, GGMLQuantizationType[kind])
+    assert torch.equal(packed.dense(), torch.from_numpy(expect))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantize_round_trip_within_half_a_step(bits):
+    w = torch.randn(10, 128) * torch.linspace(0.01, 3, 128)  # groups of very different ranges
+    q = quantize(w, bits)
+    err = (q.dense() - w).abs().view(10, 4, 32)
+    step = q.d.float()[..., None]
+    # half a step, plus the scale's fp16 rounding (2^-11 relative) times the largest code
+    assert (err <= step * (0.5 + (127 if bits == 8 else 15) * 2 ** -11 * 1.01) + 1e-6).all()
+    assert q.nbytes == 10 * 128 * bits // 8 + 10 * 4 * 2 * (2 if bits == 4 else 1)
+
+
+@pytest.mark.parametrize("kind,bits", [("Q8_0", 8), ("Q4_1", 4)])
+def test_quantize_writes_the_bytes_gguf_writes(kind, bits):
+    w = np.random.default_rng(1).standard_normal((4, 64)).astype(np.float32)
+    ours = quantize(torch.from_numpy(w), bits)
+    theirs = _packed(kind, _gguf_bytes(w, kind))
+    assert torch.equal(ours.codes, theirs.codes) and torch.equal(ours.d, theirs.d)
+    assert ours.m is None if bits == 8 else torch.equal(ours.m, theirs.m)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 16, 33, 80])
+def test_packed_matmul_equals_reference(bits, rows):
+    """The native kernel (small M) and the dequantize + matmul path (large M) both equal
+    F.linear on the reference dequantization."""
+    torch.manual_seed(rows)
+    q = quantize(torch.randn(37, 96), bits)
+    x = torch.randn(rows, 96)
+    ref = x @ q.dense().T
+    out = q(x)
+    assert out.shape == (rows, 37)
+    assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4)
+    bias = torch.randn(37)
+    assert torch.allclose(q(x, bias), ref + bias, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(q(x.bfloat16()).float(), ref, atol=0.1, rtol=0.05)  # bf16 compute
+
+
+@pytest.mark.skipif(kernels.library() is None, reason="no C compiler: the reference is the only path")
+def test_kernel_ran_and_matches_torch_dequantize():
+    q = quantize(torch.randn(8, 64), 4)
+    y = kernels.qmatmul(torch.randn(2, 64), q.codes, q.d, q.m, 4)
+    assert y is not None
+    assert torch.equal(kernels.qdequant(q.codes, q.d, q.m, 4, 64), dequantize(q.codes, q.d, q.m, 4))
+
+
+def test_rows_and_cat_and_permute():
+    a, b = quantize(torch.randn(5, 64), 4), quantize(torch.randn(3, 64), 4)
+    ab = weights.cat([a, b])
+    assert torch.equal(ab.dense(), torch.cat([a.dense(), b.dense()]))
+    ids = torch.tensor([7, 0, 7, 2])
+    assert torch.equal(ab.rows(ids), ab.dense()[ids])
+    mixed = weights.cat([a, quantize(torch.randn(3, 64), 8)])
+    assert mixed.bits == 8 and mixed.shape == (8, 64)
+    assert torch.allclose(mixed.dense()[:5], a.dense(), atol=float(a.dense().abs().max()) / 127)
+    idx = _rope_order(8, 2)
+    assert sorted(idx.tolist()) == list(range(8))
+    assert torch.equal(ab.permute_rows(idx).dense(), ab.dense()[idx])
+
+
+def test_names_map_to_hugging_face():
+    assert hf_name("blk.3.attn_q.weight") == "model.layers.3.self_attn.q_proj.weight"
+    assert hf_name("blk.0.ffn_down.weight") == "model.layers.0.mlp.down_proj.weight"
+    assert hf_name("token_embd.weight") == "model.embed_tokens.weight"
+    assert hf_name("blk.0.attn_norm.weight") is None
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "qwen2"])
+@pytest.mark.parametrize("fmt", ["q8", "q4"])
+def test_model_runs_in_each_format_close_to_dense(family, fmt):
+    hf = tiny_hf(family)
+    dense, packed = ours_from_hf(hf), _packed_model(hf, fmt)
+    assert all(isinstance(w, GroupQuant) for k, w in packed.w.items() if k.endswith("proj.weight"))
+    assert packed.weight_bytes() < dense.weight_bytes() * (0.35 if fmt == "q8" else 0.25)
+    ids = tokens(40)
+    lp = _logits(packed, ids)
+    # the oracle: the dense forward on the packed weights' values (what the format rounded to)
+    from kvtier.weights.base import is_matrix
+    from kvtier.weights.q4 import EIGHT_BIT
+
+    def rounded(name, t):
+        if not is_matrix(name, t):
+            return t
+        return quantize(t, 8 if fmt == "q8" or any(e in name for e in EIGHT_BIT) else 4).dense()
+
+    ref = _from_state(hf, {k: rounded(k, v) for k, v in hf.state_dict().items()}, "dense")
+    assert torch.allclose(lp, _logits(ref, ids), atol=1e-4, rtol=1e-4)
+    # and against the float model: close for 8 bits (4 bits on random weights is far coarser)
+    ld = _logits(dense, ids)
+    if fmt == "q8":
+        assert (lp - ld).norm() / ld.norm() < 0.03
+
+
+def _packed_model(hf, fmt):
+    return _from_state(hf, hf.state_dict(), fmt)
+
+
+def _from_state(hf, state, fmt):
+    from kvtier.models.gemma3 import Gemma3
+    from kvtier.models.llama import Llama
+
+    w = {k: v.detach().clone() for k, v in state.items()}
+    cls = Gemma3 if hf.config.model_type.startswith("gemma3") else Llama
+    return cls(hf.config, w, weight_format=fmt)
+
+
+def _logits(model, ids):
+    from kvtier.engine import ModelRunner
+
+    runner = ModelRunner(model, "dense(dtype=fp32)")
+    cache = runner.new_cache()
+    return runner.feed([cache], [ids], logits="all")
+
+
+def test_dense_format_is_todays_tensors(llama):
+    w = llama.w["model.layers.0.self_attn.qkv_proj.weight"]
+    assert isinstance(w, Dense) and w.dtype == torch.float32
+
+
+def test_unknown_format_is_a_clear_error():
+    with pytest.raises(KvtierError, match="use one of dense, q8, q4|use one of"):
+        weights.get("q3")
+
+
+def test_smollm2_q4_is_exactly_its_gguf(smollm2):
+    """SmolLM2's Q4_1 GGUF: --weights q4 keeps its own bytes, so every matrix equals the one the
+    dense loader dequantized, and the weights hold about a fifth of the fp32 bytes."""
+    from kvtier.models import load
+
+    q4 = load("smollm2-135m", weights="q4").model
+    assert q4.weight_format == "q4"
+    for name, w in smollm2.model.w.items():
+        if isinstance(w, Dense):
+            got = q4.w[name]
+            assert isinstance(got, GroupQuant), name
+            assert got.bits == (8 if "embed" in name else 4), name
+            assert torch.equal(got.dense(), w.dense()), name
+    assert q4.weight_bytes() < 0.2 * smollm2.model.weight_bytes()
+    batch = Batch.of([_cache(smollm2.model)], [[1, 2, 3]])
+    a = smollm2.model.forward(batch)
+    b = q4.forward(Batch.of([_cache(q4)], [[1, 2, 3]]))
+    assert torch.allclose(a, b, atol=1e-3, rtol=1e-4)
+
+
+def _cache(model):
+    from kvtier.engine import ModelRunner
+
+    return ModelRunner(model, "dense(dtype=fp32)").new_cache()
