@@ -272,8 +272,11 @@ def bench_speed(
                                                       "\"llamacpp(kv=f16)\"; repeat for more")] = None,
     skip_layers: SkipOpt = "0",
     weights: WeightsListOpt = None,
+    profile: Annotated[bool, typer.Option(help="also split one decode step of each row: weight matmuls, "
+                                                "attention, KV store, the rest (Python, framework)")] = False,
 ):
-    """Prefill and decode tok/s of kvtier against transformers' generate (DynamicCache) and peers."""
+    """Prefill and decode tok/s of kvtier against transformers' generate (DynamicCache) and peers;
+    each row's bytes read per step as a share of this machine's measured read bandwidth."""
     from kvtier import spec as specs
     from kvtier.bench import data, peers, report, speed
     from kvtier.models import load
@@ -302,8 +305,11 @@ def bench_speed(
         raise KvtierError(f"the text has {len(ids)} tokens, fewer than --context {max(contexts)}")
     with bar((1 + len(models) * len(kvs) * len(skips) + len(chosen)) * repeats * len(contexts),
              f"speed {model}") as step:
-        rows = speed.run(models, contexts, ids, new_tokens, repeats, kvs, progress=step, peers=chosen, skips=skips)
+        rows = speed.run(models, contexts, ids, new_tokens, repeats, kvs, progress=step, peers=chosen, skips=skips,
+                         profile=profile)
     report.show(report.speed_table(rows))
+    if profile:
+        report.show(report.profile_table(rows))
     if chosen:
         report.show(report.peer_speed_table(rows))
     if json_path:

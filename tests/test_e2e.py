@@ -243,3 +243,23 @@ def test_cli_saved_cache_answers_like_the_whole_prompt(tmp_path):
     assert "922 tokens" in info.stdout and "int(bits=4" in info.stdout
     refused = run_cli("generate", "--kv", "int(bits=2)", "--dtype", "fp32", "--cache", str(out), "hi")
     assert refused.returncode == 2 and "run with --kv int(bits=4" in refused.stderr.strip().splitlines()[-1]
+
+
+def test_cli_bench_speed_weights_bandwidth_profile(tmp_path):
+    """--weights rows beside dense ones, each with its bytes per step against the measured read
+    bandwidth, and --profile's split of a decode step that adds up to the step."""
+    out = tmp_path / "speed.json"
+    r = run_cli("bench", "speed", "--context", "140", "--new-tokens", "4", "--repeats", "1",
+                "--weights", "dense", "--weights", "q4", "--profile", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    dense, q4 = json.loads(out.read_text())["results"]
+    assert (dense["weights"], q4["weights"]) == ("dense", "q4") and "q4 weights" in r.stdout
+    assert q4["weight_bytes"] < 0.4 * dense["weight_bytes"]  # 5 bits a weight against bf16/fp32
+    for row in (dense, q4):
+        assert row["bytes_per_step"] == row["weight_bytes"] + row["kv_bytes"] and row["kv_bytes"] > 0
+        assert row["stream_gb_s"] > 0 and row["bandwidth_share"] == pytest.approx(
+            row["bytes_per_step"] * row["kvtier_decode_tok_s"] / (row["stream_gb_s"] * 1e9))
+        p = row["profile_ms"]
+        assert p["weight matmuls"] > 0 and p["attention"] > 0
+        assert sum(v for k, v in p.items() if k != "step") == pytest.approx(p["step"], rel=1e-6)
+    assert "where a decode step goes" in r.stdout

@@ -42,13 +42,29 @@ def _bits(r: dict) -> str:
 def speed_table(rows: list[dict]) -> Table:
     t = Table(title="speed: kvtier vs transformers generate + DynamicCache (medians, same run)")
     for col in ("model", "dtype", "kv", "context", "prefill tok/s", "tf prefill", "ratio",
-                "decode tok/s", "tf decode", "ratio", "vs first kv"):
+                "decode tok/s", "tf decode", "ratio", "vs first", "MB/step", "of read BW"):
         t.add_column(col, justify="left" if col in ("model", "dtype", "kv") else "right")
     for r in (r for r in rows if not r.get("peer")):
+        share = r.get("bandwidth_share")
         t.add_row(r["model"], r["dtype"], label(r), str(r["context"]), f"{r['kvtier_prefill_tok_s']:.1f}",
                   f"{r['transformers_prefill_tok_s']:.1f}", f"{r['prefill_ratio']:.2f}x",
                   f"{r['kvtier_decode_tok_s']:.2f}", f"{r['transformers_decode_tok_s']:.2f}",
-                  f"{r['decode_ratio']:.2f}x", f"{r.get('vs_first', 1.0):.2f}x")
+                  f"{r['decode_ratio']:.2f}x", f"{r.get('vs_first', 1.0):.2f}x",
+                  f"{r['bytes_per_step'] / 1e6:,.0f}" if "bytes_per_step" in r else "-",
+                  f"{share:.0%} of {r['stream_gb_s']:.1f} GB/s" if share is not None else "-")
+    return t
+
+
+def profile_table(rows: list[dict]) -> Table:
+    """``bench speed --profile``: one decode step split by part, in ms and as a share."""
+    parts = list(dict.fromkeys(p for r in rows for p in r.get("profile_ms", {}) if p != "step"))
+    t = Table(title="where a decode step goes (ms per step, one profiled run after the timed ones)")
+    for col in ("model", "kv", "context", "step", *parts):
+        t.add_column(col, justify="left" if col in ("model", "kv") else "right")
+    for r in (r for r in rows if "profile_ms" in r):
+        p = r["profile_ms"]
+        t.add_row(r["model"], label(r), str(r["context"]), f"{p['step']:.1f}",
+                  *(f"{p.get(x, 0):.1f} ({p.get(x, 0) / p['step']:.0%})" for x in parts))
     return t
 
 

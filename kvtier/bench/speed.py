@@ -13,11 +13,13 @@ import time
 
 import torch
 
+from kvtier.bench.bandwidth import read_bandwidth
 from kvtier.engine import ModelRunner, sample
 
 
-def kvtier_timing(runner: ModelRunner, prompt: list[int], new_tokens: int) -> tuple[float, float]:
-    """(prefill seconds, seconds per decode step) for one greedy generation."""
+def kvtier_timing(runner: ModelRunner, prompt: list[int], new_tokens: int) -> tuple[float, float, int]:
+    """(prefill seconds, seconds per decode step, KV bytes held at the end) for one greedy
+    generation."""
     cache = runner.new_cache(reserve=len(prompt) + new_tokens)
     t0 = time.perf_counter()
     logits = runner.feed([cache], [prompt])
@@ -26,7 +28,25 @@ def kvtier_timing(runner: ModelRunner, prompt: list[int], new_tokens: int) -> tu
     for _ in range(new_tokens - 1):
         tok = sample(runner.feed([cache], [[int(tok)]]))
     t2 = time.perf_counter()
-    return t1 - t0, (t2 - t1) / max(new_tokens - 1, 1)
+    return t1 - t0, (t2 - t1) / max(new_tokens - 1, 1), cache.nbytes()
+
+
+def profiled_decode(runner: ModelRunner, prompt: list[int], new_tokens: int) -> dict[str, float]:
+    """Milliseconds per decode step by part (:class:`kvtier.profile.Profile`), one greedy run."""
+    from kvtier.profile import Profile
+
+    cache = runner.new_cache(reserve=len(prompt) + new_tokens)
+    tok = sample(runner.feed([cache], [prompt]))
+    runner.model.profile = profile = Profile()
+    try:
+        t0 = time.perf_counter()
+        for _ in range(new_tokens - 1):
+            tok = sample(runner.feed([cache], [[int(tok)]]))
+        total = time.perf_counter() - t0
+    finally:
+        runner.model.profile = None
+    steps = max(new_tokens - 1, 1)
+    return {part: 1000 * s / steps for part, s in profile.split(total).items()} | {"step": 1000 * total / steps}
 
 
 class _Clock:
@@ -60,7 +80,7 @@ def transformers_timing(hf_model, prompt: list[int], new_tokens: int, cache=None
 
 def run(models, contexts: list[int], ids: list[int], new_tokens: int = 32, repeats: int = 3,
         kv: str | list[str] = "dense(dtype=fp32)", progress=None, peers: list = (),
-        skips: list[float] = (0.0,)) -> list[dict]:
+        skips: list[float] = (0.0,), profile: bool = False) -> list[dict]:
     """kvtier against transformers: one row per weight format (``models``: one loaded model per
     format, or one), cache spec, share of layers skipped (layer skipping, ``skips``) and context
     (``vs_first``: decode speed against the first row's at that context, same run), then each
@@ -79,6 +99,7 @@ def run(models, contexts: list[int], ids: list[int], new_tokens: int = 32, repea
     runners = [r for r, _ in variants]
     runner = runners[0]
     handles = [p.load(loaded.name) for p in peers]
+    stream = read_bandwidth()
     rows, peer_rows = [], []
     for c in contexts:
         prompt = ids[:c - new_tokens]  # decoding ends at c tokens of context
@@ -100,8 +121,9 @@ def run(models, contexts: list[int], ids: list[int], new_tokens: int = 32, repea
         td = statistics.median(1 / d for _, d in theirs)
         first_kd = None
         for (r, share), ours in zip(variants, times_of):
-            p_ = statistics.median(len(prompt) / p for p, _ in ours)
-            d_ = statistics.median(1 / d for _, d in ours)
+            p_ = statistics.median(len(prompt) / p for p, _, _ in ours)
+            d_ = statistics.median(1 / d for _, d, _ in ours)
+            step_bytes = r.model.weight_bytes() + ours[-1][2]  # every weight and KV byte, once
             first_kd = first_kd or d_
             rows.append({"model": loaded.name, "kv": str(r.spec), "skip_layers": share,
                          "weights": r.model.weight_format, "weight_bytes": r.model.weight_bytes(),
@@ -111,7 +133,11 @@ def run(models, contexts: list[int], ids: list[int], new_tokens: int = 32, repea
                          "prefill_ratio": p_ / tp,
                          "kvtier_decode_tok_s": d_, "transformers_decode_tok_s": td,
                          "decode_ratio": d_ / td, "vs_first": d_ / first_kd,
-                         "kvtier_decode_ms": 1000 / d_, "transformers_decode_ms": 1000 / td})
+                         "kvtier_decode_ms": 1000 / d_, "transformers_decode_ms": 1000 / td,
+                         "kv_bytes": ours[-1][2], "bytes_per_step": step_bytes,
+                         "read_gb_s": step_bytes * d_ / 1e9, "stream_gb_s": stream / 1e9,
+                         "bandwidth_share": step_bytes * d_ / stream}
+                        | ({"profile_ms": profiled_decode(r, prompt, new_tokens)} if profile else {}))
         kp, kd = rows[-len(runners)]["kvtier_prefill_tok_s"], first_kd
         for p, times in zip(peers, peers_t):
             pp = statistics.median(len(prompt) / t for t, _ in times)

@@ -138,11 +138,70 @@ static void dot_rows(const float *w, const float *x, int64_t M, int64_t K, int64
     }
 }
 
+#ifdef KVT_AVX2
+/* One row of x (M = 1, a single decoding sequence): no row buffer. Each group's codes are
+ * dotted with x as integers-in-floats and scaled once, d * (q . x), and the minimum's share,
+ * m * sum(x over the group), comes from the group sums of x computed once per call. */
+static float dot_packed(const uint8_t *c, const uint16_t *d, const uint16_t *mn, const float *x,
+                        const float *xsum, int64_t K, int bits) {
+    int64_t groups = K / 32;
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0;
+    float tail = 0.0f;
+    for (int64_t g = 0; g < groups; g++) {
+        const float *xg = x + 32 * g;
+        __m256 f0, f1, f2, f3;
+        if (bits == 4) {
+            __m128i q = _mm_loadu_si128((const __m128i *)(c + 16 * g));
+            __m128i lo = _mm_and_si128(q, _mm_set1_epi8(15));
+            __m128i hi = _mm_and_si128(_mm_srli_epi16(q, 4), _mm_set1_epi8(15));
+            f0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+            f1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+            f2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+            f3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+            tail += half_to_float(mn[g]) * xsum[g];
+        } else {
+            const int8_t *q = (const int8_t *)c + 32 * g;
+            f0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)q)));
+            f1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + 8))));
+            f2 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + 16))));
+            f3 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + 24))));
+        }
+        __m256 t = _mm256_mul_ps(f0, _mm256_loadu_ps(xg));
+        t = _mm256_fmadd_ps(f1, _mm256_loadu_ps(xg + 8), t);
+        t = _mm256_fmadd_ps(f2, _mm256_loadu_ps(xg + 16), t);
+        t = _mm256_fmadd_ps(f3, _mm256_loadu_ps(xg + 24), t);
+        __m256 vd = _mm256_set1_ps(half_to_float(d[g]));
+        if (g & 1) acc1 = _mm256_fmadd_ps(t, vd, acc1);
+        else acc0 = _mm256_fmadd_ps(t, vd, acc0);
+    }
+    __m256 s = _mm256_add_ps(acc0, acc1);
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    return _mm_cvtss_f32(h) + tail;
+}
+#endif
+
 /* y (M, N) = x (M, K) @ W^T; returns 0, or -1 for sizes it does not handle (K % 32 != 0). */
 int kvtier_qmatmul(const float *x, int64_t M, int64_t K, const uint8_t *codes, const uint16_t *d,
                    const uint16_t *mn, int64_t N, int bits, float *y, int threads) {
     if (K % 32 != 0 || K > 16384 || (bits != 4 && bits != 8)) return -1;
     int64_t row_bytes = bits == 4 ? K / 2 : K, groups = K / 32;
+#ifdef KVT_AVX2
+    if (M == 1) {
+        float xsum[16384 / 32];
+        for (int64_t g = 0; g < groups; g++) {
+            float t = 0.0f;
+            for (int j = 0; j < 32; j++) t += x[32 * g + j];
+            xsum[g] = t;
+        }
+        #pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t n = 0; n < N; n++)
+            y[n] = dot_packed(codes + n * row_bytes, d + n * groups, mn ? mn + n * groups : 0, x, xsum, K,
+                              bits);
+        return 0;
+    }
+#endif
     #pragma omp parallel num_threads(threads)
     {
         float w[16384] __attribute__((aligned(64)));

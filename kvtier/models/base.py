@@ -144,6 +144,7 @@ class DecoderModel:
         self.tokenizer = None
         self.skip: frozenset[int] = frozenset()  # layers skipped (EngineConfig.skip_layers)
         self.weight_format = weight_format
+        self.profile = None  # a kvtier.profile.Profile while one is attached (bench speed --profile)
         # norms run in fp32 whatever the compute dtype (as transformers does)
         self.w = weights_.pack({k: v.float() if "norm" in k else v for k, v in weights.items()},
                                weight_format, raw, self.dtype)
@@ -165,6 +166,13 @@ class DecoderModel:
 
     def attention(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   batch: Batch, scale: float) -> torch.Tensor:
+        if self.profile is None:
+            return self._attention(i, q, k, v, batch, scale)
+        with self.profile.time("attention"):
+            return self._attention(i, q, k, v, batch, scale)
+
+    def _attention(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   batch: Batch, scale: float) -> torch.Tensor:
         """Attend each sequence's new tokens over its cache, and store their keys/values.
 
         A prefill chunk (n > 1) attends to its cache and to itself in full precision, then is
@@ -181,13 +189,13 @@ class DecoderModel:
             layer, start = cache.layers[i], cache.layers[i].length
             qs, ks, vs = (t[off:off + n].transpose(0, 1) for t in (q, k, v))  # (H, n, D)
             if n == 1:  # decode: the new token joins the residual block; attention below
-                layer.append(ks, vs)
+                self._store(layer, ks, vs)
                 decoding.append((len(outs), layer, start, off))
                 outs.append(None)
             else:
                 parts = layer.parts(n) + [Part(ks, vs, start)]
                 outs.append(attend(qs, parts, start, scale, window).transpose(0, 1))
-                layer.append(ks, vs)
+                self._store(layer, ks, vs)
                 layer.observe(qs, scale)  # a selector's cache sees the queries
             off += n
         if decoding:
@@ -205,8 +213,22 @@ class DecoderModel:
         o = outs[0] if len(outs) == 1 else torch.cat(outs)
         return o.reshape(o.shape[0], -1)
 
+    def _store(self, layer, k: torch.Tensor, v: torch.Tensor) -> None:
+        if self.profile is None:
+            layer.append(k, v)
+            return
+        with self.profile.time("kv store (codec encode)"):
+            layer.append(k, v)
+
     def linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        return self.w[name + ".weight"](x, self.w.get(name + ".bias"))
+        if self.profile is None:
+            return self.w[name + ".weight"](x, self.w.get(name + ".bias"))
+        with self.profile.time("weight matmuls"):
+            return self.w[name + ".weight"](x, self.w.get(name + ".bias"))
+
+    def output(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits from the final hidden states: the output matrix, or the tied embedding."""
+        return self.linear(x, "lm_head" if "lm_head.weight" in self.w else "model.embed_tokens")
 
     def weight_bytes(self) -> int:
         """Bytes the weights hold, packed matrices at their packed size."""

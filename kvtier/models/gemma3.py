@@ -49,7 +49,7 @@ class Gemma3(Llama):
 
     def head(self, x):
         x = self.norm(x, "model.norm")
-        logits = self.w.get("lm_head.weight", self.w["model.embed_tokens.weight"])(x)
+        logits = self.output(x)
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits

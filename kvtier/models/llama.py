@@ -62,7 +62,7 @@ class Llama(DecoderModel):
 
     def head(self, x):
         x = rms_norm(x, self.w["model.norm.weight"], self.eps)
-        return self.w.get("lm_head.weight", self.w["model.embed_tokens.weight"])(x)
+        return self.output(x)
 
 
 def _fuse(w: dict[str, torch.Tensor], n_layers: int) -> None:
