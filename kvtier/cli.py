@@ -222,9 +222,10 @@ def bench_ppl(
     with status("tokenizing the text"):
         ids = models[0].tokenizer(raw, add_special_tokens=False).input_ids
     ours = [m for m in methods if not isinstance(peers.method(m), peers.Peer)]  # peers run once
+    baselines: dict = {}
     rows = [r for i, m in enumerate(models)
             for r in ppl.run(m.model, model, methods if i == 0 else ours, contexts, eval_tokens, ids, windows,
-                             skips=skips, reference=models[0].model)]
+                             skips=skips, reference=models[0].model, baselines=baselines)]
     report.show(report.ppl_table(rows))
     if json_path:
         report.write_json(json_path, rows)

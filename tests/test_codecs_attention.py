@@ -32,7 +32,8 @@ def _stats(k, v, rope):
             for f, fn in (("absmax", lambda x: x.abs().amax(1)), ("rms", lambda x: x.pow(2).mean(1).sqrt()))}
 
 
-@pytest.mark.parametrize("name", [n for n, c in registry.methods().items() if c.kind == "codec"])
+@pytest.mark.parametrize("name", [n for n, c in registry.methods().items() if c.kind == "codec"]
+                         + ["rotatekv(bits=4,rope=post,rotate=32)"])
 def test_fast_attention_equals_reference_on_the_stored_cache(name):
     layer, k, v = filled(name)
     q = torch.randn(6, 1, 64)
@@ -73,3 +74,28 @@ def test_sinks_leave_a_sliding_layer_once_outside_its_window():
     decoded = [Part(*p.get(), p.start) for p in parts]
     torch.testing.assert_close(out, reference(q, decoded, layer.length - 3, 0.125, window=128),
                                atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["rotatekv(rope=post)", "rotatekv(bits=4,rope=post,rotate=32)"])
+def test_rotatekv_post_rope_attends_on_its_packed_codes(name):
+    """rope=post rotates the query, not the keys: its blocks are attended without decoding."""
+    layer, _, _ = filled(name)
+    assert not layer.codec.pre_rope and layer.codec.perm is not None
+    blocks = [p for p in layer.parts() if p.blocks is not None]
+    assert blocks
+    q = torch.randn(2, 3, 64)
+    pieces = layer.codec.attend(q, blocks[0].blocks.fields())
+    assert pieces is not None
+    m, l, o = pieces
+    k, v = layer.codec.decode(blocks[0].blocks.fields(), torch.float32)
+    s = q @ k.transpose(1, 2)
+    top = s.amax(-1, keepdim=True)
+    p = torch.exp(s - top)
+    torch.testing.assert_close(m, top, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(l, p.sum(-1, keepdim=True), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(o, p @ v, atol=1e-3, rtol=1e-4)
+    # and in attention: the packed path equals attention over the decoded cache
+    qa = torch.randn(6, 1, 64)
+    decoded = [Part(*part.get(), part.start) for part in layer.parts()]
+    torch.testing.assert_close(attend(qa, layer.parts(), layer.length - 1, 0.125),
+                               reference(qa, decoded, layer.length - 1, 0.125), atol=2e-5, rtol=1e-4)

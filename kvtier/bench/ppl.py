@@ -67,7 +67,7 @@ def score(runner: ModelRunner, wins: list[list[int]], eval_tokens: int, progress
 
 def run(model, model_name: str, methods: list[str], contexts: list[int], eval_tokens: int,
         ids: list[int], n_windows: int = 4, block_size: int = BLOCK_SIZE,
-        skips: list[float] = (0.0,), reference=None) -> list[dict]:
+        skips: list[float] = (0.0,), reference=None, baselines: dict | None = None) -> list[dict]:
     """Every method (a cache spec or a peer) at every context, each against the fp32 dense
     cache on the same windows; each kvtier method also with every share of ``skips`` of the
     model's layers skipped (layer skipping; the baseline keeps every layer). ``reference``: the
@@ -89,12 +89,15 @@ def run(model, model_name: str, methods: list[str], contexts: list[int], eval_to
     for c in contexts:
         wins = windows(ids, c, n_windows)
         runs = [(m, 0.0) for m in canon] + [(m, share) for share in skips if share for m in canon if m not in loaded]
-        total = (len([r for r in runs if r != (BASELINE, 0.0) or model is not (reference or model)]) + 1) \
-            * c * n_windows
+        ref = reference or model
+        known = baselines if baselines is not None else {}
+        total = (len([r for r in runs if r != (BASELINE, 0.0) or model is not ref])
+                 + ((id(ref), c) not in known)) * c * n_windows
         with bar(total, f"ppl {model_name} @ {c}") as step:
-            ref = reference or model
-            with skipping(ref, 0.0):
-                base = score(ModelRunner(ref, BASELINE, block_size), wins, eval_tokens, step)
+            if (id(ref), c) not in known:
+                with skipping(ref, 0.0):
+                    known[id(ref), c] = score(ModelRunner(ref, BASELINE, block_size), wins, eval_tokens, step)
+            base = known[id(ref), c]
             for m, share in runs:
                 if m in loaded:
                     s = chosen[m].score(loaded[m], wins, eval_tokens, step)

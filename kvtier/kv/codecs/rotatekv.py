@@ -19,6 +19,14 @@ which took SmolLM2 at 8K from +13.7 % to +5.7 % PPL at 2.68 bits per element. Th
 ``sinks`` tokens (attention sinks, which carry massive activations) and the newest tokens
 (the residual block plus ``residual``) are kept in 16 bits by the cache.
 
+With ``rope=post`` the rotation moves to where it commutes with attention: keys are stored
+after RoPE, and each KV head's channels are reordered and rotated within the head. A score is
+then ``q . k = (turn q) . (turn k)``, so each decode step rotates the query once instead of
+decoding and un-rotating every stored key, and the blocks are quantized as ``int`` stores them
+(keys per channel over the block, values per token), so attention runs on the packed codes in
+the native kernel; the output is rotated back once. Its quality cost against ``rope=pre`` is
+measured in docs/speed.md.
+
 The permutation and the key means are calibration data of the model (one per layer, computed
 once from a short real text, :mod:`kvtier.kv.calibration`); their bytes are counted once per
 layer.
@@ -36,6 +44,7 @@ import torch
 from kvtier.errors import KvtierError
 from kvtier.kv.codecs.base import Codec
 from kvtier.kv.codecs.blockscaled import hadamard
+from kvtier.kv.codecs.intq import Int
 from kvtier.kv.codecs.packing import pack, unpack_float
 from kvtier.registry import param, register
 
@@ -92,7 +101,6 @@ class RotateKV(Codec):
 
     name = "rotatekv"
     calibrated = True
-    pre_rope = True
     bits: int = param(2, "bits per key/value element", choices=(2, 3, 4))
     sinks: int = param(4, "first tokens kept in full precision (attention sinks)", min=0, max=64)
     residual: int = param(192, "newest tokens kept in 16 bits beyond the residual block", min=0, max=4096)
@@ -102,10 +110,27 @@ class RotateKV(Codec):
                         choices=(16, 32, 64, 128, 256, 512))
     group: int = param(64, "channels sharing one scale and zero point (per-token groups)", choices=(16, 32, 64))
     center: bool = param(False, "subtract each key channel's calibrated mean before rotating (added back on read)")
+    rope: str = param("pre", "where the rotation sits: pre (keys before RoPE, rotation across heads; decoded "
+                      "to attend) or post (after RoPE, within each head; attention on the packed codes)",
+                      choices=("pre", "post"), quiet=True)
     perm: torch.Tensor | None = field(default=None, init=False, compare=False, repr=False)  # per layer
     mean: torch.Tensor | None = field(default=None, init=False, compare=False, repr=False)  # (Hkv, D)
 
+    @property
+    def pre_rope(self) -> bool:  # the cache un-rotates keys before encoding them
+        return self.rope == "pre"
+
+    @property
+    def group_blocks(self) -> int:  # blocks attended at once: packed attention takes many
+        return Int.group_blocks if self.rope == "post" else Codec.group_blocks
+
+    def _inner(self) -> Int:
+        """``rope=post``: how the rotated blocks are stored and attended."""
+        return Int(bits=self.bits, group=self.group)
+
     def for_layer(self, ctx):
+        if self.rope == "post":
+            return self._for_layer_post(ctx)
         width = ctx.n_kv * ctx.head_dim
         if width % self.rotate:
             raise KvtierError(f"rotatekv: rotate={self.rotate} must divide n_kv_heads x head_dim = {width}")
@@ -122,10 +147,41 @@ class RotateKV(Codec):
             object.__setattr__(bound, "mean", ctx.stats["kpre_mean"].float().contiguous())
         return bound
 
+    def _for_layer_post(self, ctx):
+        if ctx.head_dim % self.rotate:
+            raise KvtierError(f"rotatekv(rope=post): rotate={self.rotate} must divide the head dimension "
+                              f"{ctx.head_dim} (the rotation stays within each head)")
+        if self.center:
+            raise KvtierError("rotatekv(rope=post) does not take center=true: a key mean after RoPE moves "
+                              "with the position")
+        if ctx.stats is None:
+            return self
+        rms = ctx.stats["k_rms"].float()  # (Hkv, D) post-RoPE key channels
+        blocks = ctx.head_dim // self.rotate
+        order = torch.argsort(rms, dim=1, descending=True)  # per head
+        perm = order.reshape(ctx.n_kv, self.rotate, blocks).transpose(1, 2).reshape(ctx.n_kv, -1)
+        bound = replace(self)
+        object.__setattr__(bound, "perm", perm.to(torch.int16))
+        return bound
+
+    def _turn_heads(self, x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        """``rope=post``: each head's channels reordered and rotated, ``(Hkv, N, D)`` fp32."""
+        h, n, d = x.shape
+        had = hadamard(self.rotate).to(x.device)
+        perm = None if self.perm is None else self.perm.long().to(x.device)[:, None, :].expand(h, n, d)
+        if not inverse:
+            if perm is not None:
+                x = x.gather(2, perm)
+            return (x.reshape(h, n, -1, self.rotate) @ had).reshape(h, n, d)
+        x = (x.reshape(h, n, -1, self.rotate) @ had).reshape(h, n, d)
+        return x if perm is None else torch.empty_like(x).scatter_(2, perm, x)
+
     def state_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.perm, self.mean) if t is not None)
 
     def fields(self, block_size, head_dim):
+        if self.rope == "post":
+            return self._inner().fields(block_size, head_dim)
         if head_dim % 8 or head_dim % self.group:
             raise KvtierError(f"rotatekv: head dimension {head_dim} must be a multiple of 8 and of group={self.group}")
         packed = head_dim * self.bits // 8
@@ -184,6 +240,11 @@ class RotateKV(Codec):
         return k.to(dtype), self.turn(v, inverse=True).to(dtype)
 
     def encode(self, k, v):
+        if self.rope == "post":
+            h, n, b, d = k.shape
+            kt = self._turn_heads(k.float().reshape(h, n * b, d)).reshape(h, n, b, d)
+            vt = self._turn_heads(v.float().reshape(h, n * b, d)).reshape(h, n, b, d)
+            return self._inner().encode(kt, vt)
         k, v = self.prepare(k, v)
         if self.keys == "channel":  # per channel over the block's tokens
             kq, ks, kz = quantize(k, self.bits, dim=2)
@@ -193,7 +254,21 @@ class RotateKV(Codec):
         vq, vs, vz = self._grouped(v)
         return {"k": kq, "k_scale": ks, "k_zero": kz, "v": vq, "v_scale": vs, "v_zero": vz}
 
+    def attend(self, q, data):
+        """``rope=post``: the query rotated like the keys, attention on the packed codes, the
+        output rotated back: ``q . k = (turn q) . (turn k)`` and ``turn`` is orthogonal."""
+        if self.rope != "post":
+            return None
+        pieces = self._inner().attend(self._turn_heads(q.float()).to(q.dtype), data)
+        if pieces is None:
+            return None
+        m, l, o = pieces
+        return m, l, self._turn_heads(o.float(), inverse=True)
+
     def decode(self, data, dtype):
+        if self.rope == "post":
+            k, v = self._inner().decode(data, torch.float32)
+            return self._turn_heads(k, inverse=True).to(dtype), self._turn_heads(v, inverse=True).to(dtype)
         if self.keys == "channel":
             kq = unpack_float(data["k"], self.bits)  # (Hkv, n, B, D)
             h, n, b, d = kq.shape
