@@ -100,6 +100,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     # x, M, K, codes, d, m, N, bits, y, threads (kvtier.weights.quant)
     lib.kvtier_qmatmul.argtypes = [p, l, l, p, p, p, l, i, p, i]
     lib.kvtier_qmatmul.restype = i
+    lib.kvtier_qmatmul_bf16.argtypes = [p, l, l, p, p, p, l, i, p, i]
+    lib.kvtier_qmatmul_bf16.restype = i
     # codes, d, m, N, K, bits, out, threads
     lib.kvtier_qdequant.argtypes = [p, p, p, l, l, i, p, i]
     lib.kvtier_qdequant.restype = i
@@ -140,18 +142,18 @@ def _rows_contiguous(t: torch.Tensor) -> bool:
 
 def qmatmul(x: torch.Tensor, codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None,
             bits: int) -> torch.Tensor | None:
-    """``x (M, K) @ W^T`` in fp32 for group-quantized ``W (N, K)`` kept packed (see qmatmul.c):
+    """``x (M, K) @ W^T`` (fp32, or bf16 in and out) for group-quantized ``W (N, K)`` kept packed (see qmatmul.c):
     codes ``(N, K/2)`` uint8 (4-bit) or ``(N, K)`` int8, d and m ``(N, K/32)`` fp16. Returns
     ``(M, N)``, or None when the kernel is unavailable or does not handle these sizes."""
     lib = library()
     if lib is None or x.device.type != "cpu":
         return None
-    x = x.float().contiguous()
+    call = lib.kvtier_qmatmul_bf16 if x.dtype == torch.bfloat16 else lib.kvtier_qmatmul
+    x = x.contiguous() if x.dtype == torch.bfloat16 else x.float().contiguous()
     n, k = d.shape[0], x.shape[1]
-    y = torch.empty((x.shape[0], n))
-    rc = lib.kvtier_qmatmul(x.data_ptr(), x.shape[0], k, codes.data_ptr(), d.data_ptr(),
-                            None if m is None else m.data_ptr(), n, bits, y.data_ptr(),
-                            torch.get_num_threads())
+    y = torch.empty((x.shape[0], n), dtype=x.dtype)
+    rc = call(x.data_ptr(), x.shape[0], k, codes.data_ptr(), d.data_ptr(),
+              None if m is None else m.data_ptr(), n, bits, y.data_ptr(), torch.get_num_threads())
     return y if rc == 0 else None
 
 

@@ -38,17 +38,17 @@ class GroupQuant(Linear):
         self.shape = (d.shape[0], d.shape[1] * GROUP)
 
     def __call__(self, x, bias=None):
-        lead, k = x.shape[:-1], x.shape[-1]
-        x2 = x.reshape(-1, k)
+        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         y = kernels.qmatmul(x2, self.codes, self.d, self.m, self.bits) if x2.shape[0] <= KERNEL_ROWS else None
         if y is None:
-            w = kernels.qdequant(self.codes, self.d, self.m, self.bits, k)
+            w = kernels.qdequant(self.codes, self.d, self.m, self.bits, x.shape[-1])
             w = self.dense() if w is None else w
             y = F.linear(x2, w.to(x.dtype))
-        y = y.to(x.dtype)
+        elif y.dtype != x.dtype:
+            y = y.to(x.dtype)
         if bias is not None:
             y = y + bias
-        return y.reshape(*lead, self.shape[0])
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.shape[0])
 
     def rows(self, ids):
         return dequantize(self.codes[ids], self.d[ids], None if self.m is None else self.m[ids],
