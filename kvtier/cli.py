@@ -112,7 +112,8 @@ def generate(
     print(f"[kvtier] kv {llm.spec}: {result.kv_bytes:,} bytes held for {result.kv_tokens} tokens "
           f"({result.kv_bytes_per_token:,.0f} B/token) | prompt {result.prompt_tokens} tokens, "
           f"prefill {result.prompt_tokens / max(result.prefill_s, 1e-9):.0f} tok/s | "
-          f"{n} new tokens, decode {n / max(result.decode_s, 1e-9):.1f} tok/s | {result.finish_reason}",
+          f"{n} new tokens, decode {n / max(result.decode_s, 1e-9):.1f} tok/s | weights {llm.model.weight_format} "
+          f"{llm.model.weight_bytes() / 1e6:,.0f} MB | {result.finish_reason}",
           file=sys.stderr)
     if llm.runner.store:
         store = llm.runner.store
