@@ -163,6 +163,22 @@ def test_cli_bench_ppl_writes_json_and_plot(tmp_path):
     assert png2.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_cli_bench_ppl_weights_against_the_dense_weights_baseline(tmp_path):
+    """--weights: each format's rows against one baseline, the dense weights' fp32 cache; SmolLM2's
+    q4 weights are its GGUF's own, so they score what the dense weights score."""
+    out = tmp_path / "ppl.json"
+    r = run_cli("bench", "ppl", "--methods", "dense(dtype=fp32)", "--weights", "dense", "--weights", "q4",
+                "--context", "160", "--eval-tokens", "16", "--windows", "1", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    dense, q4 = json.loads(out.read_text())["results"]
+    assert (dense["weights"], q4["weights"]) == ("dense", "q4") and "q4 weights" in r.stdout
+    assert dense["dense_ppl"] == q4["dense_ppl"] == dense["ppl"]  # one baseline, scored once
+    assert q4["ppl"] == pytest.approx(dense["ppl"], rel=1e-4)
+    assert q4["weight_bytes"] < 0.2 * dense["weight_bytes"]
+    r = run_cli("bench", "ppl", "--methods", "dense", "--weights", "q3")
+    assert r.returncode == 2 and "use one of dense, q4, q8" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_cli_bench_speed(tmp_path):
     out = tmp_path / "speed.json"
     r = run_cli("bench", "speed", "--context", "140", "--new-tokens", "4", "--repeats", "1",
