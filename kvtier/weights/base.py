@@ -3,6 +3,8 @@ that makes them."""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 import torch.nn.functional as F
 
@@ -12,7 +14,7 @@ def is_matrix(name: str, w: torch.Tensor) -> bool:
     return w.dim() == 2 and "norm" not in name
 
 
-class Linear:
+class Linear(ABC):
     """One weight matrix ``W (N, K)``, however it is held.
 
     ``lin(x, bias)``: ``x (M, K) -> (M, N)`` in ``x``'s dtype; ``lin.rows(ids)``: rows of W as an
@@ -23,22 +25,27 @@ class Linear:
     shape: tuple[int, int]
     dtype: torch.dtype  # the compute dtype
 
+    @abstractmethod
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        raise NotImplementedError
+        """``x (M, K) -> (M, N)``."""
 
+    @abstractmethod
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Rows ``ids`` of W."""
 
+    @abstractmethod
     def dense(self) -> torch.Tensor:
-        raise NotImplementedError
+        """W in fp32."""
 
     @property
+    @abstractmethod
     def nbytes(self) -> int:
-        raise NotImplementedError
+        """Bytes held."""
 
     @classmethod
+    @abstractmethod
     def cat(cls, parts: list[Linear]) -> Linear:
-        raise NotImplementedError
+        """Matrices stacked along their output rows."""
 
 
 class Dense(Linear):
@@ -67,12 +74,13 @@ class Dense(Linear):
         return cls(torch.cat([p.w for p in parts]))
 
 
-class Format:
+class Format(ABC):
     """How a format packs one matrix. ``raw``: the GGUF's own packed tensor of that name when
     the model came from one (a :class:`~kvtier.weights.quant.GroupQuant`), else None."""
 
     name: str
     help: str
 
+    @abstractmethod
     def pack(self, name: str, w: torch.Tensor, raw, dtype: torch.dtype) -> Linear:
-        raise NotImplementedError
+        """``w`` (float, ``(N, K)``) as this format's :class:`Linear`."""

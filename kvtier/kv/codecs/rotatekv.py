@@ -37,6 +37,7 @@ Outlier-Aware Adaptive Rotations", 2025, https://arxiv.org/abs/2501.16383
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -124,8 +125,9 @@ class RotateKV(Codec):
     def group_blocks(self) -> int:  # blocks attended at once: packed attention takes many
         return Int.group_blocks if self.rope == "post" else Codec.group_blocks
 
+    @functools.cached_property
     def _inner(self) -> Int:
-        """``rope=post``: how the rotated blocks are stored and attended."""
+        """``rope=post``: how the rotated blocks are stored and attended (made once per codec)."""
         return Int(bits=self.bits, group=self.group)
 
     def for_layer(self, ctx):
@@ -181,7 +183,7 @@ class RotateKV(Codec):
 
     def fields(self, block_size, head_dim):
         if self.rope == "post":
-            return self._inner().fields(block_size, head_dim)
+            return self._inner.fields(block_size, head_dim)
         if head_dim % 8 or head_dim % self.group:
             raise KvtierError(f"rotatekv: head dimension {head_dim} must be a multiple of 8 and of group={self.group}")
         packed = head_dim * self.bits // 8
@@ -244,7 +246,7 @@ class RotateKV(Codec):
             h, n, b, d = k.shape
             kt = self._turn_heads(k.float().reshape(h, n * b, d)).reshape(h, n, b, d)
             vt = self._turn_heads(v.float().reshape(h, n * b, d)).reshape(h, n, b, d)
-            return self._inner().encode(kt, vt)
+            return self._inner.encode(kt, vt)
         k, v = self.prepare(k, v)
         if self.keys == "channel":  # per channel over the block's tokens
             kq, ks, kz = quantize(k, self.bits, dim=2)
@@ -259,7 +261,7 @@ class RotateKV(Codec):
         output rotated back: ``q . k = (turn q) . (turn k)`` and ``turn`` is orthogonal."""
         if self.rope != "post":
             return None
-        pieces = self._inner().attend(self._turn_heads(q.float()).to(q.dtype), data)
+        pieces = self._inner.attend(self._turn_heads(q.float()).to(q.dtype), data)
         if pieces is None:
             return None
         m, l, o = pieces
@@ -267,7 +269,7 @@ class RotateKV(Codec):
 
     def decode(self, data, dtype):
         if self.rope == "post":
-            k, v = self._inner().decode(data, torch.float32)
+            k, v = self._inner.decode(data, torch.float32)
             return self._turn_heads(k, inverse=True).to(dtype), self._turn_heads(v, inverse=True).to(dtype)
         if self.keys == "channel":
             kq = unpack_float(data["k"], self.bits)  # (Hkv, n, B, D)
