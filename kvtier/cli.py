@@ -31,9 +31,10 @@ WeightsOpt = Annotated[str, typer.Option(help="weight format: dense (the compute
 WeightsListOpt = Annotated[list[str] | None, typer.Option("--weights", help="weight formats to compare: dense, "
                                                           "q8, q4; repeat for more (default: dense)")]
 AttendOpt = Annotated[str, typer.Option(help="with --tiers: local (attention where each block lives), "
-                                             "fetch (copy blocks to the first tier first) or split[:SHARE] "
+                                             "fetch (copy blocks to the first tier first), split[:SHARE] "
                                              "(fetch that share of each lower tier's blocks, attend the rest "
-                                             "in place, side by side)")]
+                                             "in place, side by side) or auto (kvtier plan's cost model "
+                                             "picks per tier)")]
 
 
 def _ints(text: str, flag: str) -> list[int]:
@@ -118,7 +119,7 @@ def generate(
     if llm.runner.store:
         store = llm.runner.store
         placed = ", ".join(f"{t.kind} {b:,}" for t, b in zip(store.tiers, result.kv_bytes_by_tier))
-        print(f"[kvtier] tiers {store} (attend={store.attend}): blocks at the end: {placed} bytes | "
+        print(f"[kvtier] tiers {store} (attend={store.describe_attend()}): blocks at the end: {placed} bytes | "
               f"moved between tiers {store.traffic.moved:,} bytes, read from disk {store.traffic.disk_read:,} bytes"
               + (f", recomputed {store.traffic.recomputed:,} tokens in {store.traffic.recompute_s:.1f} s"
                  if store.recomputes else ""), file=sys.stderr)

@@ -77,7 +77,7 @@ class EngineConfig:
                           "are), multiplied packed", choices=("dense", "q8", "q4"))
     tiers: str | None = option(None, "where KV blocks may live, fastest first, with byte budgets, e.g. "
                                "cpu:2GiB,disk:/path:50GiB (default: all in RAM)")
-    attend: str = option("local", "with --tiers: local, fetch or split[:SHARE]")
+    attend: str = option("local", "with --tiers: local, fetch, split[:SHARE] or auto (the cost model picks)")
     prefetch: bool = option(False, "with a disk tier: read the next layer's blocks ahead")
     block_size: int = option(BLOCK_SIZE, "tokens per KV block", min=8, max=1024)
     max_batched_tokens: int = option(2048, "tokens per forward step: decode tokens first, then prefill chunks",

@@ -90,7 +90,8 @@ def child(job: dict) -> dict:
             "prefetched_bytes": store.prefetcher.nbytes if store and store.prefetcher else 0,
             "peak_rss_bytes": max(peaks), "rss_before_decode_bytes": before, "model_bytes": model_bytes,
             "kv_bytes": kv_bytes, "kv_bytes_by_tier": by_tier, "rss_samples": samples,
-            "recompute_tok_s": statistics.median(recompute_tok_s) if recompute_tok_s else None}
+            "recompute_tok_s": statistics.median(recompute_tok_s) if recompute_tok_s else None,
+            "attend_chosen": store.describe_attend() if store else None}
 
 
 def evict(cache) -> None:
@@ -210,7 +211,8 @@ def _fields(got: dict, ram_tok_s: float) -> dict:
             "disk_read_per_token": got["disk_read_per_token"], "prefetched_bytes": got["prefetched_bytes"],
             "peak_rss_bytes": got["peak_rss_bytes"], "model_bytes": got["model_bytes"],
             "kv_bytes": got["kv_bytes"], "kv_bytes_by_tier": got["kv_bytes_by_tier"],
-            "decode_tok_s_runs": got["decode_tok_s_runs"], "recompute_tok_s": got["recompute_tok_s"]}
+            "decode_tok_s_runs": got["decode_tok_s_runs"], "recompute_tok_s": got["recompute_tok_s"],
+            "attend_chosen": got.get("attend_chosen")}
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ class ModelRunner:
         self.store = tiers if isinstance(tiers, TierStore) else TierStore(tiers, attend, device) if tiers else None
         if self.store:
             self.store.runner = self  # a recompute tier reruns this model
+            self.store.choose(model, self.spec)  # attend=auto: the cost model picks per tier
         if len(self.spec.selectors) > 1:
             raise KvtierError(f"spec {self.spec}: give one selector (then a codec), e.g. 'snapkv(ratio=0.5)+int(bits=4)'")
         if self.spec.selectors and self.store:

@@ -391,19 +391,16 @@ class LayerKV:
         return [Part(self.residual_k[:, :r].to(self.dtype), self.residual_v[:, :r].to(self.dtype), self.length - r)]
 
     def _placed(self, runs: list[tuple[int, int]]) -> list[tuple[int, int, bool]]:
-        """``(first index, count, fetch)``: whether each run is copied to the first tier before
-        attention — never (``attend=local``), every run off the first tier (``fetch``), or, for
-        ``split``, the oldest ``share`` of each such run, the rest attended in place side by side
-        (one copy and one in-place part per run: few launches, long transfers)."""
+        """``(first index, count, fetch)``: the oldest share of each run off the first tier is
+        copied to the first tier before attention, the rest attended in place side by side
+        (one copy and one in-place part per run: few launches, long transfers). The share is
+        the store's for that tier: 0 for ``attend=local``, 1 for ``fetch``, SHARE for ``split``."""
         if self.home is None:
             return [(j, n, False) for j, n in runs]
-        store, out = self.home.store, []
+        shares, out = self.home.store.shares, []
         for j, n in runs:
-            lower = self.where[j] > 0
-            if store.attend != "split" or not lower:
-                out.append((j, n, lower and store.attend == "fetch"))
-                continue
-            cut = int(store.share * n + 0.5)
+            tier = self.where[j]
+            cut = int(shares[tier - 1] * n + 0.5) if tier > 0 else 0
             out += [(j, cut, True)] if cut else []
             out += [(j + cut, n - cut, False)] if cut < n else []
         return out

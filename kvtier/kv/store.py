@@ -56,14 +56,19 @@ class TierStore:
     Parameters
     ----------
     tiers : a tier spec (``"cpu:2GiB,disk:/path:50GiB"``) or parsed :class:`Tier` list.
-    attend : ``local`` (attention where blocks live) or ``fetch`` (copy them to the first tier).
+    attend : ``local`` (attention where blocks live), ``fetch`` (copy them to the first tier),
+        ``split:SHARE`` (fetch that share of each lower tier's runs) or ``auto`` (the cost model,
+        :mod:`kvtier.plan`, picks one of those per tier when the runner attaches: :meth:`choose`).
     compute : the device the model runs on.
     """
 
     def __init__(self, tiers: str | list[Tier], attend: str = "local", compute: torch.device | str = "cpu",
                  prefetch: bool = False):
         self.tiers = tierspec.parse(tiers, compute) if isinstance(tiers, str) else list(tiers)
-        self.attend, self.share = tierspec.parse_attend(attend)
+        self.attend, share = tierspec.parse_attend(attend)
+        # per lower tier: the share of its runs copied to the first tier (0 local, 1 fetch)
+        self.shares = [share] * (len(self.tiers) - 1)
+        self.decision = None  # attend=auto: the cost model's decision, with its numbers
         self.compute = torch.device(compute)
         self.writer = None
         self.prefetcher = None
@@ -85,6 +90,22 @@ class TierStore:
 
     def __str__(self) -> str:
         return ",".join(str(t) for t in self.tiers)
+
+    def choose(self, model, kv, context: int | None = None) -> None:
+        """``attend=auto``: let the cost model pick local, fetch or a split share for each
+        lower tier, for ``model`` with cache spec ``kv`` on this machine (its probe, or the
+        shipped file for this CPU class), and say what it chose and why."""
+        if self.attend != "auto":
+            return
+        from kvtier.plan import auto_attend
+
+        self.shares, self.decision = auto_attend(model, kv, self, context)
+        note(f"attend=auto: {self.decision.choice} ({self.decision.because})")
+
+    def describe_attend(self) -> str:
+        if self.attend != "auto" or self.decision is None:
+            return self.attend
+        return f"auto: {self.decision.choice}"
 
     def sequence(self) -> SeqTiers:
         return SeqTiers(self, next(self._ids))

@@ -23,15 +23,16 @@ UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000 ** 2, "mb": 1000 ** 2, 
          "gib": 1 << 30, "tib": 1 << 40}
 ORDER = ("gpu", "cpu", "disk", "recompute")  # fastest first; recompute: dropped, rebuilt from token ids
 UNLIMITED = 1 << 62
-ATTEND = ("local", "fetch", "split")
+ATTEND = ("local", "fetch", "split", "auto")  # auto: the cost model picks per tier (kvtier.plan)
 SHARE = 0.6  # split: the share of each lower tier's blocks fetched (the rest attended in place)
 
 
 def parse_attend(text: str) -> tuple[str, float]:
-    """``local``, ``fetch``, ``split`` or ``split:0.6`` -> (mode, share of lower-tier blocks fetched)."""
+    """``local``, ``fetch``, ``split``, ``split:0.6`` or ``auto`` -> (mode, share of lower-tier
+    blocks fetched; for ``auto`` 0 until the cost model has chosen)."""
     mode, _, share = text.partition(":")
     if mode not in ATTEND or (share and mode != "split"):
-        raise KvtierError(f"attend={text!r}: use local, fetch or split[:SHARE] (e.g. split:0.6)")
+        raise KvtierError(f"attend={text!r}: use local, fetch, split[:SHARE] (e.g. split:0.6) or auto")
     if not share:
         return mode, SHARE if mode == "split" else float(mode == "fetch")
     try:
