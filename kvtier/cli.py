@@ -593,6 +593,33 @@ def _register_serve() -> None:
 _register_serve()
 
 
+def _plan(files: list[str] | None = None, **kwargs):
+    """Predict a decode step (or prefill chunk) operation by operation — bytes, FLOPs, Op/B and
+    time on this machine's measured hardware — and choose where each runs: the attend mode per
+    tier, the device split, a codec for a KV budget, the largest batch for an SLO. --probe
+    measures this machine; --validate compares predictions with kvtier's bench JSON."""
+    from kvtier.config import PlanConfig
+    from kvtier.plan.report import run
+
+    (cfg,) = split(kwargs, PlanConfig)
+    run(cfg, files or [])
+
+
+def _register_plan() -> None:
+    import inspect
+
+    from kvtier.config import PlanConfig
+
+    files = inspect.Parameter("files", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
+                              annotation=Annotated[list[str] | None, typer.Argument(
+                                  help="with --validate: bench JSON files (bench speed, bench offload, "
+                                       "the GPU scripts' results)", show_default=False)])
+    app.command("plan", help=_plan.__doc__)(command([files, *flags(PlanConfig)], _plan))
+
+
+_register_plan()
+
+
 def main() -> None:
     # typer handles usage errors (exit 2) and --help; kvtier's own errors become one line here
     try:

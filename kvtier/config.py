@@ -148,3 +148,46 @@ class ServerConfig:
     read_timeout: float = option(30.0, "seconds a client may take to send its request", min=0.1, max=3600)
     cache: str | None = option(None, "a file from `kvtier cache save` loaded into the prefix cache at start",
                                flag="--cache")
+
+
+@dataclass
+class PlanConfig:
+    """What `kvtier plan` predicts: one decode step (or prefill chunk) of a model with a cache
+    spec, weight format and tier layout, on a machine's measured or described hardware."""
+
+    model: str = option(DEFAULT_MODEL, "a model kvtier can load (its config only) or a named shape: "
+                        "llama3-8b, llama3-70b", flag="--model")
+    context: int = option(8192, "tokens in each sequence's cache", min=1, max=1 << 24)
+    batch: int = option(1, "sequences decoding together", min=1, max=1 << 16)
+    kv: str = option("dense", "KV cache spec (a codec; see `kvtier methods`)")
+    weights: str = option("dense", "weight format: dense, q8 or q4", choices=("dense", "q8", "q4"))
+    dtype: str = option("bf16", "compute dtype", choices=("fp32", "bf16"))
+    tiers: str | None = option(None, "tier layout as --tiers takes it, e.g. cpu:64MiB,disk:/path:50GiB "
+                               "(default: all in the compute device's memory)")
+    attend: str = option("auto", "with --tiers: auto (choose per tier), local, fetch or split[:SHARE]")
+    page_cache: str = option("warm", "a disk tier's pages: warm (in the page cache) or cold",
+                             choices=("warm", "cold"))
+    phase: str = option("decode", "plan a decode step or one prefill chunk", choices=("decode", "prefill"))
+    chunk: int = option(2048, "prefill chunk tokens (with --phase prefill)", min=1, max=1 << 20)
+    hardware: str = option("this", "this (the probe's cache, else the shipped file for this CPU class), "
+                           "a shipped file (cpu-2core, h200, pim-gpt, duplex-logic-pim) or a TOML path")
+    probe: bool = option(False, "measure this machine (about a minute) and cache it as --hardware this")
+    tier_folder: str | None = option(None, "with --probe: the disk tier folder to measure (default: the "
+                                     "temporary folder)")
+    validate: bool = option(False, "predict every row of the bench JSON files given as arguments and "
+                            "compare with what was measured")
+    kv_budget: str | None = option(None, "choose the codec: the cheapest whose KV fits this many bytes "
+                                   "(e.g. 64MiB) within --ppl-bound")
+    ppl_bound: float = option(3.0, "with --kv-budget: the largest PPL increase allowed, in percent",
+                              min=0.0, max=1000.0)
+    ppl: str | None = option(None, "with --kv-budget: a `kvtier bench ppl --json` file (default: the "
+                             "table shipped with kvtier, SmolLM2 at 8K)")
+    slo_tpot: float | None = option(None, "find the largest batch whose decode step meets this time per "
+                                    "output token, in milliseconds", min=0.001, max=1e6)
+    machines: int | None = option(None, "simulate a sequence's KV split over this many machines "
+                                  "(DistAttention; default: the hardware file's count)", min=1, max=4096)
+    json: str | None = option(None, "write the plan (or the validation) as JSON here", flag="--json")
+    plot: str | None = option(None, "write a roofline PNG here", flag="--plot")
+
+    def __post_init__(self):
+        check(self)

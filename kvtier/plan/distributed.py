@@ -7,7 +7,8 @@ cost model's attention on that machine's device); the first machine also runs th
 Per layer, the query goes out and every machine's partial result (max, sum, weighted values)
 comes back over the network, then the pieces merge by log-sum-exp, as kvtier's tiers merge
 theirs. The step is the weights' time plus, per layer, the slowest machine's attention share
-and one network round trip with the partials.
+and one network round trip with the partials. A machine fits when the weights (every
+instance holds them, as Infinite-LLM's instances do) and its KV share fit its memory.
 """
 
 from __future__ import annotations
@@ -58,8 +59,9 @@ def split(step: Step, hw: Hardware, machines: int | None = None) -> Split:
         net = per_layer * s.n_layers
     dev = hw.devices[hw.compute()]
     per_machine = whole.kv_bytes / n
+    weights = sum(o.bytes for o in whole.ops if o.kind in ("gemv", "gemm"))  # every machine holds them
     return Split(n, step.context, rest + share + net, share, net, rest - launches, per_machine,
-                 not dev.memory or per_machine <= dev.memory)
+                 not dev.memory or per_machine + weights <= dev.memory)
 
 
 def table(step: Step, hw: Hardware, contexts: list[int], machine_counts: list[int]) -> list[dict]:
