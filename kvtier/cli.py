@@ -400,7 +400,9 @@ def bench_offload(
     kv: Annotated[list[str] | None, typer.Option(help="cache specs to compare; repeat "
                                                    "(default: dense and int(bits=2))")] = None,
     ratios: Annotated[str, typer.Option(help="KV bytes / RAM budget ratios, comma-separated")] = "2,10,50",
-    attend: Annotated[str, typer.Option(help="attention placements to compare: local,fetch")] = "local,fetch",
+    attend: Annotated[str, typer.Option(help="attention placements to compare: local, fetch, split[:SHARE], "
+                                             "auto (the cost model picks; its row gives its speed over the "
+                                             "best fixed one)")] = "local,fetch",
     prefetch: Annotated[str, typer.Option(help="read-ahead settings to compare: on,off")] = "on,off",
     disk: Annotated[str | None, typer.Option(help="folder for the disk tier (default: a temporary folder)")] = None,
     new_tokens: Annotated[int, typer.Option(min=2, help="tokens decoded per run")] = 32,
@@ -435,7 +437,7 @@ def bench_offload(
         raise KvtierError(f"--ratios must be above 1 (KV bytes / RAM budget); got {ratios!r}")
     attends = [a.strip() for a in attend.split(",") if a.strip()]
     if not attends:
-        raise KvtierError(f"--attend {attend!r}: use local, fetch, split[:SHARE] or a comma-separated list")
+        raise KvtierError(f"--attend {attend!r}: use local, fetch, split[:SHARE], auto or a comma-separated list")
     for a in attends:
         tierspec.parse_attend(a)
     onoff = {"on": True, "off": False}

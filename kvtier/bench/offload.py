@@ -202,6 +202,22 @@ def run(loaded, dtype: str, contexts: list[int], ids: list[int], kvs: list[str],
                                  "kv_to_ram_budget": got["kv_bytes"] / budget, "nominal_ratio": r,
                                  "ram_budget_bytes": budget, "rss_run": True, **_fields(got, ram_tok_s),
                                  "rss_samples": got["rss_samples"]})
+    return against_auto(rows)
+
+
+def against_auto(rows: list[dict]) -> list[dict]:
+    """``attend=auto`` rows get ``auto_vs_best_fixed``: their speed over the fastest fixed
+    mode (local, fetch, split) measured in the same configuration."""
+    def key(r):
+        return (r["model"], r["context"], r["method"], r["tiers"], r["prefetch"], r["page_cache"])
+
+    fixed: dict = {}
+    for r in rows:
+        if r["attend"] and r["attend"] != "auto" and not r.get("rss_run"):
+            fixed[key(r)] = max(fixed.get(key(r), 0.0), r["decode_tok_s"])
+    for r in rows:
+        if r["attend"] == "auto" and key(r) in fixed:
+            r["auto_vs_best_fixed"] = r["decode_tok_s"] / fixed[key(r)]
     return rows
 
 

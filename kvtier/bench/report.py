@@ -154,16 +154,20 @@ def offload_table(rows: list[dict]) -> Table:
 
     t = Table(title="decode with the KV cache on tiers vs all in RAM (medians, same run; one process per row)")
     for col in ("model", "context", "method", "tiers", "RAM budget", "KV/RAM", "attend", "prefetch", "pages",
-                "decode tok/s", "vs RAM", "moved B/tok", "disk read B/tok", "peak RSS", "KV on disk"):
+                "decode tok/s", "vs RAM", "auto vs best fixed", "moved B/tok", "disk read B/tok", "peak RSS",
+                "KV on disk"):
         t.add_column(col, justify="left" if col in ("model", "method", "attend") else "right")
     for r in rows:
         tiered = r["kv_to_ram_budget"] is not None
         kinds = "RAM" if not tiered else "+".join(x.split(":")[0] for x in r["tiers"].split(","))
         t.add_row(r["model"], str(r["context"]), r["method"] + (f" ({r['new_tokens']} tokens)" if r.get("rss_run") else ""),
                   kinds, format_size(r["ram_budget_bytes"]) if tiered else "-",
-                  f"{r['kv_to_ram_budget']:.1f}x" if tiered else "-", r["attend"] or "-",
+                  f"{r['kv_to_ram_budget']:.1f}x" if tiered else "-",
+                  (r.get("attend_chosen") or r["attend"]) if r["attend"] == "auto" else r["attend"] or "-",
                   "-" if r["prefetch"] is None else ("on" if r["prefetch"] else "off"), r.get("page_cache") or "-",
-                  f"{r['decode_tok_s']:.2f}", f"{r['vs_ram']:.2f}x", f"{r['bytes_moved_per_token']:,.0f}",
+                  f"{r['decode_tok_s']:.2f}", f"{r['vs_ram']:.2f}x",
+                  f"{r['auto_vs_best_fixed']:.2f}x" if "auto_vs_best_fixed" in r else "-",
+                  f"{r['bytes_moved_per_token']:,.0f}",
                   f"{r['disk_read_per_token']:,.0f}", format_size(r["peak_rss_bytes"]),
                   format_size(r["kv_bytes_by_tier"][-1]) if r["kv_bytes_by_tier"] else "-")
     return t

@@ -17,7 +17,7 @@ first tier up to its budget (after the unencoded buffers), the older ones below.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
@@ -135,8 +135,7 @@ def placement(step: Step) -> tuple[list[str], list[float], float]:
     sealed, plain = sealed * step.batch, plain * step.batch
     if not step.tiers:
         return ["memory"], [sealed], plain
-    parsed = tierspec.parse(step.tiers, "cuda" if step.tiers.startswith("gpu") else "cpu") \
-        if not step.tiers.startswith("gpu") else _parse_gpu(step.tiers)
+    parsed = parse_tiers(step.tiers)
     left, out = sealed, []
     for i, t in enumerate(parsed):
         room = max(0.0, t.budget - (plain if i == 0 else 0.0))
@@ -146,8 +145,11 @@ def placement(step: Step) -> tuple[list[str], list[float], float]:
     return [t.kind for t in parsed], out, plain
 
 
-def _parse_gpu(text: str):
-    """A gpu-first tier spec, parsed without a GPU here (planning only)."""
+def parse_tiers(text: str) -> list:
+    """A tier spec as ``--tiers`` takes it; a gpu-first one is parsed without needing a GPU
+    here (planning only)."""
+    if not text.strip().startswith("gpu"):
+        return tierspec.parse(text, "cpu")
     out = []
     for item in text.split(","):
         kind, _, rest = item.strip().partition(":")
@@ -174,6 +176,13 @@ def attention_kernel(kv: str, device: str) -> str:
     if device == "cpu" and type(codec) is Int:
         return "native"
     return "torch"
+
+
+def rate_key(codec) -> str:
+    """The name a codec's measured attention rate is kept under: ``int(bits=2)`` for codecs
+    whose kernel work per byte depends on the bit width, else the codec's name."""
+    bits = getattr(codec, "bits", None)
+    return f"{codec.name}(bits={bits})" if bits is not None else codec.name
 
 
 def group_tokens(kv: str) -> int:
@@ -299,8 +308,8 @@ def _attend(name: str, device: str, dev, kernel: str, nbytes: float, flops: floa
             step: Step) -> Op:
     """Attention over ``nbytes`` of held KV at the rate the probe measured for this codec on
     this device (else for its kernel family, else the memory's bandwidth)."""
-    codec = parse(step.kv).codec.name
-    key = codec if codec in dev.attend else kernel
+    codec = parse(step.kv).codec
+    key = next((k for k in (rate_key(codec), codec.name, kernel) if k in dev.attend), kernel)
     bw = dev.attend.get(key) or dev.bandwidth()
     fixed = dev.attend_fixed.get(key, 0.0) * layers
     peak = dev.flops(step.dtype) if kernel != "torch" else dev.flops("fp32")
@@ -312,15 +321,19 @@ def _attend(name: str, device: str, dev, kernel: str, nbytes: float, flops: floa
 
 
 def _copy(tier: str, compute: str, nbytes: float, hw: Hardware, step: Step) -> Op:
-    """A fetch: blocks copied to the compute device (disk: read into RAM first)."""
+    """A fetch: blocks copied to the compute device's memory. From the disk tier the copy reads
+    the file's mapping (page faults at the disk's warm or cold rate, as attention in place
+    does) and writes RAM (a read and a write at the memory's bandwidth); to a GPU, then over
+    the link."""
     if tier == "disk":
-        rate = hw.disk.cold_read if step.page_cache == "cold" and hw.disk else _disk_rate(hw, "warm")
-        secs = nbytes / rate + nbytes / hw.cpu.bandwidth(hw.threads)  # read, then the copy lands in RAM
+        rate = _disk_rate(hw, step.page_cache)
+        secs = nbytes / rate + 2 * nbytes / hw.cpu.bandwidth(hw.threads)
+        detail = f"mapped reads at {rate / 1e9:.2f} GB/s ({step.page_cache}), then a copy in RAM"
         if compute != "cpu":
             li = hw.link("cpu", compute)
             secs += nbytes / li.pinned
-        return Op(f"fetch {tier} to {compute}", "transfer", "link", nbytes, 0.0, secs, "disk",
-                  detail=f"disk read at {rate / 1e9:.2f} GB/s")
+            detail += f", then {li.pinned / 1e9:.1f} GB/s to {compute}"
+        return Op(f"fetch {tier} to {compute}", "transfer", "link", nbytes, 0.0, secs, "disk", detail=detail)
     li = hw.link(tier if tier != "memory" else "cpu", compute)
     return Op(f"fetch {tier} to {compute}", "transfer", "link", nbytes, 0.0, nbytes / li.pinned, "link",
               detail=f"{li.pinned / 1e9:.1f} GB/s pinned")
@@ -335,7 +348,7 @@ def _disk_rate(hw: Hardware, page_cache: str) -> float:
 
 def _tier_launches(step: Step, kinds: list[str], by_tier: list[float], shares: list[float], span: int) -> float:
     """Operations the tiers add: each lower tier's runs are parts of their own (at most a
-    group or a 16-block disk extent each), and a fetched run is one copy per field."""
+    group or a 16-block disk extent each), and a fetched run is one copy per field and KV head."""
     if len(kinds) < 2:
         return 0.0
     from kvtier.kv.store import EXTENT
@@ -347,7 +360,7 @@ def _tier_launches(step: Step, kinds: list[str], by_tier: list[float], shares: l
         blocks = by_tier[t] / per_block if per_block else 0.0
         run = min(span // BLOCK, EXTENT) if kinds[t] == "disk" else span // BLOCK
         runs = blocks / max(run, 1) * step.model.n_layers
-        extra += runs * (2 + n_fields * (shares[t - 1] > 0))
+        extra += runs * (2 + n_fields * step.model.n_kv * 2 * (shares[t - 1] > 0))  # empty + copy_
     return extra
 
 
@@ -365,6 +378,3 @@ def _passes(step: Step, kernel: str, held: float) -> dict:
     return {"kernel": kernel, "passes": passes, "lower_bound_passes": 1, "buffer_bytes": buffer,
             "bytes_read": held, "note": note}
 
-
-def with_attend(step: Step, shares: tuple) -> Step:
-    return replace(step, attend=tuple(shares))

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from kvtier.errors import KvtierError
-from kvtier.plan.costs import Step, cost
+from kvtier.plan.costs import Step, cost, parse_tiers
 from kvtier.plan.hardware import Hardware
 
 GRID = tuple(i / 20 for i in range(21))  # split shares tried: 0, 0.05, ..., 1
@@ -131,8 +131,10 @@ def crossover_batch(step: Step, hw: Hardware, a: str, b: str, limit: int = 4096)
         ta = tb = 0.0
         for op in c.ops:
             if op.kind in ("gemv", "gemm"):
-                ta += _roofline(op.bytes, op.flops, da.gemv.get(step.weights) or da.bandwidth(), da.flops(step.dtype))[0]
-                tb += _roofline(op.bytes, op.flops, db.gemv.get(step.weights) or db.bandwidth(), db.flops(step.dtype))[0]
+                ta += _roofline(op.bytes, op.flops, da.gemv.get(step.weights) or da.bandwidth(),
+                                da.flops(step.dtype))[0]
+                tb += _roofline(op.bytes, op.flops, db.gemv.get(step.weights) or db.bandwidth(),
+                                db.flops(step.dtype))[0]
         if tb < ta:
             return batch
     return None
@@ -192,7 +194,7 @@ def batch(step: Step, hw: Hardware, slo_s: float, memory: float | None = None, l
 
     if memory is None:
         if step.tiers:
-            memory = float(sum(t.budget for t in _tiers(step.tiers)))
+            memory = float(sum(t.budget for t in parse_tiers(step.tiers)))
         else:
             dev = hw.devices[hw.compute()]
             memory = dev.memory or float("inf")
@@ -223,8 +225,3 @@ def batch(step: Step, hw: Hardware, slo_s: float, memory: float | None = None, l
                     f"{c.seconds * 1e3:.1f} ms (SLO {slo_s * 1e3:.1f} ms), {c.tok_s:.0f} tok/s, KV "
                     f"{tierspec.format_size(c.kv_bytes)} of {tierspec.format_size(memory)}; {why}", options)
 
-
-def _tiers(text: str):
-    from kvtier.plan.costs import _parse_gpu
-
-    return _parse_gpu(text)

@@ -71,8 +71,9 @@ class Link:
 @dataclass
 class Disk:
     """A tier folder read by the CPU: ``warm`` (in the page cache) and ``cold`` (from the
-    device), B/s through memory-mapped page faults, as attention reads a disk block in place;
-    ``cold_read``: B/s of large sequential reads (a fetch's copy)."""
+    device), B/s through memory-mapped page faults, as the disk tier reads a block (attention
+    in place and a fetch's copy alike); ``cold_read``: B/s of large sequential ``read()`` calls
+    of the evicted file, what a read-based fetch could reach (reported, not used by the model)."""
 
     warm: float
     cold: float

@@ -25,7 +25,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from kvtier.plan.shapes import Shape
 
 
-
 @dataclass(frozen=True)
 class Launches:
     """Operations per decode step, by where they come from (see the module docstring)."""

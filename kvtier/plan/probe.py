@@ -2,17 +2,20 @@
 
 Each number is the median of several timed repetitions after a warm-up:
 
-- memory read bandwidth at 1..n threads (a read-only pass over 512 MiB, as STREAM does);
+Every buffer streamed is the working set: twice the last-level cache (at least 256 MiB), so
+a measurement reads memory, not a 480 MiB L3 some servers have.
+
+- memory read bandwidth at 1..n threads (a read-only pass, as STREAM does);
 - dense matmul FLOP/s per dtype (fp32, bf16, int8 where torch has it on this device);
-- weight matrix-vector bytes/s per kvtier weight format (``dense``, ``q8``, ``q4``), on 128 M
-  weights (past any cache), through the format's own ``Linear``;
+- weight matrix-vector bytes/s and fixed cost per call, per kvtier weight format (``dense``,
+  ``q8``, ``q4``), through the format's own ``Linear`` on small and large matrices;
 - kvtier's decode attention, bytes/s of held KV and fixed seconds per call, for every
-  registered codec (its default parameters), on one layer at 2K and 16K tokens, the counted
-  operations' launch cost taken out;
+  registered codec (its default parameters), layer after layer at 2K and 16K tokens, the
+  counted operations' launch cost taken out;
 - the fixed cost of one dispatched operation: a tiny model's decode step over its operation
   count (:mod:`kvtier.plan.launches`);
-- the disk tier folder's read bandwidth through memory-mapped page faults, warm and cold, and
-  of cold sequential reads;
+- the disk tier folder's read bandwidth through memory-mapped page faults in 1 MiB runs, warm
+  and cold, and of cold sequential reads;
 - with CUDA: host-to-device and device-to-host copies (pinned and pageable), HBM read
   bandwidth, bf16 tensor-core FLOP/s and the launch cost.
 """
@@ -36,6 +39,19 @@ from kvtier.plan.shapes import Shape
 MiB = 1 << 20
 
 
+def working_set() -> int:
+    """Bytes a measurement streams so that it reads memory, not the last-level cache: twice
+    that cache (some servers' L3 holds hundreds of MiB), at least 256 MiB, at most 2 GiB."""
+    size = 0
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (index / "size").read_text().strip()
+            size = max(size, int(text[:-1]) * {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[text[-1]])
+        except (OSError, ValueError, KeyError, IndexError):
+            continue
+    return min(max(2 * size, 256 * MiB), 2 << 30)
+
+
 def _median(fn, repeats: int = 5, warmup: int = 1) -> float:
     for _ in range(warmup):
         fn()
@@ -47,7 +63,8 @@ def _median(fn, repeats: int = 5, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
-def memory_bandwidth(threads: int, size: int = 512 * MiB) -> dict[int, float]:
+def memory_bandwidth(threads: int, size: int | None = None) -> dict[int, float]:
+    size = size or working_set()
     buf = torch.ones(size // 4)
     saved = torch.get_num_threads()
     out = {}
@@ -88,24 +105,31 @@ def _fit(points: list[tuple[float, float]]) -> tuple[float, float]:
 
 def gemv(dtype: torch.dtype) -> tuple[dict[str, float], dict[str, float]]:
     """Weight matrix-vector products at M=1 through each weight format's own Linear: small
-    matrices (576 x 1536, a small model's) and large ones (4096 x 4096), each set 128 M weights
-    or more so it streams from memory. Returns ({format: bytes/s}, {format: fixed s per call})."""
+    matrices (576 x 1536, a small model's) and large ones (4096 x 4096), each set at least the
+    working set in the compute dtype (copies of a few packed matrices: distinct memory, packed
+    once), so it streams from memory. Returns ({format: bytes/s}, {format: fixed s per call})."""
+    import copy
+
     from kvtier import weights
 
     g = torch.Generator().manual_seed(0)
+    ws = working_set()
     rates, fixed = {}, {}
-    sets = [(1536, 576, 96), (4096, 4096, 8)]
-    mats = [[torch.randn(n, k, generator=g) * 0.02 for _ in range(c)] for n, k, c in sets]
+    shapes = [(1536, 576), (4096, 4096)]
+    mats = [[torch.randn(n, k, generator=g) * 0.02 for _ in range(4)] for n, k in shapes]
     for fmt in weights.formats():
         points = []
-        for (n, k, c), group in zip(sets, mats):
-            lins = [weights.get(fmt).pack(f"m{i}.weight", m, None, dtype) for i, m in enumerate(group)]
+        for (n, k), group in zip(shapes, mats):
+            packed = [weights.get(fmt).pack(f"m{i}.weight", m, None, dtype) for i, m in enumerate(group)]
+            count = max(8, -(-ws // (n * k * dtype.itemsize)))
+            lins = [copy.deepcopy(packed[i % len(packed)]) for i in range(count)]
             x = torch.randn(1, k).to(dtype)
 
             def run():
                 for li in lins:
                     li(x)
-            points.append((lins[0].nbytes, _median(run, 7, 2) / c))
+            points.append((lins[0].nbytes, _median(run, 5, 1) / count))
+            del lins
         fixed[fmt], rates[fmt] = _fit(points)
     return rates, fixed
 
@@ -149,46 +173,63 @@ ATTEND_SHAPE = Shape("probe-attend", "llama", 1, 72, 64, 9, 3, 64, 128, (None,),
 
 
 def attention(dtype: torch.dtype, launch: float, progress=None) -> tuple[dict[str, float], dict[str, float]]:
-    """kvtier's decode attention on one layer with the default model's head layout (9 query
-    heads, 3 KV heads of 64), called as a decode step calls it, for every registered codec with
-    its default parameters, at 2K and 16K tokens: ({codec: bytes/s of held KV}, {codec: fixed s
-    per call}), the counted operations' launch cost taken out of both. The native int kernel
-    counts as ``int`` (``dense``: bf16 blocks read as they are)."""
+    """kvtier's decode attention with the default model's head layout (9 query heads, 3 KV
+    heads of 64), called as a decode step calls it, layer after layer over as many layers as
+    make the dense cache at 16K tokens the working set (copies of one filled layer), for
+    every registered codec with its default parameters, at 2K and 16K tokens: ({codec: bytes/s
+    of held KV}, {codec: fixed s per call}), the counted operations' launch cost taken out of
+    both. The native int kernel counts as ``int`` (``dense``: bf16 blocks read as they are)."""
+    import copy
+
     from kvtier import registry
     from kvtier.attention import decode
     from kvtier.plan.launches import _Counter
 
     s = ATTEND_SHAPE
     rates, fixed = {}, {}
+    dense_layer = 16384 * 2 * s.n_kv * s.head_dim * dtype.itemsize
+    layers = max(1, -(-working_set() // dense_layer))
     codecs = [name for name, cls in registry.methods().items() if cls.kind == "codec"]
+    # the native int kernel's work per byte grows as the bits shrink: each width its own rate
+    codecs += [f"int(bits={b})" for b in (2, 3, 8)]
+    q = torch.randn(1, s.n_heads, s.head_dim).to(dtype)
+    scale = s.head_dim ** -0.5
+    qs = q.unsqueeze(2)[0] * scale
     for name in codecs:
         if progress:
             progress(f"  attention on {name} blocks")
         points = []
         for context in (2048, 16384):
             _, cache = _filled(name, context, dtype, s)
-            layer = cache.layers[0]
-            q = torch.randn(1, s.n_heads, s.head_dim).to(dtype)
-            scale = s.head_dim ** -0.5
+            held = [cache.layers[0]] + [copy.deepcopy(cache.layers[0]) for _ in range(layers - 1)]
 
             def call():
-                decode(q, [layer.select(q.unsqueeze(2)[0] * scale)], [context], scale, None)
+                for layer in held:
+                    decode(q, [layer.select(qs)], [context], scale, None)
             counter = _Counter()
             with counter:
-                call()
-            points.append((layer.nbytes(), _median(call, 7, 2) - counter.n * launch))
+                decode(q, [held[0].select(qs)], [context], scale, None)
+            seconds = _median(call, 3, 1) / layers - counter.n * launch
+            points.append((held[0].nbytes(), seconds))
+            del held
             cache.close()
-        fixed[name], rates[name] = _fit(points)
+        from kvtier.plan.costs import rate_key
+        from kvtier.spec import parse
+
+        codec = parse(name).codec
+        for key in {rate_key(codec), codec.name} if "(" not in name else {rate_key(codec)}:
+            fixed[key], rates[key] = _fit(points)
     return rates, fixed
 
 
-def disk(folder: Path, size: int = 256 * MiB) -> Disk:
-    """Reads of a tier file as the disk tier does them: through a kept shared mapping whose
-    pages are released after each pass (``MADV_DONTNEED``): ``warm`` with the bytes in the
+def disk(folder: Path, size: int | None = None) -> Disk:
+    """Reads of a tier file as the disk tier does them: through a kept shared mapping, 1 MiB
+    runs each released after its read (``MADV_DONTNEED``): ``warm`` with the bytes in the
     page cache, ``cold`` with the file evicted from it first; ``cold_read``: large sequential
     reads of the evicted file (a fetch's copy)."""
     from kvtier.kv.prefetch import DONTNEED, advise
 
+    size = size or working_set()
     path = None
     try:
         with tempfile.NamedTemporaryFile(dir=folder, prefix="kvtier-probe-", delete=False) as f:
@@ -205,18 +246,21 @@ def disk(folder: Path, size: int = 256 * MiB) -> Disk:
                 warnings.simplefilter("ignore")  # a read-only buffer: torch warns it is not writable
                 base = torch.frombuffer(m, dtype=torch.int32)
 
-            def mapped_pass(evict: bool) -> float:
+            def mapped_pass(view: torch.Tensor, evict: bool) -> float:
+                """Read 1 MiB runs, each released after its read (a disk extent of a small
+                model's blocks is about that size; one 256 MiB pass faults 3x slower here)."""
                 if evict:
                     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                run = MiB // 4
                 t0 = time.perf_counter()
-                base.sum()
-                dt = time.perf_counter() - t0
-                advise(base.data_ptr(), size, DONTNEED)
-                return dt
+                for at in range(0, view.numel(), run):
+                    view[at: at + run].sum()
+                    advise(view.data_ptr() + 4 * at, MiB, DONTNEED)
+                return time.perf_counter() - t0
 
-            mapped_pass(False)
-            warm = size / statistics.median(mapped_pass(False) for _ in range(5))
-            cold = size / statistics.median(mapped_pass(True) for _ in range(3))
+            mapped_pass(base, False)
+            warm = size / statistics.median(mapped_pass(base, False) for _ in range(5))
+            cold = size / statistics.median(mapped_pass(base, True) for _ in range(3))
             reads = []
             buf = bytearray(16 * MiB)
             for _ in range(3):
@@ -274,7 +318,7 @@ def _cpu_name() -> str:
 
 
 def probe(folder: Path | None = None, threads: int | None = None, progress=print) -> Hardware:
-    """Measure this machine (about a minute on 2 cores)."""
+    """Measure this machine (one to two minutes on 2 cores)."""
     from kvtier.dtypes import compute_dtype
     threads = threads or torch.get_num_threads()
     torch.set_num_threads(threads)

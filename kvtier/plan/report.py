@@ -134,7 +134,8 @@ def run(cfg, files: list[str]) -> None:
                       f"{s['median_abs_error'] * 100:.1f} %; fastest attend mode predicted right in "
                       + (f"{acc * 100:.0f} % of {s['attend_configurations']} configurations" if acc is not None
                          else "no configuration (no row compares attend modes)")
-                      + (f"; skipped: {', '.join(f'{n} {k}' for k, n in v['skipped'].items())}" if v["skipped"] else ""))
+                      + (f"; skipped: {', '.join(f'{n} {k}' for k, n in v['skipped'].items())}"
+                         if v["skipped"] else ""))
         if cfg.json:
             _write(cfg.json, v)
         return
@@ -220,6 +221,7 @@ def _show_hardware(hw) -> None:
         t.add_row("disk", "mapped reads, warm / cold", f"{hw.disk.warm / 1e9:.2f} / {hw.disk.cold / 1e9:.2f} GB/s")
         t.add_row("disk", "sequential reads, cold", f"{hw.disk.cold_read / 1e9:.2f} GB/s")
     for li in hw.links:
-        t.add_row(f"{li.src}->{li.dst}", "copy pinned / pageable", f"{li.pinned / 1e9:.1f} / {li.pageable / 1e9:.1f} GB/s")
+        t.add_row(f"{li.src}->{li.dst}", "copy pinned / pageable",
+                  f"{li.pinned / 1e9:.1f} / {li.pageable / 1e9:.1f} GB/s")
     console.print(t)
 

@@ -6,8 +6,10 @@ It reads ``bench speed`` rows (``kvtier_decode_tok_s``), ``bench offload`` rows
 hardware with the Llama-3-8B shape those scripts build). Rows the model does not cover are
 counted as skipped with the reason: peers, layer skipping, read-ahead, the recompute tier.
 
-Attend choice: rows that differ only in ``attend`` form a configuration; the prediction is
-right when the mode it predicts fastest among the measured ones is the measured fastest.
+Attend choice: rows that differ only in a fixed ``attend`` mode (local, fetch, split) form a
+configuration; the prediction is right when the mode it predicts fastest among the measured
+ones is the measured fastest. (``auto`` rows are predicted like the mode they chose; ``bench
+offload`` gives their speed over the best fixed mode as ``auto_vs_best_fixed``.)
 """
 
 from __future__ import annotations
@@ -109,7 +111,7 @@ def validate(paths: list[Path], hardware: str = "this") -> dict:
     # attend choice: the configurations measured in more than one mode
     groups = defaultdict(list)
     for r in out:
-        if r["attend"] and r["tiers"]:
+        if r["attend"] and r["attend"] != "auto" and r["tiers"]:  # fixed modes only
             groups[(r["file"], r["model"], r["kv"], r["context"], r["tiers"], r["page_cache"])].append(r)
     choices = []
     for key, rs in groups.items():
