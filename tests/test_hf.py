@@ -88,8 +88,11 @@ def test_lossy_cache_matches_kvtier_engine(hf, dense_logits, spec):
     models and tokens: stored elements that differ 0.005% (llama int4) to 0.7% (gemma3 int4,
     a flip in one layer shifts the next layers' keys); logits differ by at most 7e-6 (llama)
     and 7e-4 (gemma3 int4), i.e. at most 0.6% of what quantization itself changes against
-    the dense cache (9e-3 to 0.24). The bounds below (2% of elements, 5% of the effect)
-    leave 3x and 8x room; a cache storing anything else would miss them by far.
+    the dense cache (9e-3 to 0.24). On an Intel Xeon with AMX (oneDNN's fp32 matmuls round
+    differently) gemma3 int4 differs in 2.1% of stored elements, its logits still within the
+    bound. The bounds below (5% of elements, 5% of the effect) leave 2x room there and 7x-8x on
+    the first machine; a cache storing anything else would miss them by far (a different
+    codec or layout changes most elements).
     """
     cache = kvtier.hf.cache(spec, hf, block_size=BLOCK)
     got = step_by_step(hf, cache)
@@ -106,7 +109,7 @@ def test_lossy_cache_matches_kvtier_engine(hf, dense_logits, spec):
             for name, data in ours.pool.data.items():
                 a, b = data[:, ours.slots], theirs.pool.data[name][:, theirs.slots]
                 differ, total = differ + (a != b).sum().item(), total + a.numel()
-    assert differ <= 0.02 * total
+    assert differ <= 0.05 * total
     assert cache.nbytes() == engine_bytes  # the same blocks held, sliding layers included
 
 
