@@ -90,8 +90,9 @@ def _short_size(n: int) -> str:
     return str(n)
 
 
-def parse(text: str, compute: torch.device | str = "cpu") -> list[Tier]:
-    """Parse a tier spec; the first tier must be the compute device's memory."""
+def parse(text: str, compute: torch.device | str = "cpu", need_device: bool = True) -> list[Tier]:
+    """Parse a tier spec; the first tier must be the compute device's memory. ``need_device``:
+    a gpu tier needs CUDA here (False when only planning for another machine: ``kvtier plan``)."""
     compute = torch.device(compute)
     tiers = []
     for item in (s.strip() for s in text.split(",")):
@@ -120,7 +121,7 @@ def parse(text: str, compute: torch.device | str = "cpu") -> list[Tier]:
     if kinds[0] != first:
         raise KvtierError(f"--tiers {text!r}: the model computes on {compute.type}, so the first tier must be "
                           f"{first}:SIZE (where new blocks are written)")
-    if "gpu" in kinds and not torch.cuda.is_available():
+    if need_device and "gpu" in kinds and not torch.cuda.is_available():
         raise KvtierError("--tiers names a gpu tier but CUDA is not available here; drop gpu:...")
     return tiers
 

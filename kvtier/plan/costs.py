@@ -146,21 +146,9 @@ def placement(step: Step) -> tuple[list[str], list[float], float]:
 
 
 def parse_tiers(text: str) -> list:
-    """A tier spec as ``--tiers`` takes it; a gpu-first one is parsed without needing a GPU
-    here (planning only)."""
-    if not text.strip().startswith("gpu"):
-        return tierspec.parse(text, "cpu")
-    out = []
-    for item in text.split(","):
-        kind, _, rest = item.strip().partition(":")
-        if kind == "disk":
-            path, _, size = rest.rpartition(":")
-            out.append(tierspec.Tier("disk", tierspec.parse_size(size), path))
-        elif kind == "recompute":
-            out.append(tierspec.Tier("recompute", tierspec.UNLIMITED))
-        else:
-            out.append(tierspec.Tier(kind, tierspec.parse_size(rest)))
-    return out
+    """A tier spec as ``--tiers`` takes it, for whichever device computes first (a gpu-first
+    spec plans a GPU machine; no GPU is needed here)."""
+    return tierspec.parse(text, "cuda" if text.strip().startswith("gpu") else "cpu", need_device=False)
 
 
 # --- the kernel each codec's attention takes ------------------------------------------------

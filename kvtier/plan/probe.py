@@ -64,14 +64,16 @@ def _median(fn, repeats: int = 5, warmup: int = 1) -> float:
 
 
 def memory_bandwidth(threads: int, size: int | None = None) -> dict[int, float]:
+    """:func:`kvtier.bench.bandwidth.read_bandwidth` over the working set at 1..threads threads."""
+    from kvtier.bench.bandwidth import read_bandwidth
+
     size = size or working_set()
-    buf = torch.ones(size // 4)
     saved = torch.get_num_threads()
     out = {}
     try:
         for t in range(1, threads + 1):
             torch.set_num_threads(t)
-            out[t] = size / _median(buf.sum, 5)
+            out[t] = read_bandwidth(size)
     finally:
         torch.set_num_threads(saved)
     return out
@@ -125,7 +127,7 @@ def gemv(dtype: torch.dtype) -> tuple[dict[str, float], dict[str, float]]:
             lins = [copy.deepcopy(packed[i % len(packed)]) for i in range(count)]
             x = torch.randn(1, k).to(dtype)
 
-            def run():
+            def run(lins=lins, x=x):
                 for li in lins:
                     li(x)
             points.append((lins[0].nbytes, _median(run, 5, 1) / count))
@@ -203,7 +205,7 @@ def attention(dtype: torch.dtype, launch: float, progress=None) -> tuple[dict[st
             _, cache = _filled(name, context, dtype, s)
             held = [cache.layers[0]] + [copy.deepcopy(cache.layers[0]) for _ in range(layers - 1)]
 
-            def call():
+            def call(held=held):
                 for layer in held:
                     decode(q, [layer.select(qs)], [context], scale, None)
             counter = _Counter()

@@ -13,7 +13,7 @@ from kvtier.errors import KvtierError
 from kvtier.kv.tiers import format_size, parse_size
 from kvtier.plan import decide, distributed
 from kvtier.plan import hardware as hwmod
-from kvtier.plan.costs import Cost, Step, cost
+from kvtier.plan.costs import Cost, Step, cost, parse_tiers
 from kvtier.plan.shapes import shape
 
 console = Console(width=160)
@@ -154,7 +154,7 @@ def run(cfg, files: list[str]) -> None:
             decisions.append(d)
         else:
             _, share = tierspec.parse_attend(cfg.attend)
-            shares = (share,) * (len(cfg.tiers.split(",")) - 1)
+            shares = (share,) * (len(parse_tiers(cfg.tiers)) - 1)
         step = replace(step, attend=tuple(shares))
     c = cost(step, hw)
     console.print(ops_table(c))

@@ -14,6 +14,8 @@ from typing import ClassVar
 
 import torch
 
+from kvtier.errors import KvtierError
+
 
 @dataclass
 class View:
@@ -60,8 +62,9 @@ class Selector:
 
     def score(self, view: View) -> torch.Tensor:
         """``(Hkv, n)`` scores of the held tokens; the top scorers of each KV head are kept.
-        Every evicting selector defines it; block selectors (``sparse``) pick blocks instead."""
-        raise NotImplementedError(f"{self.name} does not score tokens")
+        Every evicting selector defines it; block selectors (``sparse``) pick blocks instead and
+        are never asked."""
+        raise KvtierError(f"internal: {self.name} picks blocks; it does not score tokens")
 
 
 def group_attention(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
