@@ -26,7 +26,7 @@ import torch
 
 from kvtier.paths import cache_dir
 
-SOURCES = ("intattn.c", "batched.c", "qmatmul.c")
+SOURCES = ("intattn.c", "batched.c", "qmatmul.c", "nuqattn.c")
 HEADERS = ("intblock.h",)  # included by the sources: part of the build's hash
 # -ffast-math lets gcc vectorize the reductions and expf; it is given only when compiling,
 # never when linking, so the process's floating-point mode (crtfastmath) is left alone.
@@ -97,6 +97,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     # q, n_seq, n_kv, g, d, parts, seq_parts, q_pos, lo, out, threads (kvtier.attention.batched)
     lib.kvtier_batched_decode.argtypes = [p, i, i, i, i, p, p, p, p, p, i]
     lib.kvtier_batched_decode.restype = i
+    # q, n_kv, rows, d, bits, group, block, n_blocks, n_out, fields, strides, rope, rope_hs,
+    # lut_k, lut_v, m, l, o, threads (kvtier.kv.codecs.nuq)
+    lib.kvtier_nuq_attend.argtypes = [p, i, i, i, i, i, i, i, i, p, p, p, l, p, p, p, p, p, i]
+    lib.kvtier_nuq_attend.restype = i
     # x, M, K, codes, d, m, N, bits, y, threads (kvtier.weights.quant)
     lib.kvtier_qmatmul.argtypes = [p, l, l, p, p, p, l, i, p, i]
     lib.kvtier_qmatmul.restype = i
@@ -132,6 +136,41 @@ def int_attend(q: torch.Tensor, data: dict[str, torch.Tensor], bits: int, group:
         *(data[f].data_ptr() for f in names),
         k.stride(0), data["k_scale"].stride(0), v.stride(0), data["v_scale"].stride(0),
         m.data_ptr(), l.data_ptr(), o.data_ptr(), torch.get_num_threads())
+    return (m, l, o) if rc == 0 else None
+
+
+NUQ_FIELDS = ("k", "k_scale", "k_zero", "v", "v_scale", "v_zero", "k_oi", "k_od", "v_oi", "v_od")
+
+
+def nuq_attend(q: torch.Tensor, data: dict[str, torch.Tensor], rope: torch.Tensor, lut_k: torch.Tensor,
+               lut_v: torch.Tensor, bits: int, group: int):
+    """Softmax pieces of pre-scaled queries ``q (Hkv, R, D)`` over a run of ``nuq`` blocks whose
+    keys are rotated by ``rope`` (unit cos/sin ``(N, 2, D)``, or ``(Hkv, N, 2, D)`` per head)
+    inside the kernel (see nuqattn.c). Returns ``m, l (Hkv, R, 1)``, ``o (Hkv, R, D)`` fp32, or
+    None when the kernel is unavailable or does not handle these sizes."""
+    lib = library()
+    if lib is None or q.device.type != "cpu":
+        return None
+    h, n, b, _ = data["v"].shape
+    present = [f for f in NUQ_FIELDS if f in data]
+    if any(not _rows_contiguous(data[f]) for f in present) or rope.dtype != torch.float32:
+        return None
+    rope_hs = 0
+    if rope.dim() == 4:
+        rope = rope.contiguous()
+        rope_hs = rope.stride(0)
+    elif not rope.is_contiguous():
+        rope = rope.contiguous()
+    r, d = q.shape[1], q.shape[2]
+    q = q.float().contiguous()
+    lut_k, lut_v = lut_k.float().contiguous(), lut_v.float().contiguous()
+    ptrs = (ctypes.c_void_p * 10)(*[data[f].data_ptr() if f in data else None for f in NUQ_FIELDS])
+    strides = (ctypes.c_long * 10)(*[data[f].stride(0) if f in data else 0 for f in NUQ_FIELDS])
+    n_out = data["k_oi"].shape[-1] if "k_oi" in data else 0
+    m, l, o = torch.empty((h, r, 1)), torch.empty((h, r, 1)), torch.empty((h, r, d))
+    rc = lib.kvtier_nuq_attend(q.data_ptr(), h, r, d, bits, group, b, n, n_out, ptrs, strides,
+                               rope.data_ptr(), rope_hs, lut_k.data_ptr(), lut_v.data_ptr(),
+                               m.data_ptr(), l.data_ptr(), o.data_ptr(), torch.get_num_threads())
     return (m, l, o) if rc == 0 else None
 
 

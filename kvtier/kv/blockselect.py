@@ -103,17 +103,20 @@ class BlockSelectKV(LayerKV):
                 bias = torch.zeros(gone.shape).masked_fill(gone, float("-inf"))
             start = self.block_start(self.first_block + len(self.slots)) - k_blocks * self.block_size
 
+        def positions():  # (Hkv, N): each head's blocks sit at their own positions
+            return (self.block_start(self.first_block) + idx[..., None] * self.block_size
+                    + torch.arange(self.block_size)).reshape(self.n_kv, -1)
+
         def load():
             k, v = self.codec.decode(fields, self.dtype)
-            if self.codec.pre_rope:  # each head's blocks sit at their own positions
-                pos = (self.block_start(self.first_block) + idx[..., None] * self.block_size
-                       + torch.arange(self.block_size)).reshape(self.n_kv, -1)
-                k = self.rope.rotate_at(k.float(), pos).to(self.dtype)
+            if self.codec.pre_rope:
+                k = self.rope.rotate_at(k.float(), positions()).to(self.dtype)
             return k, v
         score = None
-        if self.scores and not self.codec.pre_rope and bias is None:
-            def score(q):
-                return self.codec.attend(q, fields)
+        if self.scores and bias is None:
+            def score(q):  # pre-RoPE keys: each head's blocks at their own positions
+                rope = self.rope.rows(positions()) if self.codec.pre_rope else None
+                return self.codec.attend(q, fields, rope)
         part = Part.encoded(start, k_blocks * self.block_size, self.n_kv, load, score)
         part.bias = bias
         return part

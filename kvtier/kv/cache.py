@@ -362,7 +362,7 @@ class LayerKV:
         for j, n, fetch in self._placed(self._runs()):
             slots, tier = self.slots[j: j + n], self.where[j]
             start = self.block_start(self.first_block + j)
-            score = None if self.codec.pre_rope or not self.scores else partial(self._score, tier, slots, fetch)
+            score = partial(self._score, tier, slots, fetch, start) if self.scores else None
             part = Part.encoded(start, n * self.block_size, self.n_kv,
                                 partial(self._read, tier, slots, start, fetch), score)
             part.device = self.pool.device if fetch else self._device(tier)
@@ -461,8 +461,9 @@ class LayerKV:
             return copies
         return fields
 
-    def _score(self, tier: int, slots: list[int], fetch: bool, q: torch.Tensor):
-        return self.codec.attend(q, self._fields(tier, slots, fetch))
+    def _score(self, tier: int, slots: list[int], fetch: bool, start: int, q: torch.Tensor):
+        rope = self.rope.span(start, len(slots) * self.block_size) if self.codec.pre_rope else None
+        return self.codec.attend(q, self._fields(tier, slots, fetch), rope)
 
     def _read(self, tier: int, slots: list[int], start: int, fetch: bool) -> tuple[torch.Tensor, torch.Tensor]:
         k, v = self.codec.decode(self._fields(tier, slots, fetch), self.dtype)

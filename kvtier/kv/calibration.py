@@ -3,7 +3,9 @@
 A calibration pass prefills ``TOKENS`` tokens of the KJV (taken from a fixed place between the
 benchmark windows) through the model with a recording cache and keeps, per layer and KV head,
 the absolute maximum, the RMS and the mean of every channel of the post-RoPE keys (``k``), the pre-RoPE
-keys (``kpre``) and the values (``v``). Computed once per model, stored as safetensors in
+keys (``kpre``) and the values (``v``), and a sample of the pre-RoPE keys and values themselves
+(``kpre_sample``, ``v_sample``: ``SAMPLE_BLOCKS`` blocks of 64 consecutive tokens spread over
+the span, fp16) for codecs that fit a codebook to the data. Computed once per model, stored as safetensors in
 ``<cache_dir>/calibration/`` with the text's hash and the format version, then reused:
 the same model always gets the same statistics.
 """
@@ -20,14 +22,18 @@ from kvtier.kv.codecs.base import Codec, LayerContext
 from kvtier.paths import cache_dir
 from kvtier.progress import status
 
-VERSION = "2"  # 2: adds each channel's mean
+VERSION = "3"  # 2: adds each channel's mean; 3: adds the samples
 TOKENS = 2048
 WHERE = 1 / 6  # fraction into the text where the calibration span starts
 KINDS = ("k", "kpre", "v")
+SAMPLE_BLOCKS = 8  # blocks of 64 tokens kept as samples, every SAMPLE_EVERY-th from block 1
+SAMPLE_EVERY = 4
+SAMPLE_BLOCK = 64
 
 
 def load(model) -> list[dict[str, torch.Tensor]]:
-    """The model's statistics, ``[{f"{kind}_{absmax|rms|mean}": (Hkv, D) fp32}]`` per layer.
+    """The model's statistics, ``[{f"{kind}_{absmax|rms|mean}": (Hkv, D) fp32}]`` per layer,
+    with ``kpre_sample`` and ``v_sample`` ``(Hkv, S, D)`` fp16 (S = 512 tokens).
 
     Read from disk when this model was calibrated before; otherwise computed and stored.
     Models without a ``key`` (built in memory, e.g. in tests) are calibrated each time.
@@ -114,6 +120,12 @@ class _Recorder(Codec):
                 sq, total = sq + self.acc[kind][1], total + self.acc[kind][2]
             self.acc[kind] = (top, sq, total)
         self.acc["n"] = seen + n * b
+        for pos in range(seen, seen + n * b, SAMPLE_BLOCK):  # the sampled blocks, whole
+            j = pos // SAMPLE_BLOCK
+            if pos % SAMPLE_BLOCK == 0 and j % SAMPLE_EVERY == 1 and j // SAMPLE_EVERY < SAMPLE_BLOCKS:
+                t = slice(pos - seen, pos - seen + SAMPLE_BLOCK)
+                if t.stop <= n * b:
+                    self.acc.setdefault("samples", []).append((kpre[:, t].half(), vf[:, t].half()))
         return {"k": k.float(), "v": v.float()}
 
     def decode(self, data, dtype):
@@ -126,4 +138,8 @@ class _Recorder(Codec):
         for kind in KINDS:
             top, sq, total = self.acc[kind]
             out[f"{kind}_absmax"], out[f"{kind}_rms"], out[f"{kind}_mean"] = top, (sq / n).sqrt(), total / n
+        samples = self.acc.get("samples")
+        if samples:
+            out["kpre_sample"] = torch.cat([k for k, _ in samples], 1)
+            out["v_sample"] = torch.cat([v for _, v in samples], 1)
         return out

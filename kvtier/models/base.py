@@ -85,16 +85,26 @@ class Rope:
     def rotate_at(self, x: torch.Tensor, positions: torch.Tensor, inverse: bool = False) -> torch.Tensor:
         """RoPE on ``x: (H, N, D)`` at ``positions``: ``(N,)``, or ``(H, N)`` when each head's
         tokens sit at their own positions (a cache whose selector kept different tokens per head)."""
-        top = int(positions.max()) + 1 if positions.numel() else 0
-        if top > self.table.shape[0]:
-            self._grow(top, x.device)
-        cs = self.table[positions.long()]  # (..., N, 2, D)
+        cs = self.rows(positions, x.device)
         cos, sin = cs[..., 0, :], cs[..., 1, :]
-        if self.scaling != 1.0:  # the table holds scaled cos/sin; a rotation needs unit ones
-            cos, sin = cos / self.scaling, sin / self.scaling
         half = x.shape[-1] // 2
         rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
         return x * cos - rotated * sin if inverse else x * cos + rotated * sin
+
+    def rows(self, positions: torch.Tensor, device=None) -> torch.Tensor:
+        """Unit cos and sin at ``positions`` (``(N,)`` or ``(H, N)``): ``(..., N, 2, D)`` fp32,
+        what a codec that stores keys before RoPE needs to rotate them inside attention."""
+        top = int(positions.max()) + 1 if positions.numel() else 0
+        if top > self.table.shape[0]:
+            self._grow(top, device if device is not None else positions.device)
+        cs = self.table[positions.long()]
+        return cs / self.scaling if self.scaling != 1.0 else cs  # the table holds scaled cos/sin
+
+    def span(self, start: int, n: int) -> torch.Tensor:
+        """:meth:`rows` at ``start .. start + n - 1``: a view of the table when unscaled."""
+        if start + n > self.table.shape[0] or self.scaling != 1.0:
+            return self.rows(torch.arange(start, start + n, device=self.table.device))
+        return self.table[start: start + n]
 
     def __call__(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
         """x: ``(N, H, D)``."""

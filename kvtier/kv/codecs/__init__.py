@@ -9,10 +9,11 @@ from kvtier.kv.codecs.mxfp4 import MxFp4
 from kvtier.kv.codecs.mxfp8 import MxFp8
 from kvtier.kv.codecs.mxint8 import MxInt8
 from kvtier.kv.codecs.nvfp4 import NvFp4
+from kvtier.kv.codecs.nuq import Nuq
 from kvtier.kv.codecs.nvint4 import NvInt4
 from kvtier.kv.codecs.ovp import Ovp
 from kvtier.kv.codecs.rotatekv import RotateKV
 from kvtier.kv.codecs.sparse import Sparse
 
 __all__ = ["Codec", "Dense", "Int", "MxFp4", "MxFp8", "MxInt8", "NvFp4", "NvInt4", "RotateKV"]
-__all__ += ["Bfp", "LowRank", "Ovp", "Sparse"]
+__all__ += ["Bfp", "LowRank", "Nuq", "Ovp", "Sparse"]

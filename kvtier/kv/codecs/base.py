@@ -20,7 +20,8 @@ class LayerContext:
 
     stats: this layer's calibration statistics (:mod:`kvtier.kv.calibration`), ``{name:
     (Hkv, D) fp32}`` for ``k`` (post-RoPE keys), ``kpre`` (pre-RoPE keys) and ``v``, each as
-    ``*_absmax``, ``*_rms`` and ``*_mean`` per channel; None unless the codec sets ``calibrated``.
+    ``*_absmax``, ``*_rms`` and ``*_mean`` per channel, and ``kpre_sample``, ``v_sample``
+    ``(Hkv, S, D)`` fp16 (calibration tokens themselves); None unless the codec sets ``calibrated``.
     rope: the layer's rotary embedding (``rope.rotate(x, start, inverse)``), or None.
     """
 
@@ -72,10 +73,13 @@ class Codec(ABC):
         """Bytes of per-layer state a bound codec holds (e.g. a calibrated permutation)."""
         return 0
 
-    def attend(self, q: torch.Tensor, data: dict[str, torch.Tensor]):
+    def attend(self, q: torch.Tensor, data: dict[str, torch.Tensor], rope: torch.Tensor | None = None):
         """Softmax pieces of attention computed on the encoded blocks, without decoding them.
 
-        q: ``(Hkv, R, D)`` pre-scaled query rows; data: ``{field: (Hkv, n, *shape)}``.
+        q: ``(Hkv, R, D)`` pre-scaled query rows; data: ``{field: (Hkv, n, *shape)}``; rope: for
+        a codec that stores keys before RoPE, the unit cos and sin at the blocks' positions,
+        ``(N, 2, D)`` or per head ``(Hkv, N, 2, D)`` (:meth:`kvtier.models.base.Rope.rows`),
+        which attention applies to the keys itself; None for every other codec.
         Returns ``(m, l, o)`` as :func:`kvtier.attention.blockwise.partial` does, or None
         when this codec has no such path (attention then decodes the blocks first).
         """

@@ -79,7 +79,7 @@ class Int(Codec):
         v = torch.addcmul(data["v_zero"].unsqueeze(-1).float(), vq, data["v_scale"].unsqueeze(-1).float())
         return k.reshape(h, n * b, d).to(dtype), v.reshape(h, n * b, d).to(dtype)
 
-    def attend(self, q, data):
+    def attend(self, q, data, rope=None):
         if self.bits == 3:
             return None
         fast = kernels.int_attend(q, data, self.bits, self.group)

@@ -256,7 +256,7 @@ class RotateKV(Codec):
         vq, vs, vz = self._grouped(v)
         return {"k": kq, "k_scale": ks, "k_zero": kz, "v": vq, "v_scale": vs, "v_zero": vz}
 
-    def attend(self, q, data):
+    def attend(self, q, data, rope=None):
         """``rope=post``: the query rotated like the keys, attention on the packed codes, the
         output rotated back: ``q . k = (turn q) . (turn k)`` and ``turn`` is orthogonal."""
         if self.rope != "post":

@@ -64,7 +64,7 @@ class Sparse(Codec):
     def decode(self, data, dtype):
         return self._dense(data["k_map"], data["k_val"], dtype), self._dense(data["v_map"], data["v_val"], dtype)
 
-    def attend(self, q, data):
+    def attend(self, q, data, rope=None):
         """Scores from the kept key values only (q gathered at their channels); the output
         scattered from the kept value values: the dense K and V are never formed."""
         k_val, v_val = data["k_val"], data["v_val"]

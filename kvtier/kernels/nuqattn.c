@@ -1,0 +1,178 @@
+/* Decode attention on the `nuq` codec's blocks (KVQuant: non-uniform codebooks, fp16 outliers,
+ * keys stored before RoPE), in fp32.
+ *
+ * One call covers one run of consecutive blocks of one layer, all KV heads. Per KV head and
+ * block of B tokens:
+ *   keys    token-major codes, a row of D codes packed in planes (kvtier.kv.codecs.packing:
+ *           code c sits in byte c % m at bit (c / m) * bits, m = D * bits / 8); one scale code
+ *           (uint8, 2^(c/12 - 12), 0 for code 0) and one int8 centre (in scale / 8) per channel;
+ *   values  the same codes per token; one scale and centre per token and `group` channels;
+ *   outliers `n_out` (int16 index into the block's B*D elements, fp16 difference) for each.
+ * A code decodes to (lut[code] + centre / 8) * scale, one lookup per code. The keys are then
+ * rotated by RoPE with the unit cos/sin rows `rope` of their positions (rotate-half layout), so
+ * nothing but codes is read from the cache and no dense block is written to memory: each block
+ * is decoded into a small buffer, scored and accumulated by online softmax. For the R query
+ * rows of a head (pre-scaled) it returns the softmax pieces m, l, o that
+ * kvtier.attention.blockwise.merge combines; work is split over (head, run of blocks) tasks.
+ * kvtier.kv.codecs.nuq.Nuq.attend_torch is the reference this is tested against.
+ */
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define NMAXD 256
+#define NMAXR 32
+#define NMAXB 128
+
+enum { K, KS, KZ, V, VS, VZ, KI, KD, VI, VD, NFIELDS };  /* the fields, in Python's order */
+
+typedef struct {
+    const float *q; int n_kv, rows, d, bits, group, block, n_blocks, n_out;
+    const void *const *p; const long *hs;  /* each field's base and head stride (elements) */
+    const float *rope; long rope_hs;       /* (N, 2, D) rows per head (stride 0: shared) */
+    const float *lut_k, *lut_v;
+} NJob;
+
+/* field f of head h, block b (per block: `per` elements) */
+#define AT(J, T, f, h, b, per) ((const T *)(J)->p[f] + (h) * (J)->hs[f] + (long)(b) * (per))
+
+static float SCALE[256];
+
+static void scale_table(void) {
+    for (int c = 1; c < 256; c++) SCALE[c] = exp2f(c / 12.0f - 12.0f);  /* code 0: a group of zeros */
+}
+
+/* one row of D codes -> lut[code] */
+static inline void unpack_row(const uint8_t *row, const float *lut, float *out, int D, int bits) {
+    const int p = 8 / bits, m = D / p, mask = (1 << bits) - 1;
+    for (int i = 0; i < p; i++)
+        for (int j = 0; j < m; j++) out[i * m + j] = lut[(row[j] >> (i * bits)) & mask];
+}
+
+static void span(NJob *J, int h, int b0, int b1, float *m_out, float *l_out, float *o) {
+    const int R = J->rows, D = J->d, B = J->block, bits = J->bits, P = D * bits / 8, half = D / 2;
+    const int ng = D / J->group, C = J->n_out;
+    const float *q = J->q + (long)h * R * D;
+    float kb[NMAXB * NMAXD], vb[NMAXB * NMAXD], s[NMAXR * NMAXB];
+    float sc[NMAXD], zc[NMAXD], mr[NMAXR], lr[NMAXR];
+    for (int r = 0; r < R; r++) { mr[r] = -FLT_MAX; lr[r] = 0.f; }
+    memset(o, 0, sizeof(float) * R * D);
+    for (int b = b0; b < b1; b++) {
+        /* keys: codes through the codebook, per-channel scale and centre */
+        const uint8_t *kc = AT(J, uint8_t, K, h, b, B * P);
+        const uint8_t *ksc = AT(J, uint8_t, KS, h, b, D);
+        const int8_t *kzc = AT(J, int8_t, KZ, h, b, D);
+        for (int c = 0; c < D; c++) { sc[c] = SCALE[ksc[c]]; zc[c] = kzc[c] * 0.125f * sc[c]; }
+        for (int t = 0; t < B; t++) {
+            float *row = kb + t * D;
+            unpack_row(kc + (long)t * P, J->lut_k, row, D, bits);
+            for (int c = 0; c < D; c++) row[c] = row[c] * sc[c] + zc[c];
+        }
+        if (C) {
+            const int16_t *ix = AT(J, int16_t, KI, h, b, C);
+            const _Float16 *dx = AT(J, _Float16, KD, h, b, C);
+            for (int i = 0; i < C; i++) kb[ix[i]] += (float)dx[i];
+        }
+        /* RoPE at each token's position, then the scores of every query row */
+        const float *rp = J->rope + h * J->rope_hs + (long)b * B * 2 * D;
+        for (int t = 0; t < B; t++) {
+            float *row = kb + t * D;
+            const float *cs = rp + (long)t * 2 * D, *sn = cs + D;
+            float rot[NMAXD];
+            for (int c = 0; c < half; c++) {
+                rot[c] = row[c] * cs[c] - row[c + half] * sn[c];
+                rot[c + half] = row[c + half] * cs[c + half] + row[c] * sn[c + half];
+            }
+            for (int r = 0; r < R; r++) {
+                const float *qr = q + r * D;
+                float acc = 0.f;
+                for (int c = 0; c < D; c++) acc += qr[c] * rot[c];
+                s[r * B + t] = acc;
+            }
+        }
+        /* online softmax over this block */
+        for (int r = 0; r < R; r++) {
+            float top = mr[r];
+            for (int t = 0; t < B; t++) top = s[r * B + t] > top ? s[r * B + t] : top;
+            if (top > mr[r]) {
+                const float w = expf(mr[r] - top);
+                lr[r] *= w;
+                for (int c = 0; c < D; c++) o[r * D + c] *= w;
+                mr[r] = top;
+            }
+            float sum = 0.f;
+            for (int t = 0; t < B; t++) { s[r * B + t] = expf(s[r * B + t] - top); sum += s[r * B + t]; }
+            lr[r] += sum;
+        }
+        /* values: per-token groups, outliers added, accumulated under the weights */
+        const uint8_t *vc = AT(J, uint8_t, V, h, b, B * P);
+        const uint8_t *vsc = AT(J, uint8_t, VS, h, b, B * ng);
+        const int8_t *vzc = AT(J, int8_t, VZ, h, b, B * ng);
+        for (int t = 0; t < B; t++) {
+            float *row = vb + t * D;
+            unpack_row(vc + (long)t * P, J->lut_v, row, D, bits);
+            for (int g = 0; g < ng; g++) {
+                const float a = SCALE[vsc[t * ng + g]], z = vzc[t * ng + g] * 0.125f * a;
+                for (int c = g * J->group; c < (g + 1) * J->group; c++) row[c] = row[c] * a + z;
+            }
+        }
+        if (C) {
+            const int16_t *ix = AT(J, int16_t, VI, h, b, C);
+            const _Float16 *dx = AT(J, _Float16, VD, h, b, C);
+            for (int i = 0; i < C; i++) vb[ix[i]] += (float)dx[i];
+        }
+        for (int r = 0; r < R; r++)
+            for (int t = 0; t < B; t++) {
+                const float p = s[r * B + t], *row = vb + t * D;
+                float *orow = o + r * D;
+                for (int c = 0; c < D; c++) orow[c] += p * row[c];
+            }
+    }
+    for (int r = 0; r < R; r++) { m_out[r] = mr[r]; l_out[r] = lr[r]; }
+}
+
+/* Returns 0, or 1 when the sizes are outside what this kernel handles (the caller falls back). */
+int kvtier_nuq_attend(const float *q, int n_kv, int rows, int d, int bits, int group, int block,
+                      int n_blocks, int n_out, const void *const *ptrs, const long *strides,
+                      const float *rope, long rope_hs, const float *lut_k, const float *lut_v,
+                      float *m, float *l, float *o, int threads) {
+    if (d > NMAXD || d % 2 || rows > NMAXR || block > NMAXB || (bits != 2 && bits != 4) || group < 1 || d % group
+        || (d * bits) % 8 || n_blocks < 1)
+        return 1;
+    if (SCALE[255] == 0.f) scale_table();
+    NJob J = {q, n_kv, rows, d, bits, group, block, n_blocks, n_out, ptrs, strides, rope, rope_hs, lut_k, lut_v};
+    int splits = 1;
+    while (n_kv * splits < threads && splits * 2 <= n_blocks) splits *= 2;
+    const int tasks = n_kv * splits;
+    float *tm = malloc(sizeof(float) * tasks * rows), *tl = malloc(sizeof(float) * tasks * rows);
+    float *to = malloc(sizeof(float) * tasks * rows * d);
+    if (!tm || !tl || !to) { free(tm); free(tl); free(to); return 1; }
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int task = 0; task < tasks; task++) {
+        const int h = task / splits, sp = task % splits;
+        const int b0 = (long)n_blocks * sp / splits, b1 = (long)n_blocks * (sp + 1) / splits;
+        span(&J, h, b0, b1, tm + (long)task * rows, tl + (long)task * rows, to + (long)task * rows * d);
+    }
+    for (int h = 0; h < n_kv; h++)
+        for (int r = 0; r < rows; r++) {
+            float top = -FLT_MAX;
+            for (int sp = 0; sp < splits; sp++) {
+                const float x = tm[(long)(h * splits + sp) * rows + r];
+                top = x > top ? x : top;
+            }
+            float sum = 0.f, *out = o + ((long)h * rows + r) * d;
+            memset(out, 0, sizeof(float) * d);
+            for (int sp = 0; sp < splits; sp++) {
+                const long t = (long)(h * splits + sp) * rows + r;
+                const float w = expf(tm[t] - top);
+                sum += tl[t] * w;
+                for (int c = 0; c < d; c++) out[c] += to[t * d + c] * w;
+            }
+            m[h * rows + r] = top;
+            l[h * rows + r] = sum;
+        }
+    free(tm); free(tl); free(to);
+    return 0;
+}
