@@ -340,8 +340,8 @@ def bench_retrieval(
     peers: Annotated[str, typer.Option(help="'kvpress' also runs kvpress's same-named presses on the same "
                                        "cases (set up with scripts/kvpress-setup.sh); '' for none")] = "",
     max_new_tokens: Annotated[int, typer.Option(min=1, help="tokens generated per answer")] = 12,
-    chat: Annotated[bool, typer.Option(help="wrap context and question in the model's chat template "
-                                       "(kvpress's layout for chat models; default: plain text)")] = False,
+    chat: Annotated[bool, typer.Option(help="wrap context and question in the model's chat template where it "
+                                       "has one, as kvpress does (--no-chat: plain text)")] = True,
     seed: Annotated[int, typer.Option(help="seed of the generated cases")] = 0,
     intro: Annotated[str, typer.Option(help="text that opens every generated context, e.g. an "
                                        "instruction to find and remember the fact")] = "",

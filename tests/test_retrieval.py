@@ -42,11 +42,11 @@ def test_prompt_layout_matches_kvpress(smollm2):
     tok = smollm2.tokenizer
     case = {"context": "Some text.\n", "question": "What?", "answer_prefix": "It is", "answer": "x"}
     bos = tok.bos_token or ""  # kvpress writes the BOS token before a plain context
-    first, rest = retrieval.prompt(tok, case, "agnostic")
+    first, rest = retrieval.prompt(tok, case, "agnostic", chat=False)
     assert tok.decode(first) == bos + "Some text.\n" and tok.decode(rest) == "What?\nIt is"
-    first, rest = retrieval.prompt(tok, case, "aware")
+    first, rest = retrieval.prompt(tok, case, "aware", chat=False)
     assert tok.decode(first) == bos + "Some text.\nWhat?" and tok.decode(rest) == "\nIt is"
-    first, rest = retrieval.prompt(tok, case, "agnostic", chat=True)
+    first, rest = retrieval.prompt(tok, case, "agnostic")  # the default: the model's chat template
     assert "<|im_start|>user" in tok.decode(first) and tok.decode(rest).endswith("assistant\nIt is")
 
 

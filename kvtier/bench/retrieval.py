@@ -116,7 +116,7 @@ def read_cases(path: str) -> list[dict]:
     return cases
 
 
-def prompt(tokenizer, case: dict, mode: str, chat: bool = False) -> tuple[list[int], list[int]]:
+def prompt(tokenizer, case: dict, mode: str, chat: bool = True) -> tuple[list[int], list[int]]:
     """(tokens compressed, tokens after): kvpress's layout of context and question, as plain
     text (BOS + context, then question + newline + answer prefix) or in the chat template."""
     context, question = case["context"], case["question"]
@@ -207,7 +207,7 @@ def _answer(runner: ModelRunner, cache, rest: list[int], eos: set[int], max_new:
 
 
 def run(loaded, model_name: str, methods: list[str], cases: list[dict], modes: list[str],
-        max_new_tokens: int = 12, chat: bool = False, block_size: int = BLOCK_SIZE) -> list[dict]:
+        max_new_tokens: int = 12, chat: bool = True, block_size: int = BLOCK_SIZE) -> list[dict]:
     """Every spec on every case in every mode; one row per (spec, mode, case)."""
     from kvtier.engine.engine import eos_ids
 
@@ -220,6 +220,7 @@ def run(loaded, model_name: str, methods: list[str], cases: list[dict], modes: l
         _Record(need=max([s.queries for s in sels], default=0), acc=any(s.accumulates for s in sels)),
         staging)), block_size)
     eos = eos_ids(tok, model.hf_config)
+    layout = "chat" if chat and getattr(tok, "chat_template", None) else "plain"  # recorded in every row
     rows = []
     with bar(len(cases) * len(modes), f"retrieval {model_name}") as step:
         for mode in modes:
@@ -245,7 +246,7 @@ def run(loaded, model_name: str, methods: list[str], cases: list[dict], modes: l
                     finally:
                         cache.close()
                     text = tok.decode(ids, skip_special_tokens=True)
-                    rows.append(_row(label, model_name, mode, i, case, text, held, dense)
+                    rows.append(_row(label, model_name, mode, i, case, text, held, dense) | {"layout": layout}
                                 | ({"read_share": read} if read is not None else {}))
                 record.close()
                 step(1)
@@ -335,7 +336,7 @@ def kvpress_presses(methods: list[str]) -> list[dict]:
 
 
 def run_kvpress(folder: Path, model_name: str, methods: list[str], cases: list[dict], modes: list[str],
-                max_new_tokens: int = 12, chat: bool = False, dense: dict | None = None) -> list[dict]:
+                max_new_tokens: int = 12, chat: bool = True, dense: dict | None = None) -> list[dict]:
     """kvpress's presses on the same cases, in its own environment (scripts/kvpress-setup.sh);
     rows labelled ``kvpress:<the kvtier spec>``. Bytes are relative to ``dense`` (kvtier's dense
     cache per (mode, case), as in kvtier's rows) when given, else to kvpress's own dense cache;

@@ -100,7 +100,7 @@ class LayerKV:
         self.scores = type(self.codec).attend is not Codec.attend  # attention on the encoded form
         self.n_kv, self.head_dim = n_kv, head_dim
         self.block_size, self.window, self.dtype = block_size, window, dtype
-        self.n_sinks, self.keep = codec.sinks, codec.residual
+        self.n_sinks, self.keep = codec.sinks, codec.residual_at(window)
         wide = dtype.itemsize > 2
         plain = codec.plain_dtype if codec.plain_dtype is not None and wide else dtype  # sinks, residual
         self.sink_k = torch.empty((n_kv, self.n_sinks, head_dim), dtype=plain, device=device)

@@ -13,6 +13,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from kvtier.registry import param
+
 
 @dataclass(frozen=True)
 class LayerContext:
@@ -32,6 +34,20 @@ class LayerContext:
     rope: Any = None
 
 
+@dataclass(frozen=True)
+class SlidingResidual:
+    """Mixin for a codec with a ``residual`` parameter: a different number of recent tokens in
+    16 bits on sliding-window layers. On a model such as Gemma 3, whose sliding layers hold 512
+    tokens, a residual of 192 keeps most of a sliding layer in 16 bits; ``residual_sliding=0``
+    encodes all but the residual block there and keeps the global layers' residual as it is."""
+
+    residual_sliding: int = param(-1, "newest tokens kept in 16 bits beyond the residual block on sliding-window "
+                                  "layers (-1: as residual)", min=-1, max=4096, quiet=True)
+
+    def residual_at(self, window: int | None) -> int:
+        return self.residual if window is None or self.residual_sliding < 0 else self.residual_sliding
+
+
 class Codec(ABC):
     """Base of every codec. Subclasses are dataclasses registered by name."""
 
@@ -46,6 +62,11 @@ class Codec(ABC):
     # is wider (KIVI keeps its residual in fp16); None: the compute dtype
     plain_dtype: ClassVar[torch.dtype | None] = torch.float16
     group_blocks: ClassVar[int] = 16  # blocks attention decodes at once (1,024 tokens stay in cache)
+
+    def residual_at(self, window: int | None) -> int:
+        """Newest tokens kept unencoded beyond the residual block on a layer with this sliding
+        ``window`` (None: a global layer); :class:`SlidingResidual` sets the two apart."""
+        return self.residual
 
     def for_layer(self, ctx: LayerContext) -> Codec:
         """The codec as used by one layer (per-layer calibrated state); default: itself."""

@@ -24,7 +24,7 @@ import torch
 
 from kvtier import kernels
 from kvtier.errors import KvtierError
-from kvtier.kv.codecs.base import Codec
+from kvtier.kv.codecs.base import Codec, SlidingResidual
 from kvtier.kv.codecs.packing import pack, plane, planes, unpack_float
 from kvtier.registry import param, register
 
@@ -44,7 +44,7 @@ def quantize(x: torch.Tensor, bits: int, dim: int) -> tuple[torch.Tensor, torch.
 
 @register
 @dataclass(frozen=True)
-class Int(Codec):
+class Int(SlidingResidual, Codec):
     """KIVI-style asymmetric int-k: keys per channel over the block, values per token over channel groups."""
 
     name = "int"

@@ -41,7 +41,7 @@ import torch
 from kvtier import kernels
 from kvtier.config import BLOCK_SIZE
 from kvtier.errors import KvtierError
-from kvtier.kv.codecs.base import Codec
+from kvtier.kv.codecs.base import Codec, SlidingResidual
 from kvtier.kv.codecs.packing import pack, unpack
 from kvtier.kv.codecs.rotatekv import ZERO_STEPS, scale_code, scale_value
 from kvtier.registry import param, register
@@ -118,7 +118,7 @@ def _expand(q: torch.Tensor, sc: torch.Tensor, zero: torch.Tensor) -> torch.Tens
 
 @register
 @dataclass(frozen=True)
-class Nuq(Codec):
+class Nuq(SlidingResidual, Codec):
     """KVQuant: pre-RoPE per-channel keys, per-token values, calibrated non-uniform codebooks, fp16 outliers."""
 
     name = "nuq"
@@ -204,7 +204,7 @@ class Nuq(Codec):
         count = self.n_outliers(x.shape[2], x[0, 0].numel() // x.shape[2])
         idx = _outliers(x, dim, count) if count else None
         sc, zero, u, _ = _normalise(x, dim, idx)
-        q = torch.bucketize(u, (levels[1:] + levels[:-1]) / 2).to(torch.uint8)
+        q = torch.bucketize(u.contiguous(), (levels[1:] + levels[:-1]) / 2).to(torch.uint8)
         extra = None
         if idx is not None:
             back = _expand(levels[q.long()], sc, zero).flatten(2)

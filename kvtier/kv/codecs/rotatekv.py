@@ -43,7 +43,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from kvtier.errors import KvtierError
-from kvtier.kv.codecs.base import Codec
+from kvtier.kv.codecs.base import Codec, SlidingResidual
 from kvtier.kv.codecs.blockscaled import hadamard
 from kvtier.kv.codecs.intq import Int
 from kvtier.kv.codecs.packing import pack, unpack_float
@@ -97,7 +97,7 @@ def dequantize(q: torch.Tensor, sc: torch.Tensor, zero: torch.Tensor) -> torch.T
 
 @register
 @dataclass(frozen=True)
-class RotateKV(Codec):
+class RotateKV(SlidingResidual, Codec):
     """RotateKV: pre-RoPE keys, calibrated channel reordering, grouped-head Hadamard rotation, sinks kept."""
 
     name = "rotatekv"
