@@ -35,6 +35,8 @@ AttendOpt = Annotated[str, typer.Option(help="with --tiers: local (attention whe
                                              "(fetch that share of each lower tier's blocks, attend the rest "
                                              "in place, side by side) or auto (kvtier plan's cost model "
                                              "picks per tier)")]
+TEXT_HELP = ("kjv (the King James Bible), essays (Paul Graham's, from RULER's data), wiki (SQuAD's "
+             "Wikipedia articles, from RULER's data) or a path to a UTF-8 text file")
 
 
 def _ints(text: str, flag: str) -> list[int]:
@@ -199,7 +201,7 @@ def bench_ppl(
     context: Annotated[str, typer.Option(help="context lengths, comma-separated")] = "2048",
     eval_tokens: Annotated[int, typer.Option(min=1, help="tokens scored at the end of each window")] = 256,
     windows: Annotated[int, typer.Option(min=1, help="windows spread evenly through the text")] = 4,
-    text: Annotated[str, typer.Option(help="'kjv' or a path to a UTF-8 text file")] = "kjv",
+    text: Annotated[str, typer.Option(help=TEXT_HELP)] = "kjv",
     json_path: Annotated[str | None, typer.Option("--json", help="write results as JSON")] = None,
     plot: Annotated[str | None, typer.Option(help="write a PNG: PPL increase vs bits per element (Pareto)")] = None,
     dtype: Annotated[str, typer.Option(help="compute dtype (fp32 isolates the cache's effect)")] = "fp32",
@@ -225,7 +227,7 @@ def bench_ppl(
         ids = models[0].tokenizer(raw, add_special_tokens=False).input_ids
     ours = [m for m in methods if not isinstance(peers.method(m), peers.Peer)]  # peers run once
     baselines: dict = {}
-    rows = [r for i, m in enumerate(models)
+    rows = [r | {"text": text} for i, m in enumerate(models)
             for r in ppl.run(m.model, model, methods if i == 0 else ours, contexts, eval_tokens, ids, windows,
                              skips=skips, reference=models[0].model, baselines=baselines)]
     report.show(report.ppl_table(rows))
@@ -269,7 +271,7 @@ def bench_speed(
     kv: Annotated[list[str] | None, typer.Option(help="kvtier's cache spec (default: dense in the compute "
                                                     "dtype); repeat to compare, e.g. --kv dense --kv 'int(bits=4)'")] = None,
     dtype: Annotated[str, typer.Option(help="compute dtype of both sides: auto, fp32, bf16")] = "auto",
-    text: Annotated[str, typer.Option(help="'kjv' or a path to a UTF-8 text file")] = "kjv",
+    text: Annotated[str, typer.Option(help=TEXT_HELP)] = "kjv",
     json_path: Annotated[str | None, typer.Option("--json", help="write results as JSON")] = None,
     peer: Annotated[list[str] | None, typer.Option("--peers", help="also time a peer, e.g. "
                                                       "\"llamacpp(kv=f16)\"; repeat for more")] = None,
@@ -371,7 +373,7 @@ def bench_retrieval(
     else:
         todo = []
         for task in [t.strip() for t in tasks.split(",") if t.strip()]:
-            hay = data.load_text("kjv") if task == "passkey" else retrieval.essays()
+            hay = data.load_text("kjv" if task == "passkey" else "essays")
             todo += retrieval.make_cases(loaded.tokenizer, task, hay, _ints(context, "--context"),
                                          [float(d) for d in depths.split(",") if d.strip()], seed, intro)
     rows = retrieval.run(loaded, model, methods, todo, mode_list, max_new_tokens, chat)
@@ -414,7 +416,7 @@ def bench_offload(
     recompute: Annotated[bool, typer.Option(help="also run cpu:BUDGET,recompute (dropped blocks rebuilt "
                                             "from token ids) for the first --kv, a few steps")] = True,
     dtype: Annotated[str, typer.Option(help="compute dtype: auto, fp32, bf16")] = "auto",
-    text: Annotated[str, typer.Option(help="'kjv' or a path to a UTF-8 text file")] = "kjv",
+    text: Annotated[str, typer.Option(help=TEXT_HELP)] = "kjv",
     json_path: Annotated[str | None, typer.Option("--json", help="write results as JSON")] = None,
     plot: Annotated[str | None, typer.Option(help="write a PNG: decode tok/s vs KV/RAM-budget ratio")] = None,
 ):

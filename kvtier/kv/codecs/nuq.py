@@ -124,6 +124,7 @@ class Nuq(SlidingResidual, Codec):
     name = "nuq"
     calibrated = True
     pre_rope = True
+    group_blocks = 64  # attention on the codes: fewer, larger steps
     bits: int = param(2, "bits per key/value code", choices=(2, 3, 4))
     outliers: float = param(0.005, "fraction of each block's keys and of its values kept apart in fp16 "
                             "(with an int16 index each)", min=0.0, max=0.1)
