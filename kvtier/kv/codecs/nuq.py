@@ -3,8 +3,8 @@
 Keys are stored *before* RoPE and quantized per channel over a block's tokens (pre-RoPE key
 outliers sit in fixed channels); values per token, in groups of ``group`` channels. Each group
 is normalised to [-1, 1] by its range (a one-byte log scale for the half-range, code 0 for a
-group of zeros, and an int8 count of half-range / 8 for the centre, as ``rotatekv`` stores them) and each element is then
-the nearest of ``2 ** bits`` levels of a **non-uniform codebook**, one for keys and one for
+group of zeros, and an int8 count of half-range / 8 for the centre, as ``rotatekv`` stores
+them) and each element is then the nearest of ``2 ** bits`` levels of a **non-uniform codebook**, one for keys and one for
 values per layer. The codebooks are fitted once per model by k-means on the calibration
 pass's own pre-RoPE keys and values (:mod:`kvtier.kv.calibration`), normalised exactly as
 encoding normalises them, each element weighted by its group's half-range squared: the fit
