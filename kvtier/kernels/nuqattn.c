@@ -68,8 +68,13 @@ static inline void unpack_row(const uint8_t *row, const float *lut, nvf table, f
         for (int j = 0; j < m; j++) out[i * m + j] = lut[(row[j] >> (i * bits)) & mask];
 }
 
-static void span(NJob *J, int h, int b0, int b1, float *m_out, float *l_out, float *o) {
-    const int R = J->rows, D = J->d, B = J->block, bits = J->bits, P = D * bits / 8, half = D / 2;
+#define NINLINE static inline __attribute__((always_inline))
+
+/* one head's pieces over blocks [b0, b1); R, D, B and bits are compile-time constants in the
+ * specialised calls of span() (the loops then unroll and keep their accumulators in registers) */
+NINLINE void span_of(NJob *J, int h, int b0, int b1, float *m_out, float *l_out, float *o,
+                     const int R, const int D, const int B, const int bits) {
+    const int P = D * bits / 8, half = D / 2;
     const int ng = D / J->group, C = J->n_out;
     const float *q = J->q + (long)h * R * D;
     float kb[NMAXB * NMAXD], vb[NMAXB * NMAXD], s[NMAXR * NMAXB];
@@ -150,6 +155,16 @@ static void span(NJob *J, int h, int b0, int b1, float *m_out, float *l_out, flo
             }
     }
     for (int r = 0; r < R; r++) { m_out[r] = mr[r]; l_out[r] = lr[r]; }
+}
+
+static void span(NJob *J, int h, int b0, int b1, float *m, float *l, float *o) {
+    const int R = J->rows, D = J->d, B = J->block, bits = J->bits;
+#define SHAPE(r, d, b, k) if (R == r && D == d && B == b && bits == k) { span_of(J, h, b0, b1, m, l, o, r, d, b, k); return; }
+    SHAPE(3, 64, 64, 2) SHAPE(3, 64, 64, 4)     /* SmolLM2: 9 query heads over 3 KV heads */
+    SHAPE(4, 256, 64, 2) SHAPE(4, 256, 64, 4)   /* Gemma 3: 4 query heads over 1 KV head */
+    SHAPE(1, 64, 64, 2) SHAPE(1, 256, 64, 2)
+#undef SHAPE
+    span_of(J, h, b0, b1, m, l, o, R, D, B, bits);
 }
 
 /* Returns 0, or 1 when the sizes are outside what this kernel handles (the caller falls back). */
