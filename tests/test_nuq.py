@@ -27,6 +27,21 @@ def test_fit_levels_finds_the_clusters_and_follows_the_weights():
     assert abs(lv[1] - (0.2 + 100 * 0.6) / 101) < 1e-4 and abs(lv[0] + lv[1]) < 1e-6
 
 
+def test_a_channel_of_zeros_keeps_the_fit_and_the_codes_finite():
+    """A key channel that is exactly 0 over a block (Gemma 3 has some) has scale 0: its centre
+    and its elements must stay finite, in encoding and in the codebook fit."""
+    from kvtier.kv.codecs.nuq import Nuq
+
+    torch.manual_seed(0)
+    k, v = torch.randn(1, 512, 64), torch.randn(1, 512, 64)
+    k[:, :64, 5] = 0.0
+    v[:, 64:128] = 0.0
+    sc, zero, u, _ = _normalise(k.reshape(1, 8, 64, 64), 2, None)
+    assert torch.isfinite(u).all() and (sc[0, 0, 0, 5] == 0) and zero[0, 0, 0, 5] == 0
+    kl, vl = Nuq()._fit(k, v)
+    assert torch.isfinite(kl).all() and torch.isfinite(vl).all()
+
+
 def test_an_outlier_is_kept_exactly_and_does_not_stretch_its_group():
     torch.manual_seed(0)
     k, v = torch.randn(1, 1, 64, 64), torch.randn(1, 1, 64, 64)

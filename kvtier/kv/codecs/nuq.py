@@ -63,6 +63,11 @@ def fit_levels(u: torch.Tensor, w: torch.Tensor, bits: int) -> torch.Tensor:
     """Weighted 1-D k-means of ``u`` (values in [-1, 1]) with weights ``w``: ``2 ** bits`` sorted
     levels (fp32). Starts from the weighted quantiles; an empty cell keeps its level."""
     n = 2 ** bits
+    ok = torch.isfinite(u) & torch.isfinite(w)
+    if not ok.all():
+        u, w = u[ok], w[ok]
+    if u.numel() < n or not (w > 0).any():
+        raise KvtierError(f"nuq: {u.numel()} calibration values cannot fit {n} codebook levels")
     order = torch.argsort(u)
     u, w = u[order].double(), w[order].double()
     cdf = torch.cumsum(w, 0) / w.sum()
@@ -100,8 +105,9 @@ def _normalise(x: torch.Tensor, dim: int, idx: torch.Tensor | None):
     need = torch.maximum(half, mid.abs() * ZERO_STEPS / 127)
     sc = torch.where(need > 0, scale_code(need).clamp_(min=1), 0).to(torch.uint8)  # 0: an all-zero group
     scale = _scale(sc)
-    zero = (mid / scale * ZERO_STEPS).round_().clamp_(-127, 127)
-    u = ((x - zero / ZERO_STEPS * scale) / torch.where(scale > 0, scale, 1.0)).clamp_(-1, 1)
+    live = scale > 0  # a group of zeros has scale 0, centre 0 and every element at 0
+    zero = torch.where(live, mid / torch.where(live, scale, 1.0) * ZERO_STEPS, 0.0).round_().clamp_(-127, 127)
+    u = ((x - zero / ZERO_STEPS * scale) / torch.where(live, scale, 1.0)).clamp_(-1, 1)
     return sc, zero.to(torch.int8), u, scale
 
 
