@@ -97,8 +97,8 @@ def test_calibration_is_cached_on_disk_and_reused(smollm2, tmp_path, monkeypatch
             assert torch.equal(a[key], b[key])
     assert set(first[0]) == {f"{k}_{s}" for k in ("k", "kpre", "v") for s in ("absmax", "rms", "mean")} | {
         "kpre_sample", "v_sample"}
-    n_kv, d = model.n_kv, model.head_dim  # 8 blocks of 64 consecutive tokens, from the recorded keys
-    assert first[0]["kpre_sample"].shape == first[0]["v_sample"].shape == (n_kv, 512, d)
+    n_kv, d = model.n_kv, model.head_dim  # 16 blocks of 64 consecutive tokens, from the recorded keys
+    assert first[0]["kpre_sample"].shape == first[0]["v_sample"].shape == (n_kv, 1024, d)
     torch.testing.assert_close(first[0]["v_sample"].float().pow(2).mean(1).sqrt(), first[0]["v_rms"],
                                rtol=0.25, atol=0.0)
     files[0].write_bytes(b"not a safetensors file")  # damaged: recomputed, not trusted

@@ -26,8 +26,8 @@ import torch
 
 from kvtier.paths import cache_dir
 
-SOURCES = ("intattn.c", "batched.c", "qmatmul.c", "nuqattn.c")
-HEADERS = ("intblock.h",)  # included by the sources: part of the build's hash
+SOURCES = ("intattn.c", "batched.c", "qmatmul.c", "nuqattn.c", "vqattn.c")
+HEADERS = ("intblock.h", "ropespan.h")  # included by the sources: part of the build's hash
 # -ffast-math lets gcc vectorize the reductions and expf; it is given only when compiling,
 # never when linking, so the process's floating-point mode (crtfastmath) is left alone.
 COMPILE = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-c"]
@@ -101,6 +101,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     # lut_k, lut_v, m, l, o, threads (kvtier.kv.codecs.nuq)
     lib.kvtier_nuq_attend.argtypes = [p, i, i, i, i, i, i, i, i, p, p, p, l, p, p, p, p, p, i]
     lib.kvtier_nuq_attend.restype = i
+    # q, n_kv, rows, d, dim, stages, block, n_blocks, ptrs, strides, rope, rope_hs, book_k,
+    # book_v, m, l, o, threads (kvtier.kv.codecs.vq)
+    lib.kvtier_vq_attend.argtypes = [p, i, i, i, i, i, i, i, p, p, p, l, p, p, p, p, p, i]
+    lib.kvtier_vq_attend.restype = i
     # x, M, K, codes, d, m, N, bits, y, threads (kvtier.weights.quant)
     lib.kvtier_qmatmul.argtypes = [p, l, l, p, p, p, l, i, p, i]
     lib.kvtier_qmatmul.restype = i
@@ -155,12 +159,7 @@ def nuq_attend(q: torch.Tensor, data: dict[str, torch.Tensor], rope: torch.Tenso
     present = [f for f in NUQ_FIELDS if f in data]
     if any(not _rows_contiguous(data[f]) for f in present) or rope.dtype != torch.float32:
         return None
-    rope_hs = 0
-    if rope.dim() == 4:
-        rope = rope.contiguous()
-        rope_hs = rope.stride(0)
-    elif not rope.is_contiguous():
-        rope = rope.contiguous()
+    rope, rope_hs = _rope_rows(rope)
     r, d = q.shape[1], q.shape[2]
     q = q.float().contiguous()
     lut_k, lut_v = lut_k.float().contiguous(), lut_v.float().contiguous()
@@ -172,6 +171,41 @@ def nuq_attend(q: torch.Tensor, data: dict[str, torch.Tensor], rope: torch.Tenso
                                rope.data_ptr(), rope_hs, lut_k.data_ptr(), lut_v.data_ptr(),
                                m.data_ptr(), l.data_ptr(), o.data_ptr(), torch.get_num_threads())
     return (m, l, o) if rc == 0 else None
+
+
+VQ_FIELDS = ("k", "k_scale", "v", "v_scale")
+
+
+def vq_attend(q: torch.Tensor, data: dict[str, torch.Tensor], rope: torch.Tensor, k_book: torch.Tensor,
+              v_book: torch.Tensor, dim: int, stages: int):
+    """Softmax pieces of pre-scaled queries ``q (Hkv, R, D)`` over a run of ``vq`` blocks
+    (codebooks ``(D / dim, stages, 256, dim)`` fp16) whose keys are rotated by ``rope`` inside
+    the kernel (see vqattn.c). Returns ``m, l (Hkv, R, 1)``, ``o (Hkv, R, D)`` fp32, or None
+    when the kernel is unavailable or does not handle these sizes."""
+    lib = library()
+    if lib is None or q.device.type != "cpu" or k_book.dtype != torch.float16 or v_book.dtype != torch.float16:
+        return None
+    h, n, b, _ = data["v"].shape
+    if any(not _rows_contiguous(data[f]) for f in VQ_FIELDS) or rope.dtype != torch.float32:
+        return None
+    rope, rope_hs = _rope_rows(rope)
+    r, d = q.shape[1], q.shape[2]
+    q = q.float().contiguous()
+    k_book, v_book = k_book.contiguous(), v_book.contiguous()
+    ptrs = (ctypes.c_void_p * 4)(*[data[f].data_ptr() for f in VQ_FIELDS])
+    strides = (ctypes.c_long * 4)(*[data[f].stride(0) for f in VQ_FIELDS])
+    m, l, o = torch.empty((h, r, 1)), torch.empty((h, r, 1)), torch.empty((h, r, d))
+    rc = lib.kvtier_vq_attend(q.data_ptr(), h, r, d, dim, stages, b, n, ptrs, strides, rope.data_ptr(), rope_hs,
+                              k_book.data_ptr(), v_book.data_ptr(), m.data_ptr(), l.data_ptr(), o.data_ptr(),
+                              torch.get_num_threads())
+    return (m, l, o) if rc == 0 else None
+
+
+def _rope_rows(rope: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Unit cos/sin rows as the kernels read them: contiguous, and their head stride (0: one
+    set of rows shared by every head, ``(N, 2, D)``; else ``(Hkv, N, 2, D)``)."""
+    rope = rope.contiguous()
+    return rope, (rope.stride(0) if rope.dim() == 4 else 0)
 
 
 def _rows_contiguous(t: torch.Tensor) -> bool:

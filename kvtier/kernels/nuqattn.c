@@ -16,15 +16,11 @@
  * kvtier.attention.blockwise.merge combines; work is split over (head, run of blocks) tasks.
  * kvtier.kv.codecs.nuq.Nuq.attend_torch is the reference this is tested against.
  */
-#include <float.h>
-#include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
+#include "ropespan.h"
 
-#define NMAXD 256
-#define NMAXR 32
-#define NMAXB 128
+#define NMAXD RMAXD
+#define NMAXR RMAXR
+#define NMAXB RMAXB
 
 enum { K, KS, KZ, V, VS, VZ, KI, KD, VI, VD, NFIELDS };  /* the fields, in Python's order */
 
@@ -37,12 +33,6 @@ typedef struct {
 
 /* field f of head h, block b (per block: `per` elements) */
 #define AT(J, T, f, h, b, per) ((const T *)(J)->p[f] + (h) * (J)->hs[f] + (long)(b) * (per))
-
-static float SCALE[256];
-
-static void scale_table(void) {
-    for (int c = 1; c < 256; c++) SCALE[c] = exp2f(c / 12.0f - 12.0f);  /* code 0: a group of zeros */
-}
 
 typedef float nvf __attribute__((vector_size(64)));     /* 16 floats */
 typedef int32_t nvi __attribute__((vector_size(64)));
@@ -68,13 +58,13 @@ static inline void unpack_row(const uint8_t *row, const float *lut, nvf table, f
         for (int j = 0; j < m; j++) out[i * m + j] = lut[(row[j] >> (i * bits)) & mask];
 }
 
-#define NINLINE static inline __attribute__((always_inline))
+#define NINLINE RINLINE
 
 /* one head's pieces over blocks [b0, b1); R, D, B and bits are compile-time constants in the
  * specialised calls of span() (the loops then unroll and keep their accumulators in registers) */
-NINLINE void span_of(NJob *J, int h, int b0, int b1, float *m_out, float *l_out, float *o,
+NINLINE void span_of(const NJob *J, int h, int b0, int b1, float *m_out, float *l_out, float *o,
                      const int R, const int D, const int B, const int bits) {
-    const int P = D * bits / 8, half = D / 2;
+    const int P = D * bits / 8;
     const int ng = D / J->group, C = J->n_out;
     const float *q = J->q + (long)h * R * D;
     float kb[NMAXB * NMAXD], vb[NMAXB * NMAXD], s[NMAXR * NMAXB];
@@ -99,37 +89,9 @@ NINLINE void span_of(NJob *J, int h, int b0, int b1, float *m_out, float *l_out,
             const _Float16 *dx = AT(J, _Float16, KD, h, b, C);
             for (int i = 0; i < C; i++) kb[ix[i]] += (float)dx[i];
         }
-        /* RoPE at each token's position, then the scores of every query row */
-        const float *rp = J->rope + h * J->rope_hs + (long)b * B * 2 * D;
-        for (int t = 0; t < B; t++) {
-            float *row = kb + t * D;
-            const float *cs = rp + (long)t * 2 * D, *sn = cs + D;
-            float rot[NMAXD];
-            for (int c = 0; c < half; c++) {
-                rot[c] = row[c] * cs[c] - row[c + half] * sn[c];
-                rot[c + half] = row[c + half] * cs[c + half] + row[c] * sn[c + half];
-            }
-            for (int r = 0; r < R; r++) {
-                const float *qr = q + r * D;
-                float acc = 0.f;
-                for (int c = 0; c < D; c++) acc += qr[c] * rot[c];
-                s[r * B + t] = acc;
-            }
-        }
-        /* online softmax over this block */
-        for (int r = 0; r < R; r++) {
-            float top = mr[r];
-            for (int t = 0; t < B; t++) top = s[r * B + t] > top ? s[r * B + t] : top;
-            if (top > mr[r]) {
-                const float w = expf(mr[r] - top);
-                lr[r] *= w;
-                for (int c = 0; c < D; c++) o[r * D + c] *= w;
-                mr[r] = top;
-            }
-            float sum = 0.f;
-            for (int t = 0; t < B; t++) { s[r * B + t] = expf(s[r * B + t] - top); sum += s[r * B + t]; }
-            lr[r] += sum;
-        }
+        /* RoPE at each token's position, then the scores of every query row; online softmax */
+        rope_scores(kb, J->rope + h * J->rope_hs + (long)b * B * 2 * D, q, s, R, D, B);
+        online_softmax(s, mr, lr, o, R, D, B);
         /* values: per-token groups, outliers added, accumulated under the weights */
         const uint8_t *vc = AT(J, uint8_t, V, h, b, B * P);
         const uint8_t *vsc = AT(J, uint8_t, VS, h, b, B * ng);
@@ -157,7 +119,8 @@ NINLINE void span_of(NJob *J, int h, int b0, int b1, float *m_out, float *l_out,
     for (int r = 0; r < R; r++) { m_out[r] = mr[r]; l_out[r] = lr[r]; }
 }
 
-static void span(NJob *J, int h, int b0, int b1, float *m, float *l, float *o) {
+static void span(const void *job, int h, int b0, int b1, float *m, float *l, float *o) {
+    const NJob *J = job;
     const int R = J->rows, D = J->d, B = J->block, bits = J->bits;
 #define SHAPE(r, d, b, k) if (R == r && D == d && B == b && bits == k) { span_of(J, h, b0, b1, m, l, o, r, d, b, k); return; }
     SHAPE(3, 64, 64, 2) SHAPE(3, 64, 64, 4)     /* SmolLM2: 9 query heads over 3 KV heads */
@@ -175,39 +138,7 @@ int kvtier_nuq_attend(const float *q, int n_kv, int rows, int d, int bits, int g
     if (d > NMAXD || d % 2 || rows > NMAXR || block > NMAXB || (bits != 2 && bits != 4) || group < 1 || d % group
         || (d * bits) % 8 || n_blocks < 1)
         return 1;
-    if (SCALE[255] == 0.f) scale_table();
+    scale_table();
     NJob J = {q, n_kv, rows, d, bits, group, block, n_blocks, n_out, ptrs, strides, rope, rope_hs, lut_k, lut_v};
-    int splits = 1;  /* runs per head: the fewest that give every thread the same number of tasks */
-    while ((n_kv * splits < threads || (n_kv * splits) % threads) && splits < n_blocks && splits < 4 * threads)
-        splits++;
-    const int tasks = n_kv * splits;
-    float *tm = malloc(sizeof(float) * tasks * rows), *tl = malloc(sizeof(float) * tasks * rows);
-    float *to = malloc(sizeof(float) * tasks * rows * d);
-    if (!tm || !tl || !to) { free(tm); free(tl); free(to); return 1; }
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int task = 0; task < tasks; task++) {
-        const int h = task / splits, sp = task % splits;
-        const int b0 = (long)n_blocks * sp / splits, b1 = (long)n_blocks * (sp + 1) / splits;
-        span(&J, h, b0, b1, tm + (long)task * rows, tl + (long)task * rows, to + (long)task * rows * d);
-    }
-    for (int h = 0; h < n_kv; h++)
-        for (int r = 0; r < rows; r++) {
-            float top = -FLT_MAX;
-            for (int sp = 0; sp < splits; sp++) {
-                const float x = tm[(long)(h * splits + sp) * rows + r];
-                top = x > top ? x : top;
-            }
-            float sum = 0.f, *out = o + ((long)h * rows + r) * d;
-            memset(out, 0, sizeof(float) * d);
-            for (int sp = 0; sp < splits; sp++) {
-                const long t = (long)(h * splits + sp) * rows + r;
-                const float w = expf(tm[t] - top);
-                sum += tl[t] * w;
-                for (int c = 0; c < d; c++) out[c] += to[t * d + c] * w;
-            }
-            m[h * rows + r] = top;
-            l[h * rows + r] = sum;
-        }
-    free(tm); free(tl); free(to);
-    return 0;
+    return run_spans(&J, span, n_kv, rows, d, n_blocks, m, l, o, threads);
 }

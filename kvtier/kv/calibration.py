@@ -22,18 +22,18 @@ from kvtier.kv.codecs.base import Codec, LayerContext
 from kvtier.paths import cache_dir
 from kvtier.progress import status
 
-VERSION = "3"  # 2: adds each channel's mean; 3: adds the samples
+VERSION = "4"  # 2: adds each channel's mean; 3: adds the samples; 4: 1,024 sample tokens (was 512)
 TOKENS = 2048
 WHERE = 1 / 6  # fraction into the text where the calibration span starts
 KINDS = ("k", "kpre", "v")
-SAMPLE_BLOCKS = 8  # blocks of 64 tokens kept as samples, every SAMPLE_EVERY-th from block 1
-SAMPLE_EVERY = 4
+SAMPLE_BLOCKS = 16  # blocks of 64 tokens kept as samples, every SAMPLE_EVERY-th from block 1
+SAMPLE_EVERY = 2
 SAMPLE_BLOCK = 64
 
 
 def load(model) -> list[dict[str, torch.Tensor]]:
     """The model's statistics, ``[{f"{kind}_{absmax|rms|mean}": (Hkv, D) fp32}]`` per layer,
-    with ``kpre_sample`` and ``v_sample`` ``(Hkv, S, D)`` fp16 (S = 512 tokens).
+    with ``kpre_sample`` and ``v_sample`` ``(Hkv, S, D)`` fp16 (S = 1,024 tokens).
 
     Read from disk when this model was calibrated before; otherwise computed and stored.
     Models without a ``key`` (built in memory, e.g. in tests) are calibrated each time.

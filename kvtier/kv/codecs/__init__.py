@@ -14,6 +14,7 @@ from kvtier.kv.codecs.nvint4 import NvInt4
 from kvtier.kv.codecs.ovp import Ovp
 from kvtier.kv.codecs.rotatekv import RotateKV
 from kvtier.kv.codecs.sparse import Sparse
+from kvtier.kv.codecs.vq import Vq
 
 __all__ = ["Codec", "Dense", "Int", "MxFp4", "MxFp8", "MxInt8", "NvFp4", "NvInt4", "RotateKV"]
-__all__ += ["Bfp", "LowRank", "Nuq", "Ovp", "Sparse"]
+__all__ += ["Bfp", "LowRank", "Nuq", "Ovp", "Sparse", "Vq"]

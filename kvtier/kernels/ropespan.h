@@ -1,0 +1,107 @@
+/* What the kernels over codecs whose keys are stored before RoPE (nuqattn.c, vqattn.c) share:
+ * the one-byte log scales, the rotation and scoring of a decoded key block, the online softmax
+ * over a block, and the driver that splits a run of blocks over threads and merges the pieces.
+ * Each kernel supplies how a block is decoded (its span function). */
+#ifndef KVTIER_ROPESPAN_H
+#define KVTIER_ROPESPAN_H
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define RMAXD 256
+#define RMAXR 32
+#define RMAXB 128
+#define RINLINE static inline __attribute__((always_inline))
+
+/* a scale code's value, 2^(c/12 - 12); code 0 is exactly zero (a group or vector of zeros) */
+static float SCALE[256];
+
+static void scale_table(void) {
+    if (SCALE[255] != 0.f) return;
+    for (int c = 1; c < 256; c++) SCALE[c] = exp2f(c / 12.0f - 12.0f);
+}
+
+/* keys kb (B x D, before RoPE) rotated by the unit cos/sin rows rp ((B, 2, D), rotate-half
+ * layout) and scored against the R pre-scaled query rows q: s[r * B + t] */
+RINLINE void rope_scores(const float *kb, const float *rp, const float *q, float *s,
+                         const int R, const int D, const int B) {
+    const int half = D / 2;
+    for (int t = 0; t < B; t++) {
+        const float *row = kb + t * D, *cs = rp + (long)t * 2 * D, *sn = cs + D;
+        float rot[RMAXD];
+        for (int c = 0; c < half; c++) {
+            rot[c] = row[c] * cs[c] - row[c + half] * sn[c];
+            rot[c + half] = row[c + half] * cs[c + half] + row[c] * sn[c + half];
+        }
+        for (int r = 0; r < R; r++) {
+            const float *qr = q + r * D;
+            float acc = 0.f;
+            for (int c = 0; c < D; c++) acc += qr[c] * rot[c];
+            s[r * B + t] = acc;
+        }
+    }
+}
+
+/* scores s (R x B) -> weights exp(s - max) under the running max mr and sum lr; the output o
+ * (R x D) is rescaled when the max grows */
+RINLINE void online_softmax(float *s, float *mr, float *lr, float *o, const int R, const int D, const int B) {
+    for (int r = 0; r < R; r++) {
+        float top = mr[r];
+        for (int t = 0; t < B; t++) top = s[r * B + t] > top ? s[r * B + t] : top;
+        if (top > mr[r]) {
+            const float w = expf(mr[r] - top);
+            lr[r] *= w;
+            for (int c = 0; c < D; c++) o[r * D + c] *= w;
+            mr[r] = top;
+        }
+        float sum = 0.f;
+        for (int t = 0; t < B; t++) { s[r * B + t] = expf(s[r * B + t] - top); sum += s[r * B + t]; }
+        lr[r] += sum;
+    }
+}
+
+/* one head's pieces m, l (R) and o (R x D) over blocks [b0, b1) */
+typedef void (*span_fn)(const void *job, int h, int b0, int b1, float *m, float *l, float *o);
+
+/* Splits n_blocks of each of n_kv heads into the fewest runs that give every thread the same
+ * number of tasks, runs them in parallel and merges each head's pieces (log-sum-exp).
+ * Returns 0, or 1 when memory runs out. */
+static int run_spans(const void *job, span_fn span, int n_kv, int rows, int d, int n_blocks,
+                     float *m, float *l, float *o, int threads) {
+    int splits = 1;
+    while ((n_kv * splits < threads || (n_kv * splits) % threads) && splits < n_blocks && splits < 4 * threads)
+        splits++;
+    const int tasks = n_kv * splits;
+    float *tm = malloc(sizeof(float) * tasks * rows), *tl = malloc(sizeof(float) * tasks * rows);
+    float *to = malloc(sizeof(float) * tasks * rows * d);
+    if (!tm || !tl || !to) { free(tm); free(tl); free(to); return 1; }
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int task = 0; task < tasks; task++) {
+        const int h = task / splits, sp = task % splits;
+        const int b0 = (long)n_blocks * sp / splits, b1 = (long)n_blocks * (sp + 1) / splits;
+        span(job, h, b0, b1, tm + (long)task * rows, tl + (long)task * rows, to + (long)task * rows * d);
+    }
+    for (int h = 0; h < n_kv; h++)
+        for (int r = 0; r < rows; r++) {
+            float top = -FLT_MAX;
+            for (int sp = 0; sp < splits; sp++) {
+                const float x = tm[(long)(h * splits + sp) * rows + r];
+                top = x > top ? x : top;
+            }
+            float sum = 0.f, *out = o + ((long)h * rows + r) * d;
+            memset(out, 0, sizeof(float) * d);
+            for (int sp = 0; sp < splits; sp++) {
+                const long t = (long)(h * splits + sp) * rows + r;
+                const float w = expf(tm[t] - top);
+                sum += tl[t] * w;
+                for (int c = 0; c < d; c++) out[c] += to[t * d + c] * w;
+            }
+            m[h * rows + r] = top;
+            l[h * rows + r] = sum;
+        }
+    free(tm); free(tl); free(to);
+    return 0;
+}
+#endif

@@ -1,0 +1,97 @@
+/* Decode attention on the `vq` codec's blocks (CommVQ: additive vector quantization per token,
+ * keys stored before RoPE), in fp32.
+ *
+ * One call covers one run of consecutive blocks of one layer, all KV heads. Per KV head and
+ * block of B tokens, keys and values alike:
+ *   codes  B rows of P * S bytes (P = D / DIM sub-vectors, S stages), sub-vector-major: the
+ *          code of stage s of sub-vector j is byte j * S + s;
+ *   scale  one byte per token (2^(c/12 - 12), 0 for a vector of zeros).
+ * The codebooks are (P, S, 256, DIM) fp16, one for keys and one for values: sub-vector j of a
+ * token decodes to scale * sum_s book[j][s][code]. Each key is then rotated by RoPE with the
+ * unit cos/sin rows `rope` of its position (rotate-half layout) and scored; values are decoded
+ * the same way and accumulated under the softmax weights. Nothing but codes is read from the
+ * cache and no dense block is written to memory. For the R query rows of a head (pre-scaled)
+ * it returns the softmax pieces m, l, o that kvtier.attention.blockwise.merge combines.
+ * kvtier.kv.codecs.vq.Vq.attend_torch is the reference this is tested against.
+ */
+#include "ropespan.h"
+
+enum { K, KS, V, VS, QFIELDS };  /* the fields, in Python's order */
+
+typedef struct {
+    const float *q; int n_kv, rows, d, dim, stages, block, n_blocks;
+    const void *const *p; const long *hs;  /* each field's base and head stride (elements) */
+    const float *rope; long rope_hs;       /* (N, 2, D) rows per head (stride 0: shared) */
+    const _Float16 *book_k, *book_v;
+} QJob;
+
+#define QAT(J, T, f, h, b, per) ((const T *)(J)->p[f] + (h) * (J)->hs[f] + (long)(b) * (per))
+
+/* one token's vector: out[j * DIM + c] = sum_s book[((j * S + s) * 256 + code[j * S + s]) * DIM + c] */
+RINLINE void decode_row(const uint8_t *code, const _Float16 *book, float *out,
+                        const int D, const int DIM, const int S) {
+    const int P = D / DIM;
+    for (int j = 0; j < P; j++) {
+        float acc[16] = {0};
+        for (int s = 0; s < S; s++) {
+            const _Float16 *w = book + ((long)(j * S + s) * 256 + code[j * S + s]) * DIM;
+            for (int c = 0; c < DIM; c++) acc[c] += (float)w[c];
+        }
+        for (int c = 0; c < DIM; c++) out[j * DIM + c] = acc[c];
+    }
+}
+
+RINLINE void span_of(const QJob *J, int h, int b0, int b1, float *m_out, float *l_out, float *o,
+                     const int R, const int D, const int B, const int DIM, const int S) {
+    const int C = D / DIM * S;
+    const float *q = J->q + (long)h * R * D;
+    float kb[RMAXB * RMAXD], row[RMAXD], s[RMAXR * RMAXB], mr[RMAXR], lr[RMAXR];
+    for (int r = 0; r < R; r++) { mr[r] = -FLT_MAX; lr[r] = 0.f; }
+    memset(o, 0, sizeof(float) * R * D);
+    for (int b = b0; b < b1; b++) {
+        const uint8_t *kc = QAT(J, uint8_t, K, h, b, B * C), *ks = QAT(J, uint8_t, KS, h, b, B);
+        for (int t = 0; t < B; t++) {
+            float *kr = kb + t * D;
+            decode_row(kc + (long)t * C, J->book_k, kr, D, DIM, S);
+            const float a = SCALE[ks[t]];
+            for (int c = 0; c < D; c++) kr[c] *= a;
+        }
+        rope_scores(kb, J->rope + h * J->rope_hs + (long)b * B * 2 * D, q, s, R, D, B);
+        online_softmax(s, mr, lr, o, R, D, B);
+        const uint8_t *vc = QAT(J, uint8_t, V, h, b, B * C), *vs = QAT(J, uint8_t, VS, h, b, B);
+        for (int t = 0; t < B; t++) {
+            decode_row(vc + (long)t * C, J->book_v, row, D, DIM, S);
+            const float a = SCALE[vs[t]];
+            for (int r = 0; r < R; r++) {
+                const float p = s[r * B + t] * a;
+                float *orow = o + r * D;
+                for (int c = 0; c < D; c++) orow[c] += p * row[c];
+            }
+        }
+    }
+    for (int r = 0; r < R; r++) { m_out[r] = mr[r]; l_out[r] = lr[r]; }
+}
+
+static void span(const void *job, int h, int b0, int b1, float *m, float *l, float *o) {
+    const QJob *J = job;
+    const int R = J->rows, D = J->d, B = J->block, DIM = J->dim, S = J->stages;
+#define SHAPE(r, d, b, dm, st) \
+    if (R == r && D == d && B == b && DIM == dm && S == st) { span_of(J, h, b0, b1, m, l, o, r, d, b, dm, st); return; }
+    SHAPE(3, 64, 64, 8, 2) SHAPE(4, 256, 64, 8, 2)     /* SmolLM2 and Gemma 3, 2 bits */
+    SHAPE(3, 64, 64, 16, 2) SHAPE(4, 256, 64, 16, 2)   /* 1 bit */
+    SHAPE(3, 64, 64, 16, 3) SHAPE(4, 256, 64, 16, 3)   /* 1.5 bits */
+#undef SHAPE
+    span_of(J, h, b0, b1, m, l, o, R, D, B, DIM, S);
+}
+
+/* Returns 0, or 1 when the sizes are outside what this kernel handles (the caller falls back). */
+int kvtier_vq_attend(const float *q, int n_kv, int rows, int d, int dim, int stages, int block, int n_blocks,
+                     const void *const *ptrs, const long *strides, const float *rope, long rope_hs,
+                     const _Float16 *book_k, const _Float16 *book_v, float *m, float *l, float *o, int threads) {
+    if (d > RMAXD || d % 2 || rows > RMAXR || block > RMAXB || dim < 1 || dim > 16 || d % dim
+        || stages < 1 || n_blocks < 1)
+        return 1;
+    scale_table();
+    QJob J = {q, n_kv, rows, d, dim, stages, block, n_blocks, ptrs, strides, rope, rope_hs, book_k, book_v};
+    return run_spans(&J, span, n_kv, rows, d, n_blocks, m, l, o, threads);
+}
