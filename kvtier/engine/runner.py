@@ -56,14 +56,14 @@ class ModelRunner:
                 n_kv, stats = m.n_kv, self.stats and self.stats[i]
                 if head is not None:  # one KV head's own cache (per-head budgets)
                     n_kv, stats = 1, stats and {name: t[head: head + 1] for name, t in stats.items()}
-                ctx = LayerContext(i, n_kv, m.head_dim, stats, rope)
+                ctx = LayerContext(i, n_kv, m.head_dim, stats, rope, self.stats)
                 return LayerKV(c, n_kv, m.head_dim, self.block_size, window, self.dtype, self.device, ctx, home)
             sel = self.spec.selectors[0] if self.spec.selectors else None
             sparse = sel is not None and getattr(sel, "sparse", False)  # reads some blocks, deletes none
             if sparse and (i < sel.dense_layers or (window is not None and not sel.sliding)):
                 layers.append(make(codec, ropes[i]))  # dense first layers; a sliding window read whole
             elif sparse:
-                ctx = LayerContext(i, m.n_kv, m.head_dim, self.stats and self.stats[i], ropes[i])
+                ctx = LayerContext(i, m.n_kv, m.head_dim, self.stats and self.stats[i], ropes[i], self.stats)
                 layers.append(BlockSelectKV(sel, codec, m.n_kv, m.head_dim, self.block_size, window,
                                             self.dtype, self.device, ctx, home))
             elif sel is not None:  # on a sliding layer: the selector's share of the window

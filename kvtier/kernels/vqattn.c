@@ -6,7 +6,7 @@
  *   codes  B rows of P * S bytes (P = D / DIM sub-vectors, S stages), sub-vector-major: the
  *          code of stage s of sub-vector j is byte j * S + s;
  *   scale  one byte per token (2^(c/12 - 12), 0 for a vector of zeros).
- * The codebooks are (P, S, 256, DIM) fp16, one for keys and one for values: sub-vector j of a
+ * The codebooks are (P, S, 256, DIM) fp16 (converted to fp32 once per call), one for keys and one for values: sub-vector j of a
  * token decodes to scale * sum_s book[j][s][code]. Each key is then rotated by RoPE with the
  * unit cos/sin rows `rope` of its position (rotate-half layout) and scored; values are decoded
  * the same way and accumulated under the softmax weights. Nothing but codes is read from the
@@ -22,20 +22,20 @@ typedef struct {
     const float *q; int n_kv, rows, d, dim, stages, block, n_blocks;
     const void *const *p; const long *hs;  /* each field's base and head stride (elements) */
     const float *rope; long rope_hs;       /* (N, 2, D) rows per head (stride 0: shared) */
-    const _Float16 *book_k, *book_v;
+    const float *book_k, *book_v;          /* the codebooks in fp32 (converted once per call) */
 } QJob;
 
 #define QAT(J, T, f, h, b, per) ((const T *)(J)->p[f] + (h) * (J)->hs[f] + (long)(b) * (per))
 
 /* one token's vector: out[j * DIM + c] = sum_s book[((j * S + s) * 256 + code[j * S + s]) * DIM + c] */
-RINLINE void decode_row(const uint8_t *code, const _Float16 *book, float *out,
+RINLINE void decode_row(const uint8_t *code, const float *book, float *out,
                         const int D, const int DIM, const int S) {
     const int P = D / DIM;
     for (int j = 0; j < P; j++) {
         float acc[16] = {0};
         for (int s = 0; s < S; s++) {
-            const _Float16 *w = book + ((long)(j * S + s) * 256 + code[j * S + s]) * DIM;
-            for (int c = 0; c < DIM; c++) acc[c] += (float)w[c];
+            const float *w = book + ((long)(j * S + s) * 256 + code[j * S + s]) * DIM;
+            for (int c = 0; c < DIM; c++) acc[c] += w[c];
         }
         for (int c = 0; c < DIM; c++) out[j * DIM + c] = acc[c];
     }
@@ -92,6 +92,12 @@ int kvtier_vq_attend(const float *q, int n_kv, int rows, int d, int dim, int sta
         || stages < 1 || n_blocks < 1)
         return 1;
     scale_table();
-    QJob J = {q, n_kv, rows, d, dim, stages, block, n_blocks, ptrs, strides, rope, rope_hs, book_k, book_v};
-    return run_spans(&J, span, n_kv, rows, d, n_blocks, m, l, o, threads);
+    const long n_book = (long)d * stages * 256;  /* (D / dim) x stages x 256 x dim */
+    float *books = malloc(sizeof(float) * 2 * n_book);
+    if (!books) return 1;
+    for (long i = 0; i < n_book; i++) { books[i] = (float)book_k[i]; books[n_book + i] = (float)book_v[i]; }
+    QJob J = {q, n_kv, rows, d, dim, stages, block, n_blocks, ptrs, strides, rope, rope_hs, books, books + n_book};
+    const int rc = run_spans(&J, span, n_kv, rows, d, n_blocks, m, l, o, threads);
+    free(books);
+    return rc;
 }

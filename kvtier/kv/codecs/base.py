@@ -8,7 +8,7 @@ full blocks into them and decodes a group of blocks back to full precision. The 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -25,6 +25,8 @@ class LayerContext:
     ``*_absmax``, ``*_rms`` and ``*_mean`` per channel, and ``kpre_sample``, ``v_sample``
     ``(Hkv, S, D)`` fp16 (calibration tokens themselves); None unless the codec sets ``calibrated``.
     rope: the layer's rotary embedding (``rope.rotate(x, start, inverse)``), or None.
+    model_stats: every layer's statistics (the model's, whole), for a codec that decides across
+    layers (``mixed``); None unless the codec sets ``calibrated``.
     """
 
     index: int
@@ -32,6 +34,7 @@ class LayerContext:
     head_dim: int
     stats: dict[str, torch.Tensor] | None = None
     rope: Any = None
+    model_stats: Any = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,7 @@ class Codec(ABC):
     # is wider (KIVI keeps its residual in fp16); None: the compute dtype
     plain_dtype: ClassVar[torch.dtype | None] = torch.float16
     group_blocks: ClassVar[int] = 16  # blocks attention decodes at once (1,024 tokens stay in cache)
+    width: ClassVar[str | None] = None  # the parameter that sets bits per element, if one does (mixed)
 
     def residual_at(self, window: int | None) -> int:
         """Newest tokens kept unencoded beyond the residual block on a layer with this sliding

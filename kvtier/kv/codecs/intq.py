@@ -48,6 +48,7 @@ class Int(SlidingResidual, Codec):
     """KIVI-style asymmetric int-k: keys per channel over the block, values per token over channel groups."""
 
     name = "int"
+    width = "bits"  # bits per element (mixed)
     group_blocks = 64  # attention on packed codes: fewer, larger steps
     bits: int = param(4, "bits per key/value element", choices=(2, 3, 4, 8))
     group: int = param(64, "channels per value quantization group (divides head_dim)", min=8, max=1024)

@@ -128,6 +128,7 @@ class Nuq(SlidingResidual, Codec):
     """KVQuant: pre-RoPE per-channel keys, per-token values, calibrated non-uniform codebooks, fp16 outliers."""
 
     name = "nuq"
+    width = "bits"  # bits per element (mixed)
     calibrated = True
     pre_rope = True
     group_blocks = 64  # attention on the codes: fewer, larger steps

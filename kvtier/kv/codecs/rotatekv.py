@@ -101,6 +101,7 @@ class RotateKV(SlidingResidual, Codec):
     """RotateKV: pre-RoPE keys, calibrated channel reordering, grouped-head Hadamard rotation, sinks kept."""
 
     name = "rotatekv"
+    width = "bits"  # bits per element (mixed)
     calibrated = True
     bits: int = param(2, "bits per key/value element", choices=(2, 3, 4))
     sinks: int = param(4, "first tokens kept in full precision (attention sinks)", min=0, max=64)

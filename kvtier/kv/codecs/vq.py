@@ -48,6 +48,7 @@ from kvtier.kv.codecs.rotatekv import scale_code, scale_value
 from kvtier.registry import param, register
 
 CODES = 256  # codewords per codebook: one byte per code
+CHUNK = 4096  # vectors per distance computation
 ITERATIONS = 12  # Lloyd iterations per stage of the fit (25 gave the same held-out error)
 
 
@@ -80,10 +81,16 @@ def kmeans(x: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
 
 def nearest(x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each vector's nearest centre: ``x (P, N, d)``, ``c (P, K, d)`` -> indices and squared
-    distances ``(P, N)``."""
-    dist = (c * c).sum(-1)[:, None, :] - 2 * torch.bmm(x, c.transpose(1, 2))  # (P, N, K)
-    best, a = dist.min(-1)
-    return a, (best + (x * x).sum(-1)).clamp_min(0)
+    distances ``(P, N)``, in slices of ``CHUNK`` vectors (the distances are ``P x N x K``)."""
+    cc = (c * c).sum(-1)[:, None, :]
+    ct = c.transpose(1, 2)
+    idx, err = [], []
+    for i in range(0, x.shape[1], CHUNK):
+        xs = x[:, i:i + CHUNK]
+        best, a = (cc - 2 * torch.bmm(xs, ct)).min(-1)  # (P, n, K) -> (P, n)
+        idx.append(a)
+        err.append((best + (xs * xs).sum(-1)).clamp_min(0))
+    return torch.cat(idx, 1), torch.cat(err, 1)
 
 
 def fit_books(u: torch.Tensor, dim: int, stages: int, seed: int = 0) -> torch.Tensor:
@@ -127,6 +134,7 @@ class Vq(SlidingResidual, Codec):
     """CommVQ: per-token additive vector quantization of pre-RoPE keys and of values, calibrated codebooks."""
 
     name = "vq"
+    width = "stages"  # bits per element (mixed)
     calibrated = True
     pre_rope = True
     group_blocks = 64  # attention on the codes: fewer, larger steps
@@ -182,7 +190,7 @@ class Vq(SlidingResidual, Codec):
         r = u.reshape(-1, d // self.dim, self.dim).transpose(0, 1).contiguous()  # (P, M, dim)
         codes = []
         for s in range(self.stages):
-            c = book[:, s].float()
+            c = book[:, s].float().to(r.device)
             a, _ = nearest(r, c)
             r = r - c.gather(1, a[..., None].expand(-1, -1, self.dim))
             codes.append(a)
@@ -199,9 +207,9 @@ class Vq(SlidingResidual, Codec):
         h, n, b, _ = codes.shape
         p = book.shape[0]
         c = codes.long().reshape(h, n, b, p, self.stages)
-        sub = torch.arange(p)[:, None]
-        stage = torch.arange(self.stages)
-        u = book.float()[sub, stage, c].sum(-2)  # (h, n, B, P, dim)
+        sub = torch.arange(p, device=codes.device)[:, None]
+        stage = torch.arange(self.stages, device=codes.device)
+        u = book.to(codes.device).float()[sub, stage, c].sum(-2)  # (h, n, B, P, dim)
         return (u.reshape(h, n * b, -1) * _scale(sc).reshape(h, n * b, 1))
 
     def decode(self, data, dtype):
