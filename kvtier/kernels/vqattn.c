@@ -6,7 +6,8 @@
  *   codes  B rows of P * S bytes (P = D / DIM sub-vectors, S stages), sub-vector-major: the
  *          code of stage s of sub-vector j is byte j * S + s;
  *   scale  one byte per token (2^(c/12 - 12), 0 for a vector of zeros).
- * The codebooks are (P, S, 256, DIM) fp16 (converted to fp32 once per call), one for keys and one for values: sub-vector j of a
+ * The codebooks are (P, S, 256, DIM) fp16 (converted to fp32 once per call when that copy is
+ * small enough to stay in the L2 cache), one for keys and one for values: sub-vector j of a
  * token decodes to scale * sum_s book[j][s][code]. Each key is then rotated by RoPE with the
  * unit cos/sin rows `rope` of its position (rotate-half layout) and scored; values are decoded
  * the same way and accumulated under the softmax weights. Nothing but codes is read from the
@@ -16,29 +17,46 @@
  */
 #include "ropespan.h"
 
-enum { K, KS, V, VS, QFIELDS };  /* the fields, in Python's order */
+enum { K, KS, V, VS, QFIELDS };
+
+/* fp32 copies of the codebooks, made once per call, pay off for 16-channel sub-vectors when they
+ * stay in the L2 cache (1.33 against 2.89 ms for one SmolLM2 layer at 8K); 8-channel ones read
+ * as fp16 are faster (1.35 against 1.55 ms), and Gemma's 2 MiB of fp32 copies cost 2x */
+#define FP32_BOOKS_MAX (512L << 10)  /* the fields, in Python's order */
 
 typedef struct {
     const float *q; int n_kv, rows, d, dim, stages, block, n_blocks;
     const void *const *p; const long *hs;  /* each field's base and head stride (elements) */
     const float *rope; long rope_hs;       /* (N, 2, D) rows per head (stride 0: shared) */
     const float *book_k, *book_v;          /* the codebooks in fp32 (converted once per call) */
+    const _Float16 *half_k, *half_v;       /* or read as fp16, when fp32 copies would crowd the L2 */
+    int half;
 } QJob;
 
 #define QAT(J, T, f, h, b, per) ((const T *)(J)->p[f] + (h) * (J)->hs[f] + (long)(b) * (per))
 
-/* one token's vector: out[j * DIM + c] = sum_s book[((j * S + s) * 256 + code[j * S + s]) * DIM + c] */
-RINLINE void decode_row(const uint8_t *code, const float *book, float *out,
-                        const int D, const int DIM, const int S) {
-    const int P = D / DIM;
-    for (int j = 0; j < P; j++) {
-        float acc[16] = {0};
-        for (int s = 0; s < S; s++) {
-            const float *w = book + ((long)(j * S + s) * 256 + code[j * S + s]) * DIM;
-            for (int c = 0; c < DIM; c++) acc[c] += w[c];
-        }
-        for (int c = 0; c < DIM; c++) out[j * DIM + c] = acc[c];
+/* one token's vector: out[j * DIM + c] = sum_s book[((j * S + s) * 256 + code[j * S + s]) * DIM + c],
+ * from fp32 codebooks (f32) or the fp16 ones as given (f16) */
+#define DECODE_ROW(NAME, T)                                                                    \
+    RINLINE void NAME(const uint8_t *code, const T *book, float *out, const int D, const int DIM, \
+                      const int S) {                                                          \
+        const int P = D / DIM;                                                                \
+        for (int j = 0; j < P; j++) {                                                         \
+            float acc[16] = {0};                                                              \
+            for (int s = 0; s < S; s++) {                                                     \
+                const T *w = book + ((long)(j * S + s) * 256 + code[j * S + s]) * DIM;        \
+                for (int c = 0; c < DIM; c++) acc[c] += (float)w[c];                          \
+            }                                                                                 \
+            for (int c = 0; c < DIM; c++) out[j * DIM + c] = acc[c];                          \
+        }                                                                                     \
     }
+DECODE_ROW(decode_f32, float)
+DECODE_ROW(decode_f16, _Float16)
+
+RINLINE void decode_row(const QJob *J, int key, const uint8_t *code, float *out, const int D, const int DIM,
+                        const int S) {
+    if (J->half) decode_f16(code, key ? J->half_k : J->half_v, out, D, DIM, S);
+    else decode_f32(code, key ? J->book_k : J->book_v, out, D, DIM, S);
 }
 
 RINLINE void span_of(const QJob *J, int h, int b0, int b1, float *m_out, float *l_out, float *o,
@@ -52,7 +70,7 @@ RINLINE void span_of(const QJob *J, int h, int b0, int b1, float *m_out, float *
         const uint8_t *kc = QAT(J, uint8_t, K, h, b, B * C), *ks = QAT(J, uint8_t, KS, h, b, B);
         for (int t = 0; t < B; t++) {
             float *kr = kb + t * D;
-            decode_row(kc + (long)t * C, J->book_k, kr, D, DIM, S);
+            decode_row(J, 1, kc + (long)t * C, kr, D, DIM, S);
             const float a = SCALE[ks[t]];
             for (int c = 0; c < D; c++) kr[c] *= a;
         }
@@ -60,7 +78,7 @@ RINLINE void span_of(const QJob *J, int h, int b0, int b1, float *m_out, float *
         online_softmax(s, mr, lr, o, R, D, B);
         const uint8_t *vc = QAT(J, uint8_t, V, h, b, B * C), *vs = QAT(J, uint8_t, VS, h, b, B);
         for (int t = 0; t < B; t++) {
-            decode_row(vc + (long)t * C, J->book_v, row, D, DIM, S);
+            decode_row(J, 0, vc + (long)t * C, row, D, DIM, S);
             const float a = SCALE[vs[t]];
             for (int r = 0; r < R; r++) {
                 const float p = s[r * B + t] * a;
@@ -93,10 +111,16 @@ int kvtier_vq_attend(const float *q, int n_kv, int rows, int d, int dim, int sta
         return 1;
     scale_table();
     const long n_book = (long)d * stages * 256;  /* (D / dim) x stages x 256 x dim */
-    float *books = malloc(sizeof(float) * 2 * n_book);
-    if (!books) return 1;
-    for (long i = 0; i < n_book; i++) { books[i] = (float)book_k[i]; books[n_book + i] = (float)book_v[i]; }
-    QJob J = {q, n_kv, rows, d, dim, stages, block, n_blocks, ptrs, strides, rope, rope_hs, books, books + n_book};
+    QJob J = {q, n_kv, rows, d, dim, stages, block, n_blocks, ptrs, strides, rope, rope_hs, NULL, NULL,
+              book_k, book_v, dim <= 8 || 2 * n_book * sizeof(float) > FP32_BOOKS_MAX};
+    float *books = NULL;
+    if (!J.half) {
+        books = malloc(sizeof(float) * 2 * n_book);
+        if (!books) return 1;
+        for (long i = 0; i < n_book; i++) { books[i] = (float)book_k[i]; books[n_book + i] = (float)book_v[i]; }
+        J.book_k = books;
+        J.book_v = books + n_book;
+    }
     const int rc = run_spans(&J, span, n_kv, rows, d, n_blocks, m, l, o, threads);
     free(books);
     return rc;
