@@ -12,23 +12,26 @@ The codebooks (256 codewords per sub-vector position and stage, one set for keys
 values per layer, shared by the layer's KV heads) are fitted once per model by k-means on the
 calibration pass's own pre-RoPE keys and values (1,024 tokens per layer,
 :mod:`kvtier.kv.calibration`), stage after stage on the residuals, normalised exactly as
-encoding normalises them. They are held in fp16 and their bytes are counted once per layer:
+encoding normalises them. They are held in fp16 and their bytes are counted in every cache, once per layer:
 2 x ``head_dim x stages x 256`` values, 128 KiB a layer on SmolLM2 at the default. That is
 model state; at 8K context it adds about 0.3 bits per element to one sequence, less on longer
 ones. An uncalibrated ``vq`` (a codec built on its own) uses codebooks fitted to Gaussian
 vectors instead (:func:`gaussian_books`).
 
-**RoPE.** CommVQ constrains its key codebook so that it commutes with RoPE: each codeword is a
-vector of complex numbers over RoPE's channel pairs, so rotating a decoded key is rotating its
-codewords, and its GPU kernel folds the rotation into the query side. RoPE is linear, so a
-sum of codewords rotated is the sum of rotated codewords for *any* codebook; what the
-constraint buys is a closed form on the GPU. kvtier's CPU kernel (``kvtier/kernels/vqattn.c``)
-decodes each key from its codes (``stages`` lookups per sub-vector, the codebooks stay in the
-L2 cache), rotates it by RoPE at its position from the keys' cos/sin rows inside the kernel,
-as the ``nuq`` kernel does, and scores it; values are decoded the same way under the weights.
-So the codebook needs no constraint here and keeps the full freedom of k-means; the price is
-the rotation of every key inside the kernel, which on a CPU costs about one more pass over the
-head's channels.
+**RoPE.** CommVQ constrains its key codebook to commute with RoPE (its codewords are complex
+numbers over RoPE's channel pairs), which its paper says enables "efficient integration of
+decoding into the self-attention mechanism" on the GPU. RoPE is linear, so the rotation of a
+sum of codewords is the sum of the rotated codewords for *any* codebook. kvtier's CPU kernel
+(``kvtier/kernels/vqattn.c``) decodes each key from its codes (``stages`` lookups per
+sub-vector, the codebooks stay in the L2 cache), rotates it by RoPE at its position from the
+keys' cos/sin rows inside the kernel, as the ``nuq`` kernel does, and scores it; values are
+decoded the same way under the weights. So the codebook needs no constraint here and keeps the
+full freedom of k-means; the price is the rotation of every key inside the kernel.
+
+**Where it fails.** K-means places its codewords where the calibration keys were; a key unlike
+them is far from every sum of codewords, where a scalar grid with a per-token scale fits
+whatever comes. On SmolLM2 that makes a few layers' keys (18 and 25) worse than ``rotatekv``'s
+even with 4 stages, though most layers are 5-8x better (docs/ppl.md, scripts/attn_error.py).
 
 Paper: Li et al., "CommVQ: Commutative Vector Quantization for KV Cache Compression", ICML
 2025, https://arxiv.org/abs/2506.18879
