@@ -375,7 +375,7 @@ def bench_retrieval(
         for task in [t.strip() for t in tasks.split(",") if t.strip()]:
             hay = data.load_text("kjv" if task == "passkey" else "essays")
             todo += retrieval.make_cases(loaded.tokenizer, task, hay, _ints(context, "--context"),
-                                         [float(d) for d in depths.split(",") if d.strip()], seed, intro)
+                                         [float(d) for d in depths.split(",") if d.strip()], seed, intro, chat)
     rows = retrieval.run(loaded, model, methods, todo, mode_list, max_new_tokens, chat)
     if "kvpress" in peer_list:
         dense = {(r["mode"], r["case"]): r["dense_kv_bytes"] for r in rows}

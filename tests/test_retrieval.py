@@ -36,6 +36,10 @@ def test_cases_hide_the_answer_at_their_depth_within_the_length(smollm2):
         first, rest = retrieval.prompt(tok, c, "agnostic")
         assert c["context"].startswith(intro) and c["context"].count(c["answer"]) == 2
         assert c["context_tokens"] - 80 < len(first) + len(rest) <= c["context_tokens"]
+    # in the chat template the template's own tokens count too: room is left for the answer
+    for c in retrieval.make_cases(tok, "passkey", kjv()[:200_000], [1024], [50], chat=True):
+        first, rest = retrieval.prompt(tok, c, "agnostic", chat=True)
+        assert c["context_tokens"] - 80 < len(first) + len(rest) <= c["context_tokens"] - 24
 
 
 def test_prompt_layout_matches_kvpress(smollm2):
@@ -168,3 +172,11 @@ def test_named_texts_and_their_errors(monkeypatch, tmp_path):
     wiki, essays = data.load_text("wiki"), data.load_text("essays")
     assert wiki.startswith("The Normans") and len(wiki) > 900_000 and "\n\n" in wiki
     assert len(essays) > 3_000_000
+
+
+def test_a_case_too_long_for_the_model_fails_before_any_case_runs(smollm2):
+    short = {"task": "cases", "context_tokens": None, "depth": None, "context": "In the beginning.\n",
+             "question": "What?", "answer": "x"}
+    long = short | {"context": "and the earth was without form " * 2000}
+    with pytest.raises(KvtierError, match="case 1 is .* tokens and 12 more are generated.*use shorter contexts"):
+        retrieval.run(smollm2, "smollm2-135m", ["dense"], [short, long], ["agnostic"])

@@ -48,10 +48,12 @@ NOUNS = ["harbor", "lantern", "meadow", "falcon", "orchard", "glacier", "compass
 
 
 def make_cases(tokenizer, task: str, haystack: str, contexts: list[int], depths: list[float],
-               seed: int = 0, intro: str = "") -> list[dict]:
+               seed: int = 0, intro: str = "", chat: bool = False) -> list[dict]:
     """One case per (context, depth): ``task`` is ``passkey`` or ``needle``; the haystack is
     cut from ``haystack`` at a different place for each case. ``intro`` (an instruction such as
-    the classic passkey preamble) opens every context and counts in its length."""
+    the classic passkey preamble) opens every context and counts in its length, and so do the
+    tokens the chat template adds when ``chat`` lays the prompt out in it (the plain layout's
+    cases are those of earlier runs)."""
     rng = random.Random(seed)
     ids = tokenizer(haystack, add_special_tokens=False).input_ids
     cases = []
@@ -68,7 +70,10 @@ def make_cases(tokenizer, task: str, haystack: str, contexts: list[int], depths:
                 lead = f"The special magic number for {word} mentioned in the provided text is"
             else:
                 raise KvtierError(f"unknown task {task!r}: use passkey or needle")
-            room = n - len(tokenizer(intro + fact + question + lead, add_special_tokens=False).input_ids) - 40
+            bare = {"context": intro + fact, "question": question, "answer_prefix": lead}
+            extra = sum(map(len, prompt(tokenizer, bare, "agnostic", chat))) - sum(map(len, prompt(
+                tokenizer, bare, "agnostic", False)))  # the chat template's own tokens
+            room = n - len(tokenizer(intro + fact + question + lead, add_special_tokens=False).input_ids) - 40 - extra
             if room < 64 or len(ids) < room:
                 raise KvtierError(f"--context {n} is too short for a {task} case (or the haystack too small)")
             at = rng.randrange(0, len(ids) - room + 1)
@@ -211,13 +216,16 @@ def run(loaded, model_name: str, methods: list[str], cases: list[dict], modes: l
     eos = eos_ids(tok, model.hf_config)
     layout = "chat" if chat and getattr(tok, "chat_template", None) else "plain"  # recorded in every row
     rows = []
+    for mode in modes:  # every case checked before any runs: a long one fails in seconds, not at the end
+        for i, case in enumerate(cases):
+            first, rest = prompt(tok, case, mode, chat)
+            if len(first) + len(rest) + max_new_tokens > model.max_context:
+                raise KvtierError(f"case {i} is {len(first) + len(rest)} tokens and {max_new_tokens} more are "
+                                  f"generated; {model_name} allows {model.max_context}: use shorter contexts")
     with bar(len(cases) * len(modes), f"retrieval {model_name}") as step:
         for mode in modes:
             for i, case in enumerate(cases):
                 first, rest = prompt(tok, case, mode, chat)
-                if len(first) + len(rest) + max_new_tokens > model.max_context:
-                    raise KvtierError(f"case {i} is {len(first) + len(rest)} tokens; {model_name} allows "
-                                      f"{model.max_context}: use shorter contexts")
                 record = recorder.new_cache()
                 recorder.feed([record], [first])
                 dense = _dense_bytes(record)
