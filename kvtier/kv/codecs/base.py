@@ -110,3 +110,15 @@ class Codec(ABC):
         """
         return
 
+
+def rope_pieces(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: torch.Tensor):
+    """Softmax pieces ``m, l, o`` of pre-scaled queries ``q (h, R, D)`` over decoded pre-RoPE keys
+    ``k`` rotated by the unit cos/sin rows ``rope`` (rotate-half layout) and values ``v``, in
+    fp32: the reference of the kernels of codecs that store keys before RoPE."""
+    cos, sin = rope[..., 0, :].float(), rope[..., 1, :].float()
+    half = k.shape[-1] // 2
+    k = k * cos + torch.cat([-k[..., half:], k[..., :half]], -1) * sin
+    s = torch.matmul(q.float(), k.transpose(1, 2))  # (h, R, N)
+    m = s.amax(-1, keepdim=True)
+    p = torch.exp(s - m)
+    return m, p.sum(-1, keepdim=True), torch.matmul(p, v)

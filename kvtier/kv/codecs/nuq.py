@@ -4,9 +4,10 @@ Keys are stored *before* RoPE and quantized per channel over a block's tokens (p
 outliers sit in fixed channels); values per token, in groups of ``group`` channels. Each group
 is normalised to [-1, 1] by its range (a one-byte log scale for the half-range, code 0 for a
 group of zeros, and an int8 count of half-range / 8 for the centre, as ``rotatekv`` stores
-them) and each element is then the nearest of ``2 ** bits`` levels of a **non-uniform codebook**, one for keys and one for
-values per layer. The codebooks are fitted once per model by k-means on the calibration
-pass's own pre-RoPE keys and values (:mod:`kvtier.kv.calibration`), normalised exactly as
+them) and each element is then the nearest of ``2 ** bits`` levels of a **non-uniform
+codebook**, one for keys and one for values per layer. The codebooks are fitted once per
+model by k-means on the calibration pass's own pre-RoPE keys and values
+(:mod:`kvtier.kv.calibration`), normalised exactly as
 encoding normalises them, each element weighted by its group's half-range squared: the fit
 minimises the squared error in the activations' own units. (KVQuant weights by a Fisher
 sensitivity from gradients; kvtier's inference forward has none, so this is the unweighted
@@ -41,7 +42,7 @@ import torch
 from kvtier import kernels
 from kvtier.config import BLOCK_SIZE
 from kvtier.errors import KvtierError
-from kvtier.kv.codecs.base import Codec, SlidingResidual
+from kvtier.kv.codecs.base import Codec, SlidingResidual, rope_pieces
 from kvtier.kv.codecs.packing import pack, unpack
 from kvtier.kv.codecs.rotatekv import ZERO_STEPS, scale_code, scale_value
 from kvtier.registry import param, register
@@ -262,11 +263,4 @@ class Nuq(SlidingResidual, Codec):
     def attend_torch(self, q, data, rope):
         """The reference of the kernel: each block's codes looked up, scaled, outliers added,
         keys rotated by RoPE at their positions, then softmax pieces in fp32."""
-        k, v = self.decode(data, torch.float32)
-        cos, sin = rope[..., 0, :].float(), rope[..., 1, :].float()
-        half = k.shape[-1] // 2
-        k = k * cos + torch.cat([-k[..., half:], k[..., :half]], -1) * sin
-        s = torch.matmul(q.float(), k.transpose(1, 2))  # (h, R, N)
-        m = s.amax(-1, keepdim=True)
-        p = torch.exp(s - m)
-        return m, p.sum(-1, keepdim=True), torch.matmul(p, v)
+        return rope_pieces(q, *self.decode(data, torch.float32), rope)

@@ -46,7 +46,7 @@ import torch
 
 from kvtier import kernels
 from kvtier.errors import KvtierError
-from kvtier.kv.codecs.base import Codec, SlidingResidual
+from kvtier.kv.codecs.base import Codec, SlidingResidual, rope_pieces
 from kvtier.kv.codecs.rotatekv import scale_code, scale_value
 from kvtier.registry import param, register
 
@@ -233,11 +233,4 @@ class Vq(SlidingResidual, Codec):
     def attend_torch(self, q, data, rope):
         """The reference of the kernel: each token's codewords summed and scaled, keys rotated by
         RoPE at their positions, then softmax pieces in fp32."""
-        k, v = self.decode(data, torch.float32)
-        cos, sin = rope[..., 0, :].float(), rope[..., 1, :].float()
-        half = k.shape[-1] // 2
-        k = k * cos + torch.cat([-k[..., half:], k[..., :half]], -1) * sin
-        s = torch.matmul(q.float(), k.transpose(1, 2))  # (h, R, N)
-        m = s.amax(-1, keepdim=True)
-        p = torch.exp(s - m)
-        return m, p.sum(-1, keepdim=True), torch.matmul(p, v)
+        return rope_pieces(q, *self.decode(data, torch.float32), rope)
