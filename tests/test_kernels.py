@@ -8,6 +8,7 @@ import torch
 from kvtier import kernels, spec
 from kvtier.attention import blockwise
 from kvtier.kv.cache import LayerKV, Part
+from kvtier.kv.codecs import blockscaled
 
 needs_kernels = pytest.mark.skipif(kernels.library() is None, reason="no C compiler: PyTorch path only")
 
@@ -77,6 +78,25 @@ def test_shapes_the_kernel_does_not_take_fall_back_to_pytorch():
     assert kernels.int_attend(q, data, 2, 8) is None  # groups of 8 channels: not vectorised
     fast = layer.codec.attend(q, data)
     assert_same_pieces(fast, blockwise.partial(q, *layer.codec.decode(data, torch.float32), None))
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", ["mxfp4", "mxfp4(hadamard=true)", "nvfp4", "nvfp4(hadamard=true)", "nvint4",
+                                  "mxint8", "mxfp8(hadamard=true)"])
+@pytest.mark.parametrize("n_kv, d, rows", [(3, 64, 3), (1, 256, 4), (2, 128, 5)])
+def test_block_scaled_formats_attend_on_their_codes(name, n_kv, d, rows):
+    """MX/NV elements looked up and scaled inside the kernel (a Hadamard rotation moved to the
+    query and the output) give the reference's pieces over the decoded blocks, views of the
+    pool included; the kernel really runs."""
+    layer = layer_of(name, n_kv=n_kv, d=d, n=64 * 9 + 5)
+    q = torch.randn(n_kv, rows, d) / d ** 0.5
+    codec = layer.codec
+    data = layer.pool.fields_of(layer.slots)
+    had = q.float() @ blockscaled.hadamard(d) if codec.hadamard else q
+    assert kernels.blockscaled_attend(had, data, blockscaled.element_values(codec.element),
+                                      blockscaled.scale_values(codec.scale), codec.bits, codec.block) is not None
+    assert_same_pieces(codec.attend(q, data), codec.attend_torch(q, data))
+    assert_same_pieces(codec.attend_torch(q, data), pieces_of_reference(q, Part(*codec.decode(data, torch.float32), 0)))
 
 
 def test_kernels_off_gives_the_pytorch_path(monkeypatch):

@@ -7,10 +7,12 @@ import pytest
 import torch
 from conftest import ours_from_hf, tiny_hf
 
-from kvtier import spec
+from kvtier import kernels, spec
 from kvtier.engine import ModelRunner
 from kvtier.kv import calibration
+from kvtier.kv.codecs.base import Codec, LayerContext
 from kvtier.kv.codecs.rotatekv import RotateKV, dequantize, quantize
+from kvtier.models.base import Rope
 from kvtier.spec import CacheSpec
 
 
@@ -30,6 +32,8 @@ class Unquantized(RotateKV):
     def decode(self, data, dtype):
         h, n, b, d = data["k"].shape
         return self.restore(data["k"].reshape(h, n * b, d), data["v"].reshape(h, n * b, d), dtype)
+
+    attend = Codec.attend  # no kernel for fp32 fields: attention decodes the blocks
 
 
 def test_turn_is_exactly_invertible_with_a_calibrated_permutation():
@@ -103,3 +107,60 @@ def test_calibration_is_cached_on_disk_and_reused(smollm2, tmp_path, monkeypatch
                                rtol=0.25, atol=0.0)
     files[0].write_bytes(b"not a safetensors file")  # damaged: recomputed, not trusted
     torch.testing.assert_close(calibration.load(model)[3]["v_rms"], first[3]["v_rms"])
+
+
+def _bound(name: str, n_kv: int, d: int) -> RotateKV:
+    """The codec bound to a layer whose calibration gave random channel scales and means."""
+    torch.manual_seed(3)
+    stats = {"kpre_rms": torch.rand(n_kv, d) * 3 + 0.1, "kpre_mean": torch.randn(n_kv, d)}
+    return spec.parse(name).codec.for_layer(LayerContext(0, n_kv, d, stats))
+
+
+@pytest.mark.parametrize("name,n_kv,d", [
+    ("rotatekv", 3, 64),                                 # SmolLM2's shape, rotation blocks spanning heads
+    ("rotatekv(bits=4)", 3, 64),
+    ("rotatekv(keys=channel,center=true)", 2, 64),
+    ("rotatekv(rotate=128,group=32)", 2, 64),            # one rotation over both heads
+    ("rotatekv(rotate=16,residual=0)", 2, 64),           # rotations shorter than a vector
+    ("rotatekv", 1, 256),                                # Gemma 3's shape
+])
+@pytest.mark.parametrize("heads", ["shared", "per_head"])
+def test_native_kernel_equals_its_reference(name, n_kv, d, heads):
+    if kernels.library() is None:
+        pytest.skip("no C compiler: the PyTorch path is the only path")
+    codec = _bound(name, n_kv, d)
+    k = torch.randn(n_kv, 5, 64, d) * torch.linspace(0.2, 3, d) + torch.randn(d)
+    v = torch.randn(n_kv, 5, 64, d)
+    data = codec.encode(k, v)
+    rope = Rope(1.0 / 10000 ** (torch.arange(0, d, 2).float() / d))
+    rows = rope.span(77, 320) if heads == "shared" else torch.stack([rope.span(77 + 800 * i, 320) for i in range(n_kv)])
+    rows_per_head = 3 if d == 64 else 4
+    q = torch.randn(n_kv, rows_per_head, d) * (0.2 if d == 64 else 0.05)
+    ref = codec.attend_torch(q, data, rows)
+    fast = kernels.rotatekv_attend(q, data, rows, codec._inverse, codec.mean, codec.bits, codec.group,
+                                   codec.rotate, codec.keys == "channel")
+    assert fast is not None
+    for a, b in zip(fast, ref):
+        torch.testing.assert_close(a, b, atol=3e-5, rtol=1e-4)
+    assert codec.attend(q, data, rows) is not None  # the codec's own call takes the kernel
+    # the reference itself: decode (rotated back), RoPE at the positions, attention
+    kd, vd = codec.decode(data, torch.float32)
+    pos = torch.arange(77, 397) if heads == "shared" else torch.stack([torch.arange(77 + 800 * i, 397 + 800 * i)
+                                                                     for i in range(n_kv)])
+    s = q @ rope.rotate_at(kd, pos).transpose(1, 2)
+    torch.testing.assert_close(ref[2] / ref[1], torch.softmax(s, -1) @ vd, atol=1e-5, rtol=1e-4)
+
+
+def test_uncalibrated_and_three_bit_caches_attend_without_the_kernel_or_with_it():
+    """Without calibration there is no reordering (inv is None); 3-bit codes have no kernel and
+    take the reference."""
+    d = 64
+    rope = Rope(1.0 / 10000 ** (torch.arange(0, d, 2).float() / d))
+    k, v = torch.randn(3, 2, 64, d), torch.randn(3, 2, 64, d)
+    q = torch.randn(3, 3, d) * 0.2
+    for name in ("rotatekv", "rotatekv(bits=3)"):
+        codec = spec.parse(name).codec
+        data = codec.encode(k, v)
+        ref = codec.attend_torch(q, data, rope.span(0, 128))
+        for a, b in zip(codec.attend(q, data, rope.span(0, 128)), ref):
+            torch.testing.assert_close(a, b, atol=3e-5, rtol=1e-4)

@@ -26,7 +26,7 @@ import torch
 
 from kvtier.paths import cache_dir
 
-SOURCES = ("intattn.c", "batched.c", "qmatmul.c", "nuqattn.c", "vqattn.c")
+SOURCES = ("intattn.c", "batched.c", "qmatmul.c", "nuqattn.c", "vqattn.c", "rkvattn.c", "bsattn.c")
 HEADERS = ("intblock.h", "ropespan.h")  # included by the sources: part of the build's hash
 # -ffast-math lets gcc vectorize the reductions and expf; it is given only when compiling,
 # never when linking, so the process's floating-point mode (crtfastmath) is left alone.
@@ -105,6 +105,14 @@ def _declare(lib: ctypes.CDLL) -> None:
     # book_v, m, l, o, threads (kvtier.kv.codecs.vq)
     lib.kvtier_vq_attend.argtypes = [p, i, i, i, i, i, i, i, p, p, p, l, p, p, p, p, p, i]
     lib.kvtier_vq_attend.restype = i
+    # q, n_kv, rows, d, bits, group, block, n_blocks, rotate, channel_keys, ptrs, strides, rope,
+    # rope_hs, inv, mean, m, l, o, threads (kvtier.kv.codecs.rotatekv)
+    lib.kvtier_rotatekv_attend.argtypes = [p, i, i, i, i, i, i, i, i, i, p, p, p, l, p, p, p, p, p, i]
+    lib.kvtier_rotatekv_attend.restype = i
+    # q, n_kv, rows, d, bits, eblock, block, n_blocks, ptrs, strides, elut, slut, m, l, o, threads
+    # (kvtier.kv.codecs.blockscaled)
+    lib.kvtier_blockscaled_attend.argtypes = [p, i, i, i, i, i, i, i, p, p, p, p, p, p, p, i]
+    lib.kvtier_blockscaled_attend.restype = i
     # x, M, K, codes, d, m, N, bits, y, threads (kvtier.weights.quant)
     lib.kvtier_qmatmul.argtypes = [p, l, l, p, p, p, l, i, p, i]
     lib.kvtier_qmatmul.restype = i
@@ -198,6 +206,60 @@ def vq_attend(q: torch.Tensor, data: dict[str, torch.Tensor], rope: torch.Tensor
     rc = lib.kvtier_vq_attend(q.data_ptr(), h, r, d, dim, stages, b, n, ptrs, strides, rope.data_ptr(), rope_hs,
                               k_book.data_ptr(), v_book.data_ptr(), m.data_ptr(), l.data_ptr(), o.data_ptr(),
                               torch.get_num_threads())
+    return (m, l, o) if rc == 0 else None
+
+
+ROTATEKV_FIELDS = ("k", "k_scale", "k_zero", "v", "v_scale", "v_zero")
+
+
+def rotatekv_attend(q: torch.Tensor, data: dict[str, torch.Tensor], rope: torch.Tensor, inv: torch.Tensor | None,
+                    mean: torch.Tensor | None, bits: int, group: int, rotate: int, channel_keys: bool):
+    """Softmax pieces of pre-scaled queries ``q (Hkv, R, D)`` over a run of ``rotatekv`` blocks
+    (keys before RoPE, rotated across heads): ``inv`` ``(Hkv * D,)`` int32 is the rotated
+    position of each channel (None: no reordering), ``mean`` ``(Hkv, D)`` fp32 the key means
+    added back (None: not centred); the keys are rotated by ``rope`` inside the kernel (see
+    rkvattn.c). Returns ``m, l (Hkv, R, 1)``, ``o (Hkv, R, D)`` fp32, or None when the kernel is
+    unavailable or does not handle these sizes."""
+    lib = library()
+    if lib is None or q.device.type != "cpu" or rope.dtype != torch.float32:
+        return None
+    h, n, b, _ = data["v"].shape
+    if any(not _rows_contiguous(data[f]) for f in ROTATEKV_FIELDS):
+        return None
+    rope, rope_hs = _rope_rows(rope)
+    r, d = q.shape[1], q.shape[2]
+    q = q.float().contiguous()
+    ptrs = (ctypes.c_void_p * 6)(*[data[f].data_ptr() for f in ROTATEKV_FIELDS])
+    strides = (ctypes.c_long * 6)(*[data[f].stride(0) for f in ROTATEKV_FIELDS])
+    m, l, o = torch.empty((h, r, 1)), torch.empty((h, r, 1)), torch.empty((h, r, d))
+    rc = lib.kvtier_rotatekv_attend(q.data_ptr(), h, r, d, bits, group, b, n, rotate, int(channel_keys), ptrs,
+                                    strides, rope.data_ptr(), rope_hs, None if inv is None else inv.data_ptr(),
+                                    None if mean is None else mean.data_ptr(), m.data_ptr(), l.data_ptr(),
+                                    o.data_ptr(), torch.get_num_threads())
+    return (m, l, o) if rc == 0 else None
+
+
+def blockscaled_attend(q: torch.Tensor, data: dict[str, torch.Tensor], elut: torch.Tensor, slut: torch.Tensor,
+                       bits: int, eblock: int):
+    """Softmax pieces of pre-scaled queries ``q (Hkv, R, D)`` over a run of MX/NV blocks: an
+    element is ``elut[code] * slut[scale byte]`` (times the block's tensor scale, NV), see
+    bsattn.c. Returns ``m, l (Hkv, R, 1)``, ``o (Hkv, R, D)`` fp32, or None when the kernel is
+    unavailable or does not handle these sizes."""
+    lib = library()
+    if lib is None or q.device.type != "cpu":
+        return None
+    names = [f"{x}_{f}" for x in "kv" for f in ("codes", "scales", "tensor_scale")]
+    h, n, b, _ = data["v_codes"].shape
+    if any(not _rows_contiguous(data[f]) for f in names if f in data):
+        return None
+    r, d = q.shape[1], q.shape[2]
+    q = q.float().contiguous()
+    ptrs = (ctypes.c_void_p * 6)(*[data[f].data_ptr() if f in data else None for f in names])
+    strides = (ctypes.c_long * 6)(*[data[f].stride(0) if f in data else 0 for f in names])
+    m, l, o = torch.empty((h, r, 1)), torch.empty((h, r, 1)), torch.empty((h, r, d))
+    rc = lib.kvtier_blockscaled_attend(q.data_ptr(), h, r, d, bits, eblock, b, n, ptrs, strides, elut.data_ptr(),
+                                       slut.data_ptr(), m.data_ptr(), l.data_ptr(), o.data_ptr(),
+                                       torch.get_num_threads())
     return (m, l, o) if rc == 0 else None
 
 

@@ -34,30 +34,6 @@ typedef struct {
 /* field f of head h, block b (per block: `per` elements) */
 #define AT(J, T, f, h, b, per) ((const T *)(J)->p[f] + (h) * (J)->hs[f] + (long)(b) * (per))
 
-typedef float nvf __attribute__((vector_size(64)));     /* 16 floats */
-typedef int32_t nvi __attribute__((vector_size(64)));
-typedef uint8_t nvb __attribute__((vector_size(16)));
-
-/* one row of D codes -> lut[code]: 16 codes at a time through a 16-entry in-register table
- * (one permute on AVX-512) when a plane is a multiple of 16 bytes, else one at a time */
-static inline void unpack_row(const uint8_t *row, const float *lut, nvf table, float *out, int D, int bits) {
-    const int p = 8 / bits, m = D / p, mask = (1 << bits) - 1;
-    if (m % 16 == 0) {
-        for (int j = 0; j < m; j += 16) {
-            nvb b;
-            memcpy(&b, row + j, sizeof b);
-            const nvi x = __builtin_convertvector(b, nvi);
-            for (int i = 0; i < p; i++) {
-                const nvf v = __builtin_shuffle(table, table, (x >> (i * bits)) & mask);
-                memcpy(out + i * m + j, &v, sizeof v);
-            }
-        }
-        return;
-    }
-    for (int i = 0; i < p; i++)
-        for (int j = 0; j < m; j++) out[i * m + j] = lut[(row[j] >> (i * bits)) & mask];
-}
-
 #define NINLINE RINLINE
 
 /* one head's pieces over blocks [b0, b1); R, D, B and bits are compile-time constants in the

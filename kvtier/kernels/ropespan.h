@@ -1,4 +1,4 @@
-/* What the kernels over codecs whose keys are stored before RoPE (nuqattn.c, vqattn.c) share:
+/* What the kernels over codecs whose keys are stored before RoPE (nuqattn.c, vqattn.c, rkvattn.c) share:
  * the one-byte log scales, the rotation and scoring of a decoded key block, the online softmax
  * over a block, and the driver that splits a run of blocks over threads and merges the pieces.
  * Each kernel supplies how a block is decoded (its span function). */
@@ -14,6 +14,30 @@
 #define RMAXR 32
 #define RMAXB 128
 #define RINLINE static inline __attribute__((always_inline))
+
+typedef float nvf __attribute__((vector_size(64)));     /* 16 floats */
+typedef int32_t nvi __attribute__((vector_size(64)));
+typedef uint8_t nvb __attribute__((vector_size(16)));
+
+/* one row of D codes -> lut[code]: 16 codes at a time through a 16-entry in-register table
+ * (one permute on AVX-512) when a plane is a multiple of 16 bytes, else one at a time */
+static inline void unpack_row(const uint8_t *row, const float *lut, nvf table, float *out, int D, int bits) {
+    const int p = 8 / bits, m = D / p, mask = (1 << bits) - 1;
+    if (m % 16 == 0) {
+        for (int j = 0; j < m; j += 16) {
+            nvb b;
+            memcpy(&b, row + j, sizeof b);
+            const nvi x = __builtin_convertvector(b, nvi);
+            for (int i = 0; i < p; i++) {
+                const nvf v = __builtin_shuffle(table, table, (x >> (i * bits)) & mask);
+                memcpy(out + i * m + j, &v, sizeof v);
+            }
+        }
+        return;
+    }
+    for (int i = 0; i < p; i++)
+        for (int j = 0; j < m; j++) out[i * m + j] = lut[(row[j] >> (i * bits)) & mask];
+}
 
 /* a scale code's value, 2^(c/12 - 12); code 0 is exactly zero (a group or vector of zeros) */
 static float SCALE[256];

@@ -117,8 +117,13 @@ def rope_pieces(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: torch.T
     fp32: the reference of the kernels of codecs that store keys before RoPE."""
     cos, sin = rope[..., 0, :].float(), rope[..., 1, :].float()
     half = k.shape[-1] // 2
-    k = k * cos + torch.cat([-k[..., half:], k[..., :half]], -1) * sin
-    s = torch.matmul(q.float(), k.transpose(1, 2))  # (h, R, N)
+    return plain_pieces(q, k * cos + torch.cat([-k[..., half:], k[..., :half]], -1) * sin, v)
+
+
+def plain_pieces(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """Softmax pieces ``m, l, o`` of pre-scaled queries ``q (h, R, D)`` over decoded keys and
+    values ``(h, N, D)``, in fp32: the reference of the kernels on codes."""
+    s = torch.matmul(q.float(), k.float().transpose(1, 2))  # (h, R, N)
     m = s.amax(-1, keepdim=True)
     p = torch.exp(s - m)
-    return m, p.sum(-1, keepdim=True), torch.matmul(p, v)
+    return m, p.sum(-1, keepdim=True), torch.matmul(p, v.float())

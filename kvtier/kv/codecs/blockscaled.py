@@ -7,6 +7,10 @@ one head). Elements are stored as real bit patterns: INT8, FP8 E4M3, FP4 E2M1 (t
 or INT4 (two per byte). With ``hadamard=true`` the head dimension is first rotated by a
 normalised Walsh-Hadamard matrix, which spreads outlier channels over the block.
 
+Attention runs on the codes in a native kernel (``kernels/bsattn.c``): elements by lookup
+table, times their block's scale. The rotation is orthogonal and commutes with the dot
+product, so the query is rotated once per call and the output once.
+
 Paper: Chen et al., "INT v.s. FP: A Comprehensive Study of Fine-Grained Low-bit Quantization
 Formats", 2025, https://arxiv.org/abs/2510.25602; OCP Microscaling Formats (MX) v1.0.
 """
@@ -19,8 +23,9 @@ from typing import ClassVar
 
 import torch
 
+from kvtier import kernels
 from kvtier.errors import KvtierError
-from kvtier.kv.codecs.base import Codec
+from kvtier.kv.codecs.base import Codec, plain_pieces
 from kvtier.kv.codecs.packing import pack, unpack_float
 from kvtier.registry import param
 
@@ -68,6 +73,23 @@ def decode_elements(codes: torch.Tensor, element: str) -> torch.Tensor:
     raise AssertionError(element)
 
 
+@functools.cache
+def element_values(element: str) -> torch.Tensor:
+    """The value of every code of an element format, fp32: 16 (4-bit) or 256 (one byte)."""
+    if element in ("e2m1", "int4"):
+        return torch.tensor(E2M1_VALUES if element == "e2m1" else INT4_VALUES)
+    return decode_elements(torch.arange(256, dtype=torch.uint8), element).contiguous()
+
+
+@functools.cache
+def scale_values(scale: str) -> torch.Tensor:
+    """The value of every scale byte, fp32: E8M0 (MX) or FP8 E4M3 (NV, before the tensor scale)."""
+    byte = torch.arange(256, dtype=torch.uint8)
+    if scale == "e8m0":
+        return torch.exp2(byte.float() - 127)
+    return byte.view(torch.float8_e4m3fn).float()
+
+
 @dataclass(frozen=True)
 class BlockScaled(Codec):
     """Base of the MX/NV codecs; subclasses set the class constants below."""
@@ -77,6 +99,7 @@ class BlockScaled(Codec):
     block: ClassVar[int]          # elements sharing a scale
     element_max: ClassVar[float]  # largest element magnitude
     scale: ClassVar[str]          # "e8m0" (MX) or "e4m3+fp32" (NV)
+    group_blocks = 64  # attention on the codes: fewer, larger steps
     hadamard: bool = param(False, "rotate the head dimension by a Walsh-Hadamard matrix first")
 
     def fields(self, block_size, head_dim):
@@ -135,6 +158,25 @@ class BlockScaled(Codec):
                 x = x @ hadamard(d).to(x.device)
             out.append(x.to(dtype))
         return out[0], out[1]
+
+
+    def attend(self, q, data, rope=None):
+        """Softmax pieces on the codes in the native kernel (elements by lookup, block scales
+        folded in), or None (no kernel: the blocks are decoded). A Hadamard rotation commutes
+        with the dot product: ``q . (y H) = (q H) . y`` and ``sum p (y H) = (sum p y) H``, so
+        the query is rotated once and the output once."""
+        had = hadamard(q.shape[-1]).to(q.device) if self.hadamard else None
+        qh = q.float() @ had if had is not None else q
+        pieces = kernels.blockscaled_attend(qh, data, element_values(self.element), scale_values(self.scale),
+                                            self.bits, self.block)
+        if pieces is None or had is None:
+            return pieces
+        m, l, o = pieces
+        return m, l, o @ had
+
+    def attend_torch(self, q, data):
+        """The reference of the kernel: the blocks decoded, softmax pieces in fp32."""
+        return plain_pieces(q, *self.decode(data, torch.float32))
 
 
 def _emax(element_max: float) -> float:

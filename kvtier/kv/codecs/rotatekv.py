@@ -19,13 +19,18 @@ which took SmolLM2 at 8K from +13.7 % to +5.7 % PPL at 2.68 bits per element. Th
 ``sinks`` tokens (attention sinks, which carry massive activations) and the newest tokens
 (the residual block plus ``residual``) are kept in 16 bits by the cache.
 
+Attention runs on the codes in a native kernel (``kernels/rkvattn.c``). A rotation that mixes
+channels does not commute with RoPE, which turns each position by its own angles, so each
+key is rotated back per token, in registers (a fast Walsh-Hadamard transform and the inverse
+reordering), then turned by RoPE and scored; values are summed under the weights in the
+rotated space and rotated back once per call.
+
 With ``rope=post`` the rotation moves to where it commutes with attention: keys are stored
 after RoPE, and each KV head's channels are reordered and rotated within the head. A score is
-then ``q . k = (turn q) . (turn k)``, so each decode step rotates the query once instead of
-decoding and un-rotating every stored key, and the blocks are quantized as ``int`` stores them
-(keys per channel over the block, values per token), so attention runs on the packed codes in
-the native kernel; the output is rotated back once. Its quality cost against ``rope=pre`` is
-measured in docs/speed.md.
+then ``q . k = (turn q) . (turn k)``, so each decode step rotates the query once and the
+blocks are quantized as ``int`` stores them (keys per channel over the block, values per
+token), attended by ``int``'s kernel; the output is rotated back once. Its quality cost
+against ``rope=pre`` is measured in docs/speed.md.
 
 The permutation and the key means are calibration data of the model (one per layer, computed
 once from a short real text, :mod:`kvtier.kv.calibration`); their bytes are counted once per
@@ -42,8 +47,9 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from kvtier import kernels
 from kvtier.errors import KvtierError
-from kvtier.kv.codecs.base import Codec, SlidingResidual
+from kvtier.kv.codecs.base import Codec, SlidingResidual, rope_pieces
 from kvtier.kv.codecs.blockscaled import hadamard
 from kvtier.kv.codecs.intq import Int
 from kvtier.kv.codecs.packing import pack, unpack_float
@@ -112,8 +118,8 @@ class RotateKV(SlidingResidual, Codec):
                         choices=(16, 32, 64, 128, 256, 512))
     group: int = param(64, "channels sharing one scale and zero point (per-token groups)", choices=(16, 32, 64))
     center: bool = param(False, "subtract each key channel's calibrated mean before rotating (added back on read)")
-    rope: str = param("pre", "where the rotation sits: pre (keys before RoPE, rotation across heads; decoded "
-                      "to attend) or post (after RoPE, within each head; attention on the packed codes)",
+    rope: str = param("pre", "where the rotation sits: pre (keys before RoPE, rotation across heads; undone "
+                      "per token in the kernel) or post (after RoPE, within each head; the query turned instead)",
                       choices=("pre", "post"), quiet=True)
     perm: torch.Tensor | None = field(default=None, init=False, compare=False, repr=False)  # per layer
     mean: torch.Tensor | None = field(default=None, init=False, compare=False, repr=False)  # (Hkv, D)
@@ -122,9 +128,12 @@ class RotateKV(SlidingResidual, Codec):
     def pre_rope(self) -> bool:  # the cache un-rotates keys before encoding them
         return self.rope == "pre"
 
-    @property
-    def group_blocks(self) -> int:  # blocks attended at once: packed attention takes many
-        return Int.group_blocks if self.rope == "post" else Codec.group_blocks
+    group_blocks = Int.group_blocks  # attention on the codes: fewer, larger steps
+
+    @functools.cached_property
+    def _inverse(self) -> torch.Tensor | None:
+        """``rope=pre``: the rotated position of each key channel, int32 (the kernel's gather)."""
+        return None if self.perm is None else torch.argsort(self.perm.long()).to(torch.int32)
 
     @functools.cached_property
     def _inner(self) -> Int:
@@ -258,15 +267,26 @@ class RotateKV(SlidingResidual, Codec):
         return {"k": kq, "k_scale": ks, "k_zero": kz, "v": vq, "v_scale": vs, "v_zero": vz}
 
     def attend(self, q, data, rope=None):
-        """``rope=post``: the query rotated like the keys, attention on the packed codes, the
+        """Softmax pieces on the codes. ``rope=pre``: the native kernel decodes each token of
+        every head in registers, rotates it back and applies RoPE (else :meth:`attend_torch`).
+        ``rope=post``: the query rotated like the keys, attention on the packed codes, the
         output rotated back: ``q . k = (turn q) . (turn k)`` and ``turn`` is orthogonal."""
         if self.rope != "post":
-            return None
+            if rope is None:  # keys before RoPE need their positions
+                return None
+            fast = kernels.rotatekv_attend(q, data, rope, self._inverse, self.mean, self.bits, self.group,
+                                           self.rotate, self.keys == "channel")
+            return fast if fast is not None else self.attend_torch(q, data, rope)
         pieces = self._inner.attend(self._turn_heads(q.float()).to(q.dtype), data)
         if pieces is None:
             return None
         m, l, o = pieces
         return m, l, self._turn_heads(o.float(), inverse=True)
+
+    def attend_torch(self, q, data, rope):
+        """The reference of the kernel (``rope=pre``): the blocks decoded and rotated back, the
+        keys turned by RoPE at their positions, softmax pieces in fp32."""
+        return rope_pieces(q, *self.decode(data, torch.float32), rope)
 
     def decode(self, data, dtype):
         if self.rope == "post":

@@ -1,0 +1,104 @@
+/* Decode attention on the micro-scaled block formats' blocks (OCP MX and NVIDIA NV:
+ * kvtier.kv.codecs.blockscaled), in fp32.
+ *
+ * One call covers one run of consecutive blocks of one layer, all KV heads. Per KV head and
+ * block of B tokens, keys and values alike:
+ *   codes   B rows of D elements, 4-bit codes packed in planes (kvtier.kv.codecs.packing) or
+ *           one byte each;
+ *   scales  one byte per token and `eblock` elements (E8M0 or FP8 E4M3);
+ *   tensor  NV only: one fp32 scale per KV block and head, times every E4M3 scale.
+ * An element decodes by lookup, elut[code] (the E2M1 or INT4 grid, or the 256 values of an
+ * INT8 or E4M3 byte), times its scale, slut[scale byte] (times the tensor scale): nothing but
+ * codes is read from the cache and no dense block is written to memory. A Hadamard rotation
+ * of the head dimension (hadamard=true) commutes with the dot product and is applied to the
+ * query and the output by the caller. For the R query rows of a head (pre-scaled) it returns
+ * the softmax pieces m, l, o that kvtier.attention.blockwise.merge combines; work is split over
+ * (head, run of blocks) tasks. kvtier.kv.codecs.blockscaled.BlockScaled.attend_torch is the
+ * reference this is tested against.
+ */
+#include "ropespan.h"
+
+enum { KC, KS, KT, VC, VS, VT, BFIELDS };  /* the fields, in Python's order (KT, VT: NV only) */
+
+typedef struct {
+    const float *q; int n_kv, rows, d, bits, eblock, block, n_blocks;
+    const void *const *p; const long *hs;  /* each field's base and head stride (elements) */
+    const float *elut, *slut;              /* element values by code, scale values by byte */
+} BJob;
+
+#define BAT(J, T, f, h, b, per) ((const T *)(J)->p[f] + (h) * (J)->hs[f] + (long)(b) * (per))
+
+/* block b of head h of field f (codes at f, scales at f+1, tensor scale at f+2): B rows of D */
+RINLINE void decode_block(const BJob *J, const int f, const int h, const int b, float *restrict out,
+                          const nvf table, const int D, const int B, const int bits) {
+    const int P = D * bits / 8, E = J->eblock, ne = D / E;
+    const float g = J->p[f + 2] ? *BAT(J, float, f + 2, h, b, 1) : 1.f;
+    const uint8_t *codes = BAT(J, uint8_t, f, h, b, B * P), *s8 = BAT(J, uint8_t, f + 1, h, b, B * ne);
+    for (int t = 0; t < B; t++) {
+        float *row = out + t * D;
+        const uint8_t *c8 = codes + (long)t * P;
+        if (bits == 4)
+            unpack_row(c8, J->elut, table, row, D, 4);
+        else
+            for (int c = 0; c < D; c++) row[c] = J->elut[c8[c]];
+        for (int e = 0; e < ne; e++) {
+            const float a = J->slut[s8[t * ne + e]] * g;
+            for (int c = e * E; c < (e + 1) * E; c++) row[c] *= a;
+        }
+    }
+}
+
+/* one head's pieces over blocks [b0, b1); R, D, B and bits are compile-time constants in the
+ * specialised calls of span() */
+RINLINE void span_of(const BJob *J, int h, int b0, int b1, float *m_out, float *l_out, float *o,
+                     const int R, const int D, const int B, const int bits) {
+    const float *q = J->q + (long)h * R * D;
+    float kb[RMAXB * RMAXD], vb[RMAXB * RMAXD], s[RMAXR * RMAXB], mr[RMAXR], lr[RMAXR];
+    for (int r = 0; r < R; r++) { mr[r] = -FLT_MAX; lr[r] = 0.f; }
+    memset(o, 0, sizeof(float) * R * D);
+    nvf table;
+    for (int c = 0; c < 16; c++) table[c] = bits == 4 ? J->elut[c] : 0.f;
+    for (int b = b0; b < b1; b++) {
+        decode_block(J, KC, h, b, kb, table, D, B, bits);
+        for (int t = 0; t < B; t++) {
+            const float *row = kb + t * D;
+            for (int r = 0; r < R; r++) {
+                const float *qr = q + r * D;
+                float acc = 0.f;
+                for (int c = 0; c < D; c++) acc += qr[c] * row[c];
+                s[r * B + t] = acc;
+            }
+        }
+        online_softmax(s, mr, lr, o, R, D, B);
+        decode_block(J, VC, h, b, vb, table, D, B, bits);
+        for (int r = 0; r < R; r++) {
+            float *orow = o + r * D;
+            for (int t = 0; t < B; t++) {
+                const float p = s[r * B + t], *row = vb + t * D;
+                for (int c = 0; c < D; c++) orow[c] += p * row[c];
+            }
+        }
+    }
+    for (int r = 0; r < R; r++) { m_out[r] = mr[r]; l_out[r] = lr[r]; }
+}
+
+static void span(const void *job, int h, int b0, int b1, float *m, float *l, float *o) {
+    const BJob *J = job;
+    const int R = J->rows, D = J->d, B = J->block, bits = J->bits;
+#define SHAPE(r, d, b, k) if (R == r && D == d && B == b && bits == k) { span_of(J, h, b0, b1, m, l, o, r, d, b, k); return; }
+    SHAPE(3, 64, 64, 4) SHAPE(3, 64, 64, 8)     /* SmolLM2: 9 query heads over 3 KV heads */
+    SHAPE(4, 256, 64, 4) SHAPE(4, 256, 64, 8)   /* Gemma 3: 4 query heads over 1 KV head */
+#undef SHAPE
+    span_of(J, h, b0, b1, m, l, o, R, D, B, bits);
+}
+
+/* Returns 0, or 1 when the sizes are outside what this kernel handles (the caller falls back). */
+int kvtier_blockscaled_attend(const float *q, int n_kv, int rows, int d, int bits, int eblock, int block,
+                              int n_blocks, const void *const *ptrs, const long *strides, const float *elut,
+                              const float *slut, float *m, float *l, float *o, int threads) {
+    if (d > RMAXD || rows > RMAXR || block > RMAXB || (bits != 4 && bits != 8) || eblock < 1 || d % eblock
+        || (d * bits) % 8 || n_blocks < 1)
+        return 1;
+    BJob J = {q, n_kv, rows, d, bits, eblock, block, n_blocks, ptrs, strides, elut, slut};
+    return run_spans(&J, span, n_kv, rows, d, n_blocks, m, l, o, threads);
+}
