@@ -8,7 +8,8 @@ import torch
 from kvtier import kernels, spec
 from kvtier.attention import blockwise
 from kvtier.kv.cache import LayerKV, Part
-from kvtier.kv.codecs import blockscaled
+from kvtier.kv.codecs import blockscaled, ovp
+from kvtier.kv.codecs.base import LayerContext, plain_pieces
 
 needs_kernels = pytest.mark.skipif(kernels.library() is None, reason="no C compiler: PyTorch path only")
 
@@ -93,10 +94,63 @@ def test_block_scaled_formats_attend_on_their_codes(name, n_kv, d, rows):
     codec = layer.codec
     data = layer.pool.fields_of(layer.slots)
     had = q.float() @ blockscaled.hadamard(d) if codec.hadamard else q
-    assert kernels.blockscaled_attend(had, data, blockscaled.element_values(codec.element),
+    fields = [data.get(f"{x}_{f}") for x in "kv" for f in ("codes", "scales", "tensor_scale")]
+    assert kernels.blockscaled_attend(had, fields, blockscaled.element_values(codec.element),
                                       blockscaled.scale_values(codec.scale), codec.bits, codec.block) is not None
     assert_same_pieces(codec.attend(q, data), codec.attend_torch(q, data))
     assert_same_pieces(codec.attend_torch(q, data), pieces_of_reference(q, Part(*codec.decode(data, torch.float32), 0)))
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", ["bfp", "bfp(mantissa=8,block=32)", "bfp(sort=false)"])
+def test_bfp_attends_on_its_codes_with_the_channel_orders_moved_to_the_query(name):
+    torch.manual_seed(2)
+    stats = {"k_rms": torch.rand(3, 64) * 3, "v_rms": torch.rand(3, 64)}
+    codec = spec.parse(name).codec.for_layer(LayerContext(0, 3, 64, stats))
+    assert (codec.perm_k is None) == (name == "bfp(sort=false)")
+    k, v = torch.randn(3, 4, 64, 64) * torch.linspace(0.2, 3, 64), torch.randn(3, 4, 64, 64)
+    data = codec.encode(k, v)
+    q = torch.randn(3, 3, 64) / 8
+    fields = [data["k_m"], data["k_e"], None, data["v_m"], data["v_e"], None]
+    values = torch.arange(2 ** codec.mantissa, dtype=torch.float32) - 2 ** (codec.mantissa - 1)
+    assert kernels.blockscaled_attend(q, fields, values, blockscaled.scale_values("e8m0"), codec.mantissa,
+                                      codec.block) is not None
+    assert_same_pieces(codec.attend(q, data), codec.attend_torch(q, data))
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", ["lowrank", "lowrank(bits=2)", "lowrank(bits=8,rank=3)"])
+@pytest.mark.parametrize("n_kv, d, rows", [(3, 64, 3), (1, 256, 4), (2, 96, 2)])
+def test_lowrank_attends_on_its_codes_and_factors(name, n_kv, d, rows):
+    layer = layer_of(name, n_kv=n_kv, d=d, n=64 * 7 + 3)
+    q = torch.randn(n_kv, rows, d) / d ** 0.5
+    data = layer.pool.fields_of(layer.slots)
+    codec = layer.codec
+    assert kernels.lowrank_attend(q, data, codec.bits, codec.rank) is not None
+    assert_same_pieces(codec.attend(q, data), codec.attend_torch(q, data))
+
+
+@needs_kernels
+@pytest.mark.parametrize("n_kv, d, rows", [(3, 64, 3), (1, 256, 4), (2, 96, 2)])
+def test_ovp_attends_on_its_pair_bytes(n_kv, d, rows):
+    layer = layer_of("ovp", n_kv=n_kv, d=d, n=64 * 7 + 3)
+    q = torch.randn(n_kv, rows, d) / d ** 0.5
+    data = layer.pool.fields_of(layer.slots)
+    assert kernels.ovp_attend(q, data, ovp._tables(q.device)[0]) is not None
+    assert_same_pieces(layer.codec.attend(q, data), layer.codec.attend_torch(q, data))
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", ["sparse", "sparse(ratio=0.7,dtype=bf16)", "sparse(ratio=0)"])
+@pytest.mark.parametrize("n_kv, d, rows", [(3, 64, 3), (1, 256, 4), (2, 40, 2)])
+def test_sparse_walks_its_bitmaps(name, n_kv, d, rows):
+    layer = layer_of(name, n_kv=n_kv, d=d, n=64 * 7 + 3)
+    q = torch.randn(n_kv, rows, d) / d ** 0.5
+    data = layer.pool.fields_of(layer.slots)
+    codec = layer.codec
+    assert kernels.sparse_attend(q, data) is not None
+    assert_same_pieces(codec.attend(q, data), codec.attend_torch(q, data))
+    assert_same_pieces(codec.attend_torch(q, data), plain_pieces(q, *codec.decode(data, torch.float32)))
 
 
 def test_kernels_off_gives_the_pytorch_path(monkeypatch):

@@ -26,8 +26,8 @@ import torch
 
 from kvtier.paths import cache_dir
 
-SOURCES = ("intattn.c", "batched.c", "qmatmul.c", "nuqattn.c", "vqattn.c", "rkvattn.c", "bsattn.c")
-HEADERS = ("intblock.h", "ropespan.h")  # included by the sources: part of the build's hash
+SOURCES = ("intattn.c", "batched.c", "qmatmul.c", "nuqattn.c", "vqattn.c", "rkvattn.c", "bsattn.c", "lrattn.c", "ovpattn.c", "spattn.c")
+HEADERS = ("intblock.h", "spans.h")  # included by the sources: part of the build's hash
 # -ffast-math lets gcc vectorize the reductions and expf; it is given only when compiling,
 # never when linking, so the process's floating-point mode (crtfastmath) is left alone.
 COMPILE = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-c"]
@@ -113,6 +113,15 @@ def _declare(lib: ctypes.CDLL) -> None:
     # (kvtier.kv.codecs.blockscaled)
     lib.kvtier_blockscaled_attend.argtypes = [p, i, i, i, i, i, i, i, p, p, p, p, p, p, p, i]
     lib.kvtier_blockscaled_attend.restype = i
+    # q, n_kv, rows, d, bits, rank, block, n_blocks, ptrs, strides, m, l, o, threads (kvtier.kv.codecs.lowrank)
+    lib.kvtier_lowrank_attend.argtypes = [p, i, i, i, i, i, i, i, p, p, p, p, p, i]
+    lib.kvtier_lowrank_attend.restype = i
+    # q, n_kv, rows, d, block, n_blocks, ptrs, strides, pairs, m, l, o, threads (kvtier.kv.codecs.ovp)
+    lib.kvtier_ovp_attend.argtypes = [p, i, i, i, i, i, p, p, p, p, p, p, i]
+    lib.kvtier_ovp_attend.restype = i
+    # q, n_kv, rows, d, nnz, bf16, block, n_blocks, ptrs, strides, m, l, o, threads (kvtier.kv.codecs.sparse)
+    lib.kvtier_sparse_attend.argtypes = [p, i, i, i, i, i, i, i, p, p, p, p, p, i]
+    lib.kvtier_sparse_attend.restype = i
     # x, M, K, codes, d, m, N, bits, y, threads (kvtier.weights.quant)
     lib.kvtier_qmatmul.argtypes = [p, l, l, p, p, p, l, i, p, i]
     lib.kvtier_qmatmul.restype = i
@@ -239,27 +248,99 @@ def rotatekv_attend(q: torch.Tensor, data: dict[str, torch.Tensor], rope: torch.
     return (m, l, o) if rc == 0 else None
 
 
-def blockscaled_attend(q: torch.Tensor, data: dict[str, torch.Tensor], elut: torch.Tensor, slut: torch.Tensor,
+def blockscaled_attend(q: torch.Tensor, fields: list[torch.Tensor | None], elut: torch.Tensor, slut: torch.Tensor,
                        bits: int, eblock: int):
-    """Softmax pieces of pre-scaled queries ``q (Hkv, R, D)`` over a run of MX/NV blocks: an
-    element is ``elut[code] * slut[scale byte]`` (times the block's tensor scale, NV), see
-    bsattn.c. Returns ``m, l (Hkv, R, 1)``, ``o (Hkv, R, D)`` fp32, or None when the kernel is
-    unavailable or does not handle these sizes."""
+    """Softmax pieces of pre-scaled queries ``q (Hkv, R, D)`` over a run of blocks whose elements
+    share a scale per token and ``eblock`` channels (the MX/NV formats, ``bfp``): ``fields``
+    are the key codes, scale bytes and tensor scale (or None), then the same for values, each
+    ``(Hkv, n, ...)``. An element is ``elut[code] * slut[scale byte]`` (times the tensor scale),
+    see bsattn.c. Returns ``m, l (Hkv, R, 1)``, ``o (Hkv, R, D)`` fp32, or None when the kernel
+    is unavailable or does not handle these sizes."""
     lib = library()
     if lib is None or q.device.type != "cpu":
         return None
-    names = [f"{x}_{f}" for x in "kv" for f in ("codes", "scales", "tensor_scale")]
-    h, n, b, _ = data["v_codes"].shape
-    if any(not _rows_contiguous(data[f]) for f in names if f in data):
+    h, n, b, _ = fields[3].shape
+    if any(f is not None and not _rows_contiguous(f) for f in fields):
         return None
     r, d = q.shape[1], q.shape[2]
     q = q.float().contiguous()
-    ptrs = (ctypes.c_void_p * 6)(*[data[f].data_ptr() if f in data else None for f in names])
-    strides = (ctypes.c_long * 6)(*[data[f].stride(0) if f in data else 0 for f in names])
+    ptrs = (ctypes.c_void_p * 6)(*[None if f is None else f.data_ptr() for f in fields])
+    strides = (ctypes.c_long * 6)(*[0 if f is None else f.stride(0) for f in fields])
     m, l, o = torch.empty((h, r, 1)), torch.empty((h, r, 1)), torch.empty((h, r, d))
     rc = lib.kvtier_blockscaled_attend(q.data_ptr(), h, r, d, bits, eblock, b, n, ptrs, strides, elut.data_ptr(),
                                        slut.data_ptr(), m.data_ptr(), l.data_ptr(), o.data_ptr(),
                                        torch.get_num_threads())
+    return (m, l, o) if rc == 0 else None
+
+
+LOWRANK_FIELDS = tuple(f"{x}_{f}" for x in "kv" for f in ("q", "scale", "zero", "left", "right"))
+
+
+def lowrank_attend(q: torch.Tensor, data: dict[str, torch.Tensor], bits: int, rank: int):
+    """Softmax pieces of pre-scaled queries ``q (Hkv, R, D)`` over a run of ``lowrank`` blocks,
+    the low-rank part applied to the query and the output instead of the blocks (see
+    lrattn.c). Returns ``m, l (Hkv, R, 1)``, ``o (Hkv, R, D)`` fp32, or None when the kernel
+    is unavailable or does not handle these sizes."""
+    lib = library()
+    if lib is None or q.device.type != "cpu":
+        return None
+    h, n, b, _ = data["v_q"].shape
+    if any(not _rows_contiguous(data[f]) for f in LOWRANK_FIELDS):
+        return None
+    r, d = q.shape[1], q.shape[2]
+    q = q.float().contiguous()
+    ptrs = (ctypes.c_void_p * 10)(*[data[f].data_ptr() for f in LOWRANK_FIELDS])
+    strides = (ctypes.c_long * 10)(*[data[f].stride(0) for f in LOWRANK_FIELDS])
+    m, l, o = torch.empty((h, r, 1)), torch.empty((h, r, 1)), torch.empty((h, r, d))
+    rc = lib.kvtier_lowrank_attend(q.data_ptr(), h, r, d, bits, rank, b, n, ptrs, strides, m.data_ptr(),
+                                   l.data_ptr(), o.data_ptr(), torch.get_num_threads())
+    return (m, l, o) if rc == 0 else None
+
+
+OVP_FIELDS = ("k", "k_scale", "k_centre", "v", "v_scale")
+
+
+def ovp_attend(q: torch.Tensor, data: dict[str, torch.Tensor], pairs: torch.Tensor):
+    """Softmax pieces of pre-scaled queries ``q (Hkv, R, D)`` over a run of ``ovp`` blocks;
+    ``pairs`` ``(256, 2)`` fp32 is the two steps each pair byte stands for (see ovpattn.c).
+    Returns ``m, l (Hkv, R, 1)``, ``o (Hkv, R, D)`` fp32, or None when the kernel is
+    unavailable or does not handle these sizes."""
+    lib = library()
+    if lib is None or q.device.type != "cpu":
+        return None
+    h, n, b, _ = data["v"].shape
+    if any(not _rows_contiguous(data[f]) for f in OVP_FIELDS):
+        return None
+    r, d = q.shape[1], q.shape[2]
+    q, pairs = q.float().contiguous(), pairs.float().contiguous()
+    ptrs = (ctypes.c_void_p * 5)(*[data[f].data_ptr() for f in OVP_FIELDS])
+    strides = (ctypes.c_long * 5)(*[data[f].stride(0) for f in OVP_FIELDS])
+    m, l, o = torch.empty((h, r, 1)), torch.empty((h, r, 1)), torch.empty((h, r, d))
+    rc = lib.kvtier_ovp_attend(q.data_ptr(), h, r, d, b, n, ptrs, strides, pairs.data_ptr(), m.data_ptr(),
+                               l.data_ptr(), o.data_ptr(), torch.get_num_threads())
+    return (m, l, o) if rc == 0 else None
+
+
+SPARSE_FIELDS = ("k_map", "k_val", "v_map", "v_val")
+
+
+def sparse_attend(q: torch.Tensor, data: dict[str, torch.Tensor]):
+    """Softmax pieces of pre-scaled queries ``q (Hkv, R, D)`` over a run of ``sparse`` blocks,
+    each row's bitmap walked into the kept channels (see spattn.c). Returns ``m, l (Hkv, R, 1)``,
+    ``o (Hkv, R, D)`` fp32, or None when the kernel is unavailable or does not handle these sizes."""
+    lib = library()
+    if lib is None or q.device.type != "cpu" or data["k_val"].dtype not in (torch.float16, torch.bfloat16):
+        return None
+    h, n, b, nnz = data["v_val"].shape
+    if any(not _rows_contiguous(data[f]) for f in SPARSE_FIELDS):
+        return None
+    r, d = q.shape[1], q.shape[2]
+    q = q.float().contiguous()
+    ptrs = (ctypes.c_void_p * 4)(*[data[f].data_ptr() for f in SPARSE_FIELDS])
+    strides = (ctypes.c_long * 4)(*[data[f].stride(0) for f in SPARSE_FIELDS])
+    m, l, o = torch.empty((h, r, 1)), torch.empty((h, r, 1)), torch.empty((h, r, d))
+    rc = lib.kvtier_sparse_attend(q.data_ptr(), h, r, d, nnz, int(data["k_val"].dtype == torch.bfloat16), b, n,
+                                  ptrs, strides, m.data_ptr(), l.data_ptr(), o.data_ptr(), torch.get_num_threads())
     return (m, l, o) if rc == 0 else None
 
 

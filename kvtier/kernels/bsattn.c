@@ -16,7 +16,7 @@
  * (head, run of blocks) tasks. kvtier.kv.codecs.blockscaled.BlockScaled.attend_torch is the
  * reference this is tested against.
  */
-#include "ropespan.h"
+#include "spans.h"
 
 enum { KC, KS, KT, VC, VS, VT, BFIELDS };  /* the fields, in Python's order (KT, VT: NV only) */
 

@@ -16,7 +16,7 @@
  * kvtier.attention.blockwise.merge combines; work is split over (head, run of blocks) tasks.
  * kvtier.kv.codecs.nuq.Nuq.attend_torch is the reference this is tested against.
  */
-#include "ropespan.h"
+#include "spans.h"
 
 #define NMAXD RMAXD
 #define NMAXR RMAXR

@@ -14,7 +14,7 @@
  * scale. A key is rotated back by a fast Walsh-Hadamard transform over each run of `rotate`
  * channels (in registers), its channels put back in their order (`inv`: the rotated position
  * of each channel), the calibrated mean added for centre=true, and it is then turned by RoPE at
- * its position (ropespan.h) and scored. A transform that mixes channels does not commute with
+ * its position (spans.h) and scored. A transform that mixes channels does not commute with
  * RoPE, which turns each position by its own angles, so for keys it cannot move to the query
  * and is undone per token. Values need no RoPE: they are accumulated under the weights in the
  * rotated space (each query row over all H*D channels) and rotated back once per call, since
@@ -24,7 +24,7 @@
  * threads. kvtier.kv.codecs.rotatekv.RotateKV.attend_torch is the reference this is tested
  * against.
  */
-#include "ropespan.h"
+#include "spans.h"
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif

@@ -15,7 +15,7 @@
  * it returns the softmax pieces m, l, o that kvtier.attention.blockwise.merge combines.
  * kvtier.kv.codecs.vq.Vq.attend_torch is the reference this is tested against.
  */
-#include "ropespan.h"
+#include "spans.h"
 
 enum { K, KS, V, VS, QFIELDS };
 

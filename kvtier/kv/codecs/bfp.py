@@ -37,12 +37,15 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 import torch
 
+from kvtier import kernels
 from kvtier.errors import KvtierError
-from kvtier.kv.codecs.base import Codec, LayerContext
+from kvtier.kv.codecs.base import Codec, LayerContext, plain_pieces
+from kvtier.kv.codecs.blockscaled import scale_values
 from kvtier.kv.codecs.packing import pack, unpack_float
 from kvtier.registry import param, register
 
@@ -56,6 +59,7 @@ class Bfp(Codec):
 
     name = "bfp"
     calibrated = True
+    group_blocks = 64  # attention on the codes: fewer, larger steps
     mantissa: int = param(4, "bits per element: a signed integer mantissa", choices=(3, 4, 8))
     block: int = param(16, "channels sharing one exponent (divides head_dim)", choices=(8, 16, 32, 64))
     sort: bool = param(True, "permute channels by calibrated RMS first, grouping the outliers (the paper's K-sort)")
@@ -121,6 +125,29 @@ class Bfp(Codec):
                 x = torch.empty_like(x).scatter_(-1, perm.to(x.device, torch.long)[:, None, :].expand_as(x), x)
             out.append(x.to(dtype))
         return out[0], out[1]
+
+    def attend(self, q, data, rope=None):
+        """Softmax pieces on the codes in the native kernel (kernels/bsattn.c: a mantissa times
+        its block's power of two), or None (no kernel: the blocks are decoded). The channel
+        orders move to the query and the output: ``q . k = q[perm] . x`` for the stored ``x``."""
+        qk = q if self.perm_k is None else torch.take_along_dim(q.float(), self.perm_k.long()[:, None, :], -1)
+        fields = [data["k_m"], data["k_e"], None, data["v_m"], data["v_e"], None]
+        pieces = kernels.blockscaled_attend(qk, fields, _mantissa_values(self.mantissa), scale_values("e8m0"),
+                                            self.mantissa, self.block)
+        if pieces is None or self.perm_v is None:
+            return pieces
+        m, l, o = pieces
+        return m, l, torch.empty_like(o).scatter_(-1, self.perm_v.long()[:, None, :].expand_as(o), o)
+
+    def attend_torch(self, q, data):
+        """The reference of the kernel: the blocks decoded, softmax pieces in fp32."""
+        return plain_pieces(q, *self.decode(data, torch.float32))
+
+
+@functools.cache
+def _mantissa_values(bits: int) -> torch.Tensor:
+    """Each stored mantissa code's value: the code minus its offset ``2^(bits-1)``."""
+    return torch.arange(2 ** bits, dtype=torch.float32) - 2 ** (bits - 1)
 
 
 def _round(blocks: torch.Tensor, e: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -167,7 +167,8 @@ class BlockScaled(Codec):
         the query is rotated once and the output once."""
         had = hadamard(q.shape[-1]).to(q.device) if self.hadamard else None
         qh = q.float() @ had if had is not None else q
-        pieces = kernels.blockscaled_attend(qh, data, element_values(self.element), scale_values(self.scale),
+        fields = [data.get(f"{x}_{f}") for x in "kv" for f in ("codes", "scales", "tensor_scale")]
+        pieces = kernels.blockscaled_attend(qh, fields, element_values(self.element), scale_values(self.scale),
                                             self.bits, self.block)
         if pieces is None or had is None:
             return pieces

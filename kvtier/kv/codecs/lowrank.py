@@ -26,6 +26,10 @@ layer): the rank-1 part lowers the values' error by a fifth (0.100 -> 0.078), ra
 little more for 0.5 bit; per-channel remainders for the keys, or keeping the top-r
 calibrated channels in fp16 instead of a per-block basis, did no better.
 
+Attention runs on the codes in a native kernel (``kernels/lrattn.c``): a score is
+``scale * (q . code) + zero * sum(q) + left . (right q)``, with ``right q`` once per block, and
+the output gains ``(sum of p * left) @ right`` once per block.
+
 Paper: Li et al., "SVDQuant: Absorbing Outliers by Low-Rank Components for 4-Bit Diffusion
 Models", ICLR 2025, https://arxiv.org/abs/2411.05007
 """
@@ -36,8 +40,9 @@ from dataclasses import dataclass
 
 import torch
 
+from kvtier import kernels
 from kvtier.errors import KvtierError
-from kvtier.kv.codecs.base import Codec
+from kvtier.kv.codecs.base import Codec, plain_pieces
 from kvtier.kv.codecs.intq import quantize
 from kvtier.kv.codecs.packing import pack, unpack_float
 from kvtier.registry import param, register
@@ -49,6 +54,7 @@ class LowRank(Codec):
     """SVDQuant-style: a per-block rank-r fp16 part absorbs outliers, the remainder is int-k per token."""
 
     name = "lowrank"
+    group_blocks = 64  # attention on the codes: fewer, larger steps
     rank: int = param(1, "rank of the fp16 low-rank part of each block and head", min=1, max=16)
     bits: int = param(4, "bits per remainder element", choices=(2, 4, 8))
     sinks: int = param(4, "first tokens kept in full precision (attention sinks)", min=0, max=64)
@@ -86,3 +92,12 @@ class LowRank(Codec):
             h, n, b, d = q.shape
             out.append(x.reshape(h, n * b, d).to(dtype))
         return out[0], out[1]
+
+    def attend(self, q, data, rope=None):
+        """Softmax pieces on the codes in the native kernel (kernels/lrattn.c: the low-rank part
+        applied to the query and the output, never expanded), or None (no kernel: decoded)."""
+        return kernels.lowrank_attend(q, data, self.bits, self.rank)
+
+    def attend_torch(self, q, data):
+        """The reference of the kernel: the blocks decoded, softmax pieces in fp32."""
+        return plain_pieces(q, *self.decode(data, torch.float32))

@@ -31,6 +31,9 @@ Real KV rows are not heavy-tailed enough for victims to pay off much: per row, O
 squared error is close to a plain symmetric int4's (keys 0.085 vs 0.085, values 0.107 vs
 0.115 relative); the sinks and the centres matter more.
 
+Attention runs on the pair bytes in a native kernel (``kernels/ovpattn.c``): a byte is looked
+up as its two steps, the key scales and centres are moved to the query.
+
 Paper: Guo et al., "OliVe: Accelerating Large Language Models via Hardware-friendly
 Outlier-Victim Pair Quantization", ISCA 2023, https://arxiv.org/abs/2304.07493
 """
@@ -43,8 +46,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kvtier import kernels
 from kvtier.errors import KvtierError
-from kvtier.kv.codecs.base import Codec
+from kvtier.kv.codecs.base import Codec, plain_pieces
 from kvtier.registry import param, register
 
 NORMAL_MAX = 7
@@ -130,6 +134,7 @@ class Ovp(Codec):
     """OliVe outlier-victim pairs: int4 pairs where an outlier takes its neighbour's slot; keys per channel, values per token."""
 
     name = "ovp"
+    group_blocks = 64  # attention on the codes: fewer, larger steps
     bits: int = param(4, "bits per element (int4 normals, abfloat outliers)", choices=(4,))
     sinks: int = param(4, "first tokens kept in full precision (attention sinks)", min=0, max=64)
 
@@ -155,3 +160,12 @@ class Ovp(Codec):
         v = decode_rows(data["v"], data["v_scale"])
         h, n, b, d = v.shape
         return k.reshape(h, n * b, d).to(dtype), v.reshape(h, n * b, d).to(dtype)
+
+    def attend(self, q, data, rope=None):
+        """Softmax pieces on the pair bytes in the native kernel (kernels/ovpattn.c: the key
+        scales and centres moved to the query), or None (no kernel: decoded)."""
+        return kernels.ovp_attend(q, data, _tables(q.device)[0])
+
+    def attend_torch(self, q, data):
+        """The reference of the kernel: the blocks decoded, softmax pieces in fp32."""
+        return plain_pieces(q, *self.decode(data, torch.float32))

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvtier import kernels
 from kvtier.dtypes import DTYPES
 from kvtier.errors import KvtierError
 from kvtier.kv.codecs.base import Codec
@@ -21,6 +22,7 @@ class Sparse(Codec):
     """Mustafar: keep each token's largest-magnitude channels of K and V (bitmap + packed non-zeros)."""
 
     name = "sparse"
+    group_blocks = 64  # attention on the sparse form: fewer, larger steps
     ratio: float = param(0.5, "fraction of each token's channels pruned", min=0.0, max=0.95)
     dtype: str = param("fp16", "storage dtype of the kept values", choices=("fp16", "bf16"))
     sinks: int = param(4, "first tokens kept dense (attention sinks)", min=0)
@@ -65,8 +67,15 @@ class Sparse(Codec):
         return self._dense(data["k_map"], data["k_val"], dtype), self._dense(data["v_map"], data["v_val"], dtype)
 
     def attend(self, q, data, rope=None):
-        """Scores from the kept key values only (q gathered at their channels); the output
-        scattered from the kept value values: the dense K and V are never formed."""
+        """Scores from the kept key values only, the output scattered from the kept value
+        values: the dense K and V are never formed. The native kernel (kernels/spattn.c)
+        walks each row's bitmap; without it, :meth:`attend_torch`."""
+        fast = kernels.sparse_attend(q, data)
+        return fast if fast is not None else self.attend_torch(q, data)
+
+    def attend_torch(self, q, data):
+        """The same on the sparse form in PyTorch: the query gathered at each row's kept
+        channels, the weighted kept values scattered back."""
         k_val, v_val = data["k_val"], data["v_val"]
         h, n, b, nnz = k_val.shape
         d = data["k_map"].shape[-1] * 8

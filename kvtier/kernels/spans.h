@@ -1,9 +1,10 @@
-/* What the kernels over codecs whose keys are stored before RoPE (nuqattn.c, vqattn.c, rkvattn.c) share:
- * the one-byte log scales, the rotation and scoring of a decoded key block, the online softmax
- * over a block, and the driver that splits a run of blocks over threads and merges the pieces.
- * Each kernel supplies how a block is decoded (its span function). */
-#ifndef KVTIER_ROPESPAN_H
-#define KVTIER_ROPESPAN_H
+/* What the attention kernels on codes share: the in-register lookup of a row of packed codes,
+ * the one-byte log scales, the rotation and scoring of a block of keys stored before RoPE
+ * (nuqattn.c, vqattn.c, rkvattn.c), the online softmax over a block, and the driver that
+ * splits a run of blocks over threads and merges the pieces. Each kernel supplies how a block
+ * is decoded and scored (its span function). */
+#ifndef KVTIER_SPANS_H
+#define KVTIER_SPANS_H
 #include <float.h>
 #include <math.h>
 #include <stdint.h>

@@ -1,0 +1,95 @@
+/* Decode attention on the `ovp` codec's blocks (OliVe's outlier-victim pairs), in fp32.
+ *
+ * One call covers one run of consecutive blocks of one layer, all KV heads. Per KV head and
+ * block of B tokens:
+ *   keys    D rows (one per channel) of B/2 pair bytes, byte j holding tokens 2j and 2j+1;
+ *           one fp16 scale and one fp16 centre per channel;
+ *   values  B rows (one per token) of D/2 pair bytes, byte j holding channels 2j and 2j+1;
+ *           one fp16 scale per token.
+ * A pair byte stands for two values in scale steps, `pairs[2 * byte]` and `pairs[2 * byte + 1]`
+ * (int4 normals, or an abfloat outlier beside its zeroed victim: kvtier.kv.codecs.ovp). The
+ * key scales and centres move to the query: a score is sum(q * centre) + sum((q * scale) *
+ * step). The keys are decoded channel by channel, so the scores run along the tokens. For the
+ * R query rows of a head (pre-scaled) it returns the softmax pieces m, l, o that
+ * kvtier.attention.blockwise.merge combines; work is split over (head, run of blocks) tasks.
+ * kvtier.kv.codecs.ovp.Ovp.attend_torch is the reference this is tested against.
+ */
+#include "spans.h"
+
+enum { K, KS, KC, V, VS, OFIELDS };  /* the fields, in Python's order */
+
+typedef struct {
+    const float *q; int n_kv, rows, d, block, n_blocks;
+    const void *const *p; const long *hs;  /* each field's base and head stride (elements) */
+    const float *pairs;                    /* (256, 2): the two steps of each pair byte */
+} OJob;
+
+#define OAT(J, T, f, h, b, per) ((const T *)(J)->p[f] + (h) * (J)->hs[f] + (long)(b) * (per))
+
+/* n pair bytes into 2n values */
+RINLINE void pairs_of(const uint8_t *restrict bytes, const float *restrict pairs, float *restrict out, const int n) {
+    for (int j = 0; j < n; j++) {
+        const float *two = pairs + 2 * bytes[j];
+        out[2 * j] = two[0];
+        out[2 * j + 1] = two[1];
+    }
+}
+
+/* one head's pieces over blocks [b0, b1); R, D and B are compile-time constants in the
+ * specialised calls of span() */
+RINLINE void span_of(const OJob *J, int h, int b0, int b1, float *m_out, float *l_out, float *o,
+                     const int R, const int D, const int B) {
+    const float *q = J->q + (long)h * R * D;
+    float kb[RMAXD * RMAXB], vb[RMAXB * RMAXD], s[RMAXR * RMAXB], qs[RMAXR * RMAXD], mr[RMAXR], lr[RMAXR];
+    for (int r = 0; r < R; r++) { mr[r] = -FLT_MAX; lr[r] = 0.f; }
+    memset(o, 0, sizeof(float) * R * D);
+    for (int b = b0; b < b1; b++) {
+        const _Float16 *ks = OAT(J, _Float16, KS, h, b, D), *kc = OAT(J, _Float16, KC, h, b, D);
+        const uint8_t *kq = OAT(J, uint8_t, K, h, b, D * B / 2);
+        for (int c = 0; c < D; c++) pairs_of(kq + (long)c * (B / 2), J->pairs, kb + c * B, B / 2);
+        for (int r = 0; r < R; r++) {
+            float base = 0.f;
+            for (int c = 0; c < D; c++) {
+                base += q[r * D + c] * (float)kc[c];
+                qs[r * D + c] = q[r * D + c] * (float)ks[c];
+            }
+            float *sr = s + r * B;
+            for (int t = 0; t < B; t++) sr[t] = base;
+            for (int c = 0; c < D; c++) {
+                const float a = qs[r * D + c], *row = kb + c * B;
+                for (int t = 0; t < B; t++) sr[t] += a * row[t];
+            }
+        }
+        online_softmax(s, mr, lr, o, R, D, B);
+        const _Float16 *vs = OAT(J, _Float16, VS, h, b, B);
+        const uint8_t *vq = OAT(J, uint8_t, V, h, b, B * D / 2);
+        for (int t = 0; t < B; t++) pairs_of(vq + (long)t * (D / 2), J->pairs, vb + t * D, D / 2);
+        for (int r = 0; r < R; r++) {
+            float *orow = o + r * D;
+            for (int t = 0; t < B; t++) {
+                const float w = s[r * B + t] * (float)vs[t], *row = vb + t * D;
+                for (int c = 0; c < D; c++) orow[c] += w * row[c];
+            }
+        }
+    }
+    for (int r = 0; r < R; r++) { m_out[r] = mr[r]; l_out[r] = lr[r]; }
+}
+
+static void span(const void *job, int h, int b0, int b1, float *m, float *l, float *o) {
+    const OJob *J = job;
+    const int R = J->rows, D = J->d, B = J->block;
+#define SHAPE(r, d, bb) if (R == r && D == d && B == bb) { span_of(J, h, b0, b1, m, l, o, r, d, bb); return; }
+    SHAPE(3, 64, 64)    /* SmolLM2: 9 query heads over 3 KV heads */
+    SHAPE(4, 256, 64)   /* Gemma 3: 4 query heads over 1 KV head */
+#undef SHAPE
+    span_of(J, h, b0, b1, m, l, o, R, D, B);
+}
+
+/* Returns 0, or 1 when the sizes are outside what this kernel handles (the caller falls back). */
+int kvtier_ovp_attend(const float *q, int n_kv, int rows, int d, int block, int n_blocks, const void *const *ptrs,
+                      const long *strides, const float *pairs, float *m, float *l, float *o, int threads) {
+    if (d > RMAXD || rows > RMAXR || block > RMAXB || d % 2 || block % 2 || n_blocks < 1)
+        return 1;
+    OJob J = {q, n_kv, rows, d, block, n_blocks, ptrs, strides, pairs};
+    return run_spans(&J, span, n_kv, rows, d, n_blocks, m, l, o, threads);
+}
