@@ -26,7 +26,8 @@ import torch
 
 from kvtier.paths import cache_dir
 
-SOURCES = ("intattn.c", "batched.c", "qmatmul.c", "nuqattn.c", "vqattn.c", "rkvattn.c", "bsattn.c", "lrattn.c", "ovpattn.c", "spattn.c")
+SOURCES = ("intattn.c", "batched.c", "qmatmul.c", "nuqattn.c", "vqattn.c", "rkvattn.c", "bsattn.c", "lrattn.c",
+           "ovpattn.c", "spattn.c")
 HEADERS = ("intblock.h", "spans.h")  # included by the sources: part of the build's hash
 # -ffast-math lets gcc vectorize the reductions and expf; it is given only when compiling,
 # never when linking, so the process's floating-point mode (crtfastmath) is left alone.
