@@ -17,7 +17,7 @@ import torch
 from kvtier.config import BLOCK_SIZE
 from kvtier.errors import KvtierError
 from kvtier.kv.blocks import BlockPool, SharedPool
-from kvtier.kv.codecs.base import Codec, LayerContext
+from kvtier.kv.codecs.base import Codec, LayerContext, attends_on_codes
 from kvtier.kv.prefetch import release
 from kvtier.progress import note
 
@@ -97,7 +97,7 @@ class LayerKV:
             self.pools = home.pools(self.codec, n_kv, head_dim, block_size, ctx.index)
             home.store.layers.add(self)
         self.pool = self.pools[0]  # the first tier, where blocks are sealed
-        self.scores = type(self.codec).attend is not Codec.attend  # attention on the encoded form
+        self.scores = attends_on_codes(self.codec)  # attention on the encoded form
         self.n_kv, self.head_dim = n_kv, head_dim
         self.block_size, self.window, self.dtype = block_size, window, dtype
         self.n_sinks, self.keep = codec.sinks, codec.residual_at(window)

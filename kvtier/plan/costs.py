@@ -153,15 +153,15 @@ def parse_tiers(text: str) -> list:
 
 # --- the kernel each codec's attention takes ------------------------------------------------
 def attention_kernel(kv: str, device: str) -> str:
-    """``dense`` (held blocks read as they are), ``native`` (the CPU kernel on packed int
-    codes) or ``torch`` (a group of blocks decoded by PyTorch ops, then attended)."""
+    """``dense`` (held blocks read as they are), ``native`` (a CPU kernel on the codec's codes)
+    or ``torch`` (a group of blocks decoded by PyTorch ops, then attended)."""
+    from kvtier.kv.codecs.base import attends_on_codes
     from kvtier.kv.codecs.dense import Dense
-    from kvtier.kv.codecs.intq import Int
 
     codec = parse(kv).codec
     if isinstance(codec, Dense):
         return "dense"
-    if device == "cpu" and type(codec) is Int:
+    if device == "cpu" and attends_on_codes(codec):
         return "native"
     return "torch"
 

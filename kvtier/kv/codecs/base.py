@@ -111,6 +111,12 @@ class Codec(ABC):
         return
 
 
+def attends_on_codes(codec: Codec) -> bool:
+    """Whether a codec has attention on its encoded form (it overrides :meth:`Codec.attend`;
+    its kernel may still decline some shapes, which are then decoded)."""
+    return type(codec).attend is not Codec.attend
+
+
 def rope_pieces(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: torch.Tensor):
     """Softmax pieces ``m, l, o`` of pre-scaled queries ``q (h, R, D)`` over decoded pre-RoPE keys
     ``k`` rotated by the unit cos/sin rows ``rope`` (rotate-half layout) and values ``v``, in
