@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import tokens
 
+from kvtier.attention import blockwise
 from kvtier.engine import ModelRunner
 from kvtier.errors import KvtierError
 from kvtier.kv.select import PAD, SelectKV
@@ -377,6 +378,21 @@ def test_per_head_budgets_with_a_full_safeguard_give_the_uniform_logits(llama, c
         if "ada" in kv:
             assert all(layer.heads is not None for layer in cache.layers)
     torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("codec", ["int(bits=4,group=16)", "rotatekv(bits=4,group=16,rotate=16)", "sparse"])
+def test_per_head_budgets_attend_each_head_on_its_own_codes_when_decoding(llama, codec):
+    """A decode query over per-head caches scores each head's own parts (on their codes), with
+    no padded copy: the same output as attention over the padded, masked keys."""
+    cache, _ = prefill(ModelRunner(llama, f"snapkv(ratio=0.75,window=16,ada=0.2)+{codec}"), tokens(600))
+    layer = cache.layers[1]
+    assert len(set(layer.counts.tolist())) > 1  # ragged
+    (part,) = layer.parts()
+    assert part.score is not None and part.k is None  # nothing decoded to build it
+    q = torch.randn(llama.n_kv, 3, llama.head_dim) / 8
+    k, v = part.get()  # the padded reference
+    ref = blockwise.merge([blockwise.partial(q, k, v, None, part.bias)])
+    torch.testing.assert_close(blockwise.merge([part.score(q)]), ref, atol=1e-5, rtol=1e-4)
 
 
 def test_per_head_budgets_really_shrink_memory(llama):

@@ -76,18 +76,23 @@ def _scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.mm(qh, kh.t()) for qh, kh in zip(q, k)])
 
 
-def merge(pieces: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """Combine ``(m, l, o)`` pieces into normalised attention output ``(Hkv, G*T, D)``."""
+def combine(pieces: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
+    """Combine ``(m, l, o)`` pieces over disjoint keys into the one piece over all of them."""
     if len(pieces) == 1:
-        m, l, o = pieces[0]
-        return o / l
+        return pieces[0]
     top = torch.stack([m for m, _, _ in pieces]).amax(0)
     out = l_sum = None
     for m, l, o in pieces:
         w = torch.exp(m - top)
         out = o * w if out is None else out + o * w
         l_sum = l * w if l_sum is None else l_sum + l * w
-    return out / l_sum
+    return top, l_sum, out
+
+
+def merge(pieces: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Combine ``(m, l, o)`` pieces into normalised attention output ``(Hkv, G*T, D)``."""
+    _, l, o = combine(pieces)
+    return o / l
 
 
 def _group_queries(q: torch.Tensor, n_kv: int, scale: float) -> torch.Tensor:

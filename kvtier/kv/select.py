@@ -27,6 +27,7 @@ from collections.abc import Callable
 
 import torch
 
+from kvtier.attention.blockwise import combine, partial
 from kvtier.dtypes import DTYPES
 from kvtier.kv.cache import LayerKV, Part
 from kvtier.kv.codecs.base import Codec
@@ -118,11 +119,12 @@ class SelectKV:
         query masks the held tokens that left its window (a bias per query when t > 1). With
         per-head budgets the heads' tokens come as one part, padding masked."""
         shift = self.length - self.pos.shape[1]
-        gone = self._gone(first, t) if self.target is not None else None  # (Hkv, t, n)
+        outside = self._gone(first, t) if self.target is not None else None  # (Hkv, t, n)
+        gone = outside
         if self.heads is None:
             out = self.kv.parts()
-        else:
-            out = [Part(*self._held(), 0)]
+        else:  # decoded and padded only if attention needs the keys (a prefill chunk, masks)
+            out = [Part.encoded(0, self.pos.shape[1], self.n_kv, self._held, self._score_heads)]
             pad = (self.pos >= PAD)[:, None, :]
             gone = pad if gone is None else gone | pad
         for p in out:
@@ -133,9 +135,29 @@ class SelectKV:
                 b = base[:, None, :].expand(-1, t, -1).masked_fill(gone[..., cut], float("-inf"))
                 b = b[:, 0] if t == 1 else b
             if b is not None and b.any():  # merged entries add their log count; gone ones -inf
-                p.bias, p.score = b, None  # (attention on decoded keys)
+                p.bias = b
+                if self.heads is None or self.bias is not None or outside is not None:
+                    p.score = None  # attention on decoded keys (per-head scores need no padding mask)
             p.start += shift
         return out
+
+    def _score_heads(self, q: torch.Tensor):
+        """Per-head budgets, one decode query: each KV head attended over its own cache's parts
+        (on their codes where the codec can), its pieces combined, the heads' pieces stacked;
+        nothing is decoded into a padded copy."""
+        out = []
+        for h, layer in enumerate(self.heads):
+            qh, pieces = q[h: h + 1], []
+            for part in layer.parts():
+                piece = part.score(qh) if part.score is not None else None
+                if piece is None:
+                    k, v = part.get()
+                    piece = partial(qh, k, v, None, part.bias)
+                pieces.append(tuple(x.float() for x in piece))
+                if part.done is not None:
+                    part.done()
+            out.append(combine(pieces))
+        return tuple(torch.cat(x, 0) for x in zip(*out))
 
     def _gone(self, first: int, t: int = 1) -> torch.Tensor | None:
         """``(Hkv, t, n)``: the held tokens outside the window of each query at positions
