@@ -9,6 +9,7 @@ from conftest import tokens
 from kvtier.attention import blockwise
 from kvtier.engine import ModelRunner
 from kvtier.errors import KvtierError
+from kvtier.kv.cache import Part
 from kvtier.kv.select import PAD, SelectKV
 from kvtier.kv.selectors.base import group_attention
 
@@ -380,7 +381,7 @@ def test_per_head_budgets_with_a_full_safeguard_give_the_uniform_logits(llama, c
     torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("codec", ["int(bits=4,group=16)", "rotatekv(bits=4,group=16,rotate=16)", "sparse"])
+@pytest.mark.parametrize("codec", ["int(bits=4,group=16)", "rotatekv(bits=4,group=16,rotate=16,residual=0)", "nuq(group=16,residual=0)", "sparse"])
 def test_per_head_budgets_attend_each_head_on_its_own_codes_when_decoding(llama, codec):
     """A decode query over per-head caches scores each head's own parts (on their codes), with
     no padded copy: the same output as attention over the padded, masked keys."""
@@ -388,11 +389,28 @@ def test_per_head_budgets_attend_each_head_on_its_own_codes_when_decoding(llama,
     layer = cache.layers[1]
     assert len(set(layer.counts.tolist())) > 1  # ragged
     (part,) = layer.parts()
-    assert part.score is not None and part.k is None  # nothing decoded to build it
-    q = torch.randn(llama.n_kv, 3, llama.head_dim) / 8
-    k, v = part.get()  # the padded reference
-    ref = blockwise.merge([blockwise.partial(q, k, v, None, part.bias)])
-    torch.testing.assert_close(blockwise.merge([part.score(q)]), ref, atol=1e-5, rtol=1e-4)
+    assert part.heads is not None and part.k is None  # nothing decoded to build it
+    assert any(p.score is not None for parts in part.heads for p in parts)  # encoded runs, on codes
+    q = torch.randn(llama.n_kv * 3, 1, llama.head_dim)
+    fast = blockwise.attend(q, [part], layer.length, 0.25)
+    k, v = part.get()  # the padded, masked reference
+    padded = Part(k, v, part.start)
+    padded.bias = part.bias
+    torch.testing.assert_close(fast, blockwise.reference(q, [padded], layer.length, 0.25), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("codec", ["rotatekv(bits=4,group=16,rotate=16,residual=0)", "nuq(group=16,residual=0)"])
+def test_codecs_that_apply_rope_in_attention_see_the_kept_tokens_real_positions(llama, codec):
+    """A selector's kept tokens sit at scattered positions: a pre-RoPE codec's attention on its
+    codes (RoPE inside the kernel) must rotate each key at its real position, as decoding does."""
+    cache, _ = prefill(ModelRunner(llama, f"snapkv(ratio=0.75,window=16)+{codec}"), tokens(600))
+    parts = cache.layers[1].parts()
+    assert any(p.score is not None for p in parts)
+    q = torch.randn(llama.n_kv * 3, 1, llama.head_dim)
+    n = cache.layers[1].length
+    decoded = [Part(*p.get(), p.start) for p in parts]
+    torch.testing.assert_close(blockwise.attend(q, parts, n, 0.25), blockwise.reference(q, decoded, n, 0.25),
+                               atol=1e-5, rtol=1e-4)
 
 
 def test_per_head_budgets_really_shrink_memory(llama):

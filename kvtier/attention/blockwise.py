@@ -142,7 +142,9 @@ def attend(q: torch.Tensor, parts: list[Part], q_start: int, scale: float,
             dev = p.device or q.device
             qd = queries.setdefault(dev, qg.to(dev))
             mask = visible(q_start, 1, p.start, p.n, window, dev)
-            piece = p.score(qd) if p.score is not None and mask is None else None
+            piece = None
+            if mask is None:
+                piece = _per_head(qd, p.heads) if p.heads is not None else p.score(qd) if p.score else None
             if piece is None:  # decode this group, attend, let it go
                 k, v = p.get()
                 piece = partial(qd, k, v, mask, p.bias)
@@ -161,6 +163,25 @@ def attend(q: torch.Tensor, parts: list[Part], q_start: int, scale: float,
         for p in parts:
             if p.done is not None:
                 p.done()
+
+
+def _per_head(q: torch.Tensor, heads: list[list[Part]]):
+    """One decode query over KV heads that hold different tokens: head h's rows of ``q``
+    ``(Hkv, G, D)`` attend its own parts (on their codes where a codec can), their pieces
+    combined; the heads' pieces stacked."""
+    out = []
+    for h, parts in enumerate(heads):
+        qh, pieces = q[h: h + 1], []
+        for part in parts:
+            piece = part.score(qh) if part.score is not None else None
+            if piece is None:
+                k, v = part.get()
+                piece = partial(qh, k, v, None, part.bias)
+            pieces.append(tuple(x.float() for x in piece))
+            if part.done is not None:
+                part.done()
+        out.append(combine(pieces))
+    return tuple(torch.cat(x, 0) for x in zip(*out))
 
 
 def _prefill(q: torch.Tensor, parts: list[Part], q_start: int, scale: float, window: int | None) -> torch.Tensor:

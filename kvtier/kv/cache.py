@@ -60,6 +60,9 @@ class Part:
         # added to the scores, (Hkv, n) or per query (Hkv, T, n): merged tokens' log count, -inf masks
         self.bias: torch.Tensor | None = None
         self.blocks: BlockRun | None = None  # an encoded part of a layer's blocks
+        # KV heads that hold different tokens (per-head budgets): each head's own parts, which a
+        # decode query attends head by head instead of this part's padded, masked keys
+        self.heads: list[list[Part]] | None = None
 
     @classmethod
     def encoded(cls, start: int, n: int, n_kv: int, load: Callable, score: Callable | None) -> Part:

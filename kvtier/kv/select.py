@@ -27,7 +27,6 @@ from collections.abc import Callable
 
 import torch
 
-from kvtier.attention.blockwise import combine, partial
 from kvtier.dtypes import DTYPES
 from kvtier.kv.cache import LayerKV, Part
 from kvtier.kv.codecs.base import Codec
@@ -45,12 +44,21 @@ class _HeldPositions:
     def __init__(self, rope, owner: SelectKV, head: int | None = None):
         self.rope, self.owner, self.head = rope, owner, head  # head: a one-head cache's head
 
-    def rotate(self, x: torch.Tensor, start: int, inverse: bool = False) -> torch.Tensor:
+    def positions(self, start: int, n: int) -> torch.Tensor:
+        """Real positions ``(Hkv, n)`` (``(1, n)`` for a one-head cache) of held tokens ``start ..``."""
         pos, h = self.owner.pos, self.head
         if h is not None:  # row h, after its left padding
             start += pos.shape[1] - int(self.owner.counts[h])
             pos = pos[h: h + 1]
-        return self.rope.rotate_at(x, pos[:, start: start + x.shape[1]], inverse)
+        return pos[:, start: start + n]
+
+    def rotate(self, x: torch.Tensor, start: int, inverse: bool = False) -> torch.Tensor:
+        return self.rope.rotate_at(x, self.positions(start, x.shape[1]), inverse)
+
+    def span(self, start: int, n: int) -> torch.Tensor:
+        """Unit cos/sin rows per head ``(Hkv, n, 2, D)`` at the held tokens' real positions, for
+        a codec that applies RoPE inside attention."""
+        return self.rope.rows(self.positions(start, n))
 
     def __getattr__(self, name):
         return getattr(self.rope, name)
@@ -123,8 +131,11 @@ class SelectKV:
         gone = outside
         if self.heads is None:
             out = self.kv.parts()
-        else:  # decoded and padded only if attention needs the keys (a prefill chunk, masks)
-            out = [Part.encoded(0, self.pos.shape[1], self.n_kv, self._held, self._score_heads)]
+        else:  # decoded and padded only if attention needs the keys as one tensor
+            part = Part.encoded(0, self.pos.shape[1], self.n_kv, self._held, None)
+            if t == 1 and self.bias is None and outside is None:  # a decode query: each head on its own
+                part.heads = [layer.parts() for layer in self.heads]
+            out = [part]
             pad = (self.pos >= PAD)[:, None, :]
             gone = pad if gone is None else gone | pad
         for p in out:
@@ -135,29 +146,9 @@ class SelectKV:
                 b = base[:, None, :].expand(-1, t, -1).masked_fill(gone[..., cut], float("-inf"))
                 b = b[:, 0] if t == 1 else b
             if b is not None and b.any():  # merged entries add their log count; gone ones -inf
-                p.bias = b
-                if self.heads is None or self.bias is not None or outside is not None:
-                    p.score = None  # attention on decoded keys (per-head scores need no padding mask)
+                p.bias, p.score = b, None  # (attention on decoded keys)
             p.start += shift
         return out
-
-    def _score_heads(self, q: torch.Tensor):
-        """Per-head budgets, one decode query: each KV head attended over its own cache's parts
-        (on their codes where the codec can), its pieces combined, the heads' pieces stacked;
-        nothing is decoded into a padded copy."""
-        out = []
-        for h, layer in enumerate(self.heads):
-            qh, pieces = q[h: h + 1], []
-            for part in layer.parts():
-                piece = part.score(qh) if part.score is not None else None
-                if piece is None:
-                    k, v = part.get()
-                    piece = partial(qh, k, v, None, part.bias)
-                pieces.append(tuple(x.float() for x in piece))
-                if part.done is not None:
-                    part.done()
-            out.append(combine(pieces))
-        return tuple(torch.cat(x, 0) for x in zip(*out))
 
     def _gone(self, first: int, t: int = 1) -> torch.Tensor | None:
         """``(Hkv, t, n)``: the held tokens outside the window of each query at positions
