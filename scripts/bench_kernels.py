@@ -1,6 +1,7 @@
 """One layer's decode attention over a long context: every codec's attention on its codes
-(the native kernels) against dense attention in PyTorch (fp32, and bf16 through kvtier's own
-dense path), in SmolLM2's shape (3 KV heads of 64, 3 query rows each) and Gemma 3's (1 KV
+(the native kernels) against the same codec's blocks decoded by PyTorch and then attended (the
+path attention took before the kernel) and against dense attention in PyTorch (fp32, and bf16
+through kvtier's own dense path), in SmolLM2's shape (3 KV heads of 64, 3 query rows each) and Gemma 3's (1 KV
 head of 256, 4 query rows). Calibrated codecs are bound to random per-channel statistics, so
 their reorderings are real (codebooks stay the defaults: the kernels' cost is the same).
 Medians of 15.
@@ -33,6 +34,15 @@ def median_ms(f, repeats: int = 15) -> float:
         f()
         times.append(time.perf_counter() - t)
     return statistics.median(times) * 1e3
+
+
+def decoded(codec, data, q, rope):
+    """The path without a kernel: the run's blocks decoded in bf16, RoPE applied to keys stored
+    before it, then attended (kvtier.kv.cache.LayerKV._read and blockwise.partial)."""
+    k, v = codec.decode(data, torch.bfloat16)
+    if codec.pre_rope:
+        k = rope.rotate(k.float(), 0).bfloat16()
+    return partial(q.bfloat16(), k, v, None)
 
 
 def main() -> None:
@@ -70,9 +80,13 @@ def main() -> None:
                 raise SystemExit(f"kvtier: {name} has no attention on its codes for this shape")
             rows.append({"shape": shape, "kv": spec.format_method(codec),
                          "ms": median_ms(lambda codec=codec, data=data:
-                                         codec.attend(q, data, cs if codec.pre_rope else None))})
+                                         codec.attend(q, data, cs if codec.pre_rope else None)),
+                         "decoded_ms": median_ms(lambda codec=codec, data=data: decoded(codec, data, q, rope), 5)})
         for row in rows[first:]:
-            print(f"{row['shape']:8s} {row['kv']:70s} {row['ms']:7.3f} ms", flush=True)
+            then = ""
+            if "decoded_ms" in row:
+                then = f"  decoded {row['decoded_ms']:7.3f} ms ({row['decoded_ms'] / row['ms']:.1f}x)"
+            print(f"{row['shape']:8s} {row['kv']:70s} {row['ms']:7.3f} ms{then}", flush=True)
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"tokens": a.tokens, "threads": a.threads, "rows": rows}, f, indent=1)
