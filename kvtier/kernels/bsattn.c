@@ -71,13 +71,7 @@ RINLINE void span_of(const BJob *J, int h, int b0, int b1, float *m_out, float *
         }
         online_softmax(s, mr, lr, o, R, D, B);
         decode_block(J, VC, h, b, vb, table, D, B, bits);
-        for (int r = 0; r < R; r++) {
-            float *orow = o + r * D;
-            for (int t = 0; t < B; t++) {
-                const float p = s[r * B + t], *row = vb + t * D;
-                for (int c = 0; c < D; c++) orow[c] += p * row[c];
-            }
-        }
+        weighted_sum(o, s, vb, R, D, B);
     }
     for (int r = 0; r < R; r++) { m_out[r] = mr[r]; l_out[r] = lr[r]; }
 }

@@ -85,12 +85,7 @@ NINLINE void span_of(const NJob *J, int h, int b0, int b1, float *m_out, float *
             const _Float16 *dx = AT(J, _Float16, VD, h, b, C);
             for (int i = 0; i < C; i++) vb[ix[i]] += (float)dx[i];
         }
-        for (int r = 0; r < R; r++)
-            for (int t = 0; t < B; t++) {
-                const float p = s[r * B + t], *row = vb + t * D;
-                float *orow = o + r * D;
-                for (int c = 0; c < D; c++) orow[c] += p * row[c];
-            }
+        weighted_sum(o, s, vb, R, D, B);
     }
     for (int r = 0; r < R; r++) { m_out[r] = mr[r]; l_out[r] = lr[r]; }
 }

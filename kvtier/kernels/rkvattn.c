@@ -186,13 +186,7 @@ RINLINE void span_of(const KJob *J, int b0, int b1, float *m_out, float *l_out, 
         }
         for (int t = 0; t < B; t++)
             dequant_token(J, V, b, t, 0, vb + (long)t * W, sc, zc, table, norm, H, D, B, bits);
-        for (int r = 0; r < HR; r++) {
-            float *orow = ox + (long)r * W;
-            for (int t = 0; t < B; t++) {
-                const float p = s[r * B + t], *row = vb + (long)t * W;
-                for (int c = 0; c < W; c++) orow[c] += p * row[c];
-            }
-        }
+        weighted_sum(ox, s, vb, HR, W, B);  /* every row over all W rotated channels */
     }
     for (int r = 0; r < HR; r++) {
         m_out[r] = mr[r];

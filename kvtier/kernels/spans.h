@@ -87,6 +87,18 @@ RINLINE void online_softmax(float *s, float *mr, float *lr, float *o, const int 
     }
 }
 
+/* o (R x D) += weights s (R x B) times the decoded values vb (B x D) */
+RINLINE void weighted_sum(float *restrict o, const float *restrict s, const float *restrict vb,
+                          const int R, const int D, const int B) {
+    for (int r = 0; r < R; r++) {
+        float *orow = o + (long)r * D;
+        for (int t = 0; t < B; t++) {
+            const float p = s[r * B + t], *row = vb + (long)t * D;
+            for (int c = 0; c < D; c++) orow[c] += p * row[c];
+        }
+    }
+}
+
 /* one head's pieces m, l (R) and o (R x D) over blocks [b0, b1) */
 typedef void (*span_fn)(const void *job, int h, int b0, int b1, float *m, float *l, float *o);
 
