@@ -39,6 +39,7 @@ typedef struct {
     const float *rope; long rope_hs;       /* (N, 2, D) rows per head (stride 0: shared) */
     const int32_t *inv;                    /* (H*D) rotated position of each channel, or NULL */
     const float *mean;                     /* (H*D) key means added back, or NULL */
+    int *failed;                           /* set when a task's buffers could not be had */
 } KJob;
 
 #define KAT(J, T, f, h, b, per) ((const T *)(J)->p[f] + (h) * (J)->hs[f] + (long)(b) * (per))
@@ -146,7 +147,8 @@ RINLINE void span_of(const KJob *J, int b0, int b1, float *m_out, float *l_out, 
     const int W = H * D, HR = H * R;
     const float norm = 1.f / sqrtf((float)J->rotate);
     float *kb = malloc(sizeof(float) * ((long)H * B * D + (long)B * W + (long)HR * B + (long)HR * W + 3L * W));
-    if (!kb) {  /* no memory: pieces that merge to nothing rather than garbage */
+    if (!kb) {  /* no memory: the call fails and the caller takes the reference */
+        *J->failed = 1;
         for (int r = 0; r < HR; r++) { m_out[r] = -FLT_MAX; l_out[r] = 0.f; }
         memset(o, 0, sizeof(float) * HR * D);
         return;
@@ -211,7 +213,8 @@ static void span(const void *job, int h, int b0, int b1, float *m, float *l, flo
     span_of(J, b0, b1, m, l, o, H, R, D, B, bits, rot);
 }
 
-/* Returns 0, or 1 when the sizes are outside what this kernel handles (the caller falls back). */
+/* Returns 0, or 1 when the sizes are outside what this kernel handles or memory runs out (the
+ * caller falls back). */
 int kvtier_rotatekv_attend(const float *q, int n_kv, int rows, int d, int bits, int group, int block,
                            int n_blocks, int rotate, int channel_keys, const void *const *ptrs,
                            const long *strides, const float *rope, long rope_hs, const int32_t *inv,
@@ -222,7 +225,8 @@ int kvtier_rotatekv_attend(const float *q, int n_kv, int rows, int d, int bits, 
         || rotate < 2 || rotate > 2 * RMAXD || (rotate & (rotate - 1)) || w % rotate)
         return 1;
     rscale_table();
+    int failed = 0;
     KJob J = {q, n_kv, rows, d, bits, group, block, n_blocks, rotate, channel_keys, ptrs, strides, rope, rope_hs,
-              inv, mean};
-    return run_spans(&J, span, 1, n_kv * rows, d, n_blocks, m, l, o, threads);
+              inv, mean, &failed};
+    return run_spans(&J, span, 1, n_kv * rows, d, n_blocks, m, l, o, threads) || failed;
 }
