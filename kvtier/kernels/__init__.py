@@ -219,6 +219,21 @@ def vq_attend(q: torch.Tensor, data: dict[str, torch.Tensor], rope: torch.Tensor
     return (m, l, o) if rc == 0 else None
 
 
+def _fields_for(q: torch.Tensor, fields: list[torch.Tensor | None]):
+    """What every kernel on codes is handed: ``(q fp32 contiguous, field pointers, head strides,
+    (m, l, o) to fill)``, or None when the kernels are unavailable, the query is not on the CPU
+    or a field's rows are not contiguous within a head. ``fields`` (None: absent) ``(Hkv, n, ...)``."""
+    if library() is None or q.device.type != "cpu":
+        return None
+    if any(f is not None and not _rows_contiguous(f) for f in fields):
+        return None
+    h, r, d = q.shape
+    ptrs = (ctypes.c_void_p * len(fields))(*[None if f is None else f.data_ptr() for f in fields])
+    strides = (ctypes.c_long * len(fields))(*[0 if f is None else f.stride(0) for f in fields])
+    pieces = torch.empty((h, r, 1)), torch.empty((h, r, 1)), torch.empty((h, r, d))
+    return q.float().contiguous(), ptrs, strides, pieces
+
+
 ROTATEKV_FIELDS = ("k", "k_scale", "k_zero", "v", "v_scale", "v_zero")
 
 
@@ -230,22 +245,16 @@ def rotatekv_attend(q: torch.Tensor, data: dict[str, torch.Tensor], rope: torch.
     added back (None: not centred); the keys are rotated by ``rope`` inside the kernel (see
     rkvattn.c). Returns ``m, l (Hkv, R, 1)``, ``o (Hkv, R, D)`` fp32, or None when the kernel is
     unavailable or does not handle these sizes."""
-    lib = library()
-    if lib is None or q.device.type != "cpu" or rope.dtype != torch.float32:
+    got = _fields_for(q, [data[f] for f in ROTATEKV_FIELDS]) if rope.dtype == torch.float32 else None
+    if got is None:
         return None
-    h, n, b, _ = data["v"].shape
-    if any(not _rows_contiguous(data[f]) for f in ROTATEKV_FIELDS):
-        return None
+    q, ptrs, strides, (m, l, o) = got
+    (h, r, d), (_, n, b, _) = q.shape, data["v"].shape
     rope, rope_hs = _rope_rows(rope)
-    r, d = q.shape[1], q.shape[2]
-    q = q.float().contiguous()
-    ptrs = (ctypes.c_void_p * 6)(*[data[f].data_ptr() for f in ROTATEKV_FIELDS])
-    strides = (ctypes.c_long * 6)(*[data[f].stride(0) for f in ROTATEKV_FIELDS])
-    m, l, o = torch.empty((h, r, 1)), torch.empty((h, r, 1)), torch.empty((h, r, d))
-    rc = lib.kvtier_rotatekv_attend(q.data_ptr(), h, r, d, bits, group, b, n, rotate, int(channel_keys), ptrs,
-                                    strides, rope.data_ptr(), rope_hs, None if inv is None else inv.data_ptr(),
-                                    None if mean is None else mean.data_ptr(), m.data_ptr(), l.data_ptr(),
-                                    o.data_ptr(), torch.get_num_threads())
+    rc = library().kvtier_rotatekv_attend(
+        q.data_ptr(), h, r, d, bits, group, b, n, rotate, int(channel_keys), ptrs, strides, rope.data_ptr(), rope_hs,
+        None if inv is None else inv.data_ptr(), None if mean is None else mean.data_ptr(),
+        m.data_ptr(), l.data_ptr(), o.data_ptr(), torch.get_num_threads())
     return (m, l, o) if rc == 0 else None
 
 
@@ -257,20 +266,14 @@ def blockscaled_attend(q: torch.Tensor, fields: list[torch.Tensor | None], elut:
     ``(Hkv, n, ...)``. An element is ``elut[code] * slut[scale byte]`` (times the tensor scale),
     see bsattn.c. Returns ``m, l (Hkv, R, 1)``, ``o (Hkv, R, D)`` fp32, or None when the kernel
     is unavailable or does not handle these sizes."""
-    lib = library()
-    if lib is None or q.device.type != "cpu":
+    got = _fields_for(q, fields)
+    if got is None:
         return None
-    h, n, b, _ = fields[3].shape
-    if any(f is not None and not _rows_contiguous(f) for f in fields):
-        return None
-    r, d = q.shape[1], q.shape[2]
-    q = q.float().contiguous()
-    ptrs = (ctypes.c_void_p * 6)(*[None if f is None else f.data_ptr() for f in fields])
-    strides = (ctypes.c_long * 6)(*[0 if f is None else f.stride(0) for f in fields])
-    m, l, o = torch.empty((h, r, 1)), torch.empty((h, r, 1)), torch.empty((h, r, d))
-    rc = lib.kvtier_blockscaled_attend(q.data_ptr(), h, r, d, bits, eblock, b, n, ptrs, strides, elut.data_ptr(),
-                                       slut.data_ptr(), m.data_ptr(), l.data_ptr(), o.data_ptr(),
-                                       torch.get_num_threads())
+    q, ptrs, strides, (m, l, o) = got
+    (h, r, d), (_, n, b, _) = q.shape, fields[3].shape
+    rc = library().kvtier_blockscaled_attend(q.data_ptr(), h, r, d, bits, eblock, b, n, ptrs, strides,
+                                             elut.data_ptr(), slut.data_ptr(), m.data_ptr(), l.data_ptr(),
+                                             o.data_ptr(), torch.get_num_threads())
     return (m, l, o) if rc == 0 else None
 
 
@@ -282,19 +285,13 @@ def lowrank_attend(q: torch.Tensor, data: dict[str, torch.Tensor], bits: int, ra
     the low-rank part applied to the query and the output instead of the blocks (see
     lrattn.c). Returns ``m, l (Hkv, R, 1)``, ``o (Hkv, R, D)`` fp32, or None when the kernel
     is unavailable or does not handle these sizes."""
-    lib = library()
-    if lib is None or q.device.type != "cpu":
+    got = _fields_for(q, [data[f] for f in LOWRANK_FIELDS])
+    if got is None:
         return None
-    h, n, b, _ = data["v_q"].shape
-    if any(not _rows_contiguous(data[f]) for f in LOWRANK_FIELDS):
-        return None
-    r, d = q.shape[1], q.shape[2]
-    q = q.float().contiguous()
-    ptrs = (ctypes.c_void_p * 10)(*[data[f].data_ptr() for f in LOWRANK_FIELDS])
-    strides = (ctypes.c_long * 10)(*[data[f].stride(0) for f in LOWRANK_FIELDS])
-    m, l, o = torch.empty((h, r, 1)), torch.empty((h, r, 1)), torch.empty((h, r, d))
-    rc = lib.kvtier_lowrank_attend(q.data_ptr(), h, r, d, bits, rank, b, n, ptrs, strides, m.data_ptr(),
-                                   l.data_ptr(), o.data_ptr(), torch.get_num_threads())
+    q, ptrs, strides, (m, l, o) = got
+    (h, r, d), (_, n, b, _) = q.shape, data["v_q"].shape
+    rc = library().kvtier_lowrank_attend(q.data_ptr(), h, r, d, bits, rank, b, n, ptrs, strides, m.data_ptr(),
+                                         l.data_ptr(), o.data_ptr(), torch.get_num_threads())
     return (m, l, o) if rc == 0 else None
 
 
@@ -306,19 +303,14 @@ def ovp_attend(q: torch.Tensor, data: dict[str, torch.Tensor], pairs: torch.Tens
     ``pairs`` ``(256, 2)`` fp32 is the two steps each pair byte stands for (see ovpattn.c).
     Returns ``m, l (Hkv, R, 1)``, ``o (Hkv, R, D)`` fp32, or None when the kernel is
     unavailable or does not handle these sizes."""
-    lib = library()
-    if lib is None or q.device.type != "cpu":
+    got = _fields_for(q, [data[f] for f in OVP_FIELDS])
+    if got is None:
         return None
-    h, n, b, _ = data["v"].shape
-    if any(not _rows_contiguous(data[f]) for f in OVP_FIELDS):
-        return None
-    r, d = q.shape[1], q.shape[2]
-    q, pairs = q.float().contiguous(), pairs.float().contiguous()
-    ptrs = (ctypes.c_void_p * 5)(*[data[f].data_ptr() for f in OVP_FIELDS])
-    strides = (ctypes.c_long * 5)(*[data[f].stride(0) for f in OVP_FIELDS])
-    m, l, o = torch.empty((h, r, 1)), torch.empty((h, r, 1)), torch.empty((h, r, d))
-    rc = lib.kvtier_ovp_attend(q.data_ptr(), h, r, d, b, n, ptrs, strides, pairs.data_ptr(), m.data_ptr(),
-                               l.data_ptr(), o.data_ptr(), torch.get_num_threads())
+    q, ptrs, strides, (m, l, o) = got
+    (h, r, d), (_, n, b, _) = q.shape, data["v"].shape
+    pairs = pairs.float().contiguous()
+    rc = library().kvtier_ovp_attend(q.data_ptr(), h, r, d, b, n, ptrs, strides, pairs.data_ptr(), m.data_ptr(),
+                                     l.data_ptr(), o.data_ptr(), torch.get_num_threads())
     return (m, l, o) if rc == 0 else None
 
 
@@ -329,19 +321,16 @@ def sparse_attend(q: torch.Tensor, data: dict[str, torch.Tensor]):
     """Softmax pieces of pre-scaled queries ``q (Hkv, R, D)`` over a run of ``sparse`` blocks,
     each row's bitmap walked into the kept channels (see spattn.c). Returns ``m, l (Hkv, R, 1)``,
     ``o (Hkv, R, D)`` fp32, or None when the kernel is unavailable or does not handle these sizes."""
-    lib = library()
-    if lib is None or q.device.type != "cpu" or data["k_val"].dtype not in (torch.float16, torch.bfloat16):
+    if data["k_val"].dtype not in (torch.float16, torch.bfloat16):
         return None
-    h, n, b, nnz = data["v_val"].shape
-    if any(not _rows_contiguous(data[f]) for f in SPARSE_FIELDS):
+    got = _fields_for(q, [data[f] for f in SPARSE_FIELDS])
+    if got is None:
         return None
-    r, d = q.shape[1], q.shape[2]
-    q = q.float().contiguous()
-    ptrs = (ctypes.c_void_p * 4)(*[data[f].data_ptr() for f in SPARSE_FIELDS])
-    strides = (ctypes.c_long * 4)(*[data[f].stride(0) for f in SPARSE_FIELDS])
-    m, l, o = torch.empty((h, r, 1)), torch.empty((h, r, 1)), torch.empty((h, r, d))
-    rc = lib.kvtier_sparse_attend(q.data_ptr(), h, r, d, nnz, int(data["k_val"].dtype == torch.bfloat16), b, n,
-                                  ptrs, strides, m.data_ptr(), l.data_ptr(), o.data_ptr(), torch.get_num_threads())
+    q, ptrs, strides, (m, l, o) = got
+    (h, r, d), (_, n, b, nnz) = q.shape, data["v_val"].shape
+    rc = library().kvtier_sparse_attend(q.data_ptr(), h, r, d, nnz, int(data["k_val"].dtype == torch.bfloat16), b,
+                                        n, ptrs, strides, m.data_ptr(), l.data_ptr(), o.data_ptr(),
+                                        torch.get_num_threads())
     return (m, l, o) if rc == 0 else None
 
 
