@@ -21,6 +21,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
 #include "intblock.h"
 
 enum { F32 = 0, BF16 = 1, F16 = 2, INT = 3 };
@@ -88,9 +92,108 @@ INLINE void load_row(const char *p, float *out, const int KIND, const int D) {
     }
 }
 
-/* tokens [t0, t1) of a plain part, KV head h */
+typedef uint16_t vh __attribute__((vector_size(32)));    /* 16 bf16 bit patterns */
+typedef _Float16 vhf __attribute__((vector_size(32)));   /* 16 fp16 */
+
+/* 16 elements at p as fp32 */
+INLINE vf load16(const char *p, const int KIND) {
+    vf x;
+    if (KIND == F32) {
+        memcpy(&x, p, sizeof x);
+    } else if (KIND == BF16) {  /* bf16 is the high half of an fp32 */
+        vh b;
+        memcpy(&b, p, sizeof b);
+        x = (vf)(__builtin_convertvector(b, vi) << 16);
+    } else {
+#ifdef __AVX512F__
+        x = (vf)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));  /* gcc's own is scalar */
+#else
+        vhf b;
+        memcpy(&b, p, sizeof b);
+        x = __builtin_convertvector(b, vf);
+#endif
+    }
+    return x;
+}
+
+/* one level of the lane-folding tree: within each 2d-lane segment, x's two halves summed into
+ * the low d lanes and y's into the high d */
+#define FOLD(x, y, LO, HI) (__builtin_shuffle(x, y, (vi)LO) + __builtin_shuffle(x, y, (vi)HI))
+#define LO8 {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23}
+#define HI8 {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31}
+#define LO4 {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27}
+#define HI4 {4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31}
+#define LO2 {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29}
+#define HI2 {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31}
+#define LO1 {0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30}
+#define HI1 {1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31}
+
+/* the lane sums of 16 vectors in one vector: 15 folds instead of 16 horizontal sums. Lane l
+ * of the result sums a[rev(l)] (rev: 4-bit reversal), so callers store token t at a[rev(t)]. */
+INLINE vf fold16(const vf *a) {
+    vf b[8], c[4];
+    for (int i = 0; i < 8; i++) b[i] = FOLD(a[2 * i], a[2 * i + 1], LO8, HI8);
+    for (int i = 0; i < 4; i++) c[i] = FOLD(b[2 * i], b[2 * i + 1], LO4, HI4);
+    const vf d0 = FOLD(c[0], c[1], LO2, HI2), d1 = FOLD(c[2], c[3], LO2, HI2);
+    return FOLD(d0, d1, LO1, HI1);
+}
+
+static const int REV4[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
+
+/* tokens [t0, t1) of a plain part, KV head h, D a multiple of 16: each key row is read once
+ * for the G query rows, 16 tokens' dot products folded together; the values' weighted sum
+ * accumulates in registers over a chunk */
 INLINE void plain_part(const PartDesc *P, int h, long t0, long t1, const float *q,
                        float *m, float *l, float *o, const int KIND, const int G, const int D) {
+    const long es = KIND == F32 ? 4 : 2;
+    const char *kb = (const char *)P->k + h * P->k_hs * es, *vb = (const char *)P->v + h * P->v_hs * es;
+    const long kts = P->k_ts * es, vts = P->v_ts * es;
+    float s[MAXR * CH];
+    vf qv[MAXR][MAXD / 16];
+    for (int r = 0; r < G; r++)
+        for (int u = 0; u < D / 16; u++) memcpy(&qv[r][u], q + r * D + 16 * u, sizeof(vf));
+    for (long c0 = t0; c0 < t1; c0 += CH) {
+        const int nt = t1 - c0 < CH ? (int)(t1 - c0) : CH;
+        for (int g0 = 0; g0 < nt; g0 += 16) {  /* 16 tokens' scores (a short tail zero-padded) */
+            vf part[MAXR][16];
+            for (int t = 0; t < 16; t++) {
+                vf k[MAXD / 16];
+                if (g0 + t < nt) {
+                    for (int u = 0; u < D / 16; u++) k[u] = load16(kb + (c0 + g0 + t) * kts + 16 * u * es, KIND);
+                } else {
+                    for (int u = 0; u < D / 16; u++) k[u] = (vf){};
+                }
+                for (int r = 0; r < G; r++) {
+                    vf acc = qv[r][0] * k[0];
+                    for (int u = 1; u < D / 16; u++) acc += qv[r][u] * k[u];
+                    part[r][REV4[t]] = acc;
+                }
+            }
+            for (int r = 0; r < G; r++) {
+                const vf sc = fold16(part[r]);
+                memcpy(s + r * CH + g0, &sc, sizeof sc);  /* s has CH >= g0 + 16 columns */
+            }
+        }
+        softmax_step(s, CH, 0, nt, nt, m, l, o, G, D);
+        vf acc[MAXR][MAXD / 16];
+        for (int r = 0; r < G; r++)
+            for (int u = 0; u < D / 16; u++) memcpy(&acc[r][u], o + r * D + 16 * u, sizeof(vf));
+        for (int t = 0; t < nt; t++) {
+            vf v[MAXD / 16];
+            for (int u = 0; u < D / 16; u++) v[u] = load16(vb + (c0 + t) * vts + 16 * u * es, KIND);
+            for (int r = 0; r < G; r++) {
+                const float p = s[r * CH + t];
+                for (int u = 0; u < D / 16; u++) acc[r][u] += p * v[u];
+            }
+        }
+        for (int r = 0; r < G; r++)
+            for (int u = 0; u < D / 16; u++) memcpy(o + r * D + 16 * u, &acc[r][u], sizeof(vf));
+    }
+}
+
+/* the same for any D, one element at a time */
+INLINE void plain_part_any(const PartDesc *P, int h, long t0, long t1, const float *q,
+                           float *m, float *l, float *o, const int KIND, const int G, const int D) {
     const long es = KIND == F32 ? 4 : 2;
     const char *kb = (const char *)P->k + h * P->k_hs * es, *vb = (const char *)P->v + h * P->v_hs * es;
     float s[MAXR * CH], row[MAXD];
@@ -205,10 +308,18 @@ INLINE void task_body(const Job *J, int s, int h, int p, float *m, float *l, flo
                 if (j0 >= 0) int_part(P, h, j0, j1, a, b, q, m, l, o, G, D);
             } else {
                 const long t0 = a + (g0 > c ? g0 - c : 0), t1 = a + (g1 - c < nv ? g1 - c : nv);
-                switch (P->kind) {
-                case F32: plain_part(P, h, t0, t1, q, m, l, o, F32, G, D); break;
-                case BF16: plain_part(P, h, t0, t1, q, m, l, o, BF16, G, D); break;
-                default: plain_part(P, h, t0, t1, q, m, l, o, F16, G, D); break;
+                if (D % 16 == 0) {
+                    switch (P->kind) {
+                    case F32: plain_part(P, h, t0, t1, q, m, l, o, F32, G, D); break;
+                    case BF16: plain_part(P, h, t0, t1, q, m, l, o, BF16, G, D); break;
+                    default: plain_part(P, h, t0, t1, q, m, l, o, F16, G, D); break;
+                    }
+                } else {
+                    switch (P->kind) {
+                    case F32: plain_part_any(P, h, t0, t1, q, m, l, o, F32, G, D); break;
+                    case BF16: plain_part_any(P, h, t0, t1, q, m, l, o, BF16, G, D); break;
+                    default: plain_part_any(P, h, t0, t1, q, m, l, o, F16, G, D); break;
+                    }
                 }
             }
         }
