@@ -211,3 +211,28 @@ def test_model_decoding_together_equals_one_at_a_time(family, kv, block, monkeyp
     monkeypatch.setenv("KVTIER_BATCHED", "0")
     alone = generate(ModelRunner(model, kv, block_size=block), prompts, 6, False)
     torch.testing.assert_close(together, alone, atol=2e-4, rtol=2e-4)
+
+
+@needs_kernels
+@pytest.mark.parametrize("codec", ["dense(dtype=bf16)", "int(bits=4)"])
+def test_kept_block_runs_follow_the_block_table(codec):
+    """Decode steps reuse a layer's block runs (and the kernel rows made from them) while the
+    block table and the pool are unchanged; a sealed block, a pool that grew (its tensors
+    reallocated) and freed blocks each give new runs, and every step equals the oracle."""
+    torch.manual_seed(5)
+    d, block = 64, 16
+    layer = LayerKV(spec.parse(codec).codec, 3, d, block, window=100, dtype=torch.float32)
+    layer.append(torch.randn(3, 3 * block, d), torch.randn(3, 3 * block, d))
+    seen, changed = None, 0
+    for step in range(6 * block):  # seals every 16 steps; the pool grows; the window frees blocks
+        layer.append(torch.randn(3, 1, d), torch.randn(3, 1, d))
+        q = torch.randn(9, d)
+        parts = layer.select(q[:, None] * d ** -0.5)
+        runs = [p.blocks for p in parts if p.blocks is not None]
+        if seen is not None and [id(r) for r in runs] != seen:
+            changed += 1
+        seen = [id(r) for r in runs]
+        want = batched.reference(q[None], [parts], [layer.length - 1], d ** -0.5, 100)
+        got = batched.decode(q[None], [parts], [layer.length - 1], d ** -0.5, 100)
+        torch.testing.assert_close(got, want, atol=5e-5, rtol=5e-5)
+    assert 6 <= changed <= 12  # new runs once per sealed block (and when the window frees one), not every step

@@ -120,24 +120,38 @@ def native_parts(parts: list[Part]) -> tuple[list[list[int]], list] | None:
     rows, keep = [], []
     for p in parts:
         if p.load is None:
-            k, v = p.k, p.v
-        else:
-            layer = p.blocks.layer
-            fields = p.blocks.fields()  # as the layer's own decode would read them
-            if type(layer.codec) is Int:
-                fields = {name: t if _rows_contiguous(t) else t.contiguous() for name, t in fields.items()}
-                for a, b in (("k_scale", "k_zero"), ("v_scale", "v_zero")):  # a head stride shared in the kernel
-                    if fields[a].stride(0) != fields[b].stride(0):
-                        fields[a], fields[b] = fields[a].contiguous(), fields[b].contiguous()
-                rows.append(_int_row(layer.codec, fields, p.start))
-                keep.append(fields)
-                continue
-            k, v = fields["k"].flatten(1, 2), fields["v"].flatten(1, 2)  # dense (Hkv, n*B, D): a view of the pool
-        k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (k, v))
-        rows.append([KINDS[k.dtype], k.shape[1], p.start, k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1),
-                     v.stride(0), v.stride(1), 0, 0, 0, 0, 0, 0, 0, 0, 0])
-        keep.append((k, v))
+            k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (p.k, p.v))
+            row, tensors = _plain_row(k, v), (k, v)
+        else:  # a run of blocks: its row is made once and kept with the run while it lasts
+            run = p.blocks
+            if run.native is None:
+                run.native = _block_row(run)
+            row, tensors = run.native
+        row = list(row)
+        row[2] = p.start  # a selector's cache may place the run elsewhere
+        rows.append(row)
+        keep.append(tensors)
     return rows, keep
+
+
+def _plain_row(k: torch.Tensor, v: torch.Tensor) -> list[int]:
+    return [KINDS[k.dtype], k.shape[1], 0, k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1),
+            v.stride(0), v.stride(1), 0, 0, 0, 0, 0, 0, 0, 0, 0]
+
+
+def _block_row(run) -> tuple[list[int], object]:
+    """The kernel's row for a run of ``dense`` or ``int`` blocks, and the tensors it points into."""
+    layer = run.layer
+    fields = run.fields()  # as the layer's own decode would read them
+    if type(layer.codec) is Int:
+        fields = {name: t if _rows_contiguous(t) else t.contiguous() for name, t in fields.items()}
+        for a, b in (("k_scale", "k_zero"), ("v_scale", "v_zero")):  # a head stride shared in the kernel
+            if fields[a].stride(0) != fields[b].stride(0):
+                fields[a], fields[b] = fields[a].contiguous(), fields[b].contiguous()
+        return _int_row(layer.codec, fields, 0), fields
+    k, v = fields["k"].flatten(1, 2), fields["v"].flatten(1, 2)  # dense (Hkv, n*B, D): a view of the pool
+    k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (k, v))
+    return _plain_row(k, v), (k, v)
 
 
 def takes(part: Part) -> bool:

@@ -30,6 +30,7 @@ class BlockPool:
                      for name, (shape, dtype) in self.spec.items()}
         self.free: list[int] = []
         self.top = 0  # slots [0, top) have been handed out at least once
+        self.generation = 0  # counts reallocations of the field tensors (views of older ones are stale)
 
     @property
     def capacity(self) -> int:
@@ -44,6 +45,7 @@ class BlockPool:
                               pin_memory=self.pin)
             new[:, : self.top] = old[:, : self.top]
             self.data[name] = new
+        self.generation += 1
 
     def add(self, k: torch.Tensor, v: torch.Tensor) -> list[int]:
         """Encode full blocks ``k, v: (Hkv, n, B, D)`` into slots; returns the slots used."""

@@ -36,10 +36,18 @@ class BlockRun:
     tier: int
     slots: list[int]
     fetch: bool  # copied to the first tier before attention (``attend=fetch``)
+    start: int = 0  # position of the run's first token
+    native: object = None  # what a native kernel derived from the fields (kept while the run is)
 
     def fields(self) -> dict[str, torch.Tensor]:
         """The encoded fields, read where attention reads them (tier traffic counted)."""
         return self.layer._fields(self.tier, self.slots, self.fetch)
+
+    def read(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.layer._read(self.tier, self.slots, self.start, self.fetch)
+
+    def score(self, q: torch.Tensor):
+        return self.layer._score(self.tier, self.slots, self.fetch, self.start, q)
 
 
 class Part:
@@ -116,6 +124,7 @@ class LayerKV:
         self.read_at = 0  # the store's clock when attention last read this layer's blocks (all at once)
         self.first_block = 0       # index of the oldest held block
         self.length = 0            # tokens appended so far = position of the next token
+        self._run_cache: tuple | None = None  # (block table key, its BlockRuns), all blocks in RAM
 
     def select(self, q: torch.Tensor) -> list[Part]:
         """The parts a decode query ``(Hq, 1, D)`` (pre-scaled) attends: all of them here."""
@@ -362,20 +371,33 @@ class LayerKV:
         residual (``queries``, the new queries about to attend, matters to a selector's layer)."""
         out = self._sink_parts()
         self._rebuild_dropped()  # dropped blocks are needed again
-        for j, n, fetch in self._placed(self._runs()):
-            slots, tier = self.slots[j: j + n], self.where[j]
-            start = self.block_start(self.first_block + j)
-            score = partial(self._score, tier, slots, fetch, start) if self.scores else None
-            part = Part.encoded(start, n * self.block_size, self.n_kv,
-                                partial(self._read, tier, slots, start, fetch), score)
-            part.device = self.pool.device if fetch else self._device(tier)
-            part.blocks = BlockRun(self, tier, slots, fetch)
-            if self._on_disk(tier) and not fetch:
-                part.done = partial(self._release, tier, slots)
+        for run in self._block_runs():
+            part = Part.encoded(run.start, len(run.slots) * self.block_size, self.n_kv, run.read,
+                                run.score if self.scores else None)
+            part.device = self.pool.device if run.fetch else self._device(run.tier)
+            part.blocks = run
+            if self._on_disk(run.tier) and not run.fetch:
+                part.done = partial(self._release, run.tier, run.slots)
             out.append(part)
         if self.home is not None:
             self.home.read_ahead(self.index)
         return out + self._residual_parts()
+
+    def _block_runs(self) -> list[BlockRun]:
+        """The held blocks as runs attention reads together. With every block in RAM the runs
+        are kept while the block table and the pools' tensors are unchanged, so a decode step
+        does not rebuild them (nor what a native kernel derived from them); on tiers reading a
+        run moves it and counts traffic, so they are made afresh."""
+        key = None
+        if self.home is None:
+            key = (self.first_block, tuple(self.slots), tuple(self.where), tuple(p.generation for p in self.pools))
+            if self._run_cache is not None and self._run_cache[0] == key:
+                return self._run_cache[1]
+        runs = [BlockRun(self, self.where[j], self.slots[j: j + n], fetch, self.block_start(self.first_block + j))
+                for j, n, fetch in self._placed(self._runs())]
+        if key is not None:
+            self._run_cache = (key, runs)
+        return runs
 
     def _sink_parts(self) -> list[Part]:
         """The attention sinks, held as they are (none once a sliding window has passed them)."""
