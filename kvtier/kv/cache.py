@@ -359,6 +359,7 @@ class LayerKV:
     def close(self) -> None:
         """Free every block (the sequence has ended)."""
         self._drop(len(self.slots))
+        self._run_cache = None  # its views of the pools go too
         if self.home is not None:
             self.home.store.layers.discard(self)
 
