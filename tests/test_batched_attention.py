@@ -74,7 +74,7 @@ def test_kernel_equals_reference_bf16(codec):
 def test_gqa_and_head_sizes(hq, n_kv, d):
     """Query heads per KV head 1, 4, 6, 4 and 3; head sizes 64 and 128, two the kernel does
     not specialise (96, 32), nor 6 query heads per KV head, and one that is not a multiple of
-    16 (40: held keys and values one element at a time)."""
+    16 (40: attended one sequence at a time, the fallback)."""
     check("dense(dtype=fp32)", LENGTHS, hq=hq, n_kv=n_kv, d=d)
     check("dense(dtype=bf16)", LENGTHS, hq=hq, n_kv=n_kv, d=d)
     if d % 32 == 0:  # the int codec's groups of 32

@@ -12,7 +12,7 @@ The kernel takes parts on the CPU without a ``bias``: held keys/values in fp32, 
 their storage dtype) and the ``int`` codec's packed blocks (2, 4 or 8 bits; the shapes
 ``kvtier.kernels.int_attend`` takes). Everything else falls back: other codecs, codecs that
 store keys before RoPE, parts with a bias (merged or masked tokens), parts on another device,
-parts a selector gathered itself (Quest's per-head blocks).
+parts a selector gathered itself (Quest's per-head blocks), head sizes that are not a multiple of 16.
 
 Shapes: queries ``(S, Hq, D)``, one decode token per sequence, sequence s at position
 ``q_starts[s]``; parts as in :mod:`kvtier.attention.blockwise`.
@@ -37,7 +37,7 @@ FIELDS = ("kind", "n", "start", "k", "v", "k_hs", "k_ts", "v_hs", "v_ts",
           "ks", "kz", "vs", "vz", "ks_hs", "vs_hs", "bits", "group", "block")
 KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 INT = 3
-MAX_HEAD_DIM, MAX_GROUP = 256, 32  # the kernel's MAXD and MAXR (query heads per KV head)
+MAX_HEAD_DIM, MAX_GROUP = 256, 32  # the kernel's MAXD and MAXR (query heads per KV head); head sizes a multiple of 16
 
 
 def enabled() -> bool:
@@ -56,7 +56,7 @@ def decode(queries: torch.Tensor, parts: list[list[Part]], q_starts: list[int], 
     s_count, hq, d = queries.shape
     n_kv = next((p[0].n_kv for p in parts if p), hq)
     lib = kernels.library() if enabled() and queries.device.type == "cpu" else None
-    if lib is None or hq % n_kv or hq // n_kv > MAX_GROUP or d > MAX_HEAD_DIM:
+    if lib is None or hq % n_kv or hq // n_kv > MAX_GROUP or d > MAX_HEAD_DIM or d % 16:
         return per_sequence(queries, parts, q_starts, scale, window)
     plans = [native_parts(p) for p in parts]
     native = [s for s, plan in enumerate(plans) if plan is not None]

@@ -80,18 +80,6 @@ INLINE void softmax_step(float *s, long ld, int ta, int tb, int nt, float *m, fl
     }
 }
 
-INLINE void load_row(const char *p, float *out, const int KIND, const int D) {
-    if (KIND == F32) {
-        memcpy(out, p, sizeof(float) * D);
-    } else if (KIND == BF16) {  /* bf16 is the high half of an fp32 */
-        const uint16_t *x = (const uint16_t *)p;
-        for (int c = 0; c < D; c++) { uint32_t u = (uint32_t)x[c] << 16; memcpy(out + c, &u, 4); }
-    } else {
-        const _Float16 *x = (const _Float16 *)p;
-        for (int c = 0; c < D; c++) out[c] = (float)x[c];
-    }
-}
-
 typedef uint16_t vh __attribute__((vector_size(32)));    /* 16 bf16 bit patterns */
 typedef _Float16 vhf __attribute__((vector_size(32)));   /* 16 fp16 */
 
@@ -140,7 +128,7 @@ INLINE vf fold16(const vf *a) {
 
 static const int REV4[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
 
-/* tokens [t0, t1) of a plain part, KV head h, D a multiple of 16: each key row is read once
+/* tokens [t0, t1) of a plain part, KV head h (D a multiple of 16, as every call's): each key row is read once
  * for the G query rows, 16 tokens' dot products folded together; the values' weighted sum
  * accumulates in registers over a chunk */
 INLINE void plain_part(const PartDesc *P, int h, long t0, long t1, const float *q,
@@ -188,33 +176,6 @@ INLINE void plain_part(const PartDesc *P, int h, long t0, long t1, const float *
         }
         for (int r = 0; r < G; r++)
             for (int u = 0; u < D / 16; u++) memcpy(o + r * D + 16 * u, &acc[r][u], sizeof(vf));
-    }
-}
-
-/* the same for any D, one element at a time */
-INLINE void plain_part_any(const PartDesc *P, int h, long t0, long t1, const float *q,
-                           float *m, float *l, float *o, const int KIND, const int G, const int D) {
-    const long es = KIND == F32 ? 4 : 2;
-    const char *kb = (const char *)P->k + h * P->k_hs * es, *vb = (const char *)P->v + h * P->v_hs * es;
-    float s[MAXR * CH], row[MAXD];
-    for (long c0 = t0; c0 < t1; c0 += CH) {
-        const int nt = t1 - c0 < CH ? (int)(t1 - c0) : CH;
-        for (int t = 0; t < nt; t++) {
-            load_row(kb + (c0 + t) * P->k_ts * es, row, KIND, D);
-            for (int r = 0; r < G; r++) {
-                float acc = 0.f;
-                for (int c = 0; c < D; c++) acc += q[r * D + c] * row[c];
-                s[r * CH + t] = acc;
-            }
-        }
-        softmax_step(s, CH, 0, nt, nt, m, l, o, G, D);
-        for (int t = 0; t < nt; t++) {
-            load_row(vb + (c0 + t) * P->v_ts * es, row, KIND, D);
-            for (int r = 0; r < G; r++) {
-                const float p = s[r * CH + t];
-                for (int c = 0; c < D; c++) o[r * D + c] += p * row[c];
-            }
-        }
     }
 }
 
@@ -308,18 +269,10 @@ INLINE void task_body(const Job *J, int s, int h, int p, float *m, float *l, flo
                 if (j0 >= 0) int_part(P, h, j0, j1, a, b, q, m, l, o, G, D);
             } else {
                 const long t0 = a + (g0 > c ? g0 - c : 0), t1 = a + (g1 - c < nv ? g1 - c : nv);
-                if (D % 16 == 0) {
-                    switch (P->kind) {
-                    case F32: plain_part(P, h, t0, t1, q, m, l, o, F32, G, D); break;
-                    case BF16: plain_part(P, h, t0, t1, q, m, l, o, BF16, G, D); break;
-                    default: plain_part(P, h, t0, t1, q, m, l, o, F16, G, D); break;
-                    }
-                } else {
-                    switch (P->kind) {
-                    case F32: plain_part_any(P, h, t0, t1, q, m, l, o, F32, G, D); break;
-                    case BF16: plain_part_any(P, h, t0, t1, q, m, l, o, BF16, G, D); break;
-                    default: plain_part_any(P, h, t0, t1, q, m, l, o, F16, G, D); break;
-                    }
+                switch (P->kind) {
+                case F32: plain_part(P, h, t0, t1, q, m, l, o, F32, G, D); break;
+                case BF16: plain_part(P, h, t0, t1, q, m, l, o, BF16, G, D); break;
+                default: plain_part(P, h, t0, t1, q, m, l, o, F16, G, D); break;
                 }
             }
         }
@@ -357,7 +310,7 @@ static int part_ok(const PartDesc *P, int d) {
 int kvtier_batched_decode(const float *q, int n_seq, int n_kv, int g, int d,
                           const PartDesc *parts, const int64_t *seq_parts,
                           const int64_t *q_pos, const int64_t *lo, float *out, int threads) {
-    if (n_seq < 1 || n_kv < 1 || g < 1 || g > MAXR || d < 1 || d > MAXD) return -1;
+    if (n_seq < 1 || n_kv < 1 || g < 1 || g > MAXR || d < 16 || d > MAXD || d % 16) return -1;
     long longest = 0;
     for (int s = 0; s < n_seq; s++) {
         long total = 0;
