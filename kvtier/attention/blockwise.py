@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kvtier import kernels
 from kvtier.kv.cache import Part
 
 SMALL = 256  # keys; below this, reduced-precision matmul costs more in overhead than it saves
@@ -188,6 +189,14 @@ def _prefill(q: torch.Tensor, parts: list[Part], q_start: int, scale: float, win
     hq, t, _ = q.shape
     n_kv = parts[0].n_kv
     kvs = [tuple(x.to(q.device) for x in p.get()) for p in parts]
+    assert all(a.start + a.n == b.start for a, b in zip(parts, parts[1:])), "parts must cover consecutive positions"
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu" and kernels.prefill_available():
+        # the native bf16 kernel: the whole chunk in one call, no mask built
+        k = kvs[0][0] if len(kvs) == 1 else torch.cat([k for k, _ in kvs], 1)
+        v = kvs[0][1] if len(kvs) == 1 else torch.cat([v for _, v in kvs], 1)
+        out = kernels.prefill_attend(q, k, v, q_start, parts[0].start, scale, window)
+        if out is not None:
+            return out
     cur = parts[-1]
     if (len(parts) > 1 and window is None and cur.start == q_start and cur.n == t
             and _FLASH is not None and q.device.type == "cpu"):
@@ -207,8 +216,6 @@ def _prefill(q: torch.Tensor, parts: list[Part], q_start: int, scale: float, win
         k = torch.cat([k for k, _ in kvs], 1)
         v = torch.cat([v for _, v in kvs], 1)
         k_start = parts[0].start
-        contiguous = all(a.start + a.n == b.start for a, b in zip(parts, parts[1:]))
-        assert contiguous, "parts must cover consecutive positions"
     n = k.shape[1]
     causal_only = window is None and k_start + n - t == q_start
     if causal_only and n == t:

@@ -27,7 +27,7 @@ import torch
 from kvtier.paths import cache_dir
 
 SOURCES = ("intattn.c", "batched.c", "qmatmul.c", "nuqattn.c", "vqattn.c", "rkvattn.c", "bsattn.c", "lrattn.c",
-           "ovpattn.c", "spattn.c")
+           "ovpattn.c", "spattn.c", "prefill.c")
 HEADERS = ("intblock.h", "spans.h")  # included by the sources: part of the build's hash
 # -ffast-math lets gcc vectorize the reductions and expf; it is given only when compiling,
 # never when linking, so the process's floating-point mode (crtfastmath) is left alone.
@@ -128,6 +128,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.kvtier_qmatmul.restype = i
     lib.kvtier_qmatmul_bf16.argtypes = [p, l, l, p, p, p, l, i, p, i]
     lib.kvtier_qmatmul_bf16.restype = i
+    # q, q head stride, q row stride, k, v, Hq, Hkv, T, N, D, q_start, k_start, window, scale, out,
+    # threads (kvtier.attention.blockwise)
+    lib.kvtier_prefill_attend.argtypes = [p, l, l, p, p, i, i, l, l, i, l, l, l, ctypes.c_float, p, i]
+    lib.kvtier_prefill_attend.restype = i
     # codes, d, m, N, K, bits, out, threads
     lib.kvtier_qdequant.argtypes = [p, p, p, l, l, i, p, i]
     lib.kvtier_qdequant.restype = i
@@ -373,3 +377,34 @@ def qdequant(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None, bits:
     rc = lib.kvtier_qdequant(codes.data_ptr(), d.data_ptr(), None if m is None else m.data_ptr(),
                              d.shape[0], k, bits, out.data_ptr(), torch.get_num_threads())
     return out if rc == 0 else None
+
+
+def prefill_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int, k_start: int,
+                   scale: float, window: int | None) -> torch.Tensor | None:
+    """Causal (optionally windowed) attention of a chunk of bf16 queries ``q (Hq, T, D)`` at
+    positions ``q_start ...`` over keys and values ``(Hkv, N, D)`` at ``k_start ...`` (see
+    prefill.c). Returns ``(Hq, T, D)`` bf16, or None: no kernel, no AVX512-BF16 on this CPU, or a
+    head size that is not a multiple of 64."""
+    lib = library()
+    hq, t, d = q.shape
+    if (not prefill_available() or q.dtype != torch.bfloat16 or q.device.type != "cpu" or d % 64
+            or q.stride(-1) != 1 or q.stride(0) % 2 or q.stride(1) % 2 or q.data_ptr() % 4):
+        return None
+    k, v = k.to(torch.bfloat16).contiguous(), v.to(torch.bfloat16).contiguous()
+    out = torch.empty((hq, t, d), dtype=torch.bfloat16)
+    rc = lib.kvtier_prefill_attend(q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), v.data_ptr(), hq,
+                                   k.shape[0], t, k.shape[1], d, q_start, k_start, window or 0, scale,
+                                   out.data_ptr(), torch.get_num_threads())
+    return out if rc == 0 else None
+
+
+@functools.cache
+def prefill_available() -> bool:
+    """Whether :func:`prefill_attend` runs here (the kernels built, and the CPU has AVX512-BF16)."""
+    lib = library()
+    if lib is None:
+        return False
+    q, kv = torch.zeros(1, 1, 64, dtype=torch.bfloat16), torch.zeros(1, 1, 64, dtype=torch.bfloat16)
+    out = torch.empty_like(q)
+    return lib.kvtier_prefill_attend(q.data_ptr(), 64, 64, kv.data_ptr(), kv.data_ptr(), 1, 1, 1, 1, 64, 0, 0, 0,
+                                     1.0, out.data_ptr(), 1) == 0
