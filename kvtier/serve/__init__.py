@@ -37,14 +37,19 @@ def make_app(engine_cfg: EngineConfig, server: ServerConfig, engine=None):
     from kvtier.serve.worker import Worker
 
     check(server)
-    engine = engine or Engine(engine_cfg)
-    if server.cache:
-        prefix = persist.open_prefix(server.cache, engine.runner, engine.loaded.name)
-        n = engine.load_prefix(prefix)
-        logging.getLogger("kvtier.serve").info("prefix cache: %d tokens from %s", n, server.cache)
+
+    def make() -> Engine:  # on the engine's own thread (see Worker)
+        e = engine or Engine(engine_cfg)
+        if server.cache:
+            prefix = persist.open_prefix(server.cache, e.runner, e.loaded.name)
+            n = e.load_prefix(prefix)
+            logging.getLogger("kvtier.serve").info("prefix cache: %d tokens from %s", n, server.cache)
+        return e
+
     model_id = engine_cfg.model
-    worker = Worker(engine, Metrics(model_id))
-    tok = engine.tokenizer
+    worker = Worker(make, Metrics(model_id))
+    worker.start()
+    tok = worker.engine.tokenizer
 
     def encode(text: str) -> list[int]:
         return tok(text).input_ids
@@ -58,9 +63,11 @@ def make_app(engine_cfg: EngineConfig, server: ServerConfig, engine=None):
     def decode(ids: list[int]) -> str:
         return tok.decode(ids, skip_special_tokens=False)
 
-    app = build(worker, server, model_id, encode, encode_chat, decode)
-    worker.start()
-    return app, worker
+    try:
+        return build(worker, server, model_id, encode, encode_chat, decode), worker
+    except BaseException:
+        worker.stop()
+        raise
 
 
 def serve(engine_cfg: EngineConfig, server: ServerConfig) -> None:
