@@ -74,10 +74,12 @@ def test_kernel_equals_reference_bf16(codec):
 def test_gqa_and_head_sizes(hq, n_kv, d):
     """Query heads per KV head 1, 4, 6, 4 and 3; head sizes 64 and 128, two the kernel does
     not specialise (96, 32), nor 6 query heads per KV head, and one that is not a multiple of
-    16 (40: attended one sequence at a time, the fallback)."""
+    16 (40: attended one sequence at a time, the fallback); bf16 queries where the head size is
+    a multiple of 32."""
     check("dense(dtype=fp32)", LENGTHS, hq=hq, n_kv=n_kv, d=d)
     check("dense(dtype=bf16)", LENGTHS, hq=hq, n_kv=n_kv, d=d)
-    if d % 32 == 0:  # the int codec's groups of 32
+    if d % 32 == 0:  # bf16 queries: bf16 products where the CPU has them; the int codec's groups of 32
+        check("dense(dtype=bf16)", LENGTHS, torch.bfloat16, hq=hq, n_kv=n_kv, d=d)
         check("int(bits=4,group=32)", LENGTHS, hq=hq, n_kv=n_kv, d=d)
 
 
@@ -87,6 +89,14 @@ def test_gqa_and_head_sizes(hq, n_kv, d):
 def test_sliding_window_masks_inside_blocks(codec, window):
     """Blocks of 16 and a window of 40: the oldest held block is partly out of the window."""
     check(codec, [1, 15, 16, 17, 40, 41, 100, 16 * 9], window=window, block=16)
+
+
+@needs_kernels
+@pytest.mark.parametrize("window", [None, 40])
+def test_bf16_products_on_odd_spans(window):
+    """bf16 queries over bf16 parts take the bf16 dot products: spans of every parity and
+    shorter than a chunk, one cut by a window inside a block."""
+    check("dense(dtype=bf16)", [1, 2, 3, 17, 31, 33, 65, 129, 200], torch.bfloat16, window=window, block=16)
 
 
 @needs_kernels

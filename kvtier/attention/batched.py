@@ -89,7 +89,8 @@ def _kernel(lib, queries: torch.Tensor, plans: list, q_starts: list[int], n_kv: 
     lo = array.array("q", (p - window + 1 if window else 0 for p in q_starts))  # first visible position
     out = torch.empty_like(q)
     rc = lib.kvtier_batched_decode(q.data_ptr(), s_count, n_kv, hq // n_kv, d, _addr(rows), _addr(seq_parts),
-                                   _addr(pos), _addr(lo), out.data_ptr(), torch.get_num_threads())
+                                   _addr(pos), _addr(lo), out.data_ptr(), torch.get_num_threads(),
+                                   int(queries.dtype == torch.bfloat16))
     assert rc == 0, "the batched decode kernel refused parts that native_parts took"
     return out
 

@@ -1,4 +1,5 @@
-/* Decode attention for every decoding sequence of a batch, one call per layer, in fp32.
+/* Decode attention for every decoding sequence of a batch, one call per layer, in fp32 (bf16
+ * dot products for bf16 parts when the model computes in bf16: plain_bf16).
  *
  * Each sequence s brings one pre-scaled query per head, q[s, Hq, D], and the list of its parts
  * (kvtier.attention.batched packs them as PartDesc rows): runs of keys/values at positions
@@ -46,6 +47,7 @@ typedef struct {
     const int64_t *seq_parts;         /* (S + 1,): sequence s owns parts[seq_parts[s] ..] */
     const int64_t *q_pos, *lo;        /* (S,) */
     int n_seq, n_kv, g, d, splits;
+    int q_bf16;                       /* the queries were bf16: bf16 parts may use bf16 products */
     float *m, *l, *o;                 /* per task: g, g, g * d */
 } Job;
 
@@ -179,6 +181,83 @@ INLINE void plain_part(const PartDesc *P, int h, long t0, long t1, const float *
     }
 }
 
+#ifdef __AVX512BF16__
+/* plain_part for bf16 keys and values when the queries are bf16 too (a bf16 model): both
+ * products on AVX512-BF16's dot-product instruction, two bf16 products summed into each fp32
+ * lane. Scores: a key row's 32 channel pairs against the query's, 16 tokens folded as above.
+ * Values: rows t and t+1 interleaved (unpacklo/hi of 16-bit words), so a row's pair of
+ * softmax weights (rounded to bf16, as torch's bf16 attention rounds them) is broadcast against
+ * 16 channels; the interleave permutes the channels within 128-bit lanes, undone once a chunk. */
+INLINE void plain_bf16(const PartDesc *P, int h, long t0, long t1, const float *q,
+                       float *m, float *l, float *o, const int G, const int D) {
+    const uint16_t *kb = (const uint16_t *)P->k + h * P->k_hs, *vb = (const uint16_t *)P->v + h * P->v_hs;
+    const long kts = P->k_ts, vts = P->v_ts;
+    float s[MAXR * CH] __attribute__((aligned(64)));
+    uint32_t pw[MAXR][CH / 2] __attribute__((aligned(64)));
+    __m512bh qb[MAXR][MAXD / 32];
+    for (int r = 0; r < G; r++)
+        for (int u = 0; u < D / 32; u++)
+            qb[r][u] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(q + r * D + 32 * u + 16), _mm512_loadu_ps(q + r * D + 32 * u));
+    const __m512i lo_idx = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+    const __m512i hi_idx = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+    for (long c0 = t0; c0 < t1; c0 += CH) {
+        const int nt = t1 - c0 < CH ? (int)(t1 - c0) : CH;
+        for (int g0 = 0; g0 < nt; g0 += 16) {
+            vf part[MAXR][16];
+            for (int t = 0; t < 16; t++) {
+                if (g0 + t < nt) {
+                    __m512bh k[MAXD / 32];
+                    for (int u = 0; u < D / 32; u++)
+                        k[u] = (__m512bh)_mm512_loadu_si512(kb + (c0 + g0 + t) * kts + 32 * u);
+                    for (int r = 0; r < G; r++) {
+                        __m512 acc = _mm512_dpbf16_ps(_mm512_setzero_ps(), qb[r][0], k[0]);
+                        for (int u = 1; u < D / 32; u++) acc = _mm512_dpbf16_ps(acc, qb[r][u], k[u]);
+                        part[r][REV4[t]] = (vf)acc;
+                    }
+                } else {
+                    for (int r = 0; r < G; r++) part[r][REV4[t]] = (vf){};
+                }
+            }
+            for (int r = 0; r < G; r++) {
+                const vf sc = fold16(part[r]);
+                memcpy(s + r * CH + g0, &sc, sizeof sc);
+            }
+        }
+        softmax_step(s, CH, 0, nt, nt, m, l, o, G, D);
+        for (int r = 0; r < G; r++) {  /* weights as bf16 pairs, zero past the chunk's end */
+            float *sr = s + r * CH;
+            for (int t = nt; t < CH; t++) sr[t] = 0.f;
+            for (int t = 0; t < CH; t += 32)
+                _mm512_store_si512(pw[r] + t / 2, (__m512i)_mm512_cvtne2ps_pbh(_mm512_load_ps(sr + t + 16),
+                                                                               _mm512_load_ps(sr + t)));
+        }
+        __m512 lo[MAXR][MAXD / 32], hi[MAXR][MAXD / 32];
+        for (int r = 0; r < G; r++)
+            for (int u = 0; u < D / 32; u++) lo[r][u] = hi[r][u] = _mm512_setzero_ps();
+        for (int t = 0; t < nt; t += 2) {
+            const uint16_t *v0 = vb + (c0 + t) * vts, *v1 = v0 + vts;
+            for (int u = 0; u < D / 32; u++) {
+                const __m512i a = _mm512_loadu_si512(v0 + 32 * u),
+                              b = t + 1 < nt ? _mm512_loadu_si512(v1 + 32 * u) : _mm512_setzero_si512();
+                const __m512bh il = (__m512bh)_mm512_unpacklo_epi16(a, b), ih = (__m512bh)_mm512_unpackhi_epi16(a, b);
+                for (int r = 0; r < G; r++) {
+                    const __m512bh w = (__m512bh)_mm512_set1_epi32((int)pw[r][t / 2]);
+                    lo[r][u] = _mm512_dpbf16_ps(lo[r][u], w, il);
+                    hi[r][u] = _mm512_dpbf16_ps(hi[r][u], w, ih);
+                }
+            }
+        }
+        for (int r = 0; r < G; r++)
+            for (int u = 0; u < D / 32; u++) {  /* channel 32u + 8L + i sits in lane 4L + i of lo (i < 4), of hi (i >= 4) */
+                float *dst = o + r * D + 32 * u;
+                _mm512_storeu_ps(dst, _mm512_add_ps(_mm512_loadu_ps(dst), _mm512_permutex2var_ps(lo[r][u], lo_idx, hi[r][u])));
+                _mm512_storeu_ps(dst + 16, _mm512_add_ps(_mm512_loadu_ps(dst + 16),
+                                                         _mm512_permutex2var_ps(lo[r][u], hi_idx, hi[r][u])));
+            }
+    }
+}
+#endif
+
 /* Fold softmax pieces (pm, pl, po) of some keys into the running (m, l, o). */
 INLINE void absorb(const float *pm, const float *pl, const float *po, float *m, float *l, float *o,
                    int G, int D) {
@@ -271,7 +350,11 @@ INLINE void task_body(const Job *J, int s, int h, int p, float *m, float *l, flo
                 const long t0 = a + (g0 > c ? g0 - c : 0), t1 = a + (g1 - c < nv ? g1 - c : nv);
                 switch (P->kind) {
                 case F32: plain_part(P, h, t0, t1, q, m, l, o, F32, G, D); break;
-                case BF16: plain_part(P, h, t0, t1, q, m, l, o, BF16, G, D); break;
+                case BF16:
+#ifdef __AVX512BF16__
+                    if (J->q_bf16 && D % 32 == 0) { plain_bf16(P, h, t0, t1, q, m, l, o, G, D); break; }
+#endif
+                    plain_part(P, h, t0, t1, q, m, l, o, BF16, G, D); break;
                 default: plain_part(P, h, t0, t1, q, m, l, o, F16, G, D); break;
                 }
             }
@@ -309,7 +392,7 @@ static int part_ok(const PartDesc *P, int d) {
  * outside what this kernel handles (the caller falls back; nothing is written then). */
 int kvtier_batched_decode(const float *q, int n_seq, int n_kv, int g, int d,
                           const PartDesc *parts, const int64_t *seq_parts,
-                          const int64_t *q_pos, const int64_t *lo, float *out, int threads) {
+                          const int64_t *q_pos, const int64_t *lo, float *out, int threads, int q_bf16) {
     if (n_seq < 1 || n_kv < 1 || g < 1 || g > MAXR || d < 16 || d > MAXD || d % 16) return -1;
     long longest = 0;
     for (int s = 0; s < n_seq; s++) {
@@ -327,7 +410,7 @@ int kvtier_batched_decode(const float *q, int n_seq, int n_kv, int g, int d,
     int splits = pairs >= 2 * threads ? 1 : (2 * threads + pairs - 1) / pairs;
     const long most = longest / 256 > 1 ? longest / 256 : 1;
     splits = splits < most ? splits : (int)most;
-    Job J = {q, parts, seq_parts, q_pos, lo, n_seq, n_kv, g, d, splits, NULL, NULL, NULL};
+    Job J = {q, parts, seq_parts, q_pos, lo, n_seq, n_kv, g, d, splits, q_bf16, NULL, NULL, NULL};
     const long n_tasks = (long)pairs * splits;
     J.m = malloc(sizeof(float) * n_tasks * g);
     J.l = malloc(sizeof(float) * n_tasks * g);

@@ -510,7 +510,7 @@ class LayerKV:
         the codec's per-layer state."""
         full = min(self.length, self.n_sinks) + self.n_residual
         plain = 2 * full * self.n_kv * self.head_dim * self.residual_k.element_size()
-        blocks = sum(self.pools[t].slot_bytes() for t in self.where) + len(self.slots) * TABLE_ENTRY_BYTES
+        blocks = sum(self.nbytes_by_tier()) + len(self.slots) * TABLE_ENTRY_BYTES
         return blocks + plain + self.codec.state_bytes()
 
     def plain_bytes(self) -> int:
@@ -519,11 +519,8 @@ class LayerKV:
                    for t in (self.sink_k, self.sink_v, self.residual_k, self.residual_v))
 
     def nbytes_by_tier(self) -> list[int]:
-        """Bytes of encoded blocks on each tier."""
-        out = [0] * len(self.pools)
-        for t in self.where:
-            out[t] += self.pools[t].slot_bytes()
-        return out
+        """Bytes of encoded blocks on each tier (a pool's slots all hold the same bytes)."""
+        return [pool.slot_bytes() * n if (n := self.where.count(t)) else 0 for t, pool in enumerate(self.pools)]
 
 
 def _fetch(t: torch.Tensor, device: torch.device) -> torch.Tensor:
