@@ -52,6 +52,11 @@ class Snapshot:
     prefix_bytes: int = 0
 
 
+def _deliver(items: list[tuple[asyncio.Queue, Delta]]) -> None:
+    for q, delta in items:
+        q.put_nowait(delta)
+
+
 class Worker:
     """Runs the engine on its own thread. ``make`` builds the engine there: the thread that
     runs the model must be the one that loaded it. libgomp keeps one pool of OpenMP threads per
@@ -127,8 +132,11 @@ class Worker:
                     self.wake.clear()
                     continue
                 changed = self.engine.step()
+                out: dict = {}  # loop -> [(queue, delta)]: one wake-up of each event loop a step
                 for seq in changed:
-                    self._emit(seq)
+                    self._emit(seq, out)
+                for loop, items in out.items():
+                    loop.call_soon_threadsafe(_deliver, items)
                 self._snap()
         except BaseException as e:  # the engine is broken: fail every request, say why
             self.error = e
@@ -162,7 +170,7 @@ class Worker:
                         self._done(seq)
                     self._owners.pop(seq.id, None)
 
-    def _emit(self, seq: Sequence) -> None:
+    def _emit(self, seq: Sequence, out: dict) -> None:
         owner = self._owners.get(seq.id)
         if owner is None:
             return
@@ -180,7 +188,7 @@ class Worker:
             self._done(seq)
             del self._owners[seq.id]
         if delta.text or delta.tokens or delta.finish_reason:
-            loop.call_soon_threadsafe(q.put_nowait, delta)
+            out.setdefault(loop, []).append((q, delta))
 
     def _done(self, seq: Sequence) -> None:
         t = seq.timing
