@@ -93,7 +93,9 @@ class EngineConfig:
                                   min=0.05, max=1.0)
     ttft_slo: float | None = option(None, "time-to-first-token target in seconds (p90): the prefill share "
                                     "adapts to meet it and --tpot-slo")
-    tpot_slo: float | None = option(None, "time-per-output-token target in seconds (p90)")
+    tpot_slo: float | None = option(None, "time-per-output-token target in seconds (p90 over requests of each "
+                                    "one's mean time between tokens): prefill chunks are cut to the time "
+                                    "the decoding requests can spare")
     skip_layers: float = option(0.0, "share of the middle layers to skip (layer skipping: faster, "
                                 "less accurate)", min=0.0, max=0.9)
 
