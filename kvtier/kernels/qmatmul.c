@@ -259,6 +259,28 @@ int kvtier_qdequant(const uint8_t *codes, const uint16_t *d, const uint16_t *mn,
 }
 
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
+/* One row of W as bf16, a group of 32 a register: dequant_row's fp32 values, rounded, with
+ * 16-lane conversions (dequant_row's are 8-lane). */
+static inline void dequant_bf16(const uint8_t *c, const uint16_t *d, const uint16_t *mn, int64_t groups, int bits,
+                                __m512bh *out) {
+    for (int64_t g = 0; g < groups; g++) {
+        const __m512 vs = _mm512_set1_ps(half_to_float(d[g]));
+        __m512 w0, w1;
+        if (bits == 4) {
+            const __m512 vm = _mm512_set1_ps(mn ? half_to_float(mn[g]) : 0.0f);
+            const __m128i q = _mm_loadu_si128((const __m128i *)(c + 16 * g));
+            w0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(q, _mm_set1_epi8(15)))), vs, vm);
+            w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
+                                     _mm_and_si128(_mm_srli_epi16(q, 4), _mm_set1_epi8(15)))), vs, vm);
+        } else {
+            const int8_t *q = (const int8_t *)c + 32 * g;
+            w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)q))), vs);
+            w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + 16)))), vs);
+        }
+        out[g] = _mm512_cvtne2ps_pbh(w1, w0);
+    }
+}
+
 /* Several rows of bf16 x on a CPU with bf16 dot products (vdpbf16ps: 32 multiply-adds an
  * instruction): each weight row is dequantized once, rounded to bf16 (the values a dense bf16
  * weight holds) and dotted with every row of x, four at a time. */
@@ -267,13 +289,10 @@ static void rows_bf16(const uint16_t *x16, int64_t M, int64_t K, const uint8_t *
     int64_t row_bytes = bits == 4 ? K / 2 : K, groups = K / 32;
     #pragma omp parallel num_threads(threads)
     {
-        float w[16384] __attribute__((aligned(64)));
         __m512bh wb[16384 / 32];
         #pragma omp for schedule(static)
         for (int64_t n = 0; n < N; n++) {
-            dequant_row(codes + n * row_bytes, d + n * groups, mn ? mn + n * groups : 0, K, bits, w);
-            for (int64_t g = 0; g < groups; g++)
-                wb[g] = _mm512_cvtne2ps_pbh(_mm512_load_ps(w + 32 * g + 16), _mm512_load_ps(w + 32 * g));
+            dequant_bf16(codes + n * row_bytes, d + n * groups, mn ? mn + n * groups : 0, groups, bits, wb);
             int64_t m = 0;
             for (; m + 4 <= M; m += 4) {
                 const uint16_t *x0 = x16 + m * K, *x1 = x0 + K, *x2 = x1 + K, *x3 = x2 + K;
