@@ -62,9 +62,12 @@ def decode(queries: torch.Tensor, parts: list[list[Part]], q_starts: list[int], 
     native = [s for s, plan in enumerate(plans) if plan is not None]
     if not native:
         return per_sequence(queries, parts, q_starts, scale, window)
-    out = torch.empty_like(queries)
-    out[native] = _kernel(lib, queries[native], [plans[s] for s in native], [q_starts[s] for s in native],
-                          n_kv, scale, window).to(out.dtype)
+    if len(native) == s_count:  # the usual case: no gather, no scatter
+        out = _kernel(lib, queries, plans, q_starts, n_kv, scale, window).to(queries.dtype)
+    else:
+        out = torch.empty_like(queries)
+        out[native] = _kernel(lib, queries[native], [plans[s] for s in native], [q_starts[s] for s in native],
+                              n_kv, scale, window).to(out.dtype)
     for s in native:
         for p in parts[s]:
             if p.done is not None:
