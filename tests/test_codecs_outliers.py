@@ -200,7 +200,9 @@ def test_attention_over_the_encoded_cache_equals_the_reference(name):
     assert len(layer.slots) == 3
     q = torch.randn(9, 1, d)
     want = reference(q, parts, n - 1, 0.125, group=16)
-    torch.testing.assert_close(attend(q, parts, n - 1, 0.125), want, atol=1e-5, rtol=1e-5)
+    # fp32 sums in another order (the native kernels' lanes): outlier-scale values differ in
+    # their last bits (ovp: 3e-5 relative on an Intel Xeon with AMX)
+    torch.testing.assert_close(attend(q, parts, n - 1, 0.125), want, atol=1e-4, rtol=1e-4)
     # and the decoded cache is close to the exact keys and values it stands for
     k2 = torch.cat([p.get()[0] for p in parts], 1)
     assert (k2 - k).norm() / k.norm() < 0.15

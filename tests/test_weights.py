@@ -80,6 +80,10 @@ def test_kernel_ran_and_matches_torch_dequantize():
     y = kernels.qmatmul(torch.randn(2, 64), q.codes, q.d, q.m, 4)
     assert y is not None
     assert torch.equal(kernels.qdequant(q.codes, q.d, q.m, 4, 64), dequantize(q.codes, q.d, q.m, 4))
+    for bits in (4, 8):  # bf16: the reference's fp32 values rounded to nearest even, once
+        q = quantize(torch.randn(8, 64), bits)
+        wide = dequantize(q.codes, q.d, q.m, bits)
+        assert torch.equal(kernels.qdequant(q.codes, q.d, q.m, bits, 64, torch.bfloat16), wide.bfloat16())
 
 
 def test_rows_and_cat_and_permute():

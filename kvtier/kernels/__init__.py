@@ -135,6 +135,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     # codes, d, m, N, K, bits, out, threads
     lib.kvtier_qdequant.argtypes = [p, p, p, l, l, i, p, i]
     lib.kvtier_qdequant.restype = i
+    lib.kvtier_qdequant_bf16.argtypes = [p, p, p, l, l, i, p, i]
+    lib.kvtier_qdequant_bf16.restype = i
 
 
 def int_attend(q: torch.Tensor, data: dict[str, torch.Tensor], bits: int, group: int):
@@ -367,16 +369,35 @@ def qmatmul(x: torch.Tensor, codes: torch.Tensor, d: torch.Tensor, m: torch.Tens
     return y if rc == 0 else None
 
 
-def qdequant(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None, bits: int, k: int
-             ) -> torch.Tensor | None:
-    """The fp32 ``(N, K)`` weight of :func:`qmatmul`'s packed fields, or None (no kernel)."""
+def qdequant(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None, bits: int, k: int,
+             dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+    """The ``(N, K)`` weight of :func:`qmatmul`'s packed fields in fp32, or in bf16 (rounded
+    once, from the fp32 values) where the CPU has AVX512-BF16; None: no kernel."""
     lib = library()
     if lib is None or codes.device.type != "cpu":
         return None
-    out = torch.empty((d.shape[0], k))
-    rc = lib.kvtier_qdequant(codes.data_ptr(), d.data_ptr(), None if m is None else m.data_ptr(),
-                             d.shape[0], k, bits, out.data_ptr(), torch.get_num_threads())
+    bf16 = dtype == torch.bfloat16
+    out = torch.empty((d.shape[0], k), dtype=torch.bfloat16 if bf16 else torch.float32)
+    call = lib.kvtier_qdequant_bf16 if bf16 else lib.kvtier_qdequant
+    rc = call(codes.data_ptr(), d.data_ptr(), None if m is None else m.data_ptr(),
+              d.shape[0], k, bits, out.data_ptr(), torch.get_num_threads())
+    if rc != 0 and bf16:
+        wide = qdequant(codes, d, m, bits, k)
+        return None if wide is None else wide.to(dtype)
     return out if rc == 0 else None
+
+
+@functools.cache
+def matrix_units() -> bool:
+    """Whether this CPU multiplies bf16 matrices on matrix units (Intel AMX), where torch's own
+    bf16 attention (flash attention on AMX tiles) beats the native prefill kernel (Linux:
+    /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return "amx_bf16" in flags.split()
 
 
 def prefill_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int, k_start: int,

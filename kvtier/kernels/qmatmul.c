@@ -277,7 +277,7 @@ static inline void dequant_bf16(const uint8_t *c, const uint16_t *d, const uint1
             w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)q))), vs);
             w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + 16)))), vs);
         }
-        out[g] = _mm512_cvtne2ps_pbh(w1, w0);
+        _mm512_storeu_si512(out + g, (__m512i)_mm512_cvtne2ps_pbh(w1, w0));
     }
 }
 
@@ -318,6 +318,24 @@ static void rows_bf16(const uint16_t *x16, int64_t M, int64_t K, const uint8_t *
     }
 }
 #endif
+
+/* W (N, K) dequantized to bf16 (the rounding rows_bf16 applies), for a long bf16 prefill chunk:
+ * half the bytes of the fp32 matrix and no second pass to convert it. */
+int kvtier_qdequant_bf16(const uint8_t *codes, const uint16_t *d, const uint16_t *mn, int64_t N, int64_t K,
+                         int bits, uint16_t *out, int threads) {
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+    if (K % 32 != 0 || (bits != 4 && bits != 8)) return -1;
+    int64_t row_bytes = bits == 4 ? K / 2 : K, groups = K / 32;
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < N; n++)
+        dequant_bf16(codes + n * row_bytes, d + n * groups, mn ? mn + n * groups : 0, groups, bits,
+                     (__m512bh *)(out + n * K));
+    return 0;
+#else
+    (void)codes; (void)d; (void)mn; (void)N; (void)K; (void)bits; (void)out; (void)threads;
+    return -1;
+#endif
+}
 
 /* kvtier_qmatmul with bf16 x and y (the compute dtype on CPUs with native bf16): the
  * conversions happen here, not as two more tensor ops per matmul. */

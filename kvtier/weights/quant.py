@@ -9,7 +9,7 @@ minimum ``m``)::
 
 Q4_0 (``W = d * (q - 8)``) is held as Q4_1 with ``m = -8 d``, which is exact in fp16. A
 decode step multiplies on the packed bytes in the native kernel (``kernels/qmatmul.c``); a
-long prefill chunk dequantizes each matrix once and runs a blocked fp32/bf16 matmul.
+long prefill chunk dequantizes each matrix once (to the compute dtype) and runs a blocked matmul.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class GroupQuant(Linear):
         x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         y = kernels.qmatmul(x2, self.codes, self.d, self.m, self.bits) if x2.shape[0] <= KERNEL_ROWS else None
         if y is None:
-            w = kernels.qdequant(self.codes, self.d, self.m, self.bits, x.shape[-1])
+            w = kernels.qdequant(self.codes, self.d, self.m, self.bits, x.shape[-1], x.dtype)
             w = self.dense() if w is None else w
             y = F.linear(x2, w.to(x.dtype))
         elif y.dtype != x.dtype:
