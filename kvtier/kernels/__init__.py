@@ -27,7 +27,7 @@ import torch
 from kvtier.paths import cache_dir
 
 SOURCES = ("intattn.c", "batched.c", "qmatmul.c", "nuqattn.c", "vqattn.c", "rkvattn.c", "bsattn.c", "lrattn.c",
-           "ovpattn.c", "spattn.c", "prefill.c")
+           "ovpattn.c", "spattn.c", "prefill.c", "pointwise.c")
 HEADERS = ("intblock.h", "spans.h")  # included by the sources: part of the build's hash
 # -ffast-math lets gcc vectorize the reductions and expf; it is given only when compiling,
 # never when linking, so the process's floating-point mode (crtfastmath) is left alone.
@@ -137,6 +137,12 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.kvtier_qdequant.restype = i
     lib.kvtier_qdequant_bf16.argtypes = [p, p, p, l, l, i, p, i]
     lib.kvtier_qdequant_bf16.restype = i
+    # x, x row stride, N, C, w, eps, offset, bf16, y, y row stride, threads
+    lib.kvtier_rms_norm.argtypes = [p, l, l, l, p, ctypes.c_float, ctypes.c_float, i, p, l, i]
+    lib.kvtier_rms_norm.restype = i
+    # gate|up, N, F, bf16, out, threads
+    lib.kvtier_silu_mul.argtypes = [p, l, l, i, p, i]
+    lib.kvtier_silu_mul.restype = i
 
 
 def int_attend(q: torch.Tensor, data: dict[str, torch.Tensor], bits: int, group: int):
@@ -384,6 +390,33 @@ def qdequant(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None, bits:
     if rc != 0 and bf16:
         wide = qdequant(codes, d, m, bits, k)
         return None if wide is None else wide.to(dtype)
+    return out if rc == 0 else None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> torch.Tensor | None:
+    """RMSNorm of the rows of ``x (N, C)`` (bf16 or fp32, last dim contiguous) in one pass,
+    fp32 arithmetic, ``weight (C,)`` fp32 (see pointwise.c); None: no kernel for it."""
+    lib = library()
+    if (lib is None or x.dim() != 2 or x.dtype not in (torch.bfloat16, torch.float32) or x.device.type != "cpu"
+            or x.stride(-1) != 1 or weight.dtype != torch.float32 or not weight.is_contiguous()):
+        return None
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    rc = lib.kvtier_rms_norm(x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], weight.data_ptr(), eps, offset,
+                             int(x.dtype == torch.bfloat16), y.data_ptr(), y.stride(0), torch.get_num_threads())
+    return y if rc == 0 else None
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
+    """``silu(gate) * up`` for ``gate_up (N, 2F)`` (the fused projection's output, bf16 or fp32,
+    contiguous) in one pass; None: no kernel for it."""
+    lib = library()
+    if (lib is None or gate_up.dim() != 2 or gate_up.dtype not in (torch.bfloat16, torch.float32)
+            or gate_up.device.type != "cpu" or not gate_up.is_contiguous() or gate_up.shape[1] % 2):
+        return None
+    n, f = gate_up.shape[0], gate_up.shape[1] // 2
+    out = torch.empty((n, f), dtype=gate_up.dtype)
+    rc = lib.kvtier_silu_mul(gate_up.data_ptr(), n, f, int(gate_up.dtype == torch.bfloat16), out.data_ptr(),
+                             torch.get_num_threads())
     return out if rc == 0 else None
 
 

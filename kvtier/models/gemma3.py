@@ -24,7 +24,6 @@ class Gemma3(Llama):
         self.scale = c.query_pre_attn_scalar ** -0.5
         self.embed_scale = torch.tensor(c.hidden_size ** 0.5)
         self.softcap = getattr(c, "final_logit_softcapping", None)
-        self.act = lambda x: F.gelu(x, approximate="tanh")
 
     def embed(self, tokens):
         return self.w["model.embed_tokens.weight"].rows(tokens) * self.embed_scale.to(self.dtype)
@@ -39,6 +38,10 @@ class Gemma3(Llama):
         x = x + self.norm(h, p + "post_attention_layernorm")
         h = self.mlp(i, self.norm(x, p + "pre_feedforward_layernorm"))
         return x + self.norm(h, p + "post_feedforward_layernorm")
+
+    def gated(self, gate_up):
+        gate, up = gate_up.chunk(2, -1)
+        return F.gelu(gate, approximate="tanh") * up
 
     def make_ropes(self, c):
         return [rope_for(c, t, self.head_dim) for t in c.layer_types]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kvtier import kernels
 from kvtier.models.base import Batch, DecoderModel, rms_norm, rope_for
 from kvtier.weights import cat
 
@@ -26,7 +27,6 @@ class Llama(DecoderModel):
         self.windows = [window] * self.n_layers
         self.ropes = self.make_ropes(c)
         self.scale = self.head_dim ** -0.5
-        self.act = F.silu
         _fuse(self.w, self.n_layers)
 
     def embed(self, tokens):
@@ -57,8 +57,16 @@ class Llama(DecoderModel):
 
     def mlp(self, i, h):
         p = f"model.layers.{i}.mlp."
-        gate, up = self.linear(h, p + "gate_up_proj").chunk(2, -1)
-        return self.linear(self.act(gate) * up, p + "down_proj")
+        return self.linear(self.gated(self.linear(h, p + "gate_up_proj")), p + "down_proj")
+
+    def gated(self, gate_up):
+        """SwiGLU's ``silu(gate) * up`` from the fused projection ``(N, 2F)``: one pass in the
+        native kernel (:func:`kvtier.kernels.silu_mul`), else in PyTorch."""
+        out = kernels.silu_mul(gate_up)
+        if out is None:
+            gate, up = gate_up.chunk(2, -1)
+            out = F.silu(gate) * up
+        return out
 
     def head(self, x):
         x = rms_norm(x, self.w["model.norm.weight"], self.eps)

@@ -1,0 +1,67 @@
+/* The element-wise layers of a decoder, each in one pass over its rows: RMSNorm and SwiGLU's
+ * silu(gate) * up. The PyTorch references beside them are kvtier.models.base.rms_norm and
+ * kvtier.models.llama.Llama.mlp's `silu(gate) * up`; tests/test_pointwise.py checks the two agree.
+ *
+ * Rows of C elements in bf16 or fp32 (in and out in one dtype), the arithmetic in fp32 as the
+ * references do it: torch's bf16 ops also compute in fp32 and round once per op, so the bf16
+ * outputs differ from the references' only where the references round an intermediate. */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+static inline float bf16_to_float(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t float_to_bf16(float f) {  /* round to nearest even (finite values) */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffff) > 0x7f800000) return (uint16_t)((u >> 16) | 0x40);  /* NaN stays NaN */
+    return (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+}
+
+static inline float load(const void *p, int64_t i, int bf16) {
+    return bf16 ? bf16_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+static inline void store(void *p, int64_t i, float v, int bf16) {
+    if (bf16) ((uint16_t *)p)[i] = float_to_bf16(v);
+    else ((float *)p)[i] = v;
+}
+
+/* y[n] = x[n] * rsqrt(mean(x[n]^2) + eps) * (w + offset): x, y (N, C) with row strides
+ * ldx, ldy (elements), w (C,) fp32. */
+int kvtier_rms_norm(const void *x, int64_t ldx, int64_t N, int64_t C, const float *w, float eps, float offset,
+                    int bf16, void *y, int64_t ldy, int threads) {
+    if (N < 0 || C < 1 || C > 65536) return -1;
+    #pragma omp parallel for schedule(static) num_threads(threads) if (N * C >= 32768)
+    for (int64_t n = 0; n < N; n++) {
+        float row[C];
+        float ss = 0.f;
+        for (int64_t c = 0; c < C; c++) {
+            row[c] = load(x, n * ldx + c, bf16);
+            ss += row[c] * row[c];
+        }
+        const float r = 1.0f / sqrtf(ss / (float)C + eps);
+        for (int64_t c = 0; c < C; c++) store(y, n * ldy + c, row[c] * r * (w[c] + offset), bf16);
+    }
+    return 0;
+}
+
+/* out (N, F) = silu(gu[:, :F]) * gu[:, F:] for gu (N, 2F) (gate and up side by side, as the
+ * fused gate_up matmul returns them); silu(g) = g / (1 + e^-g). */
+int kvtier_silu_mul(const void *gu, int64_t N, int64_t F, int bf16, void *out, int threads) {
+    if (N < 0 || F < 1) return -1;
+    #pragma omp parallel for schedule(static) num_threads(threads) if (N * F >= 32768)
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t f = 0; f < F; f++) {
+            const float g = load(gu, n * 2 * F + f, bf16), u = load(gu, n * 2 * F + F + f, bf16);
+            float s = g / (1.0f + expf(-g));
+            if (bf16) s = bf16_to_float(float_to_bf16(s));  /* torch rounds silu's output first */
+            store(out, n * F + f, s * u, bf16);
+        }
+    return 0;
+}

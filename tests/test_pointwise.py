@@ -1,0 +1,54 @@
+"""The element-wise kernels (pointwise.c) against their PyTorch references: RMSNorm (Llama's and
+Gemma's 1 + weight) and SwiGLU's silu(gate) * up, in fp32 and bf16, with strided rows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kvtier import kernels
+from kvtier.models.base import rms_norm, rms_norm_reference
+
+pytestmark = pytest.mark.skipif(kernels.library() is None, reason="no C compiler: the reference is the only path")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+@pytest.mark.parametrize("rows", [1, 16, 700])
+def test_rms_norm_kernel_equals_the_reference(dtype, offset, rows):
+    torch.manual_seed(rows)
+    x = (torch.randn(rows, 576) * 3).to(dtype)
+    w = torch.randn(576)
+    got = kernels.rms_norm(x, w, 1e-5, offset)
+    assert got is not None and got.dtype == dtype
+    want = rms_norm_reference(x, w, 1e-5, offset)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    else:  # one rounding to bf16 at the end; the reference's sum order differs in fp32's last bits
+        assert ((got.float() - want.float()).abs() <= want.float().abs() * 2 ** -7 + 1e-6).all()
+        assert (got != want).float().mean() < 0.02
+    strided = torch.randn(rows, 1000).to(dtype)[:, 100:676]  # a view: rows 1,000 apart
+    torch.testing.assert_close(kernels.rms_norm(strided, w, 1e-5, offset).float(),
+                               rms_norm_reference(strided, w, 1e-5, offset).float(), atol=0.05, rtol=2 ** -7)
+
+
+def test_rms_norm_takes_the_kernel_for_rows_and_the_reference_otherwise():
+    x, w = torch.randn(4, 2, 64), torch.randn(64)  # per-head norms (Gemma's q/k norm): 3-D
+    torch.testing.assert_close(rms_norm(x, w, 1e-6, 1.0), rms_norm_reference(x, w, 1e-6, 1.0))
+    assert torch.isnan(rms_norm(torch.full((2, 64), float("nan")), w, 1e-6)).all()  # NaN is not hidden
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_mul_kernel_equals_the_reference(dtype):
+    torch.manual_seed(0)
+    gu = (torch.randn(33, 2 * 1536) * 4).to(dtype)
+    got = kernels.silu_mul(gu)
+    gate, up = gu.chunk(2, -1)
+    want = F.silu(gate) * up
+    assert got.shape == want.shape and got.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    else:
+        torch.testing.assert_close(got.float(), want.float(), atol=1e-2, rtol=2 ** -6)  # 2 bf16 steps
+        assert (got != want).float().mean() < 0.02
