@@ -86,6 +86,23 @@ def test_kernel_ran_and_matches_torch_dequantize():
         assert torch.equal(kernels.qdequant(q.codes, q.d, q.m, bits, 64, torch.bfloat16), wide.bfloat16())
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_matrix_units_path_equals_the_dot_product_path(monkeypatch, bits):
+    """On a CPU with AMX, 2-32 bf16 rows are multiplied on the tiles (qmatmul.c rows_amx): the
+    same bf16 weights and products as the vdpbf16ps path, summed in another order, so the bf16
+    outputs agree to a rounding step. (Elsewhere both runs take the same path.)"""
+    torch.manual_seed(bits)
+    q = quantize(torch.randn(50, 96), bits)  # 50 rows of W: a partial block of 16
+    for rows in (2, 16, 20, 32):
+        x = torch.randn(rows, 96).bfloat16()
+        monkeypatch.setenv("KVTIER_AMX", "1")
+        tiles = q(x).float()
+        monkeypatch.setenv("KVTIER_AMX", "0")
+        dots = q(x).float()
+        assert ((tiles - dots).abs() <= dots.abs() * 2 ** -7 + 1e-3).all()
+        torch.testing.assert_close(tiles, x.float() @ q.dense().bfloat16().float().T, atol=0.05, rtol=0.02)
+
+
 def test_rows_and_cat_and_permute():
     a, b = quantize(torch.randn(5, 64), 4), quantize(torch.randn(3, 64), 4)
     ab = weights.cat([a, b])

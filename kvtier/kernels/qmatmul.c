@@ -10,12 +10,20 @@
  *
  * Each output row is dequantized once into an fp32 row buffer (L1-resident) and dotted with
  * every row of x, so the packed weights are read once per call whatever M is: decode of one
- * sequence and of a batch of sequences both read the weights' bytes once per step.
+ * sequence and of a batch of sequences both read the weights' bytes once per step. With bf16 x
+ * on a CPU with AMX, 2 to 32 rows of x are multiplied on the tile registers (rows_amx): a
+ * batched decode step of 16 sequences spends 2.2x less in SmolLM2's matrices.
  */
 
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define KVT_AMX 1
+#endif
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
@@ -319,6 +327,77 @@ static void rows_bf16(const uint16_t *x16, int64_t M, int64_t K, const uint8_t *
 }
 #endif
 
+#ifdef KVT_AMX
+/* Up to 16 rows of bf16 x on AMX tiles (Intel's matrix units): y^T = W x^T, 16 output columns
+ * (rows of W) at a time. The A tile is 16 rows of W dequantized to bf16 over one group of 32
+ * (dequant_bf16, the values rows_bf16 multiplies), in their own row-major layout; the B tile is
+ * x's 32 values of that group for each of its rows, in AMX's pair-interleaved layout (built once
+ * per call: row p holds, for each row m of x, the pair x[m][2p], x[m][2p + 1]); the C tile
+ * accumulates the 16 x 16 fp32 dot products over K. Same products and fp32 sums as rows_bf16 in
+ * another order: ~5x its speed for 16 rows, where vdpbf16ps is the limit. */
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+static int amx_permitted(void) {  /* the kernel must let this process use the tile registers */
+    static int ok = -1;
+    if (ok < 0) ok = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+    return ok;
+}
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} TileConfig;
+
+static int rows_amx(const uint16_t *x16, int64_t M, int64_t K, const uint8_t *codes, const uint16_t *d,
+                    const uint16_t *mn, int64_t N, int bits, float *y, int threads) {
+    if (M > 16 || !amx_permitted()) return -1;
+    const int64_t row_bytes = bits == 4 ? K / 2 : K, groups = K / 32, blocks = (N + 15) / 16;
+    uint32_t *xb = aligned_alloc(64, (size_t)groups * 16 * 16 * 4);  /* B tiles: (groups, 16 pairs, 16 rows of x) */
+    if (!xb) return -1;
+    const uint32_t *xd = (const uint32_t *)x16;  /* x as bf16 pairs: (M, K / 2) */
+    for (int64_t g = 0; g < groups; g++)
+        for (int p = 0; p < 16; p++)
+            for (int m = 0; m < 16; m++)
+                xb[(g * 16 + p) * 16 + m] = m < M ? xd[m * (K / 2) + 16 * g + p] : 0;
+    #pragma omp parallel num_threads(threads)
+    {
+        TileConfig cfg = {0};
+        cfg.palette = 1;
+        for (int t = 0; t < 3; t++) { cfg.rows[t] = 16; cfg.colsb[t] = 64; }  /* 0: C, 1: A (W), 2: B (x) */
+        _tile_loadconfig(&cfg);
+        __m512bh wa[16] __attribute__((aligned(64)));  /* the A tile: 16 rows of W, one group */
+        float c[16][16] __attribute__((aligned(64)));
+        #pragma omp for schedule(static)
+        for (int64_t b = 0; b < blocks; b++) {
+            const int64_t n0 = 16 * b, rows = N - n0 < 16 ? N - n0 : 16;
+            _tile_zero(0);
+            for (int64_t g = 0; g < groups; g++) {
+                for (int64_t r = 0; r < 16; r++) {
+                    if (r < rows) {
+                        const int64_t n = n0 + r;
+                        dequant_bf16(codes + n * row_bytes + g * (bits == 4 ? 16 : 32), d + n * groups + g,
+                                     mn ? mn + n * groups + g : 0, 1, bits, wa + r);
+                    } else {
+                        wa[r] = (__m512bh)_mm512_setzero_si512();
+                    }
+                }
+                _tile_loadd(1, wa, 64);
+                _tile_loadd(2, xb + g * 256, 64);
+                _tile_dpbf16ps(0, 1, 2);
+            }
+            _tile_stored(0, c, 64);
+            for (int64_t r = 0; r < rows; r++)
+                for (int64_t m = 0; m < M; m++) y[m * N + n0 + r] = c[r][m];
+        }
+        _tile_release();
+    }
+    free(xb);
+    return 0;
+}
+#endif
+
 /* W (N, K) dequantized to bf16 (the rounding rows_bf16 applies), for a long bf16 prefill chunk:
  * half the bytes of the fp32 matrix and no second pass to convert it. */
 int kvtier_qdequant_bf16(const uint8_t *codes, const uint16_t *d, const uint16_t *mn, int64_t N, int64_t K,
@@ -346,8 +425,20 @@ int kvtier_qmatmul_bf16(const uint16_t *x16, int64_t M, int64_t K, const uint8_t
     if (!x) return -1;
     float *y = x + M * K;
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
-    if (M > 1) {
+    int done = -1;
+#ifdef KVT_AMX
+    const char *amx = getenv("KVTIER_AMX");  /* KVTIER_AMX=0: without the tiles (to compare) */
+    if (M > 1 && (amx == NULL || amx[0] != '0'))  /* one row: dot_packed's one pass is faster */
+        for (int64_t m0 = 0; m0 < M; m0 += 16) {  /* 16 rows of x a pass */
+            done = rows_amx(x16 + m0 * K, M - m0 < 16 ? M - m0 : 16, K, codes, d, mn, N, bits, y + m0 * N, threads);
+            if (done != 0) break;
+        }
+#endif
+    if (done != 0 && M > 1) {
         rows_bf16(x16, M, K, codes, d, mn, N, bits, y, threads);
+        done = 0;
+    }
+    if (done == 0) {
         for (int64_t i = 0; i < M * N; i++) {
             uint32_t u;
             memcpy(&u, y + i, 4);
