@@ -150,7 +150,7 @@ class LayerKV:
             self.sink_k[:, self.length: self.length + i] = k[:, :i]
             self.sink_v[:, self.length: self.length + i] = v[:, :i]
         if i < t:
-            self._push(k[:, i:], v[:, i:], self.length + i)
+            self._push(k[:, i:] if i else k, v[:, i:] if i else v, self.length + i)
         self.length += t
         self._slide()
 
@@ -159,8 +159,9 @@ class LayerKV:
         B, r = self.block_size, self.n_residual
         n = r + k.shape[1]
         n_seal = max(0, (n - self.keep) // B)
-        if not n_seal:
-            self.residual_k[:, r:n], self.residual_v[:, r:n] = k, v
+        if not n_seal:  # (narrow + copy_: a decode step does this for every sequence and layer)
+            self.residual_k.narrow(1, r, n - r).copy_(k)
+            self.residual_v.narrow(1, r, n - r).copy_(v)
             self.n_residual = n
             return
         if r:  # the held residual tokens come first

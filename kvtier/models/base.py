@@ -204,14 +204,17 @@ class DecoderModel:
         outs: list[torch.Tensor | None] = []  # per sequence, in batch order
         decoding = []  # (index in outs, layer, position, row in q) of each decoding sequence
         off = 0
+        kt, vt = k.transpose(0, 1), v.transpose(0, 1)  # (Hkv, N, D): a sequence's rows are one slice
         for cache, n in zip(batch.caches, batch.lengths):
-            layer, start = cache.layers[i], cache.layers[i].length
-            qs, ks, vs = (t[off:off + n].transpose(0, 1) for t in (q, k, v))  # (H, n, D)
+            layer = cache.layers[i]
+            start = layer.length
+            ks, vs = kt[:, off:off + n], vt[:, off:off + n]  # (Hkv, n, D)
             if n == 1:  # decode: the new token joins the residual block; attention below
                 self._store(layer, ks, vs)
                 decoding.append((len(outs), layer, start, off))
                 outs.append(None)
             else:
+                qs = q[off:off + n].transpose(0, 1)  # (Hq, n, D)
                 parts = layer.parts(n) + [Part(ks, vs, start)]
                 outs.append(attend(qs, parts, start, scale, window).transpose(0, 1))
                 self._store(layer, ks, vs)
