@@ -19,11 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
-#include <sys/syscall.h>
-#include <unistd.h>
-#define KVT_AMX 1
-#endif
+#include "amx.h"
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
@@ -335,21 +331,6 @@ static void rows_bf16(const uint16_t *x16, int64_t M, int64_t K, const uint8_t *
  * per call: row p holds, for each row m of x, the pair x[m][2p], x[m][2p + 1]); the C tile
  * accumulates the 16 x 16 fp32 dot products over K. Same products and fp32 sums as rows_bf16 in
  * another order: ~5x its speed for 16 rows, where vdpbf16ps is the limit. */
-#define ARCH_REQ_XCOMP_PERM 0x1023
-#define XFEATURE_XTILEDATA 18
-
-static int amx_permitted(void) {  /* the kernel must let this process use the tile registers */
-    static int ok = -1;
-    if (ok < 0) ok = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
-    return ok;
-}
-
-typedef struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} TileConfig;
-
 static int rows_amx(const uint16_t *x16, int64_t M, int64_t K, const uint8_t *codes, const uint16_t *d,
                     const uint16_t *mn, int64_t N, int bits, float *y, int threads) {
     if (M > 16 || !amx_permitted()) return -1;
@@ -363,10 +344,7 @@ static int rows_amx(const uint16_t *x16, int64_t M, int64_t K, const uint8_t *co
                 xb[(g * 16 + p) * 16 + m] = m < M ? xd[m * (K / 2) + 16 * g + p] : 0;
     #pragma omp parallel num_threads(threads)
     {
-        TileConfig cfg = {0};
-        cfg.palette = 1;
-        for (int t = 0; t < 3; t++) { cfg.rows[t] = 16; cfg.colsb[t] = 64; }  /* 0: C, 1: A (W), 2: B (x) */
-        _tile_loadconfig(&cfg);
+        amx_square_tiles(3);  /* 0: C, 1: A (W), 2: B (x) */
         __m512bh wa[16] __attribute__((aligned(64)));  /* the A tile: 16 rows of W, one group */
         float c[16][16] __attribute__((aligned(64)));
         #pragma omp for schedule(static)
@@ -427,8 +405,7 @@ int kvtier_qmatmul_bf16(const uint16_t *x16, int64_t M, int64_t K, const uint8_t
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
     int done = -1;
 #ifdef KVT_AMX
-    const char *amx = getenv("KVTIER_AMX");  /* KVTIER_AMX=0: without the tiles (to compare) */
-    if (M > 1 && (amx == NULL || amx[0] != '0'))  /* one row: dot_packed's one pass is faster */
+    if (M > 1)  /* one row: dot_packed's one pass is faster */
         for (int64_t m0 = 0; m0 < M; m0 += 16) {  /* 16 rows of x a pass */
             done = rows_amx(x16 + m0 * K, M - m0 < 16 ? M - m0 : 16, K, codes, d, mn, N, bits, y + m0 * N, threads);
             if (done != 0) break;

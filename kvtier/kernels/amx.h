@@ -1,0 +1,44 @@
+/* Intel AMX (the tile registers and their bf16 dot products) where the compiler targets it
+ * (-march=native on a CPU that has it) and Linux lets the process use it. */
+#ifndef KVT_AMX_H
+#define KVT_AMX_H
+
+#include <stdint.h>
+#include <stdlib.h>
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define KVT_AMX 1
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+/* Whether the tiles may be used now: KVTIER_AMX=0 says no (to compare; read at every call), and
+ * Linux must let the process use them (asked once: the tile data is state it saves on a context
+ * switch only for processes that asked). */
+static int amx_permitted(void) {
+    static int ok = -1;
+    const char *env = getenv("KVTIER_AMX");
+    if (env != NULL && env[0] == '0') return 0;
+    if (ok < 0) ok = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+    return ok;
+}
+
+/* palette 1: per tile, its rows and the bytes of a row */
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} TileConfig;
+
+/* tiles 0 .. n - 1 configured as 16 rows of 64 bytes (a 16 x 16 fp32 or 16 x 32 bf16 tile) */
+static inline void amx_square_tiles(int n) {
+    TileConfig cfg = {0};
+    cfg.palette = 1;
+    for (int t = 0; t < n; t++) { cfg.rows[t] = 16; cfg.colsb[t] = 64; }
+    _tile_loadconfig(&cfg);
+}
+#endif
+
+#endif
