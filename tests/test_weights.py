@@ -103,6 +103,25 @@ def test_matrix_units_path_equals_the_dot_product_path(monkeypatch, bits):
         torch.testing.assert_close(tiles, x.float() @ q.dense().bfloat16().float().T, atol=0.05, rtol=0.02)
 
 
+def test_the_tiles_are_shared_with_torchs_own_amx_work():
+    """torch runs its bf16 matmuls and flash attention on the same AMX tiles (oneDNN, brgemm)
+    and remembers their configuration per thread; kvtier's tile kernel puts it back after
+    itself, so interleaving the two changes neither one's results (nor faults)."""
+    torch.manual_seed(0)
+    q = quantize(torch.randn(64, 128), 4)
+    x, xl, w = torch.randn(16, 128).bfloat16(), torch.randn(64, 128).bfloat16(), torch.randn(96, 128).bfloat16()
+    qa = torch.randn(1, 4, 256, 64).bfloat16()
+
+    def attention():
+        return torch.nn.functional.scaled_dot_product_attention(qa, qa, qa, is_causal=True)
+
+    want = (q(x), torch.nn.functional.linear(xl, w), attention())
+    for _ in range(3):
+        got = (torch.nn.functional.linear(xl, w), q(x), attention(), q(x[:5]))
+        assert torch.equal(got[0], want[1]) and torch.equal(got[1], want[0]) and torch.equal(got[2], want[2])
+        assert torch.equal(got[3], want[0][:5])
+
+
 def test_rows_and_cat_and_permute():
     a, b = quantize(torch.randn(5, 64), 4), quantize(torch.randn(3, 64), 4)
     ab = weights.cat([a, b])

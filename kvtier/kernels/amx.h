@@ -32,12 +32,22 @@ typedef struct {
     uint8_t rows[16];
 } TileConfig;
 
-/* tiles 0 .. n - 1 configured as 16 rows of 64 bytes (a 16 x 16 fp32 or 16 x 32 bf16 tile) */
-static inline void amx_square_tiles(int n) {
+/* In each thread that uses the tiles: tiles 0 .. n - 1 configured as 16 rows of 64 bytes (a
+ * 16 x 16 fp32 or 16 x 32 bf16 tile), the configuration found there kept in ``saved``. */
+static inline void amx_begin(TileConfig *saved, int n) {
+    _tile_storeconfig(saved);
     TileConfig cfg = {0};
     cfg.palette = 1;
     for (int t = 0; t < n; t++) { cfg.rows[t] = 16; cfg.colsb[t] = 64; }
     _tile_loadconfig(&cfg);
+}
+
+/* ... and after: the configuration found is put back (or the tiles released when there was
+ * none), so a library in this process that configured them (oneDNN, torch's brgemm for its
+ * bf16 matmuls and flash attention) and remembers having done so still finds its own. */
+static inline void amx_end(const TileConfig *saved) {
+    if (saved->palette) _tile_loadconfig(saved);
+    else _tile_release();
 }
 #endif
 

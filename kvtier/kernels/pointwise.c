@@ -1,6 +1,6 @@
 /* The element-wise layers of a decoder, each in one pass over its rows: RMSNorm and SwiGLU's
- * silu(gate) * up. The PyTorch references beside them are kvtier.models.base.rms_norm and
- * kvtier.models.llama.Llama.mlp's `silu(gate) * up`; tests/test_pointwise.py checks the two agree.
+ * silu(gate) * up. The PyTorch references beside them are kvtier.models.base.rms_norm_reference
+ * and `F.silu(gate) * up` (kvtier.models.llama.Llama.gated); tests/test_pointwise.py checks they agree.
  *
  * Rows of C elements in bf16 or fp32 (in and out in one dtype), the arithmetic in fp32 as the
  * references do it: torch's bf16 ops also compute in fp32 and round once per op, so the bf16
@@ -36,7 +36,7 @@ static inline void store(void *p, int64_t i, float v, int bf16) {
  * ldx, ldy (elements), w (C,) fp32. */
 int kvtier_rms_norm(const void *x, int64_t ldx, int64_t N, int64_t C, const float *w, float eps, float offset,
                     int bf16, void *y, int64_t ldy, int threads) {
-    if (N < 0 || C < 1 || C > 65536) return -1;
+    if (N < 0 || C < 1 || C > 16384) return -1;  /* a row on the stack */
     #pragma omp parallel for schedule(static) num_threads(threads) if (N * C >= 32768)
     for (int64_t n = 0; n < N; n++) {
         float row[C];

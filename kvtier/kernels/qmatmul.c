@@ -344,7 +344,8 @@ static int rows_amx(const uint16_t *x16, int64_t M, int64_t K, const uint8_t *co
                 xb[(g * 16 + p) * 16 + m] = m < M ? xd[m * (K / 2) + 16 * g + p] : 0;
     #pragma omp parallel num_threads(threads)
     {
-        amx_square_tiles(3);  /* 0: C, 1: A (W), 2: B (x) */
+        TileConfig saved;
+        amx_begin(&saved, 3);  /* 0: C, 1: A (W), 2: B (x) */
         __m512bh wa[16] __attribute__((aligned(64)));  /* the A tile: 16 rows of W, one group */
         float c[16][16] __attribute__((aligned(64)));
         #pragma omp for schedule(static)
@@ -369,7 +370,7 @@ static int rows_amx(const uint16_t *x16, int64_t M, int64_t K, const uint8_t *co
             for (int64_t r = 0; r < rows; r++)
                 for (int64_t m = 0; m < M; m++) y[m * N + n0 + r] = c[r][m];
         }
-        _tile_release();
+        amx_end(&saved);
     }
     free(xb);
     return 0;
