@@ -27,6 +27,7 @@
 #endif
 
 #include "intblock.h"
+#include "vexp.h"
 
 enum { F32 = 0, BF16 = 1, F16 = 2, INT = 3 };
 
@@ -76,7 +77,17 @@ INLINE void softmax_step(float *s, long ld, int ta, int tb, int nt, float *m, fl
             m[r] = top;
         }
         for (int t = 0; t < ta; t++) sr[t] = 0.f;
-        for (int t = ta; t < tb; t++) { sr[t] = expf(sr[t] - m[r]); sum += sr[t]; }
+        int t = ta;
+#ifdef __AVX512F__
+        __m512 vsum = _mm512_setzero_ps();
+        for (const __m512 vm = _mm512_set1_ps(m[r]); t + 16 <= tb; t += 16) {  /* 16 lanes inline */
+            const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(sr + t), vm));
+            _mm512_storeu_ps(sr + t, e);
+            vsum = _mm512_add_ps(vsum, e);
+        }
+        sum = _mm512_reduce_add_ps(vsum);
+#endif
+        for (; t < tb; t++) { sr[t] = expf(sr[t] - m[r]); sum += sr[t]; }
         for (int t = tb; t < nt; t++) sr[t] = 0.f;
         l[r] += sum;
     }
