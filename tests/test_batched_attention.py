@@ -246,3 +246,20 @@ def test_kept_block_runs_follow_the_block_table(codec):
         got = batched.decode(q[None], [parts], [layer.length - 1], d ** -0.5, 100)
         torch.testing.assert_close(got, want, atol=5e-5, rtol=5e-5)
     assert 6 <= changed <= 12  # new runs once per sealed block (and when the window frees one), not every step
+
+
+@needs_kernels
+@pytest.mark.parametrize("hq, n_kv, d, window", [(9, 3, 64, None), (8, 2, 128, None), (9, 3, 64, 40)])
+def test_scores_on_amx_tiles_equal_the_dot_product_path(monkeypatch, hq, n_kv, d, window):
+    """On a CPU with AMX, bf16 keys are scored on the tiles (the same bf16 products, summed in
+    fp32 in another order): the outputs agree with the vdpbf16ps path far inside the bf16 bound
+    above, over spans of every parity and a window. (Elsewhere both runs take the same path.)"""
+    q, parts, starts = decoding("dense(dtype=bf16)", [1, 2, 17, 33, 64, 65, 200, 64 * 20 + 33], torch.bfloat16,
+                                window=window, hq=hq, n_kv=n_kv, d=d, block=16)
+    scale = d ** -0.5
+    monkeypatch.setenv("KVTIER_AMX", "1")
+    tiles = batched.decode(q, parts, starts, scale, window).float()
+    monkeypatch.setenv("KVTIER_AMX", "0")
+    dots = batched.decode(q, parts, starts, scale, window).float()
+    for a, b in zip(tiles, dots):
+        assert (a - b).norm() / b.norm() < 2e-3
