@@ -415,7 +415,12 @@ class LayerKV:
         r = self.n_residual
         if not r:
             return []
-        return [Part(self.residual_k[:, :r].to(self.dtype), self.residual_v[:, :r].to(self.dtype), self.length - r)]
+        # every decode step, for every sequence and layer: views, and no .to() call when the
+        # residual is held in the compute dtype already
+        k, v = self.residual_k.narrow(1, 0, r), self.residual_v.narrow(1, 0, r)
+        if k.dtype != self.dtype:
+            k, v = k.to(self.dtype), v.to(self.dtype)
+        return [Part(k, v, self.length - r)]
 
     def _placed(self, runs: list[tuple[int, int]]) -> list[tuple[int, int, bool]]:
         """``(first index, count, fetch)``: the oldest share of each run off the first tier is
