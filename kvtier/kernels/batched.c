@@ -214,6 +214,9 @@ INLINE void plain_bf16(const PartDesc *P, int h, long t0, long t1, const float *
         for (int u = 0; u < D / 32; u++)
             qb[r][u] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(q + r * D + 32 * u + 16), _mm512_loadu_ps(q + r * D + 32 * u));
 #ifdef KVT_AMX
+    /* S^T (16 keys x 16 query rows) = K Q^T on the tiles: the A tile is 16 key rows of 32
+     * channels as they lie in memory, the B tile the queries' 32 channels pair-interleaved
+     * (row p: each query row's channels 2p, 2p + 1), made here once per task */
     uint32_t qt[MAXD / 32][16][16] __attribute__((aligned(64)));
     if (amx) {
         memset(qt, 0, sizeof(uint32_t) * 256 * (D / 32));
