@@ -106,9 +106,13 @@ INLINE vf load16(const char *p, const int KIND) {
     if (KIND == F32) {
         memcpy(&x, p, sizeof x);
     } else if (KIND == BF16) {  /* bf16 is the high half of an fp32 */
+#ifdef __AVX512F__
+        x = (vf)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16);
+#else
         vh b;
         memcpy(&b, p, sizeof b);
         x = (vf)(__builtin_convertvector(b, vi) << 16);
+#endif
     } else {
 #ifdef __AVX512F__
         x = (vf)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));  /* gcc's own is scalar */

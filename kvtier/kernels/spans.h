@@ -11,6 +11,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
 #define RMAXD 256
 #define RMAXR 32
 #define RMAXB 128
@@ -26,9 +30,13 @@ static inline void unpack_row(const uint8_t *row, const float *lut, nvf table, f
     const int p = 8 / bits, m = D / p, mask = (1 << bits) - 1;
     if (m % 16 == 0) {
         for (int j = 0; j < m; j += 16) {
+#ifdef __AVX512F__  /* gcc 12's generic widening is 16 scalar inserts */
+            const nvi x = (nvi)_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + j)));
+#else
             nvb b;
             memcpy(&b, row + j, sizeof b);
             const nvi x = __builtin_convertvector(b, nvi);
+#endif
             for (int i = 0; i < p; i++) {
                 const nvf v = __builtin_shuffle(table, table, (x >> (i * bits)) & mask);
                 memcpy(out + i * m + j, &v, sizeof v);
