@@ -263,3 +263,29 @@ def test_scores_on_amx_tiles_equal_the_dot_product_path(monkeypatch, hq, n_kv, d
     dots = batched.decode(q, parts, starts, scale, window).float()
     for a, b in zip(tiles, dots):
         assert (a - b).norm() / b.norm() < 2e-3
+
+
+@needs_kernels
+@pytest.mark.parametrize("codec, hq, n_kv, d, block, window", [
+    ("int(bits=4)", 9, 3, 64, 64, None),
+    ("int(bits=2)", 9, 3, 64, 64, 40),
+    ("int(bits=4,group=16)", 8, 2, 128, 48, None),   # a token pair in two loads; 3 K steps a block
+    ("int(bits=2,group=32)", 16, 2, 128, 16, 70),    # G = 8: top and rest fill the A tile
+    ("int(bits=4)", 12, 1, 64, 64, None),            # G = 12: the vector path on both runs
+])
+def test_int_blocks_on_amx_tiles_equal_the_vector_path(monkeypatch, codec, hq, n_kv, d, block, window):
+    """On a CPU with AMX, 2- and 4-bit `int` blocks are attended on the tiles when the queries
+    are bf16 (codes read as the bf16 numbers 1 + c / 2^b, the fp32 factors split into two bf16):
+    before the output is rounded to bf16, it agrees with the fp32 vector path to fp32 rounding,
+    over blocks the window or the query's position cut. The residual is fp32 here, so both runs
+    attend it alike. (Elsewhere both runs take the same path.)"""
+    q, parts, starts = decoding(codec, [1, 17, block * 3, block * 5 + 7, 700], torch.float32,
+                                window=window, hq=hq, n_kv=n_kv, d=d, block=block)
+    q = q.bfloat16()
+    plans = [batched.native_parts(p) for p in parts]
+    lib = kernels.library()
+    monkeypatch.setenv("KVTIER_AMX", "1")
+    tiles = batched._kernel(lib, q, plans, starts, n_kv, d ** -0.5, window)
+    monkeypatch.setenv("KVTIER_AMX", "0")
+    vector = batched._kernel(lib, q, plans, starts, n_kv, d ** -0.5, window)
+    torch.testing.assert_close(tiles, vector, atol=3e-5, rtol=3e-5)

@@ -32,13 +32,14 @@ typedef struct {
     uint8_t rows[16];
 } TileConfig;
 
-/* In each thread that uses the tiles: tiles 0 .. n - 1 configured as 16 rows of 64 bytes (a
- * 16 x 16 fp32 or 16 x 32 bf16 tile), the configuration found there kept in ``saved``. */
-static inline void amx_begin(TileConfig *saved, int n) {
+/* In each thread that uses the tiles: tiles 0 .. n - 1 configured as rows[t] (16 where rows is
+ * NULL) rows of 64 bytes (up to a 16 x 16 fp32 or 16 x 32 bf16 tile), the configuration found
+ * there kept in ``saved``. */
+static inline void amx_begin(TileConfig *saved, int n, const uint8_t *rows) {
     _tile_storeconfig(saved);
     TileConfig cfg = {0};
     cfg.palette = 1;
-    for (int t = 0; t < n; t++) { cfg.rows[t] = 16; cfg.colsb[t] = 64; }
+    for (int t = 0; t < n; t++) { cfg.rows[t] = rows ? rows[t] : 16; cfg.colsb[t] = 64; }
     _tile_loadconfig(&cfg);
 }
 

@@ -15,8 +15,9 @@
  * tokens of a plain part; an int part's blocks seen whole in one piece from intattn.c's
  * kernel, a block the window cuts on its own, masked); the splits of a (sequence, head) are
  * then merged by log-sum-exp, as kvtier.attention.blockwise.merge does, and normalised.
- * On a CPU with AMX, bf16 keys against bf16 queries are scored 16 at a time on the tiles
- * (plain_bf16): ~10 % of a 16-sequence layer here (`KVTIER_AMX=0` compares).
+ * On a CPU with AMX, when the queries are bf16, bf16 keys are scored 16 at a time on the tiles
+ * (plain_bf16: ~10 % of a 16-sequence layer here), and 2- and 4-bit int blocks are attended on
+ * them whole, keys and values (int_blocks_amx: 2.3x the vector path; `KVTIER_AMX=0` compares).
  */
 #include <float.h>
 #include <math.h>
@@ -354,15 +355,235 @@ INLINE void masked_block(const PartDesc *P, const uint8_t *kp, const _Float16 *k
     for (int i = 0; i < G * D; i++) o[i] += ob[i];
 }
 
+#if defined(KVT_AMX) && defined(__AVX512VBMI__)
+/* The `int` codec's 2- and 4-bit blocks on the tiles (any of the eight: plain_bf16 loads its own
+ * each time). A b-bit code c enters a tile as the bf16 number 1 + c / 2^b (c in the top mantissa
+ * bits under 1.0's exponent: a shift and an OR, no conversion) against a factor scaled by 2^b;
+ * the 1 comes back out as one sum per row, about as large as the sum it is taken from. The fp32
+ * factors on the other side (query x key scale, softmax weight x value scale) are each split
+ * into two bf16 (top + rest: 16 bits of mantissa), so the products keep close to fp32 precision.
+ *   scores  C (query rows x 16 tokens) += A (rows x 32 channels) B (16 channel pairs x 16 tokens):
+ *           byte row j of a key block holds, for every token, channel i*m + j in plane i, so
+ *           planes 2pp and 2pp + 1 of one byte make a B row's channel pair for its token;
+ *   values  C (rows x 16 channels) += A (rows x 32 tokens) B (16 token pairs x 16 channels):
+ *           a pair of consecutive token rows is read as one vector, and each group of 16
+ *           channels picks its bytes out of it with one byte permute (VBMI). */
+#define T_A 4  /* A: the top halves in rows 0 .. G - 1, the rests in rows G .. 2G - 1 */
+#define T_B 6  /* codes */
+
+/* 16-bit words with a b-bit code in their low bits -> bf16 1 + code / 2^b: the code under the
+ * mantissa's top, 1.0's bits OR-ed in ((x & masks) | ones: ternary-logic 0xEA) */
+INLINE __m512i as_bf16_pairs(__m512i x, const int BITS) {
+    const int top = ((1 << BITS) - 1) << (7 - BITS);
+    return _mm512_ternarylogic_epi32(_mm512_slli_epi16(x, 7 - BITS), _mm512_set1_epi32(top | top << 16),
+                                     _mm512_set1_epi32(0x3F803F80), 0xEA);
+}
+
+INLINE __m512i widen_bf16(__m256i h) { return _mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16); }
+
+/* w split into top + rest (bf16 each); returns top + rest in fp32 */
+INLINE __m512 split_bf16(__m512 w, __m256i *top, __m256i *rest) {
+    *top = (__m256i)_mm512_cvtneps_pbh(w);
+    const __m512 t = (__m512)widen_bf16(*top);
+    *rest = (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(w, t));
+    return _mm512_add_ps(t, (__m512)widen_bf16(*rest));
+}
+
+/* C tile n (0 .. 3, a compile-time tile number) += A B */
+#define DP_CASES(n) do { switch (n) { \
+    case 0: _tile_dpbf16ps(0, T_A, T_B); break; \
+    case 1: _tile_dpbf16ps(1, T_A, T_B); break; \
+    case 2: _tile_dpbf16ps(2, T_A, T_B); break; \
+    default: _tile_dpbf16ps(3, T_A, T_B); break; } } while (0)
+
+/* blocks [j0, j1) of an int part (2 or 4 bits, a token pair's rows at most 128 bytes, G <= 8),
+ * KV head pointers given, part-local tokens outside [a, b) masked. A query row's top and rest
+ * are two rows of one A tile, so one tile product gives both; their C rows are summed after. */
+INLINE void int_blocks_amx(const PartDesc *P, const uint8_t *kp, const _Float16 *ks, const _Float16 *kz,
+                           const uint8_t *vp, const _Float16 *vs, const _Float16 *vz, long j0, long j1,
+                           long a, long b, const float *q, float *m, float *l, float *o,
+                           const int G, const int BITS, const int D) {
+    const int B = (int)P->block, mb = D * BITS / 8, planes = 8 / BITS, pm = D / planes;
+    const int group = (int)P->group, ng = D / group, ncg = D / 16;
+    const __m512 scale = _mm512_set1_ps((float)(1 << BITS));  /* the factors' 2^b (exact) */
+    uint32_t aq[MAXD / 32][16][16] __attribute__((aligned(64)));     /* keys' A, per K step */
+    uint32_t aw[4][16][16] __attribute__((aligned(64)));             /* values' A, per group of a pass */
+    uint32_t bt[4][16][16] __attribute__((aligned(64)));             /* B tiles */
+    float sc[16 * (MAXB + 32)] __attribute__((aligned(64)));         /* scores, then weights */
+    float ob[MAXD / 16][16][16] __attribute__((aligned(64)));
+    float bias[MAXR], asum[MAXR][MAXD / 16], zsum[MAXR][MAXD / 16];
+    memset(aq, 0, sizeof(aq[0]) * (D / 32));  /* rows 2G .. 15 stay zero */
+    memset(aw, 0, sizeof aw);
+    /* keys: byte n of a 16-byte load to bytes 4n and 4n + 2, shifted to planes 2pp and 2pp + 1 */
+    uint8_t kidx[64];
+    for (int n = 0; n < 64; n++) kidx[n] = (uint8_t)(n / 4);
+    const __m512i kperm = _mm512_loadu_si512(kidx);
+    /* values: group cg's 16 channels (plane cg*16 / pm, bytes j16 ..) of the pair's first row to
+     * bytes 4c, of its second (mb bytes on) to 4c + 2 */
+    __m512i vperm[MAXD / 16];
+    int vshift[MAXD / 16];
+    for (int cg = 0; cg < ncg; cg++) {
+        uint8_t idx[64];
+        const int j16 = 16 * cg % pm;
+        for (int n = 0; n < 64; n++) idx[n] = (uint8_t)(j16 + n / 4 + (n % 4 >= 2 ? mb : 0));
+        vperm[cg] = _mm512_loadu_si512(idx);
+        vshift[cg] = 16 * cg / pm * BITS;
+    }
+    const __mmask64 first = mb >= 64 ? ~0ULL : (1ULL << (2 * mb)) - 1;  /* the pair's bytes in the first load */
+    const int ld = B + 32;  /* weights zero past the block, for a last K step of 16 tokens */
+    for (long j = j0; j < j1; j++) {
+        const long ta = a - j * B > 0 ? a - j * B : 0, tb = b - j * B < B ? b - j * B : B;
+        for (int r = 0; r < G; r++) {  /* A = q x key scale, pair-interleaved; the bias */
+            __m512 zacc = _mm512_setzero_ps(), aacc = _mm512_setzero_ps();
+            for (int c = 0; c < D; c += 16) {
+                const __m512 qv = _mm512_loadu_ps(q + r * D + c);
+                zacc = _mm512_fmadd_ps(qv, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(kz + j * D + c))), zacc);
+            }
+            for (int u = 0; u < D / 32; u++) {  /* K step u: channel pairs 16u .. 16u + 15 */
+                const int pp = 16 * u / pm, j16 = 16 * u % pm, c0 = 2 * pp * pm + j16, c1 = c0 + pm;
+                __m256i t0, r0, t1, r1;
+                const __m512 w0 = _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(q + r * D + c0), scale),
+                                                _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(ks + j * D + c0))));
+                const __m512 w1 = _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(q + r * D + c1), scale),
+                                                _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(ks + j * D + c1))));
+                aacc = _mm512_add_ps(aacc, _mm512_add_ps(split_bf16(w0, &t0, &r0), split_bf16(w1, &t1, &r1)));
+                _mm512_store_si512(aq[u][r], _mm512_or_si512(_mm512_cvtepu16_epi32(t0), _mm512_slli_epi32(_mm512_cvtepu16_epi32(t1), 16)));
+                _mm512_store_si512(aq[u][G + r], _mm512_or_si512(_mm512_cvtepu16_epi32(r0), _mm512_slli_epi32(_mm512_cvtepu16_epi32(r1), 16)));
+            }
+            bias[r] = _mm512_reduce_add_ps(zacc) - _mm512_reduce_add_ps(aacc);
+        }
+        const uint8_t *kb = kp + j * B * mb;
+        for (int t0 = 0; t0 < B; t0 += 32) {  /* scores of 32 tokens (B a multiple of 16): C tiles 0, 1 */
+            const int two = B - t0 > 16;
+            _tile_zero(0);
+            _tile_zero(1);
+            for (int u = 0; u < D / 32; u++) {
+                const int pp = 16 * u / pm, j16 = 16 * u % pm, sh = 2 * pp * BITS;
+                const __m512i shifts = _mm512_set1_epi32(sh | (sh + BITS) << 16);
+                for (int k = 0; k < 16; k++)
+                    for (int c = 0; c <= two; c++) {
+                        const __m128i x = _mm_loadu_si128((const __m128i *)(kb + (long)(j16 + k) * B + t0 + 16 * c));
+                        const __m512i pairs = _mm512_permutexvar_epi8(kperm, _mm512_castsi128_si512(x));
+                        _mm512_store_si512(bt[c][k], as_bf16_pairs(_mm512_srlv_epi16(pairs, shifts), BITS));
+                    }
+                _tile_loadd(T_A, aq[u], 64);
+                _tile_loadd(T_B, bt[0], 64);
+                _tile_dpbf16ps(0, T_A, T_B);
+                if (two) {
+                    _tile_loadd(7, bt[1], 64);
+                    _tile_dpbf16ps(1, T_A, 7);
+                }
+            }
+            _tile_stored(0, sc + t0, ld * 4);
+            if (two) _tile_stored(1, sc + t0 + 16, ld * 4);
+        }
+        for (int r = 0; r < G; r++) {  /* top + rest + bias */
+            const __m512 bv = _mm512_set1_ps(bias[r]);
+            for (int t = 0; t < B; t += 16)
+                _mm512_store_ps(sc + r * ld + t, _mm512_add_ps(_mm512_add_ps(_mm512_load_ps(sc + r * ld + t),
+                                                                             _mm512_load_ps(sc + (G + r) * ld + t)), bv));
+        }
+        softmax_step(sc, ld, (int)ta, (int)tb, B, m, l, o, G, D);  /* sc: weights, 0 outside [ta, tb) */
+        for (int r = 0; r < G; r++) {
+            memset(sc + r * ld + B, 0, sizeof(float) * 32);
+            for (int g = 0; g < ng; g++) asum[r][g] = zsum[r][g] = 0.f;
+        }
+        const uint8_t *vb = vp + j * B * mb;
+        const _Float16 *vsb = vs + j * B * ng, *vzb = vz + j * B * ng;
+        for (int c0 = 0; c0 < ncg; c0 += 4) {  /* a pass: 16-channel groups c0 .. c0 + 3 in C tiles 0 .. 3 */
+            const int nc = ncg - c0 < 4 ? ncg - c0 : 4, g0 = 16 * c0 / group, g1 = (16 * (c0 + nc) - 1) / group + 1;
+            _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+            for (int t0 = 0; t0 < B; t0 += 32) {  /* 32 tokens a K step */
+                const int nk = B - t0 < 32 ? B - t0 : 32;
+                for (int g = g0; g < g1; g++) {  /* A = weight x value scale, per group */
+                    float sg[32] __attribute__((aligned(64))), zg[32] __attribute__((aligned(64)));
+                    if (ng == 1) {  /* one group: the token's scales lie next to each other */
+                        for (int hf = 0; hf < 2; hf++) {
+                            const __mmask16 in = 16 * hf < nk ? 0xFFFF : 0;
+                            _mm512_store_ps(sg + 16 * hf, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(in, vsb + t0 + 16 * hf)));
+                            _mm512_store_ps(zg + 16 * hf, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(in, vzb + t0 + 16 * hf)));
+                        }
+                    } else {
+                        for (int t = 0; t < 32; t++) {
+                            sg[t] = t < nk ? (float)vsb[(long)(t0 + t) * ng + g] : 0.f;
+                            zg[t] = t < nk ? (float)vzb[(long)(t0 + t) * ng + g] : 0.f;
+                        }
+                    }
+                    const int once = g * group / 16 >= c0;  /* the group's sums counted in its first pass */
+                    for (int r = 0; r < G; r++) {
+                        __m256i tp[2], rs[2];
+                        __m512 as = _mm512_setzero_ps(), zs = _mm512_setzero_ps();
+                        for (int hf = 0; hf < 2; hf++) {
+                            const __m512 p = _mm512_load_ps(sc + r * ld + t0 + 16 * hf);
+                            as = _mm512_add_ps(as, split_bf16(_mm512_mul_ps(_mm512_mul_ps(p, scale), _mm512_load_ps(sg + 16 * hf)), &tp[hf], &rs[hf]));
+                            zs = _mm512_fmadd_ps(p, _mm512_load_ps(zg + 16 * hf), zs);
+                        }
+                        _mm512_store_si512(aw[g - g0][r], _mm512_inserti64x4(_mm512_castsi256_si512(tp[0]), tp[1], 1));
+                        _mm512_store_si512(aw[g - g0][G + r], _mm512_inserti64x4(_mm512_castsi256_si512(rs[0]), rs[1], 1));
+                        if (once) {
+                            asum[r][g] += _mm512_reduce_add_ps(as);
+                            zsum[r][g] += _mm512_reduce_add_ps(zs);
+                        }
+                    }
+                }
+                for (int k = 0; k < 16; k++) {  /* B rows: token pair t0 + 2k, t0 + 2k + 1 */
+                    if (2 * k >= nk) {
+                        for (int c = 0; c < nc; c++) _mm512_store_si512(bt[c][k], _mm512_setzero_si512());
+                        continue;
+                    }
+                    const uint8_t *row = vb + (long)(t0 + 2 * k) * mb;
+                    const __m512i lo = _mm512_maskz_loadu_epi8(first, row);
+                    const __m512i hi = mb > 32 ? _mm512_loadu_si512(row + 64) : lo;
+                    for (int c = 0; c < nc; c++) {
+                        const __m512i x = _mm512_permutex2var_epi8(lo, vperm[c0 + c], hi);
+                        _mm512_store_si512(bt[c][k], as_bf16_pairs(_mm512_srli_epi16(x, vshift[c0 + c]), BITS));
+                    }
+                }
+                int loaded = -1;
+                for (int c = 0; c < nc; c++) {
+                    const int g = 16 * (c0 + c) / group;
+                    if (g != loaded) {
+                        _tile_loadd(T_A, aw[g - g0], 64);
+                        loaded = g;
+                    }
+                    _tile_loadd(T_B, bt[c], 64);
+                    DP_CASES(c);
+                }
+            }
+            _tile_stored(0, ob[c0], 64);
+            if (nc > 1) _tile_stored(1, ob[c0 + 1], 64);
+            if (nc > 2) _tile_stored(2, ob[c0 + 2], 64);
+            if (nc > 3) _tile_stored(3, ob[c0 + 3], 64);
+        }
+        for (int r = 0; r < G; r++)  /* o += weighted codes - weights + weighted zeros */
+            for (int cg = 0; cg < ncg; cg++) {
+                const int g = 16 * cg / group;
+                const __m512 add = _mm512_add_ps(_mm512_add_ps(_mm512_load_ps(ob[cg][r]), _mm512_load_ps(ob[cg][G + r])),
+                                                 _mm512_set1_ps(zsum[r][g] - asum[r][g]));
+                _mm512_storeu_ps(o + r * D + 16 * cg, _mm512_add_ps(_mm512_loadu_ps(o + r * D + 16 * cg), add));
+            }
+    }
+}
+#endif
+
 /* blocks [j0, j1) of an int part, KV head h, part-local tokens outside [a, b) masked: the
  * blocks seen whole go to intattn.c's specialised kernel in one piece; a block cut by the
  * window (or the query's position) is scored here, masked. */
-static void int_part(const PartDesc *P, int h, long j0, long j1, long a, long b, const float *q,
-                     float *m, float *l, float *o, int G, int D) {
+INLINE void int_part(const PartDesc *P, int h, long j0, long j1, long a, long b, const float *q,
+                     float *m, float *l, float *o, const int G, const int D, int amx) {
     const int B = (int)P->block, bits = (int)P->bits;
     const uint8_t *kp = (const uint8_t *)P->k + h * P->k_hs, *vp = (const uint8_t *)P->v + h * P->v_hs;
     const _Float16 *ks = (const _Float16 *)P->ks + h * P->ks_hs, *kz = (const _Float16 *)P->kz + h * P->ks_hs;
     const _Float16 *vs = (const _Float16 *)P->vs + h * P->vs_hs, *vz = (const _Float16 *)P->vz + h * P->vs_hs;
+#if defined(KVT_AMX) && defined(__AVX512VBMI__)
+    if (amx && bits != 8 && D % 32 == 0 && D * bits / 8 <= 64 && G <= 8) {  /* a token pair in 128 bytes */
+        if (bits == 4) int_blocks_amx(P, kp, ks, kz, vp, vs, vz, j0, j1, a, b, q, m, l, o, G, 4, D);
+        else int_blocks_amx(P, kp, ks, kz, vp, vs, vz, j0, j1, a, b, q, m, l, o, G, 2, D);
+        return;
+    }
+#else
+    (void)amx;
+#endif
     long w0 = (a + B - 1) / B, w1 = b / B;  /* blocks wholly visible */
     w0 = w0 > j0 ? w0 : j0;
     w1 = w1 < j1 ? w1 : j1;
@@ -407,7 +628,7 @@ INLINE void task_body(const Job *J, int s, int h, int p, float *m, float *l, flo
                     const long first = c + (j * B > a ? j * B : a) - a;
                     if (first >= g0 && first < g1) { if (j0 < 0) j0 = j; j1 = j + 1; }
                 }
-                if (j0 >= 0) int_part(P, h, j0, j1, a, b, q, m, l, o, G, D);
+                if (j0 >= 0) int_part(P, h, j0, j1, a, b, q, m, l, o, G, D, J->amx);
             } else {
                 const long t0 = a + (g0 > c ? g0 - c : 0), t1 = a + (g1 - c < nv ? g1 - c : nv);
                 switch (P->kind) {
@@ -486,7 +707,7 @@ int kvtier_batched_decode(const float *q, int n_seq, int n_kv, int g, int d,
     {
 #ifdef KVT_AMX
         TileConfig saved;
-        if (J.amx) amx_begin(&saved, 3);  /* 0: scores, 1: keys, 2: queries */
+        if (J.amx) amx_begin(&saved, 8, NULL);  /* plain_bf16: 0-2; int_blocks_amx: all */
 #endif
         #pragma omp for schedule(dynamic, 1)
         for (long id = 0; id < n_tasks; id++) task(&J, (int)id);

@@ -345,7 +345,7 @@ static int rows_amx(const uint16_t *x16, int64_t M, int64_t K, const uint8_t *co
     #pragma omp parallel num_threads(threads)
     {
         TileConfig saved;
-        amx_begin(&saved, 3);  /* 0: C, 1: A (W), 2: B (x) */
+        amx_begin(&saved, 3, NULL);  /* 0: C, 1: A (W), 2: B (x) */
         __m512bh wa[16] __attribute__((aligned(64)));  /* the A tile: 16 rows of W, one group */
         float c[16][16] __attribute__((aligned(64)));
         #pragma omp for schedule(static)
