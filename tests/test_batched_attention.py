@@ -191,14 +191,24 @@ def generate(runner, prompts, steps, together):
 
 
 def counting_native(monkeypatch):
-    seen = {"native": 0, "fallback": 0}
-    inner = batched.native_parts
+    """Sequences the kernel took (from their parts, or read straight from the layer: "held")
+    and sequences attended on their own."""
+    seen = {"native": 0, "fallback": 0, "held": 0}
+    inner, inner_held = batched.native_parts, batched._held_plan
 
     def spy(parts):
         plan = inner(parts)
         seen["native" if plan is not None else "fallback"] += 1
         return plan
+
+    def spy_held(layer):
+        plan = inner_held(layer)
+        if plan is not None:
+            seen["native"] += 1
+            seen["held"] += 1
+        return plan
     monkeypatch.setattr(batched, "native_parts", spy)
+    monkeypatch.setattr(batched, "_held_plan", spy_held)
     return seen
 
 
@@ -218,6 +228,7 @@ def test_model_decoding_together_equals_one_at_a_time(family, kv, block, monkeyp
     if kernels.library() is not None:
         assert seen["native"] > 0
         assert (seen["fallback"] > 0) == kv.startswith("quest")
+        assert (seen["held"] > 0) == ("+" not in kv)  # read straight from the layers without a selector
     monkeypatch.setenv("KVTIER_BATCHED", "0")
     alone = generate(ModelRunner(model, kv, block_size=block), prompts, 6, False)
     torch.testing.assert_close(together, alone, atol=2e-4, rtol=2e-4)

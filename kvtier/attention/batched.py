@@ -78,6 +78,57 @@ def decode(queries: torch.Tensor, parts: list[list[Part]], q_starts: list[int], 
     return out
 
 
+def decode_held(queries: torch.Tensor, layers: list, q_starts: list[int], scale: float,
+                window: int | None = None) -> torch.Tensor | None:
+    """:func:`decode` over everything each layer holds, when every layer attends all it holds
+    (:meth:`LayerKV.held`) and the kernel takes it all: the kernel's rows are made from the
+    layers' state without building their parts (a decode step does this for every sequence and
+    layer). Returns None, having done nothing, where the parts are needed: ask
+    ``layer.select`` and call :func:`decode` then."""
+    s_count, hq, d = queries.shape
+    lib = kernels.library() if enabled() and queries.device.type == "cpu" else None
+    if lib is None or hq % layers[0].n_kv or hq // layers[0].n_kv > MAX_GROUP or d > MAX_HEAD_DIM or d % 16:
+        return None
+    plans = []
+    for layer in layers:
+        plan = _held_plan(layer)
+        if plan is None:
+            return None
+        plans.append(plan)
+    return _kernel(lib, queries, plans, q_starts, layers[0].n_kv, scale, window).to(queries.dtype)
+
+
+def _held_plan(layer) -> tuple[list[list[int]], list] | None:
+    """:func:`native_parts` of ``layer.select(q)`` for a layer that attends all it holds. The
+    block runs' rows are kept with the runs; the residual's is remade from a kept template,
+    its length changing every step."""
+    held = layer.held()
+    if held is None:
+        return None
+    runs, rk, rv, r = held
+    rows, keep = [], []
+    for run in runs:
+        if run.native is None:
+            if run.fetch or not _takes_blocks(run.layer) or run.layer.pool.device.type != "cpu":
+                return None
+            run.native = _block_row(run)
+        row, tensors = run.native
+        row = list(row)
+        row[2] = run.start
+        rows.append(row)
+        keep.append(tensors)
+    if r:
+        if layer.native is None or layer.native[0] is not rk:
+            if rk.device.type != "cpu" or rk.dtype not in KINDS:
+                return None
+            layer.native = (rk, _plain_row(rk, rv))
+        row = list(layer.native[1])
+        row[1], row[2] = r, layer.length - r
+        rows.append(row)
+        keep.append((rk, rv))
+    return rows, keep
+
+
 def _kernel(lib, queries: torch.Tensor, plans: list, q_starts: list[int], n_kv: int, scale: float,
             window: int | None) -> torch.Tensor:
     """One kernel call for the sequences of ``plans`` (:func:`native_parts`): ``(S, Hq, D)`` fp32."""
@@ -166,9 +217,15 @@ def takes(part: Part) -> bool:
     if part.load is None:
         return part.k.dtype in KINDS and part.v.dtype == part.k.dtype and part.k.shape == part.v.shape
     layer = _block_run(part)
-    if layer is None:
-        return False
+    return layer is not None and _takes_blocks(layer)
+
+
+def _takes_blocks(layer) -> bool:
+    """Whether the kernel takes runs of ``layer``'s blocks: ``dense`` or ``int`` (its shapes),
+    keys stored after RoPE."""
     codec = layer.codec
+    if codec.pre_rope:
+        return False
     if type(codec) is Dense:
         return DTYPES[codec.dtype] in KINDS
     if type(codec) is Int:

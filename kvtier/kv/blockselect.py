@@ -23,6 +23,8 @@ from kvtier.kv.cache import LayerKV, Part
 class BlockSelectKV(LayerKV):
     """``LayerKV`` plus per-block key bounds and a per-step block choice."""
 
+    attends_all = False
+
     def __init__(self, selector, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if self.window is not None and getattr(selector, "sink_block", False):

@@ -125,10 +125,24 @@ class LayerKV:
         self.first_block = 0       # index of the oldest held block
         self.length = 0            # tokens appended so far = position of the next token
         self._run_cache: tuple | None = None  # (block table key, its BlockRuns), all blocks in RAM
+        self.native: object = None  # what a native kernel derived from the residual buffers (kept)
+
+    # select() attends everything held and observe() ignores the queries (a selector's layer
+    # says False): a decode step may then read the layer through held() instead
+    attends_all = True
 
     def select(self, q: torch.Tensor) -> list[Part]:
         """The parts a decode query ``(Hq, 1, D)`` (pre-scaled) attends: all of them here."""
         return self.parts()
+
+    def held(self) -> tuple[list[BlockRun], torch.Tensor, torch.Tensor, int] | None:
+        """What :meth:`parts` holds, without making the parts, where nothing has to be read or
+        moved first: ``(block runs, residual k, residual v, residual tokens)`` (the residual
+        buffers whole, in the dtype they are held in; their first ``residual tokens`` rows are
+        held). None with tiers or attention sinks: ask :meth:`parts` then."""
+        if self.home is not None or min(self.length, self.n_sinks) or not self.attends_all:
+            return None
+        return self._block_runs(), self.residual_k, self.residual_v, self.n_residual
 
     def observe(self, q: torch.Tensor, scale: float) -> None:
         """This step's queries, after their tokens were appended (a selector's layer uses them)."""

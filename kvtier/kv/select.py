@@ -122,6 +122,10 @@ class SelectKV:
     def select(self, q: torch.Tensor) -> list[Part]:
         return self._parts(self.length - q.shape[1], q.shape[1])  # their tokens are stored
 
+    def held(self) -> None:
+        """A decode query attends what :meth:`select` picks (see :meth:`LayerKV.held`)."""
+        return None
+
     def _parts(self, first: int, t: int) -> list[Part]:
         """The held tokens for ``t`` queries at positions ``first ..``; on a sliding layer each
         query masks the held tokens that left its window (a bias per query when t > 1). With

@@ -13,7 +13,7 @@ import torch
 
 from kvtier import kernels
 from kvtier import weights as weights_
-from kvtier.attention import attend, decode
+from kvtier.attention import attend, decode, decode_held
 from kvtier.kv.cache import Part, SeqKV
 
 
@@ -223,15 +223,19 @@ class DecoderModel:
         if decoding:
             everyone = len(decoding) == len(outs)
             qd = q if everyone else q[[row for *_, row in decoding]]  # (S, Hq, D)
-            qs = qd.unsqueeze(2)  # (S, Hq, 1, D)
-            # all blocks, unless a selector picks some
-            parts = [layer.select(qsc) for (_, layer, _, _), qsc in zip(decoding, (qs * scale).unbind(0))]
-            o = decode(qd, parts, [start for _, _, start, _ in decoding], scale, window)  # (S, Hq, D)
-            for (at, layer, _, _), qsc, oj in zip(decoding, qs.unbind(0), o.split(1)):
-                layer.observe(qsc, scale)
-                outs[at] = oj
+            starts = [start for _, _, start, _ in decoding]
+            # every layer attends all it holds: read straight from the layers
+            o = decode_held(qd, [layer for _, layer, _, _ in decoding], starts, scale, window)
+            if o is None:  # a selector picks blocks, or parts must be read or converted first
+                qs = qd.unsqueeze(2)  # (S, Hq, 1, D)
+                parts = [layer.select(qsc) for (_, layer, _, _), qsc in zip(decoding, (qs * scale).unbind(0))]
+                o = decode(qd, parts, starts, scale, window)  # (S, Hq, D)
+                for (_, layer, _, _), qsc in zip(decoding, qs.unbind(0)):
+                    layer.observe(qsc, scale)
             if everyone:
                 return o.reshape(o.shape[0], -1)
+            for (at, _, _, _), oj in zip(decoding, o.split(1)):
+                outs[at] = oj
         o = outs[0] if len(outs) == 1 else torch.cat(outs)
         return o.reshape(o.shape[0], -1)
 
