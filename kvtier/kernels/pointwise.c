@@ -9,6 +9,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "vexp.h"
+
 static inline float bf16_to_float(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
     float f;
@@ -51,17 +53,55 @@ int kvtier_rms_norm(const void *x, int64_t ldx, int64_t N, int64_t C, const floa
     return 0;
 }
 
+#ifdef __AVX512F__
+static inline __m512 load16(const void *p, int64_t i, int bf16) {
+    if (!bf16) return _mm512_loadu_ps((const float *)p + i);
+    const __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+#ifdef __AVX512BF16__
+static inline __m512 round_bf16(__m512 x) {  /* to nearest even, as float_to_bf16 */
+    const __m256i h = (__m256i)_mm512_cvtneps_pbh(x);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+#endif
+
+/* 16 lanes of silu(g) * u: e = e^-|g| (exp512 takes x <= 0), so silu(g) = g / (1 + e) for
+ * g >= 0 and g e / (1 + e) below */
+static inline __m512 silu_mul16(__m512 g, __m512 u, int bf16) {
+    const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(g)));
+    const __mmask16 neg = _mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_LT_OQ);
+    __m512 s = _mm512_div_ps(_mm512_mask_mul_ps(g, neg, g, e), _mm512_add_ps(e, _mm512_set1_ps(1.0f)));
+#ifdef __AVX512BF16__
+    if (bf16) s = round_bf16(s);  /* torch rounds silu's output first */
+#else
+    (void)bf16;
+#endif
+    return _mm512_mul_ps(s, u);
+}
+#endif
+
 /* out (N, F) = silu(gu[:, :F]) * gu[:, F:] for gu (N, 2F) (gate and up side by side, as the
  * fused gate_up matmul returns them); silu(g) = g / (1 + e^-g). */
 int kvtier_silu_mul(const void *gu, int64_t N, int64_t F, int bf16, void *out, int threads) {
     if (N < 0 || F < 1) return -1;
     #pragma omp parallel for schedule(static) num_threads(threads) if (N * F >= 32768)
-    for (int64_t n = 0; n < N; n++)
-        for (int64_t f = 0; f < F; f++) {
+    for (int64_t n = 0; n < N; n++) {
+        int64_t f = 0;
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+        for (; f + 16 <= F; f += 16) {
+            const __m512 y = silu_mul16(load16(gu, n * 2 * F + f, bf16), load16(gu, n * 2 * F + F + f, bf16), bf16);
+            if (bf16) _mm256_storeu_si256((__m256i *)((uint16_t *)out + n * F + f), (__m256i)_mm512_cvtneps_pbh(y));
+            else _mm512_storeu_ps((float *)out + n * F + f, y);
+        }
+#endif
+        for (; f < F; f++) {
             const float g = load(gu, n * 2 * F + f, bf16), u = load(gu, n * 2 * F + F + f, bf16);
             float s = g / (1.0f + expf(-g));
             if (bf16) s = bf16_to_float(float_to_bf16(s));  /* torch rounds silu's output first */
             store(out, n * F + f, s * u, bf16);
         }
+    }
     return 0;
 }
