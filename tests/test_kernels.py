@@ -189,3 +189,27 @@ def test_decode_in_bf16_matches_the_decoded_cache():
     decoded = [Part(*(t.float() for t in p.get()), p.start) for p in layer.parts()]
     ref = blockwise.reference(q.float(), decoded, layer.length - 1, 0.125)
     assert (fast - ref).norm() / ref.norm() < 0.01  # the kernel is fp32 inside; bf16 is the output
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits, group, d, b", [(4, 64, 64, 64), (2, 32, 64, 16), (8, 16, 128, 48), (4, 16, 256, 32)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int_encoder_writes_the_pytorch_encoders_bytes(bits, group, d, b, dtype):
+    """The native `int` encoder against the PyTorch one, byte for byte: every field, with a
+    constant channel (scale 0), an outlier channel, a constant value group and ties that
+    round half to even."""
+    codec = spec.parse(f"int(bits={bits},group={group})").codec
+    torch.manual_seed(bits * d + b)
+    k = torch.randn(3, 5, b, d) * torch.linspace(0.1, 4, d)
+    k[..., 7] = 1.5                  # one value over the block: scale 0
+    k[..., 3] += 300.0               # an outlier channel
+    v = torch.randn(3, 5, b, d)
+    v[:, :, 2, :group] = -0.25       # one value over a group
+    v[:, :, 5] = torch.arange(d) / 2  # ties on the code grid's halves
+    k, v = k.to(dtype), v.to(dtype)
+    got = kernels.int_encode(k, v, bits, group)
+    want = codec.encode_torch(k, v)
+    assert got is not None and got.keys() == want.keys()
+    for name in want:
+        assert got[name].shape == want[name].shape and got[name].dtype == want[name].dtype, name
+        assert torch.equal(got[name], want[name]), name

@@ -27,7 +27,7 @@ import torch
 from kvtier.paths import cache_dir
 
 SOURCES = ("intattn.c", "batched.c", "qmatmul.c", "nuqattn.c", "vqattn.c", "rkvattn.c", "bsattn.c", "lrattn.c",
-           "ovpattn.c", "spattn.c", "prefill.c", "pointwise.c")
+           "ovpattn.c", "spattn.c", "prefill.c", "pointwise.c", "intenc.c")
 HEADERS = ("intblock.h", "spans.h", "amx.h", "vexp.h")  # included by the sources: part of the build's hash
 # -ffast-math lets gcc vectorize the reductions and expf; it is given only when compiling,
 # never when linking, so the process's floating-point mode (crtfastmath) is left alone.
@@ -143,6 +143,32 @@ def _declare(lib: ctypes.CDLL) -> None:
     # gate|up, N, F, bf16, out, threads
     lib.kvtier_silu_mul.argtypes = [p, l, l, i, p, i]
     lib.kvtier_silu_mul.restype = i
+    # k, v, bf16, h, n, B, D, bits, group, k codes, k scale, k zero, v codes, v scale, v zero, threads
+    lib.kvtier_int_encode.argtypes = [p, p, i, l, l, l, l, i, i, p, p, p, p, p, p, i]
+    lib.kvtier_int_encode.restype = i
+
+
+def int_encode(k: torch.Tensor, v: torch.Tensor, bits: int, group: int) -> dict[str, torch.Tensor] | None:
+    """The ``int`` codec's fields for blocks ``k, v (Hkv, n, B, D)`` (bf16 or fp32), the same
+    bytes as :meth:`kvtier.kv.codecs.intq.Int.encode`'s PyTorch path; None when the kernel is
+    unavailable or does not take these sizes or dtypes."""
+    lib = library()
+    if lib is None or k.device.type != "cpu" or k.dtype not in (torch.bfloat16, torch.float32) or v.dtype != k.dtype:
+        return None
+    h, n, b, d = k.shape
+    if bits not in (2, 4, 8) or d % group or d > 4096:
+        return None
+    k, v = k.contiguous(), v.contiguous()
+    mb = d * bits // 8
+    out = {"k": torch.empty((h, n, mb, b), dtype=torch.uint8),
+           "k_scale": torch.empty((h, n, d), dtype=torch.float16), "k_zero": torch.empty((h, n, d), dtype=torch.float16),
+           "v": torch.empty((h, n, b, mb), dtype=torch.uint8),
+           "v_scale": torch.empty((h, n, b, d // group), dtype=torch.float16),
+           "v_zero": torch.empty((h, n, b, d // group), dtype=torch.float16)}
+    rc = lib.kvtier_int_encode(k.data_ptr(), v.data_ptr(), int(k.dtype == torch.bfloat16), h, n, b, d, bits, group,
+                               *(out[f].data_ptr() for f in ("k", "k_scale", "k_zero", "v", "v_scale", "v_zero")),
+                               torch.get_num_threads())
+    return out if rc == 0 else None
 
 
 def int_attend(q: torch.Tensor, data: dict[str, torch.Tensor], bits: int, group: int):

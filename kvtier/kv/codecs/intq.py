@@ -65,6 +65,11 @@ class Int(SlidingResidual, Codec):
                 "v_zero": ((block_size, head_dim // self.group), torch.float16)}
 
     def encode(self, k, v):
+        fast = kernels.int_encode(k, v, self.bits, self.group)  # the same bytes, natively
+        return fast if fast is not None else self.encode_torch(k, v)
+
+    def encode_torch(self, k, v):
+        """The PyTorch path of :meth:`encode` (no compiler, 3 bits, or kernels turned off)."""
         h, n, b, d = k.shape
         kq, ks, kz = quantize(k.float(), self.bits, dim=2)  # per channel, over the block's tokens
         vq, vs, vz = quantize(v.float().reshape(h, n, b, d // self.group, self.group), self.bits, dim=4)
