@@ -52,3 +52,21 @@ def test_silu_mul_kernel_equals_the_reference(dtype):
     else:
         torch.testing.assert_close(got.float(), want.float(), atol=1e-2, rtol=2 ** -6)  # 2 bf16 steps
         assert (got != want).float().mean() < 0.02
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_kernel_gives_the_references_numbers(dtype):
+    """RoPE in one pass against the PyTorch ops it replaces, equal to the last bit, on the
+    query slice of a fused q|k|v row (strided rows) at scattered positions."""
+    from kvtier.models.base import Batch, Rope
+
+    torch.manual_seed(1)
+    n, hq, hkv, d = 37, 9, 3, 64
+    qkv = (torch.randn(n, (hq + 2 * hkv) * d) * 3).to(dtype)
+    q = qkv[:, : hq * d].view(n, hq, d)
+    rope = Rope(1.0 / 10000 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    batch = Batch(torch.zeros(n, dtype=torch.long), torch.randint(0, 5000, (n,)), [], [n])
+    cos, sin = rope.at(batch, dtype)
+    got = kernels.rope(q, cos, sin)
+    assert got is not None and torch.equal(got, Rope.reference(q, cos, sin))
+    assert torch.equal(rope(q, batch), got)

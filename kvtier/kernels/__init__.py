@@ -27,7 +27,8 @@ import torch
 from kvtier.paths import cache_dir
 
 SOURCES = ("intattn.c", "batched.c", "qmatmul.c", "nuqattn.c", "vqattn.c", "rkvattn.c", "bsattn.c", "lrattn.c",
-           "ovpattn.c", "spattn.c", "prefill.c", "pointwise.c", "intenc.c")
+           "ovpattn.c", "spattn.c", "prefill.c", "pointwise.c", "intenc.c",
+           "rope.c")
 HEADERS = ("intblock.h", "spans.h", "amx.h", "vexp.h")  # included by the sources: part of the build's hash
 # -ffast-math lets gcc vectorize the reductions and expf; it is given only when compiling,
 # never when linking, so the process's floating-point mode (crtfastmath) is left alone.
@@ -146,6 +147,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     # k, v, bf16, h, n, B, D, bits, group, k codes, k scale, k zero, v codes, v scale, v zero, threads
     lib.kvtier_int_encode.argtypes = [p, p, i, l, l, l, l, i, i, p, p, p, p, p, p, i]
     lib.kvtier_int_encode.restype = i
+    # x, x row stride, N, H, D, cos, sin, table row stride, bf16, out, threads
+    lib.kvtier_rope.argtypes = [p, l, l, l, l, p, p, l, i, p, i]
+    lib.kvtier_rope.restype = i
 
 
 def int_encode(k: torch.Tensor, v: torch.Tensor, bits: int, group: int) -> dict[str, torch.Tensor] | None:
@@ -430,6 +434,24 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -
     rc = lib.kvtier_rms_norm(x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], weight.data_ptr(), eps, offset,
                              int(x.dtype == torch.bfloat16), y.data_ptr(), y.stride(0), torch.get_num_threads())
     return y if rc == 0 else None
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
+    """RoPE (rotate-half) of ``x (N, H, D)`` with ``cos, sin (N, 1, D)``: the numbers
+    :class:`kvtier.models.base.Rope`'s PyTorch ops give, in one pass; None when the kernel is
+    unavailable or the layout is not one it reads (heads contiguous in a row, rows strided)."""
+    lib = library()
+    if (lib is None or x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float32)
+            or cos.dtype != x.dtype or sin.dtype != x.dtype or x.dim() != 3):
+        return None
+    n, h, d = x.shape
+    if (x.stride(2) != 1 or x.stride(1) != d or cos.stride(2) != 1 or sin.stride(2) != 1
+            or cos.stride(0) != sin.stride(0) or cos.shape[0] != n or sin.shape[0] != n):
+        return None
+    out = torch.empty((n, h, d), dtype=x.dtype)
+    rc = lib.kvtier_rope(x.data_ptr(), x.stride(0), n, h, d, cos.data_ptr(), sin.data_ptr(), cos.stride(0),
+                         int(x.dtype == torch.bfloat16), out.data_ptr(), torch.get_num_threads())
+    return out if rc == 0 else None
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:

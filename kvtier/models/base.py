@@ -116,8 +116,15 @@ class Rope:
         return self.table[start: start + n]
 
     def __call__(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """x: ``(N, H, D)``."""
+        """x: ``(N, H, D)``: in one pass in the native kernel (the same numbers), else
+        :meth:`reference`."""
         cos, sin = self.at(batch, x.dtype)
+        out = kernels.rope(x, cos, sin)
+        return out if out is not None else self.reference(x, cos, sin)
+
+    @staticmethod
+    def reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """RoPE of ``x (N, H, D)`` with ``cos, sin (N, 1, D)`` in PyTorch (the oracle)."""
         half = x.shape[-1] // 2
         rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
         return x * cos + rotated * sin
