@@ -232,10 +232,20 @@ int kvtier_qmatmul(const float *x, int64_t M, int64_t K, const uint8_t *codes, c
             for (int j = 0; j < 32; j++) t += x[32 * g + j];
             xsum[g] = t;
         }
+        /* the matrix streams from memory once (a decode step's weights are far larger than the
+         * caches): rows AHEAD ahead are prefetched, or the 2 threads read 6 GB/s, not 25 */
+        enum { AHEAD = 4 };
         #pragma omp parallel for schedule(static) num_threads(threads)
-        for (int64_t n = 0; n < N; n++)
+        for (int64_t n = 0; n < N; n++) {
+            if (n + AHEAD < N) {
+                const char *next = (const char *)(codes + (n + AHEAD) * row_bytes);
+                for (int64_t o = 0; o < row_bytes; o += 64) _mm_prefetch(next + o, _MM_HINT_T0);
+                _mm_prefetch((const char *)(d + (n + AHEAD) * groups), _MM_HINT_T0);
+                if (mn) _mm_prefetch((const char *)(mn + (n + AHEAD) * groups), _MM_HINT_T0);
+            }
             y[n] = DOT_PACKED(codes + n * row_bytes, d + n * groups, mn ? mn + n * groups : 0, x, xsum, K,
                               bits);
+        }
         return 0;
     }
 #endif
@@ -351,6 +361,12 @@ static int rows_amx(const uint16_t *x16, int64_t M, int64_t K, const uint8_t *co
         #pragma omp for schedule(static)
         for (int64_t b = 0; b < blocks; b++) {
             const int64_t n0 = 16 * b, rows = N - n0 < 16 ? N - n0 : 16;
+            for (int64_t n = n0 + 16; n < n0 + 32 && n < N; n++) {  /* the next block's rows, from memory */
+                const char *next = (const char *)(codes + n * row_bytes);
+                for (int64_t o = 0; o < row_bytes; o += 64) _mm_prefetch(next + o, _MM_HINT_T0);
+                _mm_prefetch((const char *)(d + n * groups), _MM_HINT_T0);
+                if (mn) _mm_prefetch((const char *)(mn + n * groups), _MM_HINT_T0);
+            }
             _tile_zero(0);
             for (int64_t g = 0; g < groups; g++) {
                 for (int64_t r = 0; r < 16; r++) {
