@@ -112,23 +112,26 @@ class PrefixCache:
         if pools is None:
             pools = self.pools[spec] = [SharedPool(layer.codec, layer.n_kv, layer.head_dim, layer.block_size,
                                                    layer.pool.device) for layer in layers]
-        now, added = next(self._clock), 0
+        now, new = next(self._clock), []
         for j, key in enumerate(keys[:sealed]):
             b = self.blocks.get(key)
             if b is not None:
                 b.used = now
                 for layer, pool, slot in zip(layers, pools, b.slots):
                     layer.share(j, pool, slot)
-                continue
-            slots = [layer.share(j, pool) for layer, pool in zip(layers, pools)]
-            for pool, slot in zip(pools, slots):
-                pool.ref([slot])  # the cache's own hold
+            else:
+                new.append(j)
+        if not new:
+            return 0
+        moved = [layer.share_new(new, pool) for layer, pool in zip(layers, pools)]  # one copy a layer
+        for pool, slots in zip(pools, moved):
+            pool.ref(slots)  # the cache's own hold
+        for i, j in enumerate(new):
             first = None
             if j == 0 and sinks:
                 first = [(layer.sink_k[:, :sinks].clone(), layer.sink_v[:, :sinks].clone()) for layer in layers]
-            self.blocks[key] = CachedBlock(key, spec, j, slots, first, now)
-            added += 1
-        return added
+            self.blocks[keys[j]] = CachedBlock(keys[j], spec, j, [slots[i] for slots in moved], first, now)
+        return len(new)
 
     def fill(self, cache: SeqKV, spec: str, hit: list[CachedBlock]) -> int:
         """Start the empty ``cache`` from the blocks of ``hit`` (pointed at, not copied); returns

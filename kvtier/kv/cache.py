@@ -267,16 +267,32 @@ class LayerKV:
         """Block ``j`` comes to live in the shared ``pool``: at ``slot`` (a cached block of the
         same tokens; this layer's own copy is freed) or in a new slot there. This layer holds it
         either way. Returns its slot in ``pool``."""
+        if slot is None:
+            return self.share_new([j], pool)[0]
         tier = self._tier(pool)
         if self.where[j] == tier:
             return self.slots[j]
-        own, src = self.slots[j], self.pools[self.where[j]]
-        if slot is None:
-            (slot,) = pool.put(src.fields_of([own]))
         pool.ref([slot])
-        src.release([own])
+        self.pools[self.where[j]].release([self.slots[j]])
         self.slots[j], self.where[j] = slot, tier
         return slot
+
+    def share_new(self, js: list[int], pool: SharedPool) -> list[int]:
+        """:meth:`share` of blocks ``js`` into new slots of ``pool``, copied together (one put for
+        the blocks of each tier they come from). Returns their slots in ``pool``."""
+        tier = self._tier(pool)
+        moving: dict[int, list[int]] = {}  # source tier -> the blocks it gives
+        for j in js:
+            if self.where[j] != tier:
+                moving.setdefault(self.where[j], []).append(j)
+        for t, group in moving.items():
+            src, owns = self.pools[t], [self.slots[j] for j in group]
+            slots = pool.put(src.fields_of(owns))
+            pool.ref(slots)
+            src.release(owns)
+            for j, slot in zip(group, slots):
+                self.slots[j], self.where[j] = slot, tier
+        return [self.slots[j] for j in js]
 
     def _tier(self, pool: BlockPool) -> int:
         """The index of ``pool`` in this layer's pools (a shared pool joins at its first use)."""
