@@ -168,6 +168,21 @@ class LayerKV:
         self.length += t
         self._slide()
 
+    def slot(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Where the next single token goes when appending it is a copy into the residual and
+        nothing else (no sink to fill, no block to seal): views ``(Hkv, D)`` of its residual row.
+        The caller copies the token there, then calls :meth:`took`; a decode step does this for
+        every sequence of a layer in one copy. None otherwise: use :meth:`append`."""
+        if self.length < self.n_sinks or self.n_residual + 1 - self.keep >= self.block_size:
+            return None
+        return self.residual_k.select(1, self.n_residual), self.residual_v.select(1, self.n_residual)
+
+    def took(self) -> None:
+        """The token :meth:`slot` placed is in: count it (and free what a window passed)."""
+        self.n_residual += 1
+        self.length += 1
+        self._slide()
+
     def _push(self, k: torch.Tensor, v: torch.Tensor, pos: int) -> None:
         """Add tokens at ``pos ..`` to the residual; seal every block that is ``keep`` tokens old."""
         B, r = self.block_size, self.n_residual

@@ -126,6 +126,10 @@ class SelectKV:
         """A decode query attends what :meth:`select` picks (see :meth:`LayerKV.held`)."""
         return None
 
+    def slot(self) -> None:
+        """New tokens go through :meth:`append` (positions and scores grow with them)."""
+        return None
+
     def _parts(self, first: int, t: int) -> list[Part]:
         """The held tokens for ``t`` queries at positions ``first ..``; on a sliding layer each
         query masks the held tokens that left its window (a bias per query when t > 1). With

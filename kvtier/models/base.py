@@ -215,12 +215,11 @@ class DecoderModel:
         for cache, n in zip(batch.caches, batch.lengths):
             layer = cache.layers[i]
             start = layer.length
-            ks, vs = kt[:, off:off + n], vt[:, off:off + n]  # (Hkv, n, D)
-            if n == 1:  # decode: the new token joins the residual block; attention below
-                self._store(layer, ks, vs)
+            if n == 1:  # decode: the new token joins the residual block (below); attention below
                 decoding.append((len(outs), layer, start, off))
                 outs.append(None)
             else:
+                ks, vs = kt[:, off:off + n], vt[:, off:off + n]  # (Hkv, n, D)
                 qs = q[off:off + n].transpose(0, 1)  # (Hq, n, D)
                 parts = layer.parts(n) + [Part(ks, vs, start)]
                 outs.append(attend(qs, parts, start, scale, window).transpose(0, 1))
@@ -228,6 +227,7 @@ class DecoderModel:
                 layer.observe(qs, scale)  # a selector's cache sees the queries
             off += n
         if decoding:
+            self._store_tokens([(layer, off) for _, layer, _, off in decoding], kt, vt)
             everyone = len(decoding) == len(outs)
             qd = q if everyone else q[[row for *_, row in decoding]]  # (S, Hq, D)
             starts = [start for _, _, start, _ in decoding]
@@ -245,6 +245,32 @@ class DecoderModel:
                 outs[at] = oj
         o = outs[0] if len(outs) == 1 else torch.cat(outs)
         return o.reshape(o.shape[0], -1)
+
+    def _store_tokens(self, at: list[tuple], kt: torch.Tensor, vt: torch.Tensor) -> None:
+        """Store one new token per decoding sequence: ``at`` holds (layer, row in kt/vt
+        ``(Hkv, N, D)``). Tokens that only join a residual block go there in one copy for all;
+        the others (a block to seal, a sink, a selector's layer) through ``layer.append``."""
+        if self.profile is not None:
+            with self.profile.time("kv store (codec encode)"):
+                return self._tokens_in(at, kt, vt)
+        return self._tokens_in(at, kt, vt)
+
+    @staticmethod
+    def _tokens_in(at: list[tuple], kt: torch.Tensor, vt: torch.Tensor) -> None:
+        ks, vs = kt.unbind(1), vt.unbind(1)  # (Hkv, D) each
+        dst, src, placed = [], [], []
+        for layer, row in at:
+            slot = layer.slot()
+            if slot is None:
+                layer.append(ks[row].unsqueeze(1), vs[row].unsqueeze(1))
+            else:
+                dst += slot
+                src += (ks[row], vs[row])
+                placed.append(layer)
+        if dst:
+            torch._foreach_copy_(dst, src)
+            for layer in placed:
+                layer.took()
 
     def _store(self, layer, k: torch.Tensor, v: torch.Tensor) -> None:
         if self.profile is None:
