@@ -257,7 +257,10 @@ class DecoderModel:
 
     @staticmethod
     def _tokens_in(at: list[tuple], kt: torch.Tensor, vt: torch.Tensor) -> None:
-        ks, vs = kt.unbind(1), vt.unbind(1)  # (Hkv, D) each
+        if kt.shape[1] == len(at):  # every row a decoding sequence's: one call for all views
+            ks, vs = kt.unbind(1), vt.unbind(1)  # (Hkv, D) each
+        else:  # a prefill chunk's rows too: only the decoding rows
+            ks, vs = {row: kt[:, row] for _, row in at}, {row: vt[:, row] for _, row in at}
         dst, src, placed = [], [], []
         for layer, row in at:
             slot = layer.slot()
