@@ -193,8 +193,8 @@ def generate(runner, prompts, steps, together):
 def counting_native(monkeypatch):
     """Sequences the kernel took (from their parts, or read straight from the layer: "held")
     and sequences attended on their own."""
-    seen = {"native": 0, "fallback": 0, "held": 0}
-    inner, inner_held = batched.native_parts, batched._held_plan
+    seen = {"native": 0, "fallback": 0, "held": 0, "split": 0}
+    inner, inner_held, inner_split = batched.native_parts, batched._held_plan, batched._split
 
     def spy(parts):
         plan = inner(parts)
@@ -207,8 +207,13 @@ def counting_native(monkeypatch):
             seen["native"] += 1
             seen["held"] += 1
         return plan
+    def spy_split(*args):
+        plan, rest = inner_split(*args)
+        seen["split"] += plan is not None
+        return plan, rest
     monkeypatch.setattr(batched, "native_parts", spy)
     monkeypatch.setattr(batched, "_held_plan", spy_held)
+    monkeypatch.setattr(batched, "_split", spy_split)
     return seen
 
 
@@ -216,19 +221,26 @@ def counting_native(monkeypatch):
     ("llama", "dense(dtype=fp32)", 64), ("llama", "int(bits=4)", 64), ("llama", "int(bits=2)", 16),
     ("gemma3", "dense(dtype=bf16)", 16), ("gemma3", "int(bits=4,group=32)", 16),
     ("llama", "snapkv(ratio=0.5)+int(bits=4)", 16), ("llama", "quest(top_blocks=2)+int(bits=4)", 16),
+    ("llama", "rotatekv(residual=0)", 16), ("gemma3", "mxfp4(hadamard=true)", 16),
 ])
 def test_model_decoding_together_equals_one_at_a_time(family, kv, block, monkeypatch):
     """Tiny Llama (GQA 4/2, head size 64) and tiny Gemma 3 (4/1, window 16 on its sliding
     layers); 5 sequences decode 6 steps together, and one at a time on the per-sequence path.
-    Quest's gathered blocks fall back, its short sequences (no blocks yet) stay batched."""
+    A codec the kernel does not take (rotatekv, mxfp4), and Quest's gathered blocks, have their
+    runs scored by the codec's own kernel and merged with the batched kernel's piece over the
+    rest ("split")."""
     model = ours_from_hf(tiny_hf("llama", head_dim=64) if family == "llama" else tiny_hf("gemma3"))
     prompts = [tokens(n, seed=n) for n in PROMPTS]
     seen = counting_native(monkeypatch)
     together = generate(ModelRunner(model, kv, block_size=block), prompts, 6, True)
     if kernels.library() is not None:
+        split = kv.startswith(("rotatekv", "mxfp4", "quest"))
         assert seen["native"] > 0
-        assert (seen["fallback"] > 0) == kv.startswith("quest")
-        assert (seen["held"] > 0) == ("+" not in kv)  # read straight from the layers without a selector
+        assert (seen["split"] > 0) == split
+        if not split:
+            assert seen["fallback"] == 0
+        if not split:  # read straight from the layers, unless a selector picks
+            assert (seen["held"] > 0) == ("+" not in kv)
     monkeypatch.setenv("KVTIER_BATCHED", "0")
     alone = generate(ModelRunner(model, kv, block_size=block), prompts, 6, False)
     torch.testing.assert_close(together, alone, atol=2e-4, rtol=2e-4)
@@ -300,3 +312,16 @@ def test_int_blocks_on_amx_tiles_equal_the_vector_path(monkeypatch, codec, hq, n
     monkeypatch.setenv("KVTIER_AMX", "0")
     vector = batched._kernel(lib, q, plans, starts, n_kv, d ** -0.5, window)
     torch.testing.assert_close(tiles, vector, atol=3e-5, rtol=3e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("codec", ["mxfp4", "nvfp4", "bfp"])  # rotatekv: in the model test above
+def test_runs_the_kernel_does_not_take_are_scored_by_their_codec_and_merged(codec, monkeypatch):
+    """A codec outside the batched kernel: each sequence's runs are scored by the codec's own
+    kernel, the rest (residual, sinks) by the batched kernel with its log-sum-exp, merged:
+    equal to the per-sequence oracle."""
+    seen = counting_native(monkeypatch)
+    q, parts, starts = decoding(codec, [1, 70, 64 * 5 + 9, 64 * 12], block=64)
+    got = batched.decode(q, parts, starts, 0.125)
+    torch.testing.assert_close(got, batched.reference(q, parts, starts, 0.125), atol=1e-4, rtol=1e-4)
+    assert seen["split"] >= 2  # the sequences holding blocks

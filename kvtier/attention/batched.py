@@ -59,15 +59,32 @@ def decode(queries: torch.Tensor, parts: list[list[Part]], q_starts: list[int], 
     if lib is None or hq % n_kv or hq // n_kv > MAX_GROUP or d > MAX_HEAD_DIM or d % 16:
         return per_sequence(queries, parts, q_starts, scale, window)
     plans = [native_parts(p) for p in parts]
+    scored: dict[int, list[Part]] = {}  # sequences whose other parts a codec's kernel scores
+    for s, plan in enumerate(plans):
+        if plan is None:
+            plans[s], rest = _split(parts[s], q_starts[s], window)
+            if plans[s] is not None:
+                scored[s] = rest
     native = [s for s, plan in enumerate(plans) if plan is not None]
     if not native:
         return per_sequence(queries, parts, q_starts, scale, window)
+    lse = torch.empty(len(native), hq) if scored else None
     if len(native) == s_count:  # the usual case: no gather, no scatter
-        out = _kernel(lib, queries, plans, q_starts, n_kv, scale, window).to(queries.dtype)
+        out = _kernel(lib, queries, plans, q_starts, n_kv, scale, window, lse)
     else:
-        out = torch.empty_like(queries)
+        out = torch.empty(queries.shape)
         out[native] = _kernel(lib, queries[native], [plans[s] for s in native], [q_starts[s] for s in native],
-                              n_kv, scale, window).to(out.dtype)
+                              n_kv, scale, window, lse)
+    for i, s in enumerate(native):  # merged with the pieces of the parts the kernel did not take
+        if s in scored:
+            g = hq // n_kv
+            qg = (queries[s] * scale).reshape(n_kv, g, d)  # as blockwise.attend asks a codec
+            pieces = [(lse[i].reshape(n_kv, g, 1), torch.ones(n_kv, g, 1), out[s].reshape(n_kv, g, d))]
+            for p in scored[s]:
+                piece = p.score(qg)
+                pieces.append(piece if piece is not None else blockwise.partial(qg, *p.get(), None))
+            out[s] = blockwise.merge([tuple(x.float() for x in piece) for piece in pieces]).reshape(hq, d)
+    out = out.to(queries.dtype)
     for s in native:
         for p in parts[s]:
             if p.done is not None:
@@ -96,6 +113,21 @@ def decode_held(queries: torch.Tensor, layers: list, q_starts: list[int], scale:
             return None
         plans.append(plan)
     return _kernel(lib, queries, plans, q_starts, layers[0].n_kv, scale, window).to(queries.dtype)
+
+
+def _split(parts: list[Part], q_start: int, window: int | None):
+    """A sequence whose parts the kernel does not all take: the kernel's rows for the ones it
+    takes, and the others, when each of those is a run a codec scores on its codes whole
+    (no mask, no bias, its heads together, on the CPU); else (None, None)."""
+    mine = [p for p in parts if takes(p)]
+    rest = [p for p in parts if not takes(p)
+            and not (window is not None and q_start - (p.start + p.n - 1) >= window)]  # outside: no keys
+    if not mine or not rest or not all(
+            p.score is not None and p.bias is None and p.heads is None
+            and (p.device is None or p.device.type == "cpu")
+            and blockwise.visible(q_start, 1, p.start, p.n, window, "cpu") is None for p in rest):
+        return None, None
+    return native_parts(mine), rest
 
 
 def _held_plan(layer) -> tuple[list[list[int]], list] | None:
@@ -130,8 +162,9 @@ def _held_plan(layer) -> tuple[list[list[int]], list] | None:
 
 
 def _kernel(lib, queries: torch.Tensor, plans: list, q_starts: list[int], n_kv: int, scale: float,
-            window: int | None) -> torch.Tensor:
-    """One kernel call for the sequences of ``plans`` (:func:`native_parts`): ``(S, Hq, D)`` fp32."""
+            window: int | None, lse: torch.Tensor | None = None) -> torch.Tensor:
+    """One kernel call for the sequences of ``plans`` (:func:`native_parts`): ``(S, Hq, D)`` fp32;
+    ``lse`` ``(S, Hq)`` fp32, when given, receives each row's log-sum-exp."""
     rows, seq_parts = array.array("q"), array.array("q", [0])
     for plan, _ in plans:  # the tensors the rows point into stay alive in ``plans`` meanwhile
         for row in plan:
@@ -144,7 +177,7 @@ def _kernel(lib, queries: torch.Tensor, plans: list, q_starts: list[int], n_kv: 
     out = torch.empty_like(q)
     rc = lib.kvtier_batched_decode(q.data_ptr(), s_count, n_kv, hq // n_kv, d, _addr(rows), _addr(seq_parts),
                                    _addr(pos), _addr(lo), out.data_ptr(), torch.get_num_threads(),
-                                   int(queries.dtype == torch.bfloat16))
+                                   int(queries.dtype == torch.bfloat16), None if lse is None else lse.data_ptr())
     assert rc == 0, "the batched decode kernel refused parts that native_parts took"
     return out
 

@@ -96,8 +96,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     p, i, l = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
     lib.kvtier_int_attend.argtypes = [p, i, i, i, i, i, i, i, p, p, p, p, p, p, l, l, l, l, p, p, p, i]
     lib.kvtier_int_attend.restype = i
-    # q, n_seq, n_kv, g, d, parts, seq_parts, q_pos, lo, out, threads, q_bf16 (kvtier.attention.batched)
-    lib.kvtier_batched_decode.argtypes = [p, i, i, i, i, p, p, p, p, p, i, i]
+    # q, n_seq, n_kv, g, d, parts, seq_parts, q_pos, lo, out, threads, q_bf16, lse (kvtier.attention.batched)
+    lib.kvtier_batched_decode.argtypes = [p, i, i, i, i, p, p, p, p, p, i, i, p]
     lib.kvtier_batched_decode.restype = i
     # q, n_kv, rows, d, bits, group, block, n_blocks, n_out, fields, strides, rope, rope_hs,
     # lut_k, lut_v, m, l, o, threads (kvtier.kv.codecs.nuq)

@@ -671,11 +671,14 @@ static int part_ok(const PartDesc *P, int d) {
         && P->n % b == 0 && (d * P->bits / 8) % 16 == 0 && g > 0 && g % 16 == 0 && d % g == 0;
 }
 
-/* out (S, Hq, D): each sequence's attention output. Returns 0, or -1 when a size or a part is
- * outside what this kernel handles (the caller falls back; nothing is written then). */
+/* out (S, Hq, D): each sequence's attention output; lse (S, Hq), when not NULL: the log-sum-exp
+ * of each row's scores, so the output merges with pieces over other keys (a codec's own
+ * kernel). Returns 0, or -1 when a size or a part is outside what this kernel handles (the
+ * caller falls back; nothing is written then). */
 int kvtier_batched_decode(const float *q, int n_seq, int n_kv, int g, int d,
                           const PartDesc *parts, const int64_t *seq_parts,
-                          const int64_t *q_pos, const int64_t *lo, float *out, int threads, int q_bf16) {
+                          const int64_t *q_pos, const int64_t *lo, float *out, int threads, int q_bf16,
+                          float *lse) {
     if (n_seq < 1 || n_kv < 1 || g < 1 || g > MAXR || d < 16 || d > MAXD || d % 16) return -1;
     long longest = 0;
     for (int s = 0; s < n_seq; s++) {
@@ -735,6 +738,7 @@ int kvtier_batched_decode(const float *q, int n_seq, int n_kv, int g, int d,
                 }
                 const float inv = sum > 0.f ? 1.f / sum : 0.f;
                 for (int c = 0; c < d; c++) dst[c] *= inv;
+                if (lse) lse[pair * g + r] = sum > 0.f ? top + logf(sum) : -FLT_MAX;  /* no key seen: weight 0 */
             }
     }
     free(J.m); free(J.l); free(J.o);
