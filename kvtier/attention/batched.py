@@ -119,8 +119,9 @@ def _split(parts: list[Part], q_start: int, window: int | None):
     """A sequence whose parts the kernel does not all take: the kernel's rows for the ones it
     takes, and the others, when each of those is a run a codec scores on its codes whole
     (no mask, no bias, its heads together, on the CPU); else (None, None)."""
-    mine = [p for p in parts if takes(p)]
-    rest = [p for p in parts if not takes(p)
+    taken = [takes(p) for p in parts]
+    mine = [p for p, t in zip(parts, taken) if t]
+    rest = [p for p, t in zip(parts, taken) if not t
             and not (window is not None and q_start - (p.start + p.n - 1) >= window)]  # outside: no keys
     if not mine or not rest or not all(
             p.score is not None and p.bias is None and p.heads is None
@@ -140,13 +141,9 @@ def _held_plan(layer) -> tuple[list[list[int]], list] | None:
     runs, rk, rv, r = held
     rows, keep = [], []
     for run in runs:
-        if run.native is None:
-            if run.fetch or not _takes_blocks(run.layer) or run.layer.pool.device.type != "cpu":
-                return None
-            run.native = _block_row(run)
-        row, tensors = run.native
-        row = list(row)
-        row[2] = run.start
+        if run.native is None and (run.fetch or not _takes_blocks(run.layer) or run.layer.pool.device.type != "cpu"):
+            return None
+        row, tensors = _run_row(run, run.start)
         rows.append(row)
         keep.append(tensors)
     if r:
@@ -210,16 +207,23 @@ def native_parts(parts: list[Part]) -> tuple[list[list[int]], list] | None:
         if p.load is None:
             k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (p.k, p.v))
             row, tensors = _plain_row(k, v), (k, v)
-        else:  # a run of blocks: its row is made once and kept with the run while it lasts
-            run = p.blocks
-            if run.native is None:
-                run.native = _block_row(run)
-            row, tensors = run.native
-        row = list(row)
-        row[2] = p.start  # a selector's cache may place the run elsewhere
+            row[2] = p.start
+        else:  # a selector's cache may place the run elsewhere: the part's start
+            row, tensors = _run_row(p.blocks, p.start)
         rows.append(row)
         keep.append(tensors)
     return rows, keep
+
+
+def _run_row(run, start: int) -> tuple[list[int], object]:
+    """The kernel's row for a run of blocks at ``start``, and the tensors it points into: the
+    row is made once and kept with the run while it lasts."""
+    if run.native is None:
+        run.native = _block_row(run)
+    row, tensors = run.native
+    row = list(row)
+    row[2] = start
+    return row, tensors
 
 
 def _plain_row(k: torch.Tensor, v: torch.Tensor) -> list[int]:

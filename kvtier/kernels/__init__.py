@@ -29,7 +29,7 @@ from kvtier.paths import cache_dir
 SOURCES = ("intattn.c", "batched.c", "qmatmul.c", "nuqattn.c", "vqattn.c", "rkvattn.c", "bsattn.c", "lrattn.c",
            "ovpattn.c", "spattn.c", "prefill.c", "pointwise.c", "intenc.c",
            "rope.c")
-HEADERS = ("intblock.h", "spans.h", "amx.h", "vexp.h")  # included by the sources: part of the build's hash
+HEADERS = ("intblock.h", "spans.h", "amx.h", "vexp.h", "bf16.h")  # included by the sources: part of the build's hash
 # -ffast-math lets gcc vectorize the reductions and expf; it is given only when compiling,
 # never when linking, so the process's floating-point mode (crtfastmath) is left alone.
 COMPILE = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-c"]

@@ -13,12 +13,10 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "bf16.h"
+
 static inline float element(const void *x, long i, int bf16) {
-    if (!bf16) return ((const float *)x)[i];
-    uint32_t u = (uint32_t)((const uint16_t *)x)[i] << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
+    return bf16 ? bf16_to_float(((const uint16_t *)x)[i]) : ((const float *)x)[i];
 }
 
 /* scale and zero of one slice (min lo, max hi), as fp16; the divisor used for its codes */

@@ -5,23 +5,10 @@
  * products into the sum (an FMA would round once instead of three times). */
 #pragma GCC optimize("no-fast-math", "fp-contract=off")
 #include <stdint.h>
-#include <string.h>
 
-static inline float bf(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
+#include "bf16.h"
 
-static inline uint16_t to_bf(float f) {  /* round to nearest even; NaN stays NaN */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffff) > 0x7f800000) return (uint16_t)((u >> 16) | 0x40);
-    return (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
-}
-
-static inline float r16(float f) { return bf(to_bf(f)); }
+static inline float r16(float f) { return bf16_to_float(float_to_bf16(f)); }
 
 /* x (N, H, D) with row stride ldx and head stride D (elements); cos, sin rows of D at row stride
  * ldc; out (N, H, D) contiguous. bf16 or fp32 throughout. */
@@ -37,10 +24,10 @@ int kvtier_rope(const void *x, int64_t ldx, int64_t N, int64_t H, int64_t D, con
                 const int64_t j = c < half ? i + half : i - half;  /* the element rotate_half moves here */
                 if (bf16) {
                     const uint16_t *xs = x;
-                    const float rot = c < half ? -bf(xs[j]) : bf(xs[j]);
-                    const float a = r16(bf(xs[i]) * bf(((const uint16_t *)cos)[n * ldc + c]));
-                    const float b = r16(rot * bf(((const uint16_t *)sin)[n * ldc + c]));
-                    ((uint16_t *)out)[o] = to_bf(a + b);
+                    const float rot = c < half ? -bf16_to_float(xs[j]) : bf16_to_float(xs[j]);
+                    const float a = r16(bf16_to_float(xs[i]) * bf16_to_float(((const uint16_t *)cos)[n * ldc + c]));
+                    const float b = r16(rot * bf16_to_float(((const uint16_t *)sin)[n * ldc + c]));
+                    ((uint16_t *)out)[o] = float_to_bf16(a + b);
                 } else {
                     const float *xs = x;
                     const float rot = c < half ? -xs[j] : xs[j];
