@@ -43,13 +43,18 @@ CASES = [  # hq, hkv, t, n, q_start, k_start, d, window
     (9, 3, 77, 500, 423, 0, 64, 128),      # a sliding window cutting the past
     (6, 2, 200, 200, 0, 0, 64, 50),        # a window inside the chunk
     (2, 1, 1, 40, 39, 0, 256, None),       # one query, gemma's head size
+    (4, 1, 150, 700, 550, 0, 256, 512),    # gemma's shape in a sliding layer over a past
     (3, 1, 33, 97, 1064, 1000, 64, None),  # positions not starting at 0 (after evicted tokens)
 ]
 
 
 @needs_kernel
+@pytest.mark.parametrize("amx", ["1", "0"], ids=["amx-where-present", "vector"])
 @pytest.mark.parametrize("hq,hkv,t,n,q_start,k_start,d,window", CASES)
-def test_kernel_matches_the_oracle_as_torch_bf16_does(hq, hkv, t, n, q_start, k_start, d, window):
+def test_kernel_matches_the_oracle_as_torch_bf16_does(hq, hkv, t, n, q_start, k_start, d, window, amx, monkeypatch):
+    """Both of the kernel's paths: AMX tiles (on a CPU that has them) and the AVX512-BF16 dot
+    products (KVTIER_AMX=0, read at every call)."""
+    monkeypatch.setenv("KVTIER_AMX", amx)
     torch.manual_seed(t + n)
     q = torch.randn(hq, t, d).bfloat16()
     k = (torch.randn(hkv, n, d) * torch.linspace(0.3, 3, d)).bfloat16()

@@ -468,19 +468,6 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
     return out if rc == 0 else None
 
 
-@functools.cache
-def matrix_units() -> bool:
-    """Whether this CPU multiplies bf16 matrices on matrix units (Intel AMX), where torch's own
-    bf16 attention (flash attention on AMX tiles) beats the native prefill kernel (Linux:
-    /proc/cpuinfo)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return False
-    return "amx_bf16" in flags.split()
-
-
 def prefill_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int, k_start: int,
                    scale: float, window: int | None) -> torch.Tensor | None:
     """Causal (optionally windowed) attention of a chunk of bf16 queries ``q (Hq, T, D)`` at
