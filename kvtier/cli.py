@@ -26,10 +26,11 @@ TiersOpt = Annotated[str | None, typer.Option(help="where KV blocks may live, fa
                                                    "drop the coldest blocks and rebuild them from the token ids "
                                                    "(default: all in RAM)")]
 WeightsOpt = Annotated[str, typer.Option(help="weight format: dense (the compute dtype), q8 (8-bit groups, "
-                                              "GGUF Q8_0) or q4 (4-bit groups, GGUF Q4_1; a GGUF's own Q4 "
-                                              "tensors used as they are), multiplied packed")]
+                                              "GGUF Q8_0), q4 (4-bit groups, GGUF Q4_1; a GGUF's own Q4 "
+                                              "tensors used as they are) or w8a8 (int8 weights x int8 "
+                                              "activations, OutlierTune), multiplied packed")]
 WeightsListOpt = Annotated[list[str] | None, typer.Option("--weights", help="weight formats to compare: dense, "
-                                                          "q8, q4; repeat for more (default: dense)")]
+                                                          "q8, q4, w8a8; repeat for more (default: dense)")]
 AttendOpt = Annotated[str, typer.Option(help="with --tiers: local (attention where each block lives), "
                                              "fetch (copy blocks to the first tier first), split[:SHARE] "
                                              "(fetch that share of each lower tier's blocks, attend the rest "

@@ -73,8 +73,9 @@ class EngineConfig:
     dtype: str = option("auto", "compute dtype: auto (bf16 where the CPU/GPU has native bf16), fp32, bf16",
                         choices=("auto", "fp32", "bf16"))
     weights: str = option("dense", "weight format: dense (the compute dtype), q8 (8-bit groups, GGUF Q8_0 "
-                          "layout) or q4 (4-bit groups, GGUF Q4_1; a GGUF's own Q4 tensors used as they "
-                          "are), multiplied packed", choices=("dense", "q8", "q4"))
+                          "layout), q4 (4-bit groups, GGUF Q4_1; a GGUF's own Q4 tensors used as they "
+                          "are) or w8a8 (int8 weights x int8 activations, OutlierTune), multiplied packed",
+                          choices=("dense", "q8", "q4", "w8a8"))
     tiers: str | None = option(None, "where KV blocks may live, fastest first, with byte budgets, e.g. "
                                "cpu:2GiB,disk:/path:50GiB (default: all in RAM)")
     attend: str = option("local", "with --tiers: local, fetch, split[:SHARE] or auto (the cost model picks)")

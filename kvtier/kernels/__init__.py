@@ -28,7 +28,7 @@ from kvtier.paths import cache_dir
 
 SOURCES = ("intattn.c", "batched.c", "qmatmul.c", "nuqattn.c", "vqattn.c", "rkvattn.c", "bsattn.c", "lrattn.c",
            "ovpattn.c", "spattn.c", "prefill.c", "pointwise.c", "intenc.c",
-           "rope.c")
+           "rope.c", "w8a8.c")
 HEADERS = ("intblock.h", "spans.h", "amx.h", "vexp.h", "bf16.h")  # included by the sources: part of the build's hash
 # -ffast-math lets gcc vectorize the reductions and expf; it is given only when compiling,
 # never when linking, so the process's floating-point mode (crtfastmath) is left alone.
@@ -133,6 +133,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     # threads (kvtier.attention.blockwise)
     lib.kvtier_prefill_attend.argtypes = [p, l, l, p, p, i, i, l, l, i, l, l, l, ctypes.c_float, p, i]
     lib.kvtier_prefill_attend.restype = i
+    # x, x is bf16, M, K, packed codes, ws, wsum, z, inv_s, bias, N, y, threads (kvtier.weights.w8a8)
+    lib.kvtier_w8a8_matmul.argtypes = [p, i, l, l, p, p, p, p, p, p, l, p, i]
+    lib.kvtier_w8a8_matmul.restype = i
     # codes, d, m, N, K, bits, out, threads
     lib.kvtier_qdequant.argtypes = [p, p, p, l, l, i, p, i]
     lib.kvtier_qdequant.restype = i
@@ -402,6 +405,23 @@ def qmatmul(x: torch.Tensor, codes: torch.Tensor, d: torch.Tensor, m: torch.Tens
     y = torch.empty((x.shape[0], n), dtype=x.dtype)
     rc = call(x.data_ptr(), x.shape[0], k, codes.data_ptr(), d.data_ptr(),
               None if m is None else m.data_ptr(), n, bits, y.data_ptr(), torch.get_num_threads())
+    return y if rc == 0 else None
+
+
+def w8a8_matmul(x: torch.Tensor, packed: torch.Tensor, ws: torch.Tensor, wsum: torch.Tensor, z: torch.Tensor,
+                inv_s: torch.Tensor, bias: torch.Tensor) -> torch.Tensor | None:
+    """``x (M, K)`` (bf16 or fp32) times int8 weights with int8 activations (see w8a8.c and
+    :class:`kvtier.weights.w8a8.W8A8Linear`): ``(M, N)`` in x's dtype, N = ``bias``'s length;
+    None: no kernel, or a CPU without AMX int8 or AVX512-VNNI."""
+    lib = library()
+    if lib is None or x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float32):
+        return None
+    x = x.contiguous()
+    m, n = x.shape[0], bias.shape[0]
+    y = torch.empty((m, n), dtype=x.dtype)
+    rc = lib.kvtier_w8a8_matmul(x.data_ptr(), int(x.dtype == torch.bfloat16), m, x.shape[1], packed.data_ptr(),
+                                ws.data_ptr(), wsum.data_ptr(), z.data_ptr(), inv_s.data_ptr(), bias.data_ptr(),
+                                n, y.data_ptr(), torch.get_num_threads())
     return y if rc == 0 else None
 
 

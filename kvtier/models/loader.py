@@ -106,6 +106,7 @@ def load(model: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device=
         tokenizer = AutoTokenizer.from_pretrained(folder)
         ours = {"llama": Llama, "gemma3": Gemma3}[family](config, tensors, weight_format=fmt.name, raw=raw)
     ours.key, ours.tokenizer = folder.name, tokenizer  # calibration data is cached per model
+    fmt.finish(ours)
     return Loaded(ours, tokenizer, folder, model)
 
 

@@ -84,3 +84,7 @@ class Format(ABC):
     @abstractmethod
     def pack(self, name: str, w: torch.Tensor, raw, dtype: torch.dtype) -> Linear:
         """``w`` (float, ``(N, K)``) as this format's :class:`Linear`."""
+
+    def finish(self, model) -> None:
+        """After the model is built (its tokenizer and key set): a format that depends on the
+        model's activations (``w8a8``) measures them here and packs its matrices for them."""

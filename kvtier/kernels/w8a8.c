@@ -1,0 +1,174 @@
+/* y = x W^T with int8 weights and int8 activations (--weights w8a8, kvtier.weights.w8a8).
+ *
+ * Held, per matrix W (N, K):
+ *   wp     the int8 codes of W' = W diag(s), each row scaled per chunk of 64 inputs, packed as
+ *          AMX B tiles: N rounded up to 16 (blocks), K up to 64 (chunks); block b, chunk c is
+ *          16 rows (quads of K) x 64 bytes, wp[b][c][kq][4 n + j] = code[16 b + n][64 c + 4 kq + j],
+ *          zeros past N and K;
+ *   ws     (blocks, chunks, 16) fp32 the scale of each row's chunk (a chunk holding an outlier
+ *          channel does not coarsen the row's other chunks); wsum (blocks, chunks, 16) int32 the
+ *          sum of the codes of each row's chunk;
+ *   z, inv_s (K) fp32 each input channel's centre and 1 / scale (OutlierTune: the activation's
+ *          per-channel scale is folded into W', its centre into the bias);
+ *   bias   (N) fp32: W z.
+ * A call quantizes each row of x: x' = (x - z) * inv_s, r = 127 / max|x'| (1 for an all-zero
+ * row), q = round_half_even(x' * r) (|q| <= 127), then, chunk by chunk in order,
+ *   sum[m, n] += (float)(sum over the chunk's k of q[m, k] code[n, k]) * ws[n, chunk],
+ *   y[m, n] = sum[m, n] * (1 / r[m]) + bias[n].
+ * The int32 sums are exact, so the paths below give the same numbers: AMX's int8 tiles (A: 16
+ * rows of q, B: a block's chunk, TDPBSSD), or AVX512-VNNI's vpdpbusd (q + 128 as unsigned bytes
+ * against 16 rows' quads; 128 * wsum taken back out). The PyTorch reference beside it is
+ * kvtier.weights.w8a8.W8A8Linear.reference; tests/test_weights.py checks the two agree.
+ * Without either instruction set the entry point returns -1 and the caller takes the reference.
+ * Compiled without -ffast-math's shortcuts and without contracting products into sums: the
+ * rounding and the order of the float operations are the reference's. */
+#pragma GCC optimize("no-fast-math", "fp-contract=off")
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "amx.h"
+#include "bf16.h"
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#include <immintrin.h>
+
+/* Row m of x quantized into q (kp bytes, zero past k); returns 1 / r. */
+static float quantize_row(const void *x, int bf16, int64_t k, int64_t kp, const float *z, const float *inv_s,
+                          float *tmp, int8_t *q) {
+    float amax = 0.0f;
+    for (int64_t i = 0; i < k; i++) {
+        const float v = bf16 ? bf16_to_float(((const uint16_t *)x)[i]) : ((const float *)x)[i];
+        const float xs = (v - z[i]) * inv_s[i];
+        tmp[i] = xs;
+        const float a = fabsf(xs);
+        if (a > amax) amax = a;
+    }
+    const float r = amax > 0.0f ? 127.0f / amax : 1.0f;
+    const __m512 vr = _mm512_set1_ps(r);
+    int64_t i = 0;
+    for (; i + 16 <= k; i += 16) {
+        const __m512i c = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(tmp + i), vr)); /* nearest even */
+        _mm_storeu_si128((__m128i *)(q + i), _mm512_cvtsepi32_epi8(c));
+    }
+    for (; i < k; i++) {
+        float v = nearbyintf(tmp[i] * r);
+        q[i] = (int8_t)(v > 127.0f ? 127 : v < -127.0f ? -127 : v);
+    }
+    memset(q + k, 0, (size_t)(kp - k));
+    return 1.0f / r;
+}
+
+/* Row m0 + r of y, columns n0 .. n0 + nn - 1: (sums under the weight scales) * (1 / r) + bias. */
+static inline void finish_row(__m512 sum, float t, const float *bias, int64_t nn, void *y, int bf16, int64_t at) {
+    const __mmask16 k = (__mmask16)((1u << nn) - 1);
+    const __m512 v = _mm512_add_ps(_mm512_mul_ps(sum, _mm512_set1_ps(t)), _mm512_maskz_loadu_ps(k, bias));
+    if (bf16) _mm256_mask_storeu_epi16((uint16_t *)y + at, k, (__m256i)_mm512_cvtneps_pbh(v));
+    else _mm512_mask_storeu_ps((float *)y + at, k, v);
+}
+
+int kvtier_w8a8_matmul(const void *x, int x_bf16, int64_t M, int64_t K, const int8_t *wp, const float *ws,
+                       const int32_t *wsum, const float *z, const float *inv_s, const float *bias, int64_t N,
+                       void *y, int threads) {
+    const int64_t kp = (K + 63) / 64 * 64, chunks = kp / 64, blocks = (N + 15) / 16, mp = (M + 15) / 16 * 16;
+    int8_t *q = aligned_alloc(64, (size_t)(mp * kp));
+    float *t = malloc(sizeof(float) * (size_t)mp), *tmp = malloc(sizeof(float) * (size_t)(K * threads + 16));
+    if (!q || !t || !tmp) {
+        free(q); free(t); free(tmp);
+        return -1;
+    }
+    memset(q + M * kp, 0, (size_t)((mp - M) * kp));
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t m = 0; m < M; m++)
+        t[m] = quantize_row((const char *)x + m * K * (x_bf16 ? 2 : 4), x_bf16, K, kp, z, inv_s,
+                            tmp + omp_get_thread_num() * K, q + m * kp);
+    free(tmp);
+#ifdef KVT_AMX
+    const int amx = M > 1 && amx_permitted();
+#else
+    const int amx = 0;
+#endif
+#pragma omp parallel num_threads(threads)
+    {
+#ifdef KVT_AMX
+        TileConfig saved;
+        if (amx) amx_begin(&saved, 4, NULL); /* 0, 3: C (chunks in turn), 1: A (q), 2: B (a block's chunk) */
+        int32_t c[2][16][16] __attribute__((aligned(64)));
+#endif
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < blocks; b++) {
+            const int8_t *wb = wp + b * chunks * 1024;
+            const float *wsb = ws + b * chunks * 16;
+            const int64_t n0 = 16 * b, nn = N - n0 < 16 ? N - n0 : 16;
+#ifdef KVT_AMX
+            if (amx) {
+                for (int64_t m0 = 0; m0 < M; m0 += 16) {
+                    const int64_t mm = M - m0 < 16 ? M - m0 : 16;
+                    __m512 sum[16];
+                    for (int r = 0; r < 16; r++) sum[r] = _mm512_setzero_ps();
+                    /* a chunk's int32 sums go out under its weight scales while the next is multiplied */
+                    for (int64_t ch = 0; ch < chunks; ch++) {
+                        if (ch % 2 == 0) {
+                            _tile_zero(0);
+                            _tile_loadd(1, q + m0 * kp + 64 * ch, kp);
+                            _tile_loadd(2, wb + ch * 1024, 64);
+                            _tile_dpbssd(0, 1, 2);
+                            _tile_stored(0, c[0], 64);
+                        } else {
+                            _tile_zero(3);
+                            _tile_loadd(1, q + m0 * kp + 64 * ch, kp);
+                            _tile_loadd(2, wb + ch * 1024, 64);
+                            _tile_dpbssd(3, 1, 2);
+                            _tile_stored(3, c[1], 64);
+                        }
+                        const __m512 wsv = _mm512_load_ps(wsb + 16 * ch);
+                        for (int r = 0; r < mm; r++)
+                            sum[r] = _mm512_add_ps(sum[r], _mm512_mul_ps(_mm512_cvtepi32_ps(
+                                                                    _mm512_load_si512(c[ch % 2][r])), wsv));
+                    }
+                    for (int r = 0; r < mm; r++) finish_row(sum[r], t[m0 + r], bias + n0, nn, y, x_bf16, (m0 + r) * N + n0);
+                }
+                continue;
+            }
+#endif
+            const __m512i bias128 = _mm512_set1_epi8((char)0x80);
+            for (int64_t m = 0; m < M; m++) {
+                const int8_t *qm = q + m * kp;
+                __m512 sum = _mm512_setzero_ps();
+                for (int64_t ch = 0; ch < chunks; ch++) {
+                    const int8_t *wc = wb + ch * 1024;
+                    if (ch + 1 < chunks) _mm_prefetch((const char *)(wc + 1024), _MM_HINT_T0);
+                    /* 16 quads of q (+128: unsigned) against 16 rows' quads */
+                    int32_t quads[16] __attribute__((aligned(64)));
+                    _mm512_store_si512(quads, _mm512_xor_si512(_mm512_loadu_si512(qm + 64 * ch), bias128));
+                    __m512i acc = _mm512_setzero_si512();
+                    for (int kq = 0; kq < 16; kq++)
+                        acc = _mm512_dpbusd_epi32(acc, _mm512_set1_epi32(quads[kq]), _mm512_load_si512(wc + 64 * kq));
+                    acc = _mm512_sub_epi32(acc, _mm512_slli_epi32(_mm512_load_si512(wsum + (b * chunks + ch) * 16), 7));
+                    sum = _mm512_add_ps(sum, _mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_load_ps(wsb + 16 * ch)));
+                }
+                finish_row(sum, t[m], bias + n0, nn, y, x_bf16, m * N + n0);
+            }
+        }
+#ifdef KVT_AMX
+        if (amx) amx_end(&saved);
+#endif
+    }
+    free(q);
+    free(t);
+    return 0;
+}
+
+#else
+
+int kvtier_w8a8_matmul(const void *x, int x_bf16, int64_t M, int64_t K, const int8_t *wp, const float *ws,
+                       const int32_t *wsum, const float *z, const float *inv_s, const float *bias, int64_t N,
+                       void *y, int threads) {
+    (void)x; (void)x_bf16; (void)M; (void)K; (void)wp; (void)ws; (void)wsum; (void)z; (void)inv_s; (void)bias;
+    (void)N; (void)y; (void)threads;
+    return -1;
+}
+
+#endif

@@ -1,0 +1,177 @@
+"""``--weights w8a8``: int8 weights times int8 activations (the seed paper OutlierTune).
+
+Activations carry outlier channels that a per-token int8 scale cannot hold. OutlierTune
+quantizes them per channel and folds the work into the weights ahead of time ("pre-execution
+of dequantization"), after centring each channel ("symmetrization"). Here, per matrix ``W (N, K)``
+and its input's channel range ``[lo, hi]`` measured on calibration text (2,048 KJV tokens,
+the span the KV calibration uses, away from the benchmark windows):
+
+- centre ``z = (hi + lo) / 2`` and half-range ``r = (hi - lo) / 2``: ``W x = W (x - z) + W z``,
+  and ``W z`` joins the bias;
+- per-channel scale ``s = sqrt(r / max|W[:, k]|)`` (the balance SmoothQuant calls alpha = 0.5):
+  ``W (x - z) = (W diag(s)) ((x - z) / s)``, so the outlier channels' range moves into the
+  weights' columns as much as the activations' range leaves them;
+- ``W' = W diag(s)`` in int8 with one fp32 scale per output row, packed as AMX tiles;
+- at run time each row of ``(x - z) / s`` is rounded to int8 with its own scale (``127 / max``;
+  OutlierTune's static per-channel scales alone clip a token beyond the calibration range: the
+  row scale keeps every token in range), the int8 products are summed exactly in int32, and
+  ``y = sum * row scale * weight scale + bias``.
+
+The kernel is ``kernels/w8a8.c`` (AMX int8 tiles, or AVX512-VNNI for one row); :meth:`W8A8Linear.reference`
+is the PyTorch oracle it is tested equal to. The embedding (and the tied output head) stays in
+8-bit groups (``q8``), as ``q4`` keeps it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kvtier import kernels
+from kvtier.progress import status
+from kvtier.weights import register
+from kvtier.weights.base import Format, Linear
+from kvtier.weights.quant import quantize
+
+EMBEDDING = ("model.embed_tokens.weight", "lm_head.weight")
+CHUNK = 64  # inputs per weight scale (an AMX int8 tile's depth)
+ALPHA = 0.9  # the share of each channel's range moved into the weights (measured on SmolLM2: below)
+
+
+class W8A8Linear(Linear):
+    """``W (N, K)`` as OutlierTune's int8 weights for int8 activations (see the module docstring)."""
+
+    def __init__(self, codes: torch.Tensor, ws: torch.Tensor, z: torch.Tensor, s: torch.Tensor,
+                 bias: torch.Tensor, dtype: torch.dtype):
+        # codes int8 (N, K); ws fp32 (N, chunks of CHUNK inputs); z, s (K) and bias (N) fp32
+        self.codes, self.ws, self.z, self.s, self.bias = codes, ws, z, s, bias
+        self.source: torch.Tensor | None = None  # the float matrix, until the ranges are measured
+        self.inv_s = 1.0 / s
+        self.shape, self.dtype = tuple(codes.shape), dtype
+        n, k = self.shape
+        np_, kp = -(-n // 16) * 16, -(-k // CHUNK) * CHUNK
+        padded = torch.zeros((np_, kp), dtype=torch.int8)
+        padded[:n, :k] = codes
+        # AMX B tiles: [block of 16 rows][chunk][quad][row][4]
+        self.packed = padded.view(np_ // 16, 16, kp // CHUNK, 16, 4).permute(0, 2, 3, 1, 4).contiguous()
+        wsum = padded.view(np_, kp // CHUNK, CHUNK).sum(2, dtype=torch.int32)
+        wsp = torch.zeros((np_, kp // CHUNK))
+        wsp[:n] = ws
+        self.wsum = wsum.view(np_ // 16, 16, -1).transpose(1, 2).contiguous()  # (blocks, chunks, 16)
+        self.ws_tiles = wsp.view(np_ // 16, 16, -1).transpose(1, 2).contiguous()
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor, lo: torch.Tensor | None, hi: torch.Tensor | None,
+                   dtype: torch.dtype) -> W8A8Linear:
+        """``w (N, K)`` for inputs whose channels ranged over ``[lo, hi]`` on calibration text
+        (None: not measured yet, each channel taken as [-1, 1]; the float ``w`` is then kept as
+        ``source`` until :meth:`W8A8.finish` measures the model's ranges)."""
+        wf = w.float()
+        n, k = wf.shape
+        lo = -torch.ones(k) if lo is None else lo.float()
+        hi = torch.ones(k) if hi is None else hi.float()
+        z, r = (hi + lo) / 2, (hi - lo) / 2
+        wmax = wf.abs().amax(0)
+        s = torch.where((r > 0) & (wmax > 0), r.pow(ALPHA) / wmax.clamp_min(1e-12).pow(1 - ALPHA), torch.ones_like(r))
+        folded = torch.zeros((n, -(-k // CHUNK) * CHUNK))
+        folded[:, :k] = wf * s
+        chunks = folded.view(n, -1, CHUNK)
+        ws = chunks.abs().amax(2).clamp_min(1e-12) / 127  # (N, chunks)
+        codes = torch.round(chunks / ws[:, :, None]).clamp(-127, 127).to(torch.int8).view(n, -1)[:, :k]
+        return cls(codes.contiguous(), ws, z.contiguous(), s.contiguous(), (wf @ z).contiguous(), dtype)
+
+    def __call__(self, x, bias=None):
+        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        y = kernels.w8a8_matmul(x2, self.packed, self.ws_tiles, self.wsum, self.z, self.inv_s, self.bias)
+        if y is None:
+            y = self.reference(x2)
+        if bias is not None:
+            y = y + bias
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.shape[0])
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The kernel's arithmetic in PyTorch (its oracle): ``x (M, K) -> (M, N)`` in x's dtype."""
+        xs = (x.float() - self.z) * self.inv_s
+        amax = xs.abs().amax(1)
+        # 127 / amax as a division (a scalar over a tensor would be its reciprocal times 127)
+        r = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.ones_like(amax))
+        q = torch.round(xs * r[:, None]).clamp(-127, 127).double()
+        codes = self.codes.double()
+        total = torch.zeros((x.shape[0], self.shape[0]))
+        for c in range(self.ws.shape[1]):  # chunk by chunk, as the kernel adds them
+            part = slice(c * CHUNK, (c + 1) * CHUNK)
+            acc = (q[:, part] @ codes[:, part].T).float()  # int8 products summed exactly
+            total = total + acc * self.ws[:, c]
+        return (total * (1 / r)[:, None] + self.bias).to(x.dtype)
+
+    def rows(self, ids):
+        return self.dense()[ids].to(self.dtype)
+
+    def dense(self):
+        """The weights held: ``W' / s`` column by column (without the centre, which is in the bias)."""
+        scale = self.ws.repeat_interleave(CHUNK, 1)[:, :self.shape[1]]
+        return self.codes.float() * scale / self.s
+
+    @property
+    def nbytes(self):
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.ws_tiles, self.wsum, self.z, self.s,
+                                                           self.bias))
+
+    @classmethod
+    def cat(cls, parts):
+        if all(p.source is not None for p in parts):  # before calibration: stack the floats
+            return _pending(torch.cat([p.source for p in parts]), parts[0].dtype)
+        assert all(torch.equal(p.z, parts[0].z) and torch.equal(p.s, parts[0].s) for p in parts), \
+            "w8a8 matrices stack only over the same input"
+        return cls(torch.cat([p.codes for p in parts]), torch.cat([p.ws for p in parts]), parts[0].z, parts[0].s,
+                   torch.cat([p.bias for p in parts]), parts[0].dtype)
+
+
+def _pending(w: torch.Tensor, dtype: torch.dtype) -> W8A8Linear:
+    """``w`` packed with unit input ranges, its float kept for the model's calibration."""
+    lin = W8A8Linear.from_float(w, None, None, dtype)
+    lin.source = w
+    return lin
+
+
+class _Ranges:
+    """A float matrix that records the channel range of its inputs (while calibrating)."""
+
+    def __init__(self, w: torch.Tensor):
+        self.w, self.lo, self.hi = w, None, None
+
+    def __call__(self, x, bias=None):
+        x2 = x.reshape(-1, x.shape[-1]).float()
+        lo, hi = x2.amin(0), x2.amax(0)
+        self.lo = lo if self.lo is None else torch.minimum(self.lo, lo)
+        self.hi = hi if self.hi is None else torch.maximum(self.hi, hi)
+        return F.linear(x, self.w.to(x.dtype), bias)
+
+
+@register
+class W8A8(Format):
+    name = "w8a8"
+    help = ("int8 weights x int8 activations (OutlierTune: per-channel activation scales and centres folded "
+            "into the weights, calibrated on real text), on AMX int8 tiles or VNNI: 8 bits a weight")
+
+    def pack(self, name, w, raw, dtype):
+        if name in EMBEDDING:  # a table of rows as well as the output head: 8-bit groups
+            return quantize(w, 8, dtype)
+        return _pending(w, dtype)  # unit ranges until finish() measures the model's
+
+    def finish(self, model) -> None:
+        """Measure each matrix's input ranges on calibration text, running the float weights,
+        and pack the matrices for them."""
+        from kvtier.engine import ModelRunner
+        from kvtier.kv.calibration import _calibration_ids
+
+        pending = {n: w for n, w in model.w.items() if isinstance(w, W8A8Linear) and w.source is not None}
+        for n, w in pending.items():
+            model.w[n] = _Ranges(w.source)
+        ids = _calibration_ids(model)
+        with status(f"calibrating w8a8 activation ranges on {len(ids)} tokens (float weights)"):
+            runner = ModelRunner(model, "dense")
+            runner.feed([runner.new_cache(len(ids))], [ids])
+        for n, w in pending.items():
+            rec = model.w[n]
+            model.w[n] = W8A8Linear.from_float(w.source, rec.lo, rec.hi, w.dtype)
