@@ -35,30 +35,88 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #include <immintrin.h>
 
-/* Row m of x quantized into q (kp bytes, zero past k); returns 1 / r. */
+/* Row m of x quantized into q (kp bytes, zero past k); returns 1 / r.  tmp: k + 16 floats. */
 static float quantize_row(const void *x, int bf16, int64_t k, int64_t kp, const float *z, const float *inv_s,
                           float *tmp, int8_t *q) {
-    float amax = 0.0f;
-    for (int64_t i = 0; i < k; i++) {
-        const float v = bf16 ? bf16_to_float(((const uint16_t *)x)[i]) : ((const float *)x)[i];
-        const float xs = (v - z[i]) * inv_s[i];
-        tmp[i] = xs;
-        const float a = fabsf(xs);
-        if (a > amax) amax = a;
+    __m512 vmax = _mm512_setzero_ps();
+    for (int64_t i = 0; i < k; i += 16) {
+        const __mmask16 in = k - i >= 16 ? 0xffff : (__mmask16)((1u << (k - i)) - 1);
+        const __m512 v = bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(
+                                    _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(in, (const uint16_t *)x + i)), 16))
+                              : _mm512_maskz_loadu_ps(in, (const float *)x + i);
+        const __m512 xs = _mm512_mul_ps(_mm512_sub_ps(v, _mm512_maskz_loadu_ps(in, z + i)),
+                                        _mm512_maskz_loadu_ps(in, inv_s + i));
+        _mm512_storeu_ps(tmp + i, xs);
+        vmax = _mm512_max_ps(vmax, _mm512_abs_ps(xs)); /* masked lanes are 0 */
     }
+    const float amax = _mm512_reduce_max_ps(vmax);
     const float r = amax > 0.0f ? 127.0f / amax : 1.0f;
     const __m512 vr = _mm512_set1_ps(r);
-    int64_t i = 0;
-    for (; i + 16 <= k; i += 16) {
-        const __m512i c = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(tmp + i), vr)); /* nearest even */
+    for (int64_t i = 0; i < kp; i += 16) {
+        const __mmask16 in = k - i >= 16 ? 0xffff : k > i ? (__mmask16)((1u << (k - i)) - 1) : 0;
+        /* round to nearest even; |x' r| <= 127 */
+        const __m512i c = _mm512_maskz_cvtps_epi32(in, _mm512_mul_ps(_mm512_loadu_ps(tmp + i), vr));
         _mm_storeu_si128((__m128i *)(q + i), _mm512_cvtsepi32_epi8(c));
     }
-    for (; i < k; i++) {
-        float v = nearbyintf(tmp[i] * r);
-        q[i] = (int8_t)(v > 127.0f ? 127 : v < -127.0f ? -127 : v);
-    }
-    memset(q + k, 0, (size_t)(kp - k));
     return 1.0f / r;
+}
+
+/* The activations of a long chunk, quantized as kvtier_w8a8_matmul quantizes them and written
+ * back as the values they stand for, q * (1 / r), in bf16 (M, K): for a bf16 matmul against
+ * kvtier_w8a8_dequant's weights. */
+int kvtier_w8a8_quantize(const void *x, int x_bf16, int64_t M, int64_t K, const float *z, const float *inv_s,
+                         uint16_t *out, int threads) {
+    const int64_t kp = (K + 63) / 64 * 64;
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        float *tmp = malloc(sizeof(float) * (size_t)(kp + 16));
+        int8_t *q = malloc((size_t)kp);
+        if (!tmp || !q) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; m++) {
+            if (!tmp || !q) continue;
+            const float t = quantize_row((const char *)x + m * K * (x_bf16 ? 2 : 4), x_bf16, K, kp, z, inv_s, tmp, q);
+            const __m512 vt = _mm512_set1_ps(t);
+            for (int64_t i = 0; i < K; i += 16) {
+                const __mmask16 in = K - i >= 16 ? 0xffff : (__mmask16)((1u << (K - i)) - 1);
+                const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                                   _mm_loadu_si128((const __m128i *)(q + i)))), vt);
+                _mm256_mask_storeu_epi16(out + m * K + i, in, (__m256i)_mm512_cvtneps_pbh(v));
+            }
+        }
+        free(tmp);
+        free(q);
+    }
+    return failed ? -1 : 0;
+}
+
+/* The weights a chunk of inputs multiplies, code * ws[n, chunk], in bf16 (N, K) row-major. */
+int kvtier_w8a8_dequant(const int8_t *wp, const float *ws, int64_t N, int64_t K, uint16_t *out, int threads) {
+    const int64_t chunks = (K + 63) / 64, blocks = (N + 15) / 16;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t b = 0; b < blocks; b++) {
+        for (int64_t ch = 0; ch < chunks; ch++) {
+            const int32_t *tile = (const int32_t *)(wp + (b * chunks + ch) * 1024); /* [kq][n] quads */
+            const __m512 wsv = _mm512_loadu_ps(ws + (b * chunks + ch) * 16);
+            const int64_t kk = K - 64 * ch < 64 ? K - 64 * ch : 64;
+            for (int n = 0; n < 16 && 16 * b + n < N; n++) {
+                int32_t row[16] __attribute__((aligned(64))); /* row n's 64 codes of the chunk */
+                for (int kq = 0; kq < 16; kq++) row[kq] = tile[kq * 16 + n];
+                const __m512 scale = _mm512_permutexvar_ps(_mm512_set1_epi32(n), wsv);
+                for (int64_t i = 0; i < kk; i += 16) {
+                    const __mmask16 in = kk - i >= 16 ? 0xffff : (__mmask16)((1u << (kk - i)) - 1);
+                    const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                                       _mm_load_si128((const __m128i *)((const int8_t *)row + i)))), scale);
+                    _mm256_mask_storeu_epi16(out + (16 * b + n) * K + 64 * ch + i, in, (__m256i)_mm512_cvtneps_pbh(v));
+                }
+            }
+        }
+    }
+    return 0;
 }
 
 /* Row m0 + r of y, columns n0 .. n0 + nn - 1: (sums under the weight scales) * (1 / r) + bias. */
@@ -74,7 +132,7 @@ int kvtier_w8a8_matmul(const void *x, int x_bf16, int64_t M, int64_t K, const in
                        void *y, int threads) {
     const int64_t kp = (K + 63) / 64 * 64, chunks = kp / 64, blocks = (N + 15) / 16, mp = (M + 15) / 16 * 16;
     int8_t *q = aligned_alloc(64, (size_t)(mp * kp));
-    float *t = malloc(sizeof(float) * (size_t)mp), *tmp = malloc(sizeof(float) * (size_t)(K * threads + 16));
+    float *t = malloc(sizeof(float) * (size_t)mp), *tmp = malloc(sizeof(float) * (size_t)((kp + 16) * threads));
     if (!q || !t || !tmp) {
         free(q); free(t); free(tmp);
         return -1;
@@ -83,7 +141,7 @@ int kvtier_w8a8_matmul(const void *x, int x_bf16, int64_t M, int64_t K, const in
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t m = 0; m < M; m++)
         t[m] = quantize_row((const char *)x + m * K * (x_bf16 ? 2 : 4), x_bf16, K, kp, z, inv_s,
-                            tmp + omp_get_thread_num() * K, q + m * kp);
+                            tmp + omp_get_thread_num() * (kp + 16), q + m * kp);
     free(tmp);
 #ifdef KVT_AMX
     const int amx = M > 1 && amx_permitted();
@@ -110,6 +168,9 @@ int kvtier_w8a8_matmul(const void *x, int x_bf16, int64_t M, int64_t K, const in
                     for (int r = 0; r < 16; r++) sum[r] = _mm512_setzero_ps();
                     /* a chunk's int32 sums go out under its weight scales while the next is multiplied */
                     for (int64_t ch = 0; ch < chunks; ch++) {
+                        if (m0 == 0) /* the weights stream from memory: ask for them two chunks ahead */
+                            for (int line = 0; line < 16; line++)
+                                _mm_prefetch((const char *)(wb + (ch + 2) * 1024 + 64 * line), _MM_HINT_T0);
                         if (ch % 2 == 0) {
                             _tile_zero(0);
                             _tile_loadd(1, q + m0 * kp + 64 * ch, kp);
@@ -139,7 +200,9 @@ int kvtier_w8a8_matmul(const void *x, int x_bf16, int64_t M, int64_t K, const in
                 __m512 sum = _mm512_setzero_ps();
                 for (int64_t ch = 0; ch < chunks; ch++) {
                     const int8_t *wc = wb + ch * 1024;
-                    if (ch + 1 < chunks) _mm_prefetch((const char *)(wc + 1024), _MM_HINT_T0);
+                    if (m == 0) /* the weights stream from memory: ask for them two chunks ahead */
+                        for (int line = 0; line < 16; line++)
+                            _mm_prefetch((const char *)(wc + 2 * 1024 + 64 * line), _MM_HINT_T0);
                     /* 16 quads of q (+128: unsigned) against 16 rows' quads */
                     int32_t quads[16] __attribute__((aligned(64)));
                     _mm512_store_si512(quads, _mm512_xor_si512(_mm512_loadu_si512(qm + 64 * ch), bias128));
@@ -168,6 +231,17 @@ int kvtier_w8a8_matmul(const void *x, int x_bf16, int64_t M, int64_t K, const in
                        void *y, int threads) {
     (void)x; (void)x_bf16; (void)M; (void)K; (void)wp; (void)ws; (void)wsum; (void)z; (void)inv_s; (void)bias;
     (void)N; (void)y; (void)threads;
+    return -1;
+}
+
+int kvtier_w8a8_quantize(const void *x, int x_bf16, int64_t M, int64_t K, const float *z, const float *inv_s,
+                         uint16_t *out, int threads) {
+    (void)x; (void)x_bf16; (void)M; (void)K; (void)z; (void)inv_s; (void)out; (void)threads;
+    return -1;
+}
+
+int kvtier_w8a8_dequant(const int8_t *wp, const float *ws, int64_t N, int64_t K, uint16_t *out, int threads) {
+    (void)wp; (void)ws; (void)N; (void)K; (void)out; (void)threads;
     return -1;
 }
 
