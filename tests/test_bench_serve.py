@@ -321,6 +321,11 @@ def test_peer_servers_parse_and_bind_loopback(tmp_path):
         cmd = llama.command(8124, servers.Launch(str(gguf), slots=4, context=1100))
         assert cmd[cmd.index("-np") + 1] == "4" and cmd[cmd.index("-c") + 1] == str(4 * 1280)
         assert cmd[cmd.index("--host") + 1] == "127.0.0.1" and cmd[cmd.index("-ctk") + 1] == "q8_0"
+        assert "--no-repack" not in cmd
+        plain = servers.parse("llamacpp(repack=off)")
+        assert "--no-repack" in plain.command(8124, servers.Launch(str(gguf)))
+    assert str(servers.parse("llamacpp")) == "llamacpp(kv=f16)"  # the default stays out of row names
+    assert servers.parse("llamacpp(repack=off)").label(servers.Launch("m")) == "f16, no repack"
 
 
 def test_kv_bytes_from_metrics_and_logs():

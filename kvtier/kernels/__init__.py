@@ -136,10 +136,6 @@ def _declare(lib: ctypes.CDLL) -> None:
     # x, x is bf16, M, K, packed codes, ws, wsum, z, inv_s, bias, N, y, threads (kvtier.weights.w8a8)
     lib.kvtier_w8a8_matmul.argtypes = [p, i, l, l, p, p, p, p, p, p, l, p, i]
     lib.kvtier_w8a8_matmul.restype = i
-    lib.kvtier_w8a8_quantize.argtypes = [p, i, l, l, p, p, p, i]
-    lib.kvtier_w8a8_quantize.restype = i
-    lib.kvtier_w8a8_dequant.argtypes = [p, p, l, l, p, i]
-    lib.kvtier_w8a8_dequant.restype = i
     # codes, d, m, N, K, bits, out, threads
     lib.kvtier_qdequant.argtypes = [p, p, p, l, l, i, p, i]
     lib.kvtier_qdequant.restype = i
@@ -427,31 +423,6 @@ def w8a8_matmul(x: torch.Tensor, packed: torch.Tensor, ws: torch.Tensor, wsum: t
                                 ws.data_ptr(), wsum.data_ptr(), z.data_ptr(), inv_s.data_ptr(), bias.data_ptr(),
                                 n, y.data_ptr(), torch.get_num_threads())
     return y if rc == 0 else None
-
-
-def w8a8_quantize(x: torch.Tensor, z: torch.Tensor, inv_s: torch.Tensor) -> torch.Tensor | None:
-    """``x (M, K)`` quantized as :func:`w8a8_matmul` quantizes it, as the bf16 values the codes
-    stand for (see w8a8.c); None: no kernel."""
-    lib = library()
-    if lib is None or x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float32):
-        return None
-    x = x.contiguous()
-    out = torch.empty(x.shape, dtype=torch.bfloat16)
-    rc = lib.kvtier_w8a8_quantize(x.data_ptr(), int(x.dtype == torch.bfloat16), x.shape[0], x.shape[1], z.data_ptr(),
-                                  inv_s.data_ptr(), out.data_ptr(), torch.get_num_threads())
-    return out if rc == 0 else None
-
-
-def w8a8_dequant(packed: torch.Tensor, ws: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor | None:
-    """The ``(N, K)`` weights of :func:`w8a8_matmul`'s tiles, code times its chunk's scale, in
-    bf16; None: no kernel."""
-    lib = library()
-    if lib is None:
-        return None
-    out = torch.empty(shape, dtype=torch.bfloat16)
-    rc = lib.kvtier_w8a8_dequant(packed.data_ptr(), ws.data_ptr(), shape[0], shape[1], out.data_ptr(),
-                                 torch.get_num_threads())
-    return out if rc == 0 else None
 
 
 def qdequant(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None, bits: int, k: int,

@@ -61,64 +61,6 @@ static float quantize_row(const void *x, int bf16, int64_t k, int64_t kp, const 
     return 1.0f / r;
 }
 
-/* The activations of a long chunk, quantized as kvtier_w8a8_matmul quantizes them and written
- * back as the values they stand for, q * (1 / r), in bf16 (M, K): for a bf16 matmul against
- * kvtier_w8a8_dequant's weights. */
-int kvtier_w8a8_quantize(const void *x, int x_bf16, int64_t M, int64_t K, const float *z, const float *inv_s,
-                         uint16_t *out, int threads) {
-    const int64_t kp = (K + 63) / 64 * 64;
-    int failed = 0;
-#pragma omp parallel num_threads(threads)
-    {
-        float *tmp = malloc(sizeof(float) * (size_t)(kp + 16));
-        int8_t *q = malloc((size_t)kp);
-        if (!tmp || !q) {
-#pragma omp atomic write
-            failed = 1;
-        }
-#pragma omp for schedule(static)
-        for (int64_t m = 0; m < M; m++) {
-            if (!tmp || !q) continue;
-            const float t = quantize_row((const char *)x + m * K * (x_bf16 ? 2 : 4), x_bf16, K, kp, z, inv_s, tmp, q);
-            const __m512 vt = _mm512_set1_ps(t);
-            for (int64_t i = 0; i < K; i += 16) {
-                const __mmask16 in = K - i >= 16 ? 0xffff : (__mmask16)((1u << (K - i)) - 1);
-                const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
-                                                   _mm_loadu_si128((const __m128i *)(q + i)))), vt);
-                _mm256_mask_storeu_epi16(out + m * K + i, in, (__m256i)_mm512_cvtneps_pbh(v));
-            }
-        }
-        free(tmp);
-        free(q);
-    }
-    return failed ? -1 : 0;
-}
-
-/* The weights a chunk of inputs multiplies, code * ws[n, chunk], in bf16 (N, K) row-major. */
-int kvtier_w8a8_dequant(const int8_t *wp, const float *ws, int64_t N, int64_t K, uint16_t *out, int threads) {
-    const int64_t chunks = (K + 63) / 64, blocks = (N + 15) / 16;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t b = 0; b < blocks; b++) {
-        for (int64_t ch = 0; ch < chunks; ch++) {
-            const int32_t *tile = (const int32_t *)(wp + (b * chunks + ch) * 1024); /* [kq][n] quads */
-            const __m512 wsv = _mm512_loadu_ps(ws + (b * chunks + ch) * 16);
-            const int64_t kk = K - 64 * ch < 64 ? K - 64 * ch : 64;
-            for (int n = 0; n < 16 && 16 * b + n < N; n++) {
-                int32_t row[16] __attribute__((aligned(64))); /* row n's 64 codes of the chunk */
-                for (int kq = 0; kq < 16; kq++) row[kq] = tile[kq * 16 + n];
-                const __m512 scale = _mm512_permutexvar_ps(_mm512_set1_epi32(n), wsv);
-                for (int64_t i = 0; i < kk; i += 16) {
-                    const __mmask16 in = kk - i >= 16 ? 0xffff : (__mmask16)((1u << (kk - i)) - 1);
-                    const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
-                                                       _mm_load_si128((const __m128i *)((const int8_t *)row + i)))), scale);
-                    _mm256_mask_storeu_epi16(out + (16 * b + n) * K + 64 * ch + i, in, (__m256i)_mm512_cvtneps_pbh(v));
-                }
-            }
-        }
-    }
-    return 0;
-}
-
 /* Row m0 + r of y, columns n0 .. n0 + nn - 1: (sums under the weight scales) * (1 / r) + bias. */
 static inline void finish_row(__m512 sum, float t, const float *bias, int64_t nn, void *y, int bf16, int64_t at) {
     const __mmask16 k = (__mmask16)((1u << nn) - 1);
@@ -152,8 +94,8 @@ int kvtier_w8a8_matmul(const void *x, int x_bf16, int64_t M, int64_t K, const in
     {
 #ifdef KVT_AMX
         TileConfig saved;
-        if (amx) amx_begin(&saved, 4, NULL); /* 0, 3: C (chunks in turn), 1: A (q), 2: B (a block's chunk) */
-        int32_t c[2][16][16] __attribute__((aligned(64)));
+        if (amx) amx_begin(&saved, 8, NULL); /* 0-3: C (four chunks), 4-5: A (q), 6-7: B (a block's chunks) */
+        int32_t c[4][16][16] __attribute__((aligned(64)));
 #endif
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < blocks; b++) {
@@ -164,30 +106,36 @@ int kvtier_w8a8_matmul(const void *x, int x_bf16, int64_t M, int64_t K, const in
             if (amx) {
                 for (int64_t m0 = 0; m0 < M; m0 += 16) {
                     const int64_t mm = M - m0 < 16 ? M - m0 : 16;
+                    const int8_t *qb = q + m0 * kp;
                     __m512 sum[16];
                     for (int r = 0; r < 16; r++) sum[r] = _mm512_setzero_ps();
-                    /* a chunk's int32 sums go out under its weight scales while the next is multiplied */
-                    for (int64_t ch = 0; ch < chunks; ch++) {
-                        if (m0 == 0) /* the weights stream from memory: ask for them two chunks ahead */
-                            for (int line = 0; line < 16; line++)
-                                _mm_prefetch((const char *)(wb + (ch + 2) * 1024 + 64 * line), _MM_HINT_T0);
-                        if (ch % 2 == 0) {
-                            _tile_zero(0);
-                            _tile_loadd(1, q + m0 * kp + 64 * ch, kp);
-                            _tile_loadd(2, wb + ch * 1024, 64);
-                            _tile_dpbssd(0, 1, 2);
-                            _tile_stored(0, c[0], 64);
-                        } else {
-                            _tile_zero(3);
-                            _tile_loadd(1, q + m0 * kp + 64 * ch, kp);
-                            _tile_loadd(2, wb + ch * 1024, 64);
-                            _tile_dpbssd(3, 1, 2);
-                            _tile_stored(3, c[1], 64);
+                    /* four chunks in flight (tiles 0-3), then their int32 sums out under their
+                     * weight scales, in chunk order */
+                    for (int64_t ch0 = 0; ch0 < chunks; ch0 += 4) {
+                        const int nc = chunks - ch0 < 4 ? (int)(chunks - ch0) : 4;
+                        if (m0 == 0) /* the weights stream from memory: ask for the next four chunks */
+                            for (int line = 0; line < 64; line++)
+                                _mm_prefetch((const char *)(wb + (ch0 + 4) * 1024 + 64 * line), _MM_HINT_T0);
+#define W8A8_STEP(C, A, B, j)                                        \
+                        _tile_zero(C);                               \
+                        _tile_loadd(A, qb + 64 * (ch0 + j), kp);     \
+                        _tile_loadd(B, wb + (ch0 + j) * 1024, 64);   \
+                        _tile_dpbssd(C, A, B);
+                        W8A8_STEP(0, 4, 6, 0)
+                        if (nc > 1) { W8A8_STEP(1, 5, 7, 1) }
+                        if (nc > 2) { W8A8_STEP(2, 4, 6, 2) }
+                        if (nc > 3) { W8A8_STEP(3, 5, 7, 3) }
+#undef W8A8_STEP
+                        _tile_stored(0, c[0], 64);
+                        if (nc > 1) _tile_stored(1, c[1], 64);
+                        if (nc > 2) _tile_stored(2, c[2], 64);
+                        if (nc > 3) _tile_stored(3, c[3], 64);
+                        for (int j = 0; j < nc; j++) {
+                            const __m512 wsv = _mm512_load_ps(wsb + 16 * (ch0 + j));
+                            for (int r = 0; r < mm; r++)
+                                sum[r] = _mm512_add_ps(sum[r], _mm512_mul_ps(_mm512_cvtepi32_ps(
+                                                                        _mm512_load_si512(c[j][r])), wsv));
                         }
-                        const __m512 wsv = _mm512_load_ps(wsb + 16 * ch);
-                        for (int r = 0; r < mm; r++)
-                            sum[r] = _mm512_add_ps(sum[r], _mm512_mul_ps(_mm512_cvtepi32_ps(
-                                                                    _mm512_load_si512(c[ch % 2][r])), wsv));
                     }
                     for (int r = 0; r < mm; r++) finish_row(sum[r], t[m0 + r], bias + n0, nn, y, x_bf16, (m0 + r) * N + n0);
                 }
@@ -231,17 +179,6 @@ int kvtier_w8a8_matmul(const void *x, int x_bf16, int64_t M, int64_t K, const in
                        void *y, int threads) {
     (void)x; (void)x_bf16; (void)M; (void)K; (void)wp; (void)ws; (void)wsum; (void)z; (void)inv_s; (void)bias;
     (void)N; (void)y; (void)threads;
-    return -1;
-}
-
-int kvtier_w8a8_quantize(const void *x, int x_bf16, int64_t M, int64_t K, const float *z, const float *inv_s,
-                         uint16_t *out, int threads) {
-    (void)x; (void)x_bf16; (void)M; (void)K; (void)z; (void)inv_s; (void)out; (void)threads;
-    return -1;
-}
-
-int kvtier_w8a8_dequant(const int8_t *wp, const float *ws, int64_t N, int64_t K, uint16_t *out, int threads) {
-    (void)wp; (void)ws; (void)N; (void)K; (void)out; (void)threads;
     return -1;
 }
 

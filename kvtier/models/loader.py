@@ -107,7 +107,21 @@ def load(model: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device=
         ours = {"llama": Llama, "gemma3": Gemma3}[family](config, tensors, weight_format=fmt.name, raw=raw)
     ours.key, ours.tokenizer = folder.name, tokenizer  # calibration data is cached per model
     fmt.finish(ours)
+    _return_freed_memory()
     return Loaded(ours, tokenizer, folder, model)
+
+
+def _return_freed_memory() -> None:
+    """Give the loader's freed temporaries (the fp32 tensors read from disk, a format's
+    calibration) back to the system: glibc keeps freed heap pages in the process, and a server's
+    resident memory after loading SmolLM2 was 695 MiB (q4) and 2,042 MiB (w8a8) instead of 443
+    and 520. Nothing to do off glibc."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:

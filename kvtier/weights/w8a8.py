@@ -36,7 +36,6 @@ from kvtier.weights.quant import quantize
 
 CHUNK = 64  # inputs per weight scale (an AMX int8 tile's depth)
 EMBEDDING = ("model.embed_tokens.weight", "lm_head.weight")
-KERNEL_ROWS = 32  # longer chunks: quantized activations times dequantized weights in one bf16 matmul
 ALPHA = 0.9  # the share of each channel's range moved into the weights (measured on SmolLM2: below)
 
 
@@ -50,7 +49,6 @@ class W8A8Linear(Linear):
         self.ws, self.z, self.s, self.bias = ws, z, s, bias
         self.source: torch.Tensor | None = None  # the float matrix, until the ranges are measured
         self.inv_s = 1.0 / s
-        self.bias_bf16 = bias.bfloat16()  # added by a long chunk's bf16 matmul
         self.shape, self.dtype = tuple(codes.shape), dtype
         n, k = self.shape
         np_, kp = -(-n // 16) * 16, -(-k // CHUNK) * CHUNK
@@ -93,14 +91,7 @@ class W8A8Linear(Linear):
 
     def __call__(self, x, bias=None):
         x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-        y = None
-        if x2.shape[0] > KERNEL_ROWS:  # a long chunk: the same quantized values, one bf16 matmul
-            xq = kernels.w8a8_quantize(x2, self.z, self.inv_s)
-            w = kernels.w8a8_dequant(self.packed, self.ws_tiles, self.shape) if xq is not None else None
-            if w is not None:
-                y = F.linear(xq, w, self.bias_bf16).to(x.dtype)
-        if y is None:
-            y = kernels.w8a8_matmul(x2, self.packed, self.ws_tiles, self.wsum, self.z, self.inv_s, self.bias)
+        y = kernels.w8a8_matmul(x2, self.packed, self.ws_tiles, self.wsum, self.z, self.inv_s, self.bias)
         if y is None:
             y = self.reference(x2)
         if bias is not None:
@@ -121,16 +112,6 @@ class W8A8Linear(Linear):
             acc = (q[:, part] @ codes[:, part].T).float()  # int8 products summed exactly
             total = total + acc * self.ws[:, c]
         return (total * (1 / r)[:, None] + self.bias).to(x.dtype)
-
-    def reference_long(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """What a long chunk multiplies (the oracle of kvtier_w8a8_quantize and _dequant): the
-        activations' quantized values ``q / r`` and the weights ``code * scale``, both in bf16."""
-        xs = (x.float() - self.z) * self.inv_s
-        amax = xs.abs().amax(1)
-        r = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.ones_like(amax))
-        q = torch.round(xs * r[:, None]).clamp(-127, 127)
-        scale = self.ws.repeat_interleave(CHUNK, 1)[:, :self.shape[1]]
-        return (q * (1 / r)[:, None]).bfloat16(), (self.codes.float() * scale).bfloat16()
 
     def rows(self, ids):
         """Rows ``ids`` of the weights held (an embedding table tied to the output head)."""

@@ -227,6 +227,9 @@ class LlamaServer(Server):
     kv_source: ClassVar[str | None] = "llama-server log: llama_kv_cache size (allocated at start for -c tokens)"
     per_slots: ClassVar[bool] = True
     kv: str = param("f16", "ggml type of the K and V cache", choices=("f16", "q8_0", "q4_0"))
+    repack: str = param("on", "its weight repacking into AMX / AVX-512 layouts (--no-repack when off: the "
+                        "build of llama-cpp-python 0.3.36's llama.cpp segfaults warming up a Q4_1 model "
+                        "repacked for AMX int8 on an Intel Xeon)", choices=("on", "off"), quiet=True)
 
     def binary(self) -> Path | None:
         for path in (ROOT / ".peers" / "llama-server", ROOT / ".venv" / "bin" / "llama-server"):
@@ -251,10 +254,11 @@ class LlamaServer(Server):
         # -lv 4: the log level at which it prints its KV cache's size (kv_held reads it)
         return [str(self.binary()), "-m", str(gguf), "--alias", Path(launch.model).name,
                 "-np", str(launch.slots), "-c", str(launch.slots * per_slot), "-t", t, "-tb", t, "-fa", "on",
-                "-ctk", self.kv, "-ctv", self.kv, "-lv", "4", "--host", HOST, "--port", str(port), *launch.extra]
+                "-ctk", self.kv, "-ctv", self.kv, "-lv", "4", "--host", HOST, "--port", str(port),
+                *(["--no-repack"] if self.repack == "off" else []), *launch.extra]
 
     def label(self, launch: Launch) -> str:
-        return self.kv
+        return self.kv + (", no repack" if self.repack == "off" else "")
 
     def kv_held(self, metrics: str | None, log: str) -> int | None:
         # e.g. "llama_kv_cache: size =   90.00 MiB (  4096 cells,  30 layers, 16/16 seqs), K (f16): ..."
