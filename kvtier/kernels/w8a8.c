@@ -97,15 +97,20 @@ int kvtier_w8a8_matmul(const void *x, int x_bf16, int64_t M, int64_t K, const in
         if (amx) amx_begin(&saved, 8, NULL); /* 0-3: C (four chunks), 4-5: A (q), 6-7: B (a block's chunks) */
         int32_t c[4][16][16] __attribute__((aligned(64)));
 #endif
-#pragma omp for schedule(static)
-        for (int64_t b = 0; b < blocks; b++) {
+        /* each thread its share of the output columns; on the tiles, 16 rows of x at a time
+         * across the whole share (their codes stay in L1 while the weights stream: 4.4 -> 3.1 ms
+         * for 2,060 rows of SmolLM2's gate/up matrix against blocks outer) */
+        const int nt = omp_get_num_threads(), me = omp_get_thread_num();
+        const int64_t b_first = blocks * me / nt, b_end = blocks * (me + 1) / nt;
+        for (int64_t mo = 0; mo < (amx ? M : 1); mo += 16)
+        for (int64_t b = b_first; b < b_end; b++) {
             const int8_t *wb = wp + b * chunks * 1024;
             const float *wsb = ws + b * chunks * 16;
             const int64_t n0 = 16 * b, nn = N - n0 < 16 ? N - n0 : 16;
 #ifdef KVT_AMX
             if (amx) {
-                for (int64_t m0 = 0; m0 < M; m0 += 16) {
-                    const int64_t mm = M - m0 < 16 ? M - m0 : 16;
+                {
+                    const int64_t m0 = mo, mm = M - m0 < 16 ? M - m0 : 16;
                     const int8_t *qb = q + m0 * kp;
                     __m512 sum[16];
                     for (int r = 0; r < 16; r++) sum[r] = _mm512_setzero_ps();
