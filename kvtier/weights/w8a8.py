@@ -8,19 +8,19 @@ the span the KV calibration uses, away from the benchmark windows):
 
 - centre ``z = (hi + lo) / 2`` and half-range ``r = (hi - lo) / 2``: ``W x = W (x - z) + W z``,
   and ``W z`` joins the bias;
-- per-channel scale ``s = sqrt(r / max|W[:, k]|)`` (the balance SmoothQuant calls alpha = 0.5):
-  ``W (x - z) = (W diag(s)) ((x - z) / s)``, so the outlier channels' range moves into the
-  weights' columns as much as the activations' range leaves them;
-- ``W' = W diag(s)`` in int8 with one fp32 scale per output row, packed as AMX tiles;
+- per-channel scale ``s = r^ALPHA / max|W[:, k]|^(1 - ALPHA)``: ``W (x - z) = (W diag(s)) ((x - z) / s)``,
+  so most of each outlier channel's range moves from the activations into the weights' column;
+- ``W' = W diag(s)`` in int8 with one fp32 scale per row and chunk of ``CHUNK`` inputs (a chunk
+  holding an outlier column does not coarsen the rest of the row), packed as AMX tiles;
 - at run time each row of ``(x - z) / s`` is rounded to int8 with its own scale (``127 / max``;
   OutlierTune's static per-channel scales alone clip a token beyond the calibration range: the
-  row scale keeps every token in range), the int8 products are summed exactly in int32, and
-  ``y = sum * row scale * weight scale + bias``.
+  row scale keeps every token in range), the int8 products are summed exactly in int32 per
+  chunk, and ``y = sum over chunks (sum * chunk scale) * row scale + bias``.
 
 The kernel is ``kernels/w8a8.c`` (AMX int8 tiles, or AVX512-VNNI for one row); :meth:`W8A8Linear.reference`
 is the PyTorch oracle it is tested equal to. The embedding (and the tied output head) stays in
 8-bit groups (``q8``), as ``q4`` keeps it: packed as w8a8, its rows come back through the
-per-channel scales of the head's input, and SmolLM2's 2K PPL went from +0.83 % to +1.22 %.
+per-channel scales of the head's input, and SmolLM2's 2K PPL went from +0.83 % to +1.67 %.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from kvtier.weights.quant import quantize
 
 CHUNK = 64  # inputs per weight scale (an AMX int8 tile's depth)
 EMBEDDING = ("model.embed_tokens.weight", "lm_head.weight")
-ALPHA = 0.9  # the share of each channel's range moved into the weights (measured on SmolLM2: below)
+ALPHA = 0.9  # the share of each channel's range moved into the weights (chosen on SmolLM2: docs/weights.md)
 
 
 class W8A8Linear(Linear):
