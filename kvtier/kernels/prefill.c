@@ -34,6 +34,16 @@
 #define BR 4    /* query rows per micro-block: 16 accumulators of scores, 16 of output */
 #define QB 32   /* query rows per task */
 
+/* The keys [j0, j1) that any query at positions pmin..pmax sees. */
+static void seen_keys(long pmin, long pmax, long k_start, long n, long window, long *j0, long *j1) {
+    long hi = pmax - k_start + 1, lo = window ? pmin - window + 1 - k_start : 0;
+    if (hi > n) hi = n;
+    if (lo < 0) lo = 0;
+    if (hi <= lo) hi = lo;
+    *j0 = lo;
+    *j1 = hi;
+}
+
 /* One KV head's keys and values, N tokens, into tiles of pairs (zero past N). */
 static void repack(const uint16_t *k, const uint16_t *v, long n, int d, long tiles, uint32_t *kp, uint32_t *vp) {
     const int pairs = d / 2;
@@ -70,12 +80,8 @@ static void attend_rows(const uint16_t *q, long qs_h, long qs_t, int h, int g, i
         l[r] = 0.0f;
     }
     memset(o, 0, sizeof(float) * QB * d);
-    /* keys any row of the task sees: [j0, j1) */
-    const long pmin = qpos[0], pmax = qpos[nr - 1];
-    long j1 = pmax - k_start + 1, j0 = window ? pmin - window + 1 - k_start : 0;
-    if (j1 > n) j1 = n;
-    if (j0 < 0) j0 = 0;
-    if (j1 <= j0) j1 = j0;
+    long j0, j1;
+    seen_keys(qpos[0], qpos[nr - 1], k_start, n, window, &j0, &j1);
     const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     uint32_t prow[BR][TILE / 2] __attribute__((aligned(64)));
     for (long ti = j0 / TILE; ti * TILE < j1; ti++) {
@@ -199,6 +205,21 @@ static void attend_rows(const uint16_t *q, long qs_h, long qs_t, int h, int g, i
  * Tiles: 0-3 scores or output, 4 A, 5-6 B. */
 #define AR 16
 
+/* Tiles 0-3 += A times four B tiles side by side: A (tile 4) is 16 rows of 32 bf16 at a, stride
+ * a_stride bytes; B j (tiles 5, 6 in turn) is 16 rows of 16 bf16 pairs at b + 16 j, stride
+ * b_stride bytes. */
+static inline void times_four_tiles(const void *a, int a_stride, const uint32_t *b, int b_stride) {
+    _tile_loadd(4, a, a_stride);
+    _tile_loadd(5, b, b_stride);
+    _tile_loadd(6, b + 16, b_stride);
+    _tile_dpbf16ps(0, 4, 5);
+    _tile_dpbf16ps(1, 4, 6);
+    _tile_loadd(5, b + 32, b_stride);
+    _tile_loadd(6, b + 48, b_stride);
+    _tile_dpbf16ps(2, 4, 5);
+    _tile_dpbf16ps(3, 4, 6);
+}
+
 static void attend_rows_amx(const uint16_t *q, long qs_h, long qs_t, int h, int g, int d, long r0, int nr,
                             long q_start, long k_start, long n, long window, float scale,
                             const uint32_t *kp, const uint32_t *vp, uint16_t *out, long os_h, long os_t,
@@ -223,10 +244,8 @@ static void attend_rows_amx(const uint16_t *q, long qs_h, long qs_t, int h, int 
         }
     }
     const long bmin = qpos[0], bmax = qpos[nr - 1];
-    long j1 = bmax - k_start + 1, j0 = window ? bmin - window + 1 - k_start : 0;
-    if (j1 > n) j1 = n;
-    if (j0 < 0) j0 = 0;
-    if (j1 <= j0) j1 = j0;
+    long j0, j1;
+    seen_keys(bmin, bmax, k_start, n, window, &j0, &j1);
     const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const float scale2 = scale * 1.44269504088896341f; /* scores to base-2 exponents */
     const __m512 ninf = _mm512_set1_ps(-INFINITY), vs2 = _mm512_set1_ps(scale2);
@@ -238,18 +257,8 @@ static void attend_rows_amx(const uint16_t *q, long qs_h, long qs_t, int h, int 
         _tile_zero(1);
         _tile_zero(2);
         _tile_zero(3);
-        for (int ks = 0; ks < d / 32; ks++) {
-            _tile_loadd(4, qbuf + 32 * ks, 2 * d);
-            const uint32_t *kb = kt + 16 * ks * TILE;
-            _tile_loadd(5, kb, 4 * TILE);
-            _tile_loadd(6, kb + 16, 4 * TILE);
-            _tile_dpbf16ps(0, 4, 5);
-            _tile_dpbf16ps(1, 4, 6);
-            _tile_loadd(5, kb + 32, 4 * TILE);
-            _tile_loadd(6, kb + 48, 4 * TILE);
-            _tile_dpbf16ps(2, 4, 5);
-            _tile_dpbf16ps(3, 4, 6);
-        }
+        for (int ks = 0; ks < d / 32; ks++)
+            times_four_tiles(qbuf + 32 * ks, 2 * d, kt + 16 * ks * TILE, 4 * TILE);
         _tile_stored(0, &sbuf[0][0], 4 * TILE);
         _tile_stored(1, &sbuf[0][16], 4 * TILE);
         _tile_stored(2, &sbuf[0][32], 4 * TILE);
@@ -303,18 +312,8 @@ static void attend_rows_amx(const uint16_t *q, long qs_h, long qs_t, int h, int 
             _tile_loadd(1, o + c0 + 16, 4 * d);
             _tile_loadd(2, o + c0 + 32, 4 * d);
             _tile_loadd(3, o + c0 + 48, 4 * d);
-            for (int kk = 0; kk < 2; kk++) {
-                _tile_loadd(4, &pbuf[0][32 * kk], 2 * TILE);
-                const uint32_t *vb = vt + 16 * kk * d + c0;
-                _tile_loadd(5, vb, 4 * d);
-                _tile_loadd(6, vb + 16, 4 * d);
-                _tile_dpbf16ps(0, 4, 5);
-                _tile_dpbf16ps(1, 4, 6);
-                _tile_loadd(5, vb + 32, 4 * d);
-                _tile_loadd(6, vb + 48, 4 * d);
-                _tile_dpbf16ps(2, 4, 5);
-                _tile_dpbf16ps(3, 4, 6);
-            }
+            for (int kk = 0; kk < 2; kk++)
+                times_four_tiles(&pbuf[0][32 * kk], 2 * TILE, vt + 16 * kk * d + c0, 4 * d);
             _tile_stored(0, o + c0, 4 * d);
             _tile_stored(1, o + c0 + 16, 4 * d);
             _tile_stored(2, o + c0 + 32, 4 * d);

@@ -32,10 +32,9 @@ from kvtier import kernels
 from kvtier.progress import status
 from kvtier.weights import register
 from kvtier.weights.base import Format, Linear
-from kvtier.weights.quant import quantize
+from kvtier.weights.q4 import EIGHT_BIT, Q4
 
 CHUNK = 64  # inputs per weight scale (an AMX int8 tile's depth)
-EMBEDDING = ("model.embed_tokens.weight", "lm_head.weight")
 ALPHA = 0.9  # the share of each channel's range moved into the weights (chosen on SmolLM2: docs/weights.md)
 
 
@@ -171,8 +170,8 @@ class W8A8(Format):
             "into the weights, calibrated on real text), on AMX int8 tiles or VNNI: 8 bits a weight")
 
     def pack(self, name, w, raw, dtype):
-        if name in EMBEDDING:  # a table of rows as well as the output head: 8-bit groups
-            return quantize(w, 8, dtype)
+        if any(e in name for e in EIGHT_BIT):  # a table of rows as well as the output head: as q4 keeps it
+            return Q4().pack(name, w, raw, dtype)
         return _pending(w, dtype)  # unit ranges until finish() measures the model's
 
     def finish(self, model) -> None:
