@@ -25,16 +25,23 @@ per-channel scales of the head's input, and SmolLM2's 2K PPL went from +0.83 % t
 
 from __future__ import annotations
 
+import hashlib
+import math
+
 import torch
 import torch.nn.functional as F
 
 from kvtier import kernels
-from kvtier.progress import status
+from kvtier.paths import cache_dir
+from kvtier.progress import note, status
 from kvtier.weights import register
 from kvtier.weights.base import Format, Linear
 from kvtier.weights.q4 import EIGHT_BIT, Q4
+from kvtier.weights.quant import quantize
 
 CHUNK = 64  # inputs per weight scale (an AMX int8 tile's depth)
+VERSION = "1"  # of the calibration file
+KEEP_WEIGHT_ONLY = 0.03  # a kind of matrix whose int8 activations cost more perplexity stays weight-only
 ALPHA = 0.9  # the share of each channel's range moved into the weights (chosen on SmolLM2: docs/weights.md)
 
 
@@ -175,18 +182,89 @@ class W8A8(Format):
         return _pending(w, dtype)  # unit ranges until finish() measures the model's
 
     def finish(self, model) -> None:
-        """Measure each matrix's input ranges on calibration text, running the float weights,
-        and pack the matrices for them."""
-        from kvtier.engine import ModelRunner
+        """Pack the matrices for their inputs' channel ranges, measured on calibration text with
+        the float weights. A kind of matrix (``down_proj``, ``o_proj``, ...) whose 8-bit
+        activations alone raise the calibration text's perplexity by more than
+        ``KEEP_WEIGHT_ONLY`` stays weight-only (8-bit groups, ``q8``), and the log says so. Both
+        are measured once per model and kept in ``<cache_dir>/calibration/`` (a few seconds to
+        a minute on 2 cores), like the KV statistics."""
         from kvtier.kv.calibration import _calibration_ids
 
         pending = {n: w for n, w in model.w.items() if isinstance(w, W8A8Linear) and w.source is not None}
-        for n, w in pending.items():
-            model.w[n] = _Ranges(w.source)
+        if not pending:
+            return
         ids = _calibration_ids(model)
-        with status(f"calibrating w8a8 activation ranges on {len(ids)} tokens (float weights)"):
-            runner = ModelRunner(model, "dense")
-            runner.feed([runner.new_cache(len(ids))], [ids])
+        digest = hashlib.sha256(str(ids).encode()).hexdigest()[:16]
+        key = getattr(model, "key", None)
+        path = cache_dir("calibration") / f"{key}-{digest}-w8a8-v{VERSION}.safetensors" if key else None
+        found = _read(path, pending)
+        if found is None:
+            with status(f"calibrating w8a8 on {len(ids)} tokens: activation ranges, then each kind of matrix "
+                        "(once per model)"):
+                found = _measure(model, pending, ids)
+            _write(path, *found)
+        ranges, weight_only = found
         for n, w in pending.items():
-            rec = model.w[n]
-            model.w[n] = W8A8Linear.from_float(w.source, rec.lo, rec.hi, w.dtype)
+            model.w[n] = (quantize(w.source, 8, w.dtype) if _kind(n) in weight_only
+                          else W8A8Linear.from_float(w.source, *ranges[n], w.dtype))
+        if weight_only:
+            note(f"w8a8: {', '.join(sorted(weight_only))} kept weight-only (8-bit groups): int8 activations "
+                 f"there raised the calibration text's perplexity by more than {KEEP_WEIGHT_ONLY:.0%}")
+
+
+def _kind(name: str) -> str:
+    """``model.layers.3.mlp.down_proj.weight`` -> ``down_proj``."""
+    return name.rsplit(".", 2)[-2]
+
+
+def _measure(model, pending: dict[str, W8A8Linear], ids: list[int]) -> tuple[dict, set[str]]:
+    """Each matrix's input range ``(lo, hi)`` per channel, and the kinds to keep weight-only."""
+    from kvtier.engine import ModelRunner
+
+    runner = ModelRunner(model, "dense")
+
+    def perplexity(chunk: int = 128) -> float:  # 128 tokens of logits at a time (a vocabulary is wide)
+        cache, nll = runner.new_cache(len(ids)), 0.0
+        for a in range(0, len(ids) - 1, chunk):
+            logits = runner.feed([cache], [ids[a:a + chunk]], logits="all").float()[: len(ids) - 1 - a]
+            nll += F.cross_entropy(logits, torch.tensor(ids[a + 1:a + 1 + len(logits)]), reduction="sum").item()
+        return math.exp(nll / (len(ids) - 1))
+
+    floats = {n: _Ranges(w.source) for n, w in pending.items()}
+    model.w.update(floats)
+    runner.feed([runner.new_cache(len(ids))], [ids])  # the ranges: one prefill of the text
+    ranges = {n: (f.lo, f.hi) for n, f in floats.items()}
+    base = perplexity()  # the float weights'
+    weight_only = set()
+    for kind in sorted({_kind(n) for n in pending}):  # that kind in w8a8, the rest float
+        for n, w in pending.items():
+            model.w[n] = W8A8Linear.from_float(w.source, *ranges[n], w.dtype) if _kind(n) == kind else floats[n]
+        if perplexity() > base * (1 + KEEP_WEIGHT_ONLY):
+            weight_only.add(kind)
+    return ranges, weight_only
+
+
+def _read(path, pending) -> tuple[dict, set[str]] | None:
+    from safetensors import safe_open
+
+    if path is None or not path.exists():
+        return None
+    try:
+        with safe_open(str(path), "pt") as f:
+            ranges = {n: (f.get_tensor(n + ".lo"), f.get_tensor(n + ".hi")) for n in pending}
+            kinds = f.metadata().get("weight_only", "")
+        return ranges, set(filter(None, kinds.split(",")))
+    except Exception:  # a damaged or older file is measured again, never trusted
+        path.unlink(missing_ok=True)
+        return None
+
+
+def _write(path, ranges: dict, weight_only: set[str]) -> None:
+    from safetensors.torch import save_file
+
+    if path is None:
+        return
+    tmp = path.with_suffix(".tmp")
+    save_file({f"{n}.{side}": t.contiguous() for n, (lo, hi) in ranges.items() for side, t in (("lo", lo), ("hi", hi))},
+              tmp, metadata={"version": VERSION, "weight_only": ",".join(sorted(weight_only))})
+    tmp.replace(path)
