@@ -296,3 +296,17 @@ def test_model_runs_in_w8a8_close_to_dense(family):
     # random weights and 8-bit activations at every matrix, embedding included (on SmolLM2's
     # real weights: +0.8 % PPL, docs/weights.md); a broken fold or scale is off by ~100 %
     assert (lp - ld).norm() / ld.norm() < 0.08
+
+
+@pytest.mark.parametrize("limit,kept", [(-1.0, True), (1e9, False)])
+def test_w8a8_keeps_a_kind_weight_only_when_its_activations_cost_perplexity(monkeypatch, capsys, limit, kept):
+    """finish() scores each kind of matrix in w8a8 alone on the calibration text; a kind over the
+    limit stays in 8-bit groups (weight-only) and the log names it."""
+    from kvtier.weights import w8a8
+
+    monkeypatch.setattr(w8a8, "KEEP_WEIGHT_ONLY", limit)
+    packed = _packed_model(tiny_hf("llama"), "w8a8")
+    weights.get("w8a8").finish(packed)
+    projections = [w for k, w in packed.w.items() if k.endswith("proj.weight")]
+    assert all(isinstance(w, GroupQuant if kept else w8a8.W8A8Linear) for w in projections)
+    assert ("kept weight-only" in capsys.readouterr().err) == kept
