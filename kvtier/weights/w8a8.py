@@ -133,8 +133,8 @@ class W8A8Linear(Linear):
 
     @property
     def nbytes(self):
-        return sum(t.numel() * t.element_size() for t in (self.packed, self.ws_tiles, self.wsum, self.z, self.s,
-                                                           self.bias))
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.ws, self.ws_tiles, self.wsum, self.z,
+                                                           self.s, self.inv_s, self.bias))
 
     @classmethod
     def cat(cls, parts):
