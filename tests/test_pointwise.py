@@ -54,15 +54,18 @@ def test_silu_mul_kernel_equals_the_reference(dtype):
         assert (got != want).float().mean() < 0.02
 
 
+@pytest.mark.parametrize("d", [64, 40, 256])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rope_kernel_gives_the_references_numbers(dtype):
+def test_rope_kernel_gives_the_references_numbers(dtype, d):
     """RoPE in one pass against the PyTorch ops it replaces, equal to the last bit, on the
-    query slice of a fused q|k|v row (strided rows) at scattered positions."""
+    query slice of a fused q|k|v row (strided rows, some all zero) at scattered positions; head
+    sizes whose half is not a multiple of the kernel's 16 lanes too."""
     from kvtier.models.base import Batch, Rope
 
     torch.manual_seed(1)
-    n, hq, hkv, d = 37, 9, 3, 64
+    n, hq, hkv = 37, 9, 3
     qkv = (torch.randn(n, (hq + 2 * hkv) * d) * 3).to(dtype)
+    qkv[::3] = 0.0
     q = qkv[:, : hq * d].view(n, hq, d)
     rope = Rope(1.0 / 10000 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
     batch = Batch(torch.zeros(n, dtype=torch.long), torch.randint(0, 5000, (n,)), [], [n])
