@@ -109,41 +109,39 @@ int kvtier_w8a8_matmul(const void *x, int x_bf16, int64_t M, int64_t K, const in
             const int64_t n0 = 16 * b, nn = N - n0 < 16 ? N - n0 : 16;
 #ifdef KVT_AMX
             if (amx) {
-                {
-                    const int64_t m0 = mo, mm = M - m0 < 16 ? M - m0 : 16;
-                    const int8_t *qb = q + m0 * kp;
-                    __m512 sum[16];
-                    for (int r = 0; r < 16; r++) sum[r] = _mm512_setzero_ps();
-                    /* four chunks in flight (tiles 0-3), then their int32 sums out under their
-                     * weight scales, in chunk order */
-                    for (int64_t ch0 = 0; ch0 < chunks; ch0 += 4) {
-                        const int nc = chunks - ch0 < 4 ? (int)(chunks - ch0) : 4;
-                        if (m0 == 0) /* the weights stream from memory: ask for the next four chunks */
-                            for (int line = 0; line < 64; line++)
-                                _mm_prefetch((const char *)(wb + (ch0 + 4) * 1024 + 64 * line), _MM_HINT_T0);
+                const int64_t m0 = mo, mm = M - m0 < 16 ? M - m0 : 16;
+                const int8_t *qb = q + m0 * kp;
+                __m512 sum[16];
+                for (int r = 0; r < 16; r++) sum[r] = _mm512_setzero_ps();
+                /* four chunks in flight (tiles 0-3), then their int32 sums out under their
+                 * weight scales, in chunk order */
+                for (int64_t ch0 = 0; ch0 < chunks; ch0 += 4) {
+                    const int nc = chunks - ch0 < 4 ? (int)(chunks - ch0) : 4;
+                    if (m0 == 0) /* the weights stream from memory: ask for the next four chunks */
+                        for (int line = 0; line < 64; line++)
+                            _mm_prefetch((const char *)(wb + (ch0 + 4) * 1024 + 64 * line), _MM_HINT_T0);
 #define W8A8_STEP(C, A, B, j)                                        \
-                        _tile_zero(C);                               \
-                        _tile_loadd(A, qb + 64 * (ch0 + j), kp);     \
-                        _tile_loadd(B, wb + (ch0 + j) * 1024, 64);   \
-                        _tile_dpbssd(C, A, B);
-                        W8A8_STEP(0, 4, 6, 0)
-                        if (nc > 1) { W8A8_STEP(1, 5, 7, 1) }
-                        if (nc > 2) { W8A8_STEP(2, 4, 6, 2) }
-                        if (nc > 3) { W8A8_STEP(3, 5, 7, 3) }
+                    _tile_zero(C);                               \
+                    _tile_loadd(A, qb + 64 * (ch0 + j), kp);     \
+                    _tile_loadd(B, wb + (ch0 + j) * 1024, 64);   \
+                    _tile_dpbssd(C, A, B);
+                    W8A8_STEP(0, 4, 6, 0)
+                    if (nc > 1) { W8A8_STEP(1, 5, 7, 1) }
+                    if (nc > 2) { W8A8_STEP(2, 4, 6, 2) }
+                    if (nc > 3) { W8A8_STEP(3, 5, 7, 3) }
 #undef W8A8_STEP
-                        _tile_stored(0, c[0], 64);
-                        if (nc > 1) _tile_stored(1, c[1], 64);
-                        if (nc > 2) _tile_stored(2, c[2], 64);
-                        if (nc > 3) _tile_stored(3, c[3], 64);
-                        for (int j = 0; j < nc; j++) {
-                            const __m512 wsv = _mm512_load_ps(wsb + 16 * (ch0 + j));
-                            for (int r = 0; r < mm; r++)
-                                sum[r] = _mm512_add_ps(sum[r], _mm512_mul_ps(_mm512_cvtepi32_ps(
-                                                                        _mm512_load_si512(c[j][r])), wsv));
-                        }
+                    _tile_stored(0, c[0], 64);
+                    if (nc > 1) _tile_stored(1, c[1], 64);
+                    if (nc > 2) _tile_stored(2, c[2], 64);
+                    if (nc > 3) _tile_stored(3, c[3], 64);
+                    for (int j = 0; j < nc; j++) {
+                        const __m512 wsv = _mm512_load_ps(wsb + 16 * (ch0 + j));
+                        for (int r = 0; r < mm; r++)
+                            sum[r] = _mm512_add_ps(sum[r], _mm512_mul_ps(_mm512_cvtepi32_ps(
+                                                                    _mm512_load_si512(c[j][r])), wsv));
                     }
-                    for (int r = 0; r < mm; r++) finish_row(sum[r], t[m0 + r], bias + n0, nn, y, x_bf16, (m0 + r) * N + n0);
                 }
+                for (int r = 0; r < mm; r++) finish_row(sum[r], t[m0 + r], bias + n0, nn, y, x_bf16, (m0 + r) * N + n0);
                 continue;
             }
 #endif

@@ -38,27 +38,42 @@ def load(model) -> list[dict[str, torch.Tensor]]:
     Read from disk when this model was calibrated before; otherwise computed and stored.
     Models without a ``key`` (built in memory, e.g. in tests) are calibrated each time.
     """
-    from safetensors.torch import load_file, save_file
+    def compute(ids):
+        with status(f"calibrating KV statistics on {len(ids)} tokens (once per model)"):
+            stats = measure(model, ids)
+        return {f"{i}.{k}": t for i, s in enumerate(stats) for k, t in s.items()}, {"tokens": str(len(ids))}
+
+    flat, _ = stored(model, "", VERSION, compute)
+    return [{k.split(".", 1)[1]: t for k, t in flat.items() if k.split(".")[0] == str(i)}
+            for i in range(model.n_layers)]
+
+
+def stored(model, name: str, version: str, compute) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata that ``compute(ids)`` derives from this model on the calibration
+    text, computed once per model and kept as safetensors in ``<cache_dir>/calibration/``
+    (named by the model's key, the text's hash, ``name`` and ``version``), then read back: the
+    same model always gets the same numbers. A damaged file is computed again, never trusted;
+    models without a ``key`` (built in memory, e.g. in tests) compute each time."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
 
     key = getattr(model, "key", None)
     ids = _calibration_ids(model)
     digest = hashlib.sha256(str(ids).encode()).hexdigest()[:16]
-    path = cache_dir("calibration") / f"{key}-{digest}-v{VERSION}.safetensors" if key else None
+    suffix = f"-{name}" if name else ""
+    path = cache_dir("calibration") / f"{key}-{digest}{suffix}-v{version}.safetensors" if key else None
     if path is not None and path.exists():
         try:
-            flat = load_file(path)
-            return [{k.split(".", 1)[1]: t for k, t in flat.items() if k.split(".")[0] == str(i)}
-                    for i in range(model.n_layers)]
-        except Exception:  # a damaged file is recomputed, never trusted
+            with safe_open(str(path), "pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+        except Exception:
             path.unlink(missing_ok=True)
-    with status(f"calibrating KV statistics on {len(ids)} tokens (once per model)"):
-        stats = measure(model, ids)
+    tensors, meta = compute(ids)
     if path is not None:
         tmp = path.with_suffix(".tmp")
-        save_file({f"{i}.{k}": t.contiguous() for i, s in enumerate(stats) for k, t in s.items()},
-                  tmp, metadata={"version": VERSION, "tokens": str(len(ids))})
+        save_file({k: t.contiguous() for k, t in tensors.items()}, tmp, metadata={"version": version, **meta})
         tmp.replace(path)
-    return stats
+    return tensors, meta
 
 
 def measure(model, ids: list[int]) -> list[dict[str, torch.Tensor]]:

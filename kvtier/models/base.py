@@ -192,10 +192,7 @@ class DecoderModel:
 
     def attention(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   batch: Batch, scale: float) -> torch.Tensor:
-        if self.profile is None:
-            return self._attention(i, q, k, v, batch, scale)
-        with self.profile.time("attention"):
-            return self._attention(i, q, k, v, batch, scale)
+        return self._timed("attention", self._attention, i, q, k, v, batch, scale)
 
     def _attention(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    batch: Batch, scale: float) -> torch.Tensor:
@@ -250,10 +247,7 @@ class DecoderModel:
         """Store one new token per decoding sequence: ``at`` holds (layer, row in kt/vt
         ``(Hkv, N, D)``). Tokens that only join a residual block go there in one copy for all;
         the others (a block to seal, a sink, a selector's layer) through ``layer.append``."""
-        if self.profile is not None:
-            with self.profile.time("kv store (codec encode)"):
-                return self._tokens_in(at, kt, vt)
-        return self._tokens_in(at, kt, vt)
+        self._timed("kv store (codec encode)", self._tokens_in, at, kt, vt)
 
     @staticmethod
     def _tokens_in(at: list[tuple], kt: torch.Tensor, vt: torch.Tensor) -> None:
@@ -276,17 +270,17 @@ class DecoderModel:
                 layer.took()
 
     def _store(self, layer, k: torch.Tensor, v: torch.Tensor) -> None:
-        if self.profile is None:
-            layer.append(k, v)
-            return
-        with self.profile.time("kv store (codec encode)"):
-            layer.append(k, v)
+        self._timed("kv store (codec encode)", layer.append, k, v)
 
     def linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        return self._timed("weight matmuls", self.w[name + ".weight"], x, self.w.get(name + ".bias"))
+
+    def _timed(self, part: str, fn, *args):
+        """``fn(*args)``, its time added to ``part`` of the attached profile (if any)."""
         if self.profile is None:
-            return self.w[name + ".weight"](x, self.w.get(name + ".bias"))
-        with self.profile.time("weight matmuls"):
-            return self.w[name + ".weight"](x, self.w.get(name + ".bias"))
+            return fn(*args)
+        with self.profile.time(part):
+            return fn(*args)
 
     def output(self, x: torch.Tensor) -> torch.Tensor:
         """Logits from the final hidden states: the output matrix, or the tied embedding."""

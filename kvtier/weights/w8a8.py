@@ -25,14 +25,12 @@ per-channel scales of the head's input, and SmolLM2's 2K PPL went from +0.83 % t
 
 from __future__ import annotations
 
-import hashlib
 import math
 
 import torch
 import torch.nn.functional as F
 
 from kvtier import kernels
-from kvtier.paths import cache_dir
 from kvtier.progress import note, status
 from kvtier.weights import register
 from kvtier.weights.base import Format, Linear
@@ -50,9 +48,9 @@ class W8A8Linear(Linear):
 
     def __init__(self, codes: torch.Tensor, ws: torch.Tensor, z: torch.Tensor, s: torch.Tensor,
                  bias: torch.Tensor, dtype: torch.dtype):
-        # codes int8 (N, K), held only as the packed tiles; ws fp32 (N, chunks of CHUNK inputs);
-        # z, s (K) and bias (N) fp32
-        self.ws, self.z, self.s, self.bias = ws, z, s, bias
+        # codes int8 (N, K) and ws fp32 (N, chunks of CHUNK inputs), held only in the tiles'
+        # layouts; z, s (K) and bias (N) fp32
+        self.z, self.s, self.bias = z, s, bias
         self.source: torch.Tensor | None = None  # the float matrix, until the ranges are measured
         self.inv_s = 1.0 / s
         self.shape, self.dtype = tuple(codes.shape), dtype
@@ -67,6 +65,11 @@ class W8A8Linear(Linear):
         wsp[:n] = ws
         self.wsum = wsum.view(np_ // 16, 16, -1).transpose(1, 2).contiguous()  # (blocks, chunks, 16)
         self.ws_tiles = wsp.view(np_ // 16, 16, -1).transpose(1, 2).contiguous()
+
+    @property
+    def ws(self) -> torch.Tensor:
+        """Each row's scale per chunk of inputs ``(N, chunks)``, from the tiles' layout."""
+        return self.ws_tiles.transpose(1, 2).reshape(-1, self.ws_tiles.shape[1])[: self.shape[0]]
 
     @property
     def codes(self) -> torch.Tensor:
@@ -133,8 +136,8 @@ class W8A8Linear(Linear):
 
     @property
     def nbytes(self):
-        return sum(t.numel() * t.element_size() for t in (self.packed, self.ws, self.ws_tiles, self.wsum, self.z,
-                                                           self.s, self.inv_s, self.bias))
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.ws_tiles, self.wsum, self.z, self.s,
+                                                           self.inv_s, self.bias))
 
     @classmethod
     def cat(cls, parts):
@@ -188,22 +191,22 @@ class W8A8(Format):
         ``KEEP_WEIGHT_ONLY`` stays weight-only (8-bit groups, ``q8``), and the log says so. Both
         are measured once per model and kept in ``<cache_dir>/calibration/`` (a few seconds to
         a minute on 2 cores), like the KV statistics."""
-        from kvtier.kv.calibration import _calibration_ids
+        from kvtier.kv import calibration
 
         pending = {n: w for n, w in model.w.items() if isinstance(w, W8A8Linear) and w.source is not None}
         if not pending:
             return
-        ids = _calibration_ids(model)
-        digest = hashlib.sha256(str(ids).encode()).hexdigest()[:16]
-        key = getattr(model, "key", None)
-        path = cache_dir("calibration") / f"{key}-{digest}-w8a8-v{VERSION}.safetensors" if key else None
-        found = _read(path, pending)
-        if found is None:
+
+        def compute(ids):
             with status(f"calibrating w8a8 on {len(ids)} tokens: activation ranges, then each kind of matrix "
                         "(once per model)"):
-                found = _measure(model, pending, ids)
-            _write(path, *found)
-        ranges, weight_only = found
+                ranges, weight_only = _measure(model, pending, ids)
+            return ({f"{n}.{side}": t for n, (lo, hi) in ranges.items() for side, t in (("lo", lo), ("hi", hi))},
+                    {"weight_only": ",".join(sorted(weight_only))})
+
+        tensors, meta = calibration.stored(model, "w8a8", VERSION, compute)
+        ranges = {n: (tensors[f"{n}.lo"], tensors[f"{n}.hi"]) for n in pending}
+        weight_only = set(filter(None, meta.get("weight_only", "").split(",")))
         for n, w in pending.items():
             model.w[n] = (quantize(w.source, 8, w.dtype) if _kind(n) in weight_only
                           else W8A8Linear.from_float(w.source, *ranges[n], w.dtype))
@@ -242,29 +245,3 @@ def _measure(model, pending: dict[str, W8A8Linear], ids: list[int]) -> tuple[dic
         if perplexity() > base * (1 + KEEP_WEIGHT_ONLY):
             weight_only.add(kind)
     return ranges, weight_only
-
-
-def _read(path, pending) -> tuple[dict, set[str]] | None:
-    from safetensors import safe_open
-
-    if path is None or not path.exists():
-        return None
-    try:
-        with safe_open(str(path), "pt") as f:
-            ranges = {n: (f.get_tensor(n + ".lo"), f.get_tensor(n + ".hi")) for n in pending}
-            kinds = f.metadata().get("weight_only", "")
-        return ranges, set(filter(None, kinds.split(",")))
-    except Exception:  # a damaged or older file is measured again, never trusted
-        path.unlink(missing_ok=True)
-        return None
-
-
-def _write(path, ranges: dict, weight_only: set[str]) -> None:
-    from safetensors.torch import save_file
-
-    if path is None:
-        return
-    tmp = path.with_suffix(".tmp")
-    save_file({f"{n}.{side}": t.contiguous() for n, (lo, hi) in ranges.items() for side, t in (("lo", lo), ("hi", hi))},
-              tmp, metadata={"version": VERSION, "weight_only": ",".join(sorted(weight_only))})
-    tmp.replace(path)
