@@ -192,7 +192,8 @@ def test_decode_in_bf16_matches_the_decoded_cache():
 
 
 @needs_kernels
-@pytest.mark.parametrize("bits, group, d, b", [(4, 64, 64, 64), (2, 32, 64, 16), (8, 16, 128, 48), (4, 16, 256, 32)])
+@pytest.mark.parametrize("bits, group, d, b", [(4, 64, 64, 64), (2, 32, 64, 16), (8, 16, 128, 48), (4, 16, 256, 32),
+                                             (4, 8, 40, 24)])  # the last: the scalar path (D not 16 lanes)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_int_encoder_writes_the_pytorch_encoders_bytes(bits, group, d, b, dtype):
     """The native `int` encoder against the PyTorch one, byte for byte: every field, with a
@@ -207,9 +208,35 @@ def test_int_encoder_writes_the_pytorch_encoders_bytes(bits, group, d, b, dtype)
     v[:, :, 2, :group] = -0.25       # one value over a group
     v[:, :, 5] = torch.arange(d) / 2  # ties on the code grid's halves
     k, v = k.to(dtype), v.to(dtype)
-    got = kernels.int_encode(k, v, bits, group)
     want = codec.encode_torch(k, v)
-    assert got is not None and got.keys() == want.keys()
-    for name in want:
-        assert got[name].shape == want[name].shape and got[name].dtype == want[name].dtype, name
-        assert torch.equal(got[name], want[name]), name
+
+    def as_model_rows(x):  # the same blocks read from the model's (tokens, heads, D) rows
+        rows = x.reshape(3, 5 * b, d).transpose(0, 1).contiguous()
+        return rows.transpose(0, 1).view(3, 5, b, d)
+
+    for kk, vv in ((k, v), (as_model_rows(k), as_model_rows(v))):
+        got = kernels.int_encode(kk, vv, bits, group)
+        assert got is not None and got.keys() == want.keys()
+        for name in want:
+            assert got[name].shape == want[name].shape and got[name].dtype == want[name].dtype, name
+            assert torch.equal(got[name], want[name]), name
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_all_finite_finds_every_nan_and_inf(dtype):
+    """The cache's NaN/Inf check against torch.isfinite, on strided views of the model's rows:
+    one bad value anywhere (first, last, in a head the view skips) is found, and only inside the view."""
+    rows = torch.randn(40, 3, 64).to(dtype)  # (tokens, heads, D)
+    view = rows.transpose(0, 1)[:, 8:40].view(3, 2, 16, 64)  # two blocks of 16 tokens
+    assert kernels.all_finite(view) and kernels.all_finite(view.contiguous())
+    for at in [(8, 0, 0), (39, 2, 63), (20, 1, 31)]:
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            x = rows.clone()
+            x[at] = bad
+            v = x.transpose(0, 1)[:, 8:40].view(3, 2, 16, 64)
+            assert not kernels.all_finite(v) and not bool(torch.isfinite(v).all()), (at, bad)
+    x = rows.clone()
+    x[7, 1, 5] = float("nan")  # outside the view
+    assert kernels.all_finite(x.transpose(0, 1)[:, 8:40].view(3, 2, 16, 64))
+    assert kernels.all_finite(torch.full((2, 3, 64), 3.0e38, dtype=torch.float32))  # large is finite

@@ -226,7 +226,8 @@ def _cache(model):
     return ModelRunner(model, "dense(dtype=fp32)").new_cache()
 
 
-W8A8_SHAPES = [(1, 96, 70), (16, 128, 576), (40, 33, 200), (3, 1536, 64), (70, 100, 300)]  # rows of x, N, K
+W8A8_SHAPES = [(1, 96, 70), (16, 128, 576), (40, 33, 200), (3, 1536, 64), (70, 100, 300),
+               (100, 260, 130)]  # rows of x, N, K
 
 
 def _w8a8_case(m, n, k):

@@ -147,9 +147,13 @@ def _declare(lib: ctypes.CDLL) -> None:
     # gate|up, N, F, bf16, out, threads
     lib.kvtier_silu_mul.argtypes = [p, l, l, i, p, i]
     lib.kvtier_silu_mul.restype = i
-    # k, v, bf16, h, n, B, D, bits, group, k codes, k scale, k zero, v codes, v scale, v zero, threads
-    lib.kvtier_int_encode.argtypes = [p, p, i, l, l, l, l, i, i, p, p, p, p, p, p, i]
+    # k, k head stride, k token stride, v and its strides, bf16, h, n, B, D, bits, group,
+    # k codes, k scale, k zero, v codes, v scale, v zero, threads
+    lib.kvtier_int_encode.argtypes = [p, l, l, p, l, l, i, l, l, l, l, i, i, p, p, p, p, p, p, i]
     lib.kvtier_int_encode.restype = i
+    # x, A, R, C, strides of A and R, bf16
+    lib.kvtier_all_finite.argtypes = [p, l, l, l, l, l, i]
+    lib.kvtier_all_finite.restype = i
     # x, x row stride, N, H, D, cos, sin, table row stride, bf16, out, threads
     lib.kvtier_rope.argtypes = [p, l, l, l, l, p, p, l, i, p, i]
     lib.kvtier_rope.restype = i
@@ -165,17 +169,38 @@ def int_encode(k: torch.Tensor, v: torch.Tensor, bits: int, group: int) -> dict[
     h, n, b, d = k.shape
     if bits not in (2, 4, 8) or d % group or d > 4096:
         return None
-    k, v = k.contiguous(), v.contiguous()
+    k, v = _token_rows(k), _token_rows(v)  # (h, n*B, D) views: no copy of the model's rows
     mb = d * bits // 8
     out = {"k": torch.empty((h, n, mb, b), dtype=torch.uint8),
            "k_scale": torch.empty((h, n, d), dtype=torch.float16), "k_zero": torch.empty((h, n, d), dtype=torch.float16),
            "v": torch.empty((h, n, b, mb), dtype=torch.uint8),
            "v_scale": torch.empty((h, n, b, d // group), dtype=torch.float16),
            "v_zero": torch.empty((h, n, b, d // group), dtype=torch.float16)}
-    rc = lib.kvtier_int_encode(k.data_ptr(), v.data_ptr(), int(k.dtype == torch.bfloat16), h, n, b, d, bits, group,
+    rc = lib.kvtier_int_encode(k.data_ptr(), k.stride(0), k.stride(1), v.data_ptr(), v.stride(0), v.stride(1),
+                               int(k.dtype == torch.bfloat16), h, n, b, d, bits, group,
                                *(out[f].data_ptr() for f in ("k", "k_scale", "k_zero", "v", "v_scale", "v_zero")),
                                torch.get_num_threads())
     return out if rc == 0 else None
+
+
+def _token_rows(x: torch.Tensor) -> torch.Tensor:
+    """Blocks ``(h, n, B, D)`` as rows ``(h, n*B, D)`` with D contiguous: a view when the
+    layout allows (a slice of the model's packed rows), else a copy."""
+    if x.stride(-1) == 1 and x.stride(1) == x.stride(2) * x.shape[2]:
+        return x.as_strided((x.shape[0], x.shape[1] * x.shape[2], x.shape[3]), (x.stride(0), x.stride(2), 1))
+    return x.contiguous().flatten(1, 2)
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """Whether ``x`` holds no NaN or Inf: one read of the rows in the native kernel (``x`` of 3
+    or 4 dims, rows of the last dim contiguous, bf16 or fp32), else ``torch.isfinite``."""
+    lib = library()
+    if lib is not None and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32) and x.dim() in (3, 4):
+        rows = _token_rows(x) if x.dim() == 4 else x
+        if rows.stride(-1) == 1:
+            return bool(lib.kvtier_all_finite(rows.data_ptr(), rows.shape[0], rows.shape[1], rows.shape[2],
+                                              rows.stride(0), rows.stride(1), int(x.dtype == torch.bfloat16)))
+    return bool(torch.isfinite(x).all())
 
 
 def int_attend(q: torch.Tensor, data: dict[str, torch.Tensor], bits: int, group: int):

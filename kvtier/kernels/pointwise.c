@@ -59,7 +59,11 @@ static inline __m512 round_bf16(__m512 x) {  /* to nearest even, as float_to_bf1
 static inline __m512 silu_mul16(__m512 g, __m512 u, int bf16) {
     const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(g)));
     const __mmask16 neg = _mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_LT_OQ);
-    __m512 s = _mm512_div_ps(_mm512_mask_mul_ps(g, neg, g, e), _mm512_add_ps(e, _mm512_set1_ps(1.0f)));
+    /* 1 / (1 + e) for 1 + e in [1, 2]: rcp14 and one Newton step (within an fp32 ulp or two,
+     * then rounded to bf16), a third of a division's time */
+    const __m512 d = _mm512_add_ps(e, _mm512_set1_ps(1.0f)), r0 = _mm512_rcp14_ps(d);
+    const __m512 r = _mm512_mul_ps(r0, _mm512_fnmadd_ps(d, r0, _mm512_set1_ps(2.0f)));
+    __m512 s = _mm512_mul_ps(_mm512_mask_mul_ps(g, neg, g, e), r);
 #ifdef __AVX512BF16__
     if (bf16) s = round_bf16(s);  /* torch rounds silu's output first */
 #else
@@ -91,4 +95,24 @@ int kvtier_silu_mul(const void *gu, int64_t N, int64_t F, int bf16, void *out, i
         }
     }
     return 0;
+}
+
+/* 1 when every element of x (A, R, C) is finite (no NaN, no Inf), else 0: rows of C contiguous,
+ * element (a, r, c) at a * sa + r * sr + c. An exponent field of all ones is what NaN and Inf
+ * share. The reference is torch.isfinite(x).all(). */
+int kvtier_all_finite(const void *x, int64_t A, int64_t R, int64_t C, int64_t sa, int64_t sr, int bf16) {
+    const uint32_t exp = bf16 ? 0x7f80u : 0x7f800000u;
+    uint32_t bad = 0;
+    for (int64_t a = 0; a < A; a++)
+        for (int64_t r = 0; r < R; r++) {
+            const int64_t at = a * sa + r * sr;
+            if (bf16) {
+                const uint16_t *row = (const uint16_t *)x + at;
+                for (int64_t c = 0; c < C; c++) bad |= (row[c] & exp) == exp;
+            } else {
+                const uint32_t *row = (const uint32_t *)x + at;
+                for (int64_t c = 0; c < C; c++) bad |= (row[c] & exp) == exp;
+            }
+        }
+    return !bad;
 }

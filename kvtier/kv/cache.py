@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from kvtier import kernels
 from kvtier.config import BLOCK_SIZE
 from kvtier.errors import KvtierError
 from kvtier.kv.blocks import BlockPool, SharedPool
@@ -204,7 +205,7 @@ class LayerKV:
 
     def _seal(self, k: torch.Tensor, v: torch.Tensor, pos: int) -> None:
         """Encode full blocks ``(Hkv, n, B, D)`` whose first token is at position ``pos``."""
-        if not bool(torch.isfinite(k.sum(dtype=torch.float32) + v.sum(dtype=torch.float32))):  # NaN/Inf survive a sum
+        if not (kernels.all_finite(k) and kernels.all_finite(v)):
             raise KvtierError(f"non-finite key/value (NaN or Inf) in tokens {pos}..{pos + k.shape[1] * k.shape[2] - 1}: "
                               "the model's activations overflowed; run with --dtype fp32")
         if self.codec.pre_rope:
