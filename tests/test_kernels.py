@@ -223,6 +223,28 @@ def test_int_encoder_writes_the_pytorch_encoders_bytes(bits, group, d, b, dtype)
 
 
 @needs_kernels
+@pytest.mark.parametrize("bits, group, d, b", [(4, 64, 64, 64), (2, 32, 64, 16), (8, 16, 128, 48), (4, 16, 256, 32)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int_decoder_gives_the_pytorch_decoders_numbers(bits, group, d, b, dtype):
+    """The native `int` decoder against the PyTorch one, equal to the last bit, reading a run of
+    blocks out of a larger pool (heads strided), including a constant channel and an outlier."""
+    codec = spec.parse(f"int(bits={bits},group={group})").codec
+    torch.manual_seed(bits * d + b + 1)
+    k = torch.randn(3, 7, b, d) * torch.linspace(0.1, 4, d)
+    k[..., 7] = 1.5
+    k[..., 3] += 300.0
+    v = torch.randn(3, 7, b, d) * 3
+    pool = codec.encode_torch(k, v)
+    run = {name: t[:, 2:6] for name, t in pool.items()}  # four blocks of seven, a view
+    got = kernels.int_decode(run, bits, group, dtype)
+    want = codec.decode_torch(run, dtype)
+    assert got is not None
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.dtype == w.dtype == dtype
+        assert torch.equal(g, w)
+
+
+@needs_kernels
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_all_finite_finds_every_nan_and_inf(dtype):
     """The cache's NaN/Inf check against torch.isfinite, on strided views of the model's rows:

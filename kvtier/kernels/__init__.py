@@ -151,6 +151,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     # k codes, k scale, k zero, v codes, v scale, v zero, threads
     lib.kvtier_int_encode.argtypes = [p, l, l, p, l, l, i, l, l, l, l, i, i, p, p, p, p, p, p, i]
     lib.kvtier_int_encode.restype = i
+    # k codes, k scale, k zero, v codes, v scale, v zero, their head strides (k, k scale/zero, v,
+    # v scale/zero), h, n, B, D, bits, group, bf16, k out, v out, threads
+    lib.kvtier_int_decode.argtypes = [p, p, p, p, p, p, l, l, l, l, l, l, l, l, i, i, i, p, p, i]
+    lib.kvtier_int_decode.restype = i
     # x, A, R, C, strides of A and R, bf16
     lib.kvtier_all_finite.argtypes = [p, l, l, l, l, l, i]
     lib.kvtier_all_finite.restype = i
@@ -181,6 +185,28 @@ def int_encode(k: torch.Tensor, v: torch.Tensor, bits: int, group: int) -> dict[
                                *(out[f].data_ptr() for f in ("k", "k_scale", "k_zero", "v", "v_scale", "v_zero")),
                                torch.get_num_threads())
     return out if rc == 0 else None
+
+
+def int_decode(data: dict[str, torch.Tensor], bits: int, group: int,
+               dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """k, v ``(Hkv, n * B, D)`` in ``dtype`` (bf16 or fp32) from a run of ``int`` blocks' fields
+    ``{field: (Hkv, n, ...)}`` (rows contiguous within a head), the numbers of
+    :meth:`kvtier.kv.codecs.intq.Int.decode`'s PyTorch path; None where the kernel does not take them."""
+    lib = library()
+    k, v = data["k"], data["v"]
+    if lib is None or k.device.type != "cpu" or dtype not in (torch.bfloat16, torch.float32):
+        return None
+    h, n, b, _ = v.shape
+    d = data["k_scale"].shape[-1]
+    names = ("k", "k_scale", "k_zero", "v", "v_scale", "v_zero")
+    if (any(not _rows_contiguous(data[f]) for f in names) or data["k_scale"].stride(0) != data["k_zero"].stride(0)
+            or data["v_scale"].stride(0) != data["v_zero"].stride(0)):
+        return None
+    ko, vo = torch.empty((h, n * b, d), dtype=dtype), torch.empty((h, n * b, d), dtype=dtype)
+    rc = lib.kvtier_int_decode(*(data[f].data_ptr() for f in names), k.stride(0), data["k_scale"].stride(0),
+                               v.stride(0), data["v_scale"].stride(0), h, n, b, d, bits, group,
+                               int(dtype == torch.bfloat16), ko.data_ptr(), vo.data_ptr(), torch.get_num_threads())
+    return (ko, vo) if rc == 0 else None
 
 
 def _token_rows(x: torch.Tensor) -> torch.Tensor:

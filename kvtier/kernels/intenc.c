@@ -86,7 +86,7 @@ static void encode_block16(const void *k, long kbase, long kst, const void *v, l
     uint8_t codes[4096], rows[4096];
     uint8_t *kb = kp + blk * mb * B;
     /* keys: each channel over the block's tokens, then one token's packed row at a time,
-     * transposed into the channel-major block in runs of 64 tokens */
+     * transposed into the channel-major block in runs of up to 64 tokens */
     __m512 zf[256], safe[256];
     for (long c = 0; c < D; c += 16) {
         __m512 lo = _mm512_set1_ps(INFINITY), hi = _mm512_set1_ps(-INFINITY);
@@ -97,8 +97,9 @@ static void encode_block16(const void *k, long kbase, long kst, const void *v, l
         }
         safe[c / 16] = pair16(lo, hi, levels, &ks[blk * D + c], &kz[blk * D + c], &zf[c / 16]);
     }
-    for (long t0 = 0; t0 < B; t0 += 64) {
-        const long nt = B - t0 < 64 ? B - t0 : 64;
+    const long run = 4096 / m < 64 ? 4096 / m : 64;  /* tokens whose packed rows fit in `rows` */
+    for (long t0 = 0; t0 < B; t0 += run) {
+        const long nt = B - t0 < run ? B - t0 : run;
         for (long t = 0; t < nt; t++) {
             for (long c = 0; c < D; c += 16)
                 _mm_storeu_si128((__m128i *)(codes + c),
@@ -199,4 +200,88 @@ int kvtier_int_encode(const void *k, int64_t ksh, int64_t kst, const void *v, in
         }
     }
     return 0;
+}
+
+/* The inverse: the `int` codec's fields for n blocks of each head -> k, v (h, n * B, D), bf16 or
+ * fp32, the numbers of kvtier.kv.codecs.intq.Int.decode: zero + code * scale in fp32 (the
+ * product of a code of at most 8 bits and an fp16 scale is exact, so fused or not the one
+ * rounding is the sum's), then rounded to bf16 to nearest even. Fields as the encoder writes
+ * them; within a head a field's blocks are contiguous, heads `ksh` (k codes), `kssh` (k scale and
+ * zero), `vsh`, `vssh` elements apart. Returns 0, or -1 for sizes it does not take. */
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+/* 16 fp32 values out at `at`, as fp32 or rounded to bf16 to nearest even (NaN stays NaN) */
+static inline void put_row16(void *out, long at, __m512 x, int bf16) {
+    if (!bf16) {
+        _mm512_storeu_ps((float *)out + at, x);
+        return;
+    }
+    const __m512i u = _mm512_castps_si512(x);
+    const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)),
+                                                         _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))), 16);
+    const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+    const __m512i bits = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+    _mm256_storeu_si256((__m256i *)((uint16_t *)out + at), _mm512_cvtepi32_epi16(bits));
+}
+#endif
+
+int kvtier_int_decode(const uint8_t *kp, const _Float16 *ks, const _Float16 *kz, const uint8_t *vp,
+                      const _Float16 *vs, const _Float16 *vz, int64_t ksh, int64_t kssh, int64_t vsh, int64_t vssh,
+                      int64_t h, int64_t n, int64_t B, int64_t D, int bits, int group, int bf16,
+                      void *ko, void *vo, int threads) {
+    if ((bits != 2 && bits != 4 && bits != 8) || B < 1 || D < 16 || D % 16 || group < 16 || group % 16
+        || D % group || D > 4096)
+        return -1;
+    const int planes = 8 / bits, m = (int)(D / planes), mb = (int)(D * bits / 8);
+    if (m % 16) return -1;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    const long blocks = h * n, ng = D / group;
+    const __m128i mask = _mm_set1_epi8((char)((1 << bits) - 1));
+    #pragma omp parallel for schedule(static) num_threads(threads) if (blocks * B * D >= 65536)
+    for (long blk = 0; blk < blocks; blk++) {
+        const long head = blk / n, b = blk % n;
+        const uint8_t *kb = kp + head * ksh + b * mb * B, *vb = vp + head * vsh + b * B * mb;
+        const _Float16 *s = ks + head * kssh + b * D, *z = kz + head * kssh + b * D;
+        const long out0 = (head * n + b) * B;  /* the block's first row in (h, n * B, D) */
+        uint8_t rows[4096];
+        /* keys: channel-major byte rows -> one token's packed row at a time */
+        const long run = 4096 / m < 64 ? 4096 / m : 64;  /* tokens whose packed rows fit in `rows` */
+        for (long t0 = 0; t0 < B; t0 += run) {
+            const long nt = B - t0 < run ? B - t0 : run;
+            for (int j = 0; j < m; j++)
+                for (long t = 0; t < nt; t++) rows[t * m + j] = kb[(long)j * B + t0 + t];
+            for (long t = 0; t < nt; t++)
+                for (int j = 0; j < m; j += 16) {
+                    const __m128i byte = _mm_loadu_si128((const __m128i *)(rows + t * m + j));
+                    for (int i = 0; i < planes; i++) {
+                        const long c = (long)i * m + j;
+                        const __m128i code = _mm_and_si128(_mm_srli_epi16(byte, i * bits), mask);
+                        const __m512 sf = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(s + c)));
+                        const __m512 zf = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(z + c)));
+                        put_row16(ko, (out0 + t0 + t) * D + c,
+                                  _mm512_add_ps(zf, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(code)), sf)), bf16);
+                    }
+                }
+        }
+        /* values: token-major rows, a scale and zero per group of channels */
+        for (long t = 0; t < B; t++) {
+            const _Float16 *sv = vs + head * vssh + (b * B + t) * ng, *zv = vz + head * vssh + (b * B + t) * ng;
+            for (int j = 0; j < m; j += 16) {
+                const __m128i byte = _mm_loadu_si128((const __m128i *)(vb + t * mb + j));
+                for (int i = 0; i < planes; i++) {
+                    const long c = (long)i * m + j, g = c / group;  /* 16 channels within one group */
+                    const __m128i code = _mm_and_si128(_mm_srli_epi16(byte, i * bits), mask);
+                    put_row16(vo, (out0 + t) * D + c,
+                              _mm512_add_ps(_mm512_set1_ps((float)zv[g]),
+                                            _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(code)),
+                                                          _mm512_set1_ps((float)sv[g]))), bf16);
+                }
+            }
+        }
+    }
+    return 0;
+#else
+    (void)kp; (void)ks; (void)kz; (void)vp; (void)vs; (void)vz; (void)ksh; (void)kssh; (void)vsh; (void)vssh;
+    (void)h; (void)n; (void)B; (void)bf16; (void)ko; (void)vo; (void)threads; (void)mb;
+    return -1;
+#endif
 }

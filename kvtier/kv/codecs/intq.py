@@ -78,6 +78,11 @@ class Int(SlidingResidual, Codec):
                 "v_scale": vs.squeeze(4), "v_zero": vz.squeeze(4)}
 
     def decode(self, data, dtype):
+        fast = kernels.int_decode(data, self.bits, self.group, dtype) if self.bits != 3 else None
+        return fast if fast is not None else self.decode_torch(data, dtype)
+
+    def decode_torch(self, data, dtype):
+        """The PyTorch path of :meth:`decode` (the native decoder's oracle)."""
         kq = unpack_float(data["k"].transpose(-1, -2), self.bits)  # (Hkv, n, B, D)
         h, n, b, d = kq.shape
         k = torch.addcmul(data["k_zero"].unsqueeze(2).float(), kq, data["k_scale"].unsqueeze(2).float())
