@@ -73,3 +73,21 @@ def test_rope_kernel_gives_the_references_numbers(dtype, d):
     got = kernels.rope(q, cos, sin)
     assert got is not None and torch.equal(got, Rope.reference(q, cos, sin))
     assert torch.equal(rope(q, batch), got)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_copy_rows_places_each_token_in_its_residual_row(dtype):
+    """A decode step's new keys/values (the model's (H, N, D) views) into each sequence's
+    residual row, against a copy per slice; the rows around them are left alone."""
+    qkv = torch.randn(5, 3 * 2 * 64).to(dtype)  # 5 sequences' new tokens, k|v|other side by side
+    kt = qkv[:, :128].view(5, 2, 64).contiguous().transpose(0, 1)  # the keys after RoPE: their own rows
+    vt = qkv[:, 128:256].view(5, 2, 64).transpose(0, 1)
+    residuals = [(torch.zeros(2, 9, 64, dtype=dtype), torch.zeros(2, 9, 64, dtype=dtype)) for _ in range(3)]
+    rows, at = [4, 0, 2], [3, 8, 0]  # token row in kt, residual row
+    step = residuals[0][0].stride(1) * residuals[0][0].element_size()
+    assert kernels.copy_rows(kt, vt, rows, [rk.data_ptr() + r * step for (rk, _), r in zip(residuals, at)],
+                             [rv.data_ptr() + r * step for (_, rv), r in zip(residuals, at)], residuals[0][0].stride(0))
+    for (rk, rv), row, r in zip(residuals, rows, at):
+        want_k, want_v = torch.zeros_like(rk), torch.zeros_like(rv)
+        want_k[:, r], want_v[:, r] = kt[:, row], vt[:, row]
+        assert torch.equal(rk, want_k) and torch.equal(rv, want_v)

@@ -11,6 +11,7 @@ sources, the flags and the CPU's feature flags, so a different CPU builds its ow
 
 from __future__ import annotations
 
+import array
 import ctypes
 import functools
 import hashlib
@@ -155,6 +156,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     # v scale/zero), h, n, B, D, bits, group, bf16, k out, v out, threads
     lib.kvtier_int_decode.argtypes = [p, p, p, p, p, p, l, l, l, l, l, l, l, l, i, i, i, p, p, i]
     lib.kvtier_int_decode.restype = i
+    # k, v, k's head and row strides, v's, entries, source rows, k and v destinations,
+    # destination head stride, H, D, bytes an element
+    lib.kvtier_copy_rows.argtypes = [p, p, l, l, l, l, l, p, p, p, l, l, l, i]
+    lib.kvtier_copy_rows.restype = i
     # x, A, R, C, strides of A and R, bf16
     lib.kvtier_all_finite.argtypes = [p, l, l, l, l, l, i]
     lib.kvtier_all_finite.restype = i
@@ -505,6 +510,25 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -
     rc = lib.kvtier_rms_norm(x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], weight.data_ptr(), eps, offset,
                              int(x.dtype == torch.bfloat16), y.data_ptr(), y.stride(0), torch.get_num_threads())
     return y if rc == 0 else None
+
+
+def copy_rows(k: torch.Tensor, v: torch.Tensor, rows: list[int], dst_k: list[int], dst_v: list[int],
+              dst_head_stride: int) -> bool:
+    """Copy token ``rows[i]`` of ``k, v (H, N, D)`` (each with D contiguous) to the ``(H, D)`` slices
+    at addresses ``dst_k[i], dst_v[i]`` (heads ``dst_head_stride`` elements apart, same dtype):
+    one call for a decode step's new tokens of every sequence. False, having copied nothing,
+    when the kernel is unavailable or the layouts differ from these."""
+    lib = library()
+    if (lib is None or k.device.type != "cpu" or k.dtype != v.dtype or k.shape != v.shape or k.stride(2) != 1
+            or v.stride(2) != 1 or k.element_size() not in (2, 4)):
+        return False
+    n = len(rows)
+    addr = array.array("q", rows + dst_k + dst_v)
+    base = addr.buffer_info()[0]
+    rc = lib.kvtier_copy_rows(k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1), v.stride(0), v.stride(1), n,
+                              base, base + 8 * n,
+                              base + 16 * n, dst_head_stride, k.shape[0], k.shape[2], k.element_size())
+    return rc == 0
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:

@@ -116,3 +116,21 @@ int kvtier_all_finite(const void *x, int64_t A, int64_t R, int64_t C, int64_t sa
         }
     return !bad;
 }
+
+/* For each of n entries: the (H, D) slice of token row src_row[i] of k and of v (element
+ * (h, r, d) of k at h * ksh + r * ksr + d, of v at h * vsh + r * vsr + d) copied to the
+ * addresses dk[i], dv[i] (element (h, d) at h * dh + d); `elem` bytes an element. A decode
+ * step's new keys and values into each sequence's residual row, one call per layer; the
+ * reference is a copy_ per slice. */
+int kvtier_copy_rows(const void *k, const void *v, int64_t ksh, int64_t ksr, int64_t vsh, int64_t vsr, int64_t n,
+                     const int64_t *src_row, const int64_t *dk, const int64_t *dv, int64_t dh, int64_t H, int64_t D,
+                     int elem) {
+    if (n < 0 || H < 1 || D < 1 || (elem != 2 && elem != 4)) return -1;
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t h = 0; h < H; h++) {
+            const int64_t to = h * dh * elem;
+            memcpy((char *)(intptr_t)dk[i] + to, (const char *)k + (h * ksh + src_row[i] * ksr) * elem, (size_t)(D * elem));
+            memcpy((char *)(intptr_t)dv[i] + to, (const char *)v + (h * vsh + src_row[i] * vsr) * elem, (size_t)(D * elem));
+        }
+    return 0;
+}

@@ -169,14 +169,14 @@ class LayerKV:
         self.length += t
         self._slide()
 
-    def slot(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def slot(self) -> int | None:
         """Where the next single token goes when appending it is a copy into the residual and
-        nothing else (no sink to fill, no block to seal): views ``(Hkv, D)`` of its residual row.
-        The caller copies the token there, then calls :meth:`took`; a decode step does this for
-        every sequence of a layer in one copy. None otherwise: use :meth:`append`."""
+        nothing else (no sink to fill, no block to seal): its row of ``residual_k``/``residual_v``
+        (``(Hkv, rows, D)``). The caller copies the token there, then calls :meth:`took`; a decode
+        step does this for every sequence of a layer in one copy. None otherwise: use :meth:`append`."""
         if self.length < self.n_sinks or self.n_residual + 1 - self.keep >= self.block_size:
             return None
-        return self.residual_k.select(1, self.n_residual), self.residual_v.select(1, self.n_residual)
+        return self.n_residual
 
     def took(self) -> None:
         """The token :meth:`slot` placed is in: count it (and free what a window passed)."""

@@ -251,23 +251,27 @@ class DecoderModel:
 
     @staticmethod
     def _tokens_in(at: list[tuple], kt: torch.Tensor, vt: torch.Tensor) -> None:
-        if kt.shape[1] == len(at):  # every row a decoding sequence's: one call for all views
-            ks, vs = kt.unbind(1), vt.unbind(1)  # (Hkv, D) each
-        else:  # a prefill chunk's rows too: only the decoding rows
-            ks, vs = {row: kt[:, row] for _, row in at}, {row: vt[:, row] for _, row in at}
-        dst, src, placed = [], [], []
+        rows, dst_k, dst_v, placed, rest = [], [], [], [], []
+        size, head = kt.element_size(), None
         for layer, row in at:
             slot = layer.slot()
-            if slot is None:
-                layer.append(ks[row].unsqueeze(1), vs[row].unsqueeze(1))
-            else:
-                dst += slot
-                src += (ks[row], vs[row])
-                placed.append(layer)
-        if dst:
-            torch._foreach_copy_(dst, src)
-            for layer in placed:
-                layer.took()
+            rk, rv = layer.residual_k, layer.residual_v
+            if slot is None or rk.dtype != kt.dtype or (head is not None and rk.stride(0) != head):
+                rest.append((layer, row))  # appended on its own (a sink, a block to seal, another layout)
+                continue
+            head, step = rk.stride(0), rk.stride(1) * size
+            rows.append(row)
+            dst_k.append(rk.data_ptr() + slot * step)
+            dst_v.append(rv.data_ptr() + slot * step)
+            placed.append(layer)
+        if placed and not kernels.copy_rows(kt, vt, rows, dst_k, dst_v, head):
+            torch._foreach_copy_([x for layer in placed for x in (layer.residual_k[:, layer.slot()],
+                                                                   layer.residual_v[:, layer.slot()])],
+                                 [x for row in rows for x in (kt[:, row], vt[:, row])])
+        for layer in placed:
+            layer.took()
+        for layer, row in rest:
+            layer.append(kt[:, row].unsqueeze(1), vt[:, row].unsqueeze(1))
 
     def _store(self, layer, k: torch.Tensor, v: torch.Tensor) -> None:
         self._timed("kv store (codec encode)", layer.append, k, v)
