@@ -7,6 +7,8 @@ whole prompts into forwards of at most ``prefill_chunk`` tokens.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 
 from kvtier import spec as specs
@@ -147,14 +149,14 @@ class ModelRunner:
         holds during a prefill, its largest size."""
         if self._sizes is None:
             probe = self.new_cache()
-            try:
-                self._sizes = [_layer_sizes(layer) for layer in probe.layers]
+            try:  # layers of one kind (most models have one or two) are counted together
+                self._sizes = list(Counter(_layer_sizes(layer) for layer in probe.layers).items())
             finally:
                 probe.close()
         total, b = 0, self.block_size
-        for slot, plain, sinks, keep, window, state, full in self._sizes:
+        for (slot, plain, sinks, keep, window, state, full), count in self._sizes:
             if full:  # a selector's staging: every token in the compute dtype
-                total += (n_tokens if window is None else min(n_tokens, window + b)) * full
+                total += (n_tokens if window is None else min(n_tokens, window + b)) * full * count
                 continue
             held_sinks = min(n_tokens, sinks)
             rest = n_tokens - held_sinks
@@ -162,7 +164,7 @@ class ModelRunner:
             residual = rest - blocks * b
             if window:  # blocks no query can see any more are freed
                 blocks -= max(0, min(blocks, (n_tokens - window - sinks) // b))
-            total += blocks * (slot + TABLE_ENTRY_BYTES) + (held_sinks + residual) * plain + state
+            total += (blocks * (slot + TABLE_ENTRY_BYTES) + (held_sinks + residual) * plain + state) * count
         return total
 
 

@@ -151,8 +151,9 @@ class Scheduler:
         """Before a step: make room for every running sequence's next token."""
         m = self.memory
         over = m.held(self.running, 1) - m.budget
-        if over > 0:
-            m.reclaim(over)
+        if over <= 0:
+            return
+        m.reclaim(over)
         while len(self.running) > 1 and m.held(self.running, 1) > m.budget:
             victim = max(self.running, key=self._order)
             self.preempt(victim)

@@ -89,8 +89,8 @@ class BlockPool:
 
     def slot_bytes(self) -> int:
         """Bytes one slot holds across all fields (packed data, scales, everything stored), from
-        the field tensors' shapes and dtypes (so an empty pool answers too)."""
-        return sum(t.element_size() * t.shape[0] * math.prod(t.shape[2:]) for t in self.data.values())
+        the codec's field shapes and dtypes (so an empty pool answers too)."""
+        return sum(dtype.itemsize * self.n_kv * math.prod(shape) for shape, dtype in self.spec.values())
 
     def reserved_bytes(self) -> int:
         return sum(t.element_size() * t.numel() for t in self.data.values())
