@@ -411,6 +411,20 @@ int kvtier_qdequant_bf16(const uint8_t *codes, const uint16_t *d, const uint16_t
 #endif
 }
 
+/* y (n fp32 values) rounded to bf16, to nearest even (16 at a time where the CPU converts) */
+static void to_bf16(const float *y, int64_t n, uint16_t *y16) {
+    int64_t i = 0;
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+    for (; i + 16 <= n; i += 16)
+        _mm256_storeu_si256((__m256i *)(y16 + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(y + i)));
+#endif
+    for (; i < n; i++) {
+        uint32_t u;
+        memcpy(&u, y + i, 4);
+        y16[i] = (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+    }
+}
+
 /* kvtier_qmatmul with bf16 x and y (the compute dtype on CPUs with native bf16): the
  * conversions happen here, not as two more tensor ops per matmul. */
 int kvtier_qmatmul_bf16(const uint16_t *x16, int64_t M, int64_t K, const uint8_t *codes, const uint16_t *d,
@@ -433,11 +447,7 @@ int kvtier_qmatmul_bf16(const uint16_t *x16, int64_t M, int64_t K, const uint8_t
         done = 0;
     }
     if (done == 0) {
-        for (int64_t i = 0; i < M * N; i++) {
-            uint32_t u;
-            memcpy(&u, y + i, 4);
-            y16[i] = (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
-        }
+        to_bf16(y, M * N, y16);
         free(x);
         return 0;
     }
@@ -447,12 +457,7 @@ int kvtier_qmatmul_bf16(const uint16_t *x16, int64_t M, int64_t K, const uint8_t
         memcpy(x + i, &u, 4);
     }
     int rc = kvtier_qmatmul(x, M, K, codes, d, mn, N, bits, y, threads);
-    if (rc == 0)
-        for (int64_t i = 0; i < M * N; i++) {  /* round to nearest even */
-            uint32_t u;
-            memcpy(&u, y + i, 4);
-            y16[i] = (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
-        }
+    if (rc == 0) to_bf16(y, M * N, y16);
     free(x);
     return rc;
 }
