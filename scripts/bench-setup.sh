@@ -38,6 +38,15 @@ else
   echo "bench-setup: building $LLAMACPP from source for this CPU (5 to 10 minutes on 2 cores) ..."
   # CPU only, tuned to this machine (-march=native); no GPU back ends, no multimodal library,
   # no example, test or tool programs: only libllama and ggml, which the bindings load.
+  # On a CPU with AMX, ggml's AMX path (weights repacked for the int8 tiles) crashes in its first
+  # matmul (ggml-org/llama.cpp#20824, open upstream; this version too): build without it, which
+  # leaves the AVX-512 paths llama.cpp runs on every other x86 CPU.
+  # (CMake starts its C/C++ flags from CFLAGS/CXXFLAGS; gcc's -mno-* win over -march=native.)
+  if grep -qw amx_tile /proc/cpuinfo 2>/dev/null; then
+    export CFLAGS="${CFLAGS:-} -mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+    export CXXFLAGS="${CXXFLAGS:-} -mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+    echo "bench-setup: this CPU has AMX: building llama.cpp without its AMX path (it crashes: llama.cpp#20824)"
+  fi
   export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=ON -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF \
 -DGGML_BLAS=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
 -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF}"

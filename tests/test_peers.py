@@ -30,6 +30,7 @@ def test_peers_are_registered_by_name():
     ("llamacpp(kv=q8_0)", "llamacpp(kv=q8_0)"),
     (" llamacpp ( kv = q4_0 ) ", "llamacpp(kv=q4_0)"),
     ("llamacpp", "llamacpp(kv=f16)"),
+    ("llamacpp(fa=off)", "llamacpp(kv=f16,fa=off)"),
     ("hf-quanto(bits=2)", "hf-quanto(bits=2,group=64,residual=128)"),
     ("hf-quanto", "hf-quanto(bits=4,group=64,residual=128)"),
     ("hf-quanto(bits=4,residual=64)", "hf-quanto(bits=4,group=64,residual=64)"),
@@ -51,9 +52,10 @@ def test_a_kvtier_spec_is_not_a_peer():
     ("hf-quanto(bits=four)", "hf-quanto: bits='four' is not a valid int"),
     ("hf-quanto(residual=0)", "residual=0 is below its minimum 1"),
     ("llamacpp(kv=q5_1)", "llamacpp: kv=q5_1 is not one of f16, q8_0, q4_0"),
-    ("llamacpp(type_k=f16)", "llamacpp has no parameter 'type_k'; its parameters: kv"),
+    ("llamacpp(type_k=f16)", "llamacpp has no parameter 'type_k'; its parameters: kv, fa"),
     ("llamacpp(kv=)", "bad argument 'kv=' in 'llamacpp(kv=)': write param=value"),
     ("llamacpp(kv=f16", "unbalanced '('"),
+    ("llamacpp(kv=q4_0,fa=off)", "a q4_0 cache needs flash attention"),
     ("snapkv(ratio=0.5)+llamacpp(kv=q8_0)", "the peer llamacpp does not compose with '+'"),
 ])
 def test_bad_peer_specs_say_what_is_wrong(text, message):
