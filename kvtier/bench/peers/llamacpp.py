@@ -33,7 +33,7 @@ class LlamaCpp(Peer):
     compute: ClassVar[str] = "gguf"  # the GGUF's quantized weights, fp32 activations
     kv: str = param("f16", "ggml type of the K and V cache", choices=tuple(KV_TYPES))
     fa: str = param("on", "flash attention (needed by a quantized cache; off: ggml's plain attention, which "
-                    "decodes an f16 cache 2.9x faster at 8K on an AVX-512 Xeon)", choices=("on", "off"), quiet=True)
+                    "decodes an f16 cache 2.8x faster at 8K on an AVX-512 Xeon)", choices=("on", "off"), quiet=True)
 
     def __post_init__(self):
         if self.fa == "off" and self.kv != "f16":
