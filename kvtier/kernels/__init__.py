@@ -526,8 +526,8 @@ def copy_rows(k: torch.Tensor, v: torch.Tensor, rows: list[int], dst_k: list[int
     addr = array.array("q", rows + dst_k + dst_v)
     base = addr.buffer_info()[0]
     rc = lib.kvtier_copy_rows(k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1), v.stride(0), v.stride(1), n,
-                              base, base + 8 * n,
-                              base + 16 * n, dst_head_stride, k.shape[0], k.shape[2], k.element_size())
+                              base, base + 8 * n, base + 16 * n,  # rows, dst_k, dst_v in one int64 buffer
+                              dst_head_stride, k.shape[0], k.shape[2], k.element_size())
     return rc == 0
 
 

@@ -255,9 +255,9 @@ class DecoderModel:
         size, head = kt.element_size(), None
         for layer, row in at:
             slot = layer.slot()
-            rk, rv = layer.residual_k, layer.residual_v
+            rk, rv = (None, None) if slot is None else (layer.residual_k, layer.residual_v)
             if slot is None or rk.dtype != kt.dtype or (head is not None and rk.stride(0) != head):
-                rest.append((layer, row))  # appended on its own (a sink, a block to seal, another layout)
+                rest.append((layer, row))  # appended on its own (a sink, a block to seal, a selector, another layout)
                 continue
             head, step = rk.stride(0), rk.stride(1) * size
             rows.append(row)
