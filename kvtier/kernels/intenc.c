@@ -1,6 +1,6 @@
-/* Encoding of the `int` codec (KIVI's asymmetric quantization, bits 2, 4 and 8): the same
- * numbers as the PyTorch encoder it stands beside (kvtier.kv.codecs.intq.quantize and
- * packing.pack), tested equal byte for byte. Blocks of B tokens (h, n, B, D), bf16 or fp32:
+/* Encoding and decoding of the `int` codec (KIVI's asymmetric quantization, bits 2, 4 and 8):
+ * the same numbers as the PyTorch encoder and decoder they stand beside
+ * (kvtier.kv.codecs.intq.quantize and packing.pack; Int.decode_torch), tested equal to the bit. Blocks of B tokens (h, n, B, D), bf16 or fp32:
  *   keys    per channel over the block's tokens; codes packed in planes along the channels and
  *           stored channel-major, k[h, n, j, t] (byte row j holds channel i*m + j in plane i);
  *   values  per token over groups of `group` channels, packed the same way, token-major.
