@@ -2,7 +2,8 @@
 
 llama.cpp runs the GGUF's quantized weights directly, with a KV cache of type ``kv`` for both
 keys and values (f16, or q8_0 / q4_0 blocks of 32 elements with one fp16 scale each), through
-its flash attention (``fa=on``, the only path for a quantized cache) or its plain attention. It uses as many threads as torch does, so both sides get the same cores.
+its flash attention (``fa=on``, the only path for a quantized cache) or its plain attention.
+It uses as many threads as torch does, so both sides get the same cores.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ KV_TYPES = {"f16": "GGML_TYPE_F16", "q8_0": "GGML_TYPE_Q8_0", "q4_0": "GGML_TYPE
 @register
 @dataclass(frozen=True)
 class LlamaCpp(Peer):
-    """llama.cpp via llama-cpp-python on the same GGUF: its weights, f16/q8_0/q4_0 KV, flash attention on or off."""
+    """llama.cpp via llama-cpp-python on the same GGUF: its weights, f16/q8_0/q4_0 KV, flash attention
+    on or off."""
 
     name: ClassVar[str] = "llamacpp"
     needs: ClassVar[tuple[str, str]] = ("llama_cpp", "llama-cpp-python")
