@@ -14,9 +14,6 @@
 #include <string.h>
 
 #include "bf16.h"
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-#include <immintrin.h>
-#endif
 
 static inline float element(const void *x, long i, int bf16) {
     return bf16 ? bf16_to_float(((const uint16_t *)x)[i]) : ((const float *)x)[i];
@@ -39,15 +36,9 @@ static inline uint8_t code(float x, float zf, float safe, int levels) {
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 /* The same numbers 16 channels at a time: IEEE division and round-to-nearest-even are exact in
- * the vector units too (vdivps, vrndscaleps, vcvtps2ph), so the bytes do not change. */
-static inline __m512 load16(const void *x, long i, int bf16) {
-    if (bf16)
-        return _mm512_castsi512_ps(_mm512_slli_epi32(
-            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)x + i))), 16));
-    return _mm512_loadu_ps((const float *)x + i);
-}
-
-/* fp16 scale and zero of 16 slices (min lo, max hi) stored at s16, z16; returns the divisor
+ * the vector units too (vdivps, vrndscaleps, vcvtps2ph), so the bytes do not change.
+ *
+ * fp16 scale and zero of 16 slices (min lo, max hi) stored at s16, z16; returns the divisor
  * (the fp16 scale, or 1 where it is not above 0) and sets *zf to the fp16 zero as fp32 */
 static inline __m512 pair16(__m512 lo, __m512 hi, __m512 levels, _Float16 *s16, _Float16 *z16, __m512 *zf) {
     const __m256i s = _mm512_cvtps_ph(_mm512_div_ps(_mm512_sub_ps(hi, lo), levels),
@@ -91,7 +82,7 @@ static void encode_block16(const void *k, long kbase, long kst, const void *v, l
     for (long c = 0; c < D; c += 16) {
         __m512 lo = _mm512_set1_ps(INFINITY), hi = _mm512_set1_ps(-INFINITY);
         for (long t = 0; t < B; t++) {
-            const __m512 x = load16(k, kbase + t * kst + c, bf16);
+            const __m512 x = load16_as_float(k, kbase + t * kst + c, bf16);
             lo = _mm512_min_ps(x, lo);
             hi = _mm512_max_ps(x, hi);
         }
@@ -103,7 +94,7 @@ static void encode_block16(const void *k, long kbase, long kst, const void *v, l
         for (long t = 0; t < nt; t++) {
             for (long c = 0; c < D; c += 16)
                 _mm_storeu_si128((__m128i *)(codes + c),
-                                 code16(load16(k, kbase + (t0 + t) * kst + c, bf16), zf[c / 16], safe[c / 16], levels));
+                                 code16(load16_as_float(k, kbase + (t0 + t) * kst + c, bf16), zf[c / 16], safe[c / 16], levels));
             pack_row(codes, m, planes, bits, rows + t * m);
         }
         for (int j = 0; j < m; j++)
@@ -115,7 +106,7 @@ static void encode_block16(const void *k, long kbase, long kst, const void *v, l
         for (long g = 0; g < ng; g++) {
             __m512 lo = _mm512_set1_ps(INFINITY), hi = _mm512_set1_ps(-INFINITY);
             for (long c = g * group; c < (g + 1) * group; c += 16) {
-                const __m512 x = load16(v, row + c, bf16);
+                const __m512 x = load16_as_float(v, row + c, bf16);
                 lo = _mm512_min_ps(x, lo);
                 hi = _mm512_max_ps(x, hi);
             }
@@ -124,7 +115,7 @@ static void encode_block16(const void *k, long kbase, long kst, const void *v, l
             const float s = pair(_mm512_reduce_min_ps(lo), _mm512_reduce_max_ps(hi), (1 << bits) - 1, &vs[at], &vz[at], &z);
             const __m512 zv = _mm512_set1_ps(z), sv = _mm512_set1_ps(s);
             for (long c = g * group; c < (g + 1) * group; c += 16)
-                _mm_storeu_si128((__m128i *)(codes + c), code16(load16(v, row + c, bf16), zv, sv, levels));
+                _mm_storeu_si128((__m128i *)(codes + c), code16(load16_as_float(v, row + c, bf16), zv, sv, levels));
         }
         pack_row(codes, m, planes, bits, vp + (blk * B + t) * mb);
     }
@@ -208,22 +199,6 @@ int kvtier_int_encode(const void *k, int64_t ksh, int64_t kst, const void *v, in
  * rounding is the sum's), then rounded to bf16 to nearest even. Fields as the encoder writes
  * them; within a head a field's blocks are contiguous, heads `ksh` (k codes), `kssh` (k scale and
  * zero), `vsh`, `vssh` elements apart. Returns 0, or -1 for sizes it does not take. */
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-/* 16 fp32 values out at `at`, as fp32 or rounded to bf16 to nearest even (NaN stays NaN) */
-static inline void put_row16(void *out, long at, __m512 x, int bf16) {
-    if (!bf16) {
-        _mm512_storeu_ps((float *)out + at, x);
-        return;
-    }
-    const __m512i u = _mm512_castps_si512(x);
-    const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)),
-                                                         _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))), 16);
-    const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-    const __m512i bits = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
-    _mm256_storeu_si256((__m256i *)((uint16_t *)out + at), _mm512_cvtepi32_epi16(bits));
-}
-#endif
-
 int kvtier_int_decode(const uint8_t *kp, const _Float16 *ks, const _Float16 *kz, const uint8_t *vp,
                       const _Float16 *vs, const _Float16 *vz, int64_t ksh, int64_t kssh, int64_t vsh, int64_t vssh,
                       int64_t h, int64_t n, int64_t B, int64_t D, int bits, int group, int bf16,
@@ -257,7 +232,7 @@ int kvtier_int_decode(const uint8_t *kp, const _Float16 *ks, const _Float16 *kz,
                         const __m128i code = _mm_and_si128(_mm_srli_epi16(byte, i * bits), mask);
                         const __m512 sf = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(s + c)));
                         const __m512 zf = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(z + c)));
-                        put_row16(ko, (out0 + t0 + t) * D + c,
+                        store16_from_float(ko, (out0 + t0 + t) * D + c,
                                   _mm512_add_ps(zf, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(code)), sf)), bf16);
                     }
                 }
@@ -270,7 +245,7 @@ int kvtier_int_decode(const uint8_t *kp, const _Float16 *ks, const _Float16 *kz,
                 for (int i = 0; i < planes; i++) {
                     const long c = (long)i * m + j, g = c / group;  /* 16 channels within one group */
                     const __m128i code = _mm_and_si128(_mm_srli_epi16(byte, i * bits), mask);
-                    put_row16(vo, (out0 + t) * D + c,
+                    store16_from_float(vo, (out0 + t) * D + c,
                               _mm512_add_ps(_mm512_set1_ps((float)zv[g]),
                                             _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(code)),
                                                           _mm512_set1_ps((float)sv[g]))), bf16);

@@ -41,12 +41,6 @@ int kvtier_rms_norm(const void *x, int64_t ldx, int64_t N, int64_t C, const floa
 }
 
 #ifdef __AVX512F__
-static inline __m512 load16(const void *p, int64_t i, int bf16) {
-    if (!bf16) return _mm512_loadu_ps((const float *)p + i);
-    const __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
 #ifdef __AVX512BF16__
 static inline __m512 round_bf16(__m512 x) {  /* to nearest even, as float_to_bf16 */
     const __m256i h = (__m256i)_mm512_cvtneps_pbh(x);
@@ -82,7 +76,7 @@ int kvtier_silu_mul(const void *gu, int64_t N, int64_t F, int bf16, void *out, i
         int64_t f = 0;
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
         for (; f + 16 <= F; f += 16) {
-            const __m512 y = silu_mul16(load16(gu, n * 2 * F + f, bf16), load16(gu, n * 2 * F + F + f, bf16), bf16);
+            const __m512 y = silu_mul16(load16_as_float(gu, n * 2 * F + f, bf16), load16_as_float(gu, n * 2 * F + F + f, bf16), bf16);
             if (bf16) _mm256_storeu_si256((__m256i *)((uint16_t *)out + n * F + f), (__m256i)_mm512_cvtneps_pbh(y));
             else _mm512_storeu_ps((float *)out + n * F + f, y);
         }

@@ -251,7 +251,7 @@ class DecoderModel:
 
     @staticmethod
     def _tokens_in(at: list[tuple], kt: torch.Tensor, vt: torch.Tensor) -> None:
-        rows, dst_k, dst_v, placed, rest = [], [], [], [], []
+        rows, dst_k, dst_v, placed, slots, rest = [], [], [], [], [], []
         size, head = kt.element_size(), None
         for layer, row in at:
             slot = layer.slot()
@@ -264,9 +264,10 @@ class DecoderModel:
             dst_k.append(rk.data_ptr() + slot * step)
             dst_v.append(rv.data_ptr() + slot * step)
             placed.append(layer)
+            slots.append(slot)
         if placed and not kernels.copy_rows(kt, vt, rows, dst_k, dst_v, head):
-            torch._foreach_copy_([x for layer in placed for x in (layer.residual_k[:, layer.slot()],
-                                                                   layer.residual_v[:, layer.slot()])],
+            torch._foreach_copy_([x for layer, r in zip(placed, slots)
+                                  for x in (layer.residual_k[:, r], layer.residual_v[:, r])],
                                  [x for row in rows for x in (kt[:, row], vt[:, row])])
         for layer in placed:
             layer.took()
