@@ -262,3 +262,7 @@ def test_all_finite_finds_every_nan_and_inf(dtype):
     x[7, 1, 5] = float("nan")  # outside the view
     assert kernels.all_finite(x.transpose(0, 1)[:, 8:40].view(3, 2, 16, 64))
     assert kernels.all_finite(torch.full((2, 3, 64), 3.0e38, dtype=torch.float32))  # large is finite
+    tail = torch.randn(2, 3, 40).to(dtype)  # rows the vector loop does not cover to the end
+    assert kernels.all_finite(tail)
+    tail[1, 2, 37] = float("inf")
+    assert not kernels.all_finite(tail)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from kvtier import kernels
-from kvtier.models.base import rms_norm, rms_norm_reference
+from kvtier.models.base import add_rms_norm, rms_norm, rms_norm_reference
 
 pytestmark = pytest.mark.skipif(kernels.library() is None, reason="no C compiler: the reference is the only path")
 
@@ -31,6 +31,31 @@ def test_rms_norm_kernel_equals_the_reference(dtype, offset, rows):
     strided = torch.randn(rows, 1000).to(dtype)[:, 100:676]  # a view: rows 1,000 apart
     torch.testing.assert_close(kernels.rms_norm(strided, w, 1e-5, offset).float(),
                                rms_norm_reference(strided, w, 1e-5, offset).float(), atol=0.05, rtol=2 ** -7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels", [576, 200])  # 200: a tail past the last 16 lanes
+def test_add_rms_norm_kernel_equals_the_add_then_the_norm(dtype, channels):
+    """The residual add fused into the next norm: the sum is the same numbers torch's add
+    gives (rounded once to bf16), the norm as the plain kernel's."""
+    torch.manual_seed(channels)
+    x, delta = (torch.randn(300, channels) * 3).to(dtype), (torch.randn(300, channels) * 2).to(dtype)
+    w = torch.randn(channels)
+    for offset in (0.0, 1.0):
+        s, y = kernels.add_rms_norm(x, delta, w, 1e-5, offset)
+        assert torch.equal(s, x + delta)
+        assert torch.equal(y, kernels.rms_norm(x + delta, w, 1e-5, offset))
+        want = rms_norm_reference(x + delta, w, 1e-5, offset)
+        torch.testing.assert_close(y.float(), want.float(), atol=1e-5, rtol=1e-5 if dtype == torch.float32 else 2 ** -7)
+    strided = (torch.randn(300, 2 * channels) * 2).to(dtype)[:, channels:]  # a view: rows apart
+    s, y = add_rms_norm(x, strided, w, 1e-6)
+    assert torch.equal(s, x + strided) and torch.equal(y, rms_norm(x + strided, w, 1e-6))
+    s, y = add_rms_norm(x, None, w, 1e-6)  # no output to add yet (the first layer)
+    assert s is x and torch.equal(y, rms_norm(x, w, 1e-6))
+    bad = delta.clone()
+    bad[7, 3] = float("nan")
+    s, y = kernels.add_rms_norm(x, bad, w, 1e-5, 0.0)
+    assert torch.isnan(s[7, 3]) and torch.isnan(y[7]).all() and not torch.isnan(y[8]).any()
 
 
 def test_rms_norm_takes_the_kernel_for_rows_and_the_reference_otherwise():

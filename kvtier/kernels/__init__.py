@@ -142,8 +142,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.kvtier_qdequant.restype = i
     lib.kvtier_qdequant_bf16.argtypes = [p, p, p, l, l, i, p, i]
     lib.kvtier_qdequant_bf16.restype = i
-    # x, x row stride, N, C, w, eps, offset, bf16, y, y row stride, threads
-    lib.kvtier_rms_norm.argtypes = [p, l, l, l, p, ctypes.c_float, ctypes.c_float, i, p, l, i]
+    # x, x row stride, delta, its row stride, sum, its row stride, N, C, w, eps, offset, bf16, y,
+    # y row stride, threads
+    lib.kvtier_rms_norm.argtypes = [p, l, p, l, p, l, l, l, p, ctypes.c_float, ctypes.c_float, i, p, l, i]
     lib.kvtier_rms_norm.restype = i
     # gate|up, N, F, bf16, out, threads
     lib.kvtier_silu_mul.argtypes = [p, l, l, i, p, i]
@@ -502,14 +503,32 @@ def qdequant(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None, bits:
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> torch.Tensor | None:
     """RMSNorm of the rows of ``x (N, C)`` (bf16 or fp32, last dim contiguous) in one pass,
     fp32 arithmetic, ``weight (C,)`` fp32 (see pointwise.c); None: no kernel for it."""
+    out = _rms_norm(x, None, weight, eps, offset)
+    return None if out is None else out[1]
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
+                 offset: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(x + delta, rms_norm(x + delta))`` in one pass over the rows, the sum rounded to the
+    dtype first as torch's add rounds it; None: no kernel for these tensors."""
+    if delta.dtype != x.dtype or delta.shape != x.shape or delta.device != x.device:
+        return None
+    return _rms_norm(x, delta, weight, eps, offset)
+
+
+def _rms_norm(x, delta, weight, eps, offset):
     lib = library()
     if (lib is None or x.dim() != 2 or x.dtype not in (torch.bfloat16, torch.float32) or x.device.type != "cpu"
-            or x.stride(-1) != 1 or weight.dtype != torch.float32 or not weight.is_contiguous()):
+            or x.stride(-1) != 1 or weight.dtype != torch.float32 or not weight.is_contiguous()
+            or (delta is not None and delta.stride(-1) != 1)):
         return None
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
-    rc = lib.kvtier_rms_norm(x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], weight.data_ptr(), eps, offset,
+    s = None if delta is None else torch.empty_like(x, memory_format=torch.contiguous_format)
+    rc = lib.kvtier_rms_norm(x.data_ptr(), x.stride(0), None if delta is None else delta.data_ptr(),
+                             0 if delta is None else delta.stride(0), None if s is None else s.data_ptr(),
+                             0 if s is None else s.stride(0), x.shape[0], x.shape[1], weight.data_ptr(), eps, offset,
                              int(x.dtype == torch.bfloat16), y.data_ptr(), y.stride(0), torch.get_num_threads())
-    return y if rc == 0 else None
+    return (s, y) if rc == 0 else None
 
 
 def copy_rows(k: torch.Tensor, v: torch.Tensor, rows: list[int], dst_k: list[int], dst_v: list[int],

@@ -1,6 +1,7 @@
-/* The element-wise layers of a decoder, each in one pass over its rows: RMSNorm and SwiGLU's
- * silu(gate) * up. The PyTorch references beside them are kvtier.models.base.rms_norm_reference
- * and `F.silu(gate) * up` (kvtier.models.llama.Llama.gated); tests/test_pointwise.py checks they agree.
+/* The element-wise layers of a decoder, each in one pass over its rows: RMSNorm (with the
+ * residual add before it fused in) and SwiGLU's silu(gate) * up. The PyTorch references beside
+ * them are kvtier.models.base.rms_norm_reference (after torch's add) and `F.silu(gate) * up`
+ * (kvtier.models.llama.Llama.gated); tests/test_pointwise.py checks they agree.
  *
  * Rows of C elements in bf16 or fp32 (in and out in one dtype), the arithmetic in fp32 as the
  * references do it: torch's bf16 ops also compute in fp32 and round once per op, so the bf16
@@ -19,25 +20,6 @@ static inline float load(const void *p, int64_t i, int bf16) {
 static inline void store(void *p, int64_t i, float v, int bf16) {
     if (bf16) ((uint16_t *)p)[i] = float_to_bf16(v);
     else ((float *)p)[i] = v;
-}
-
-/* y[n] = x[n] * rsqrt(mean(x[n]^2) + eps) * (w + offset): x, y (N, C) with row strides
- * ldx, ldy (elements), w (C,) fp32. */
-int kvtier_rms_norm(const void *x, int64_t ldx, int64_t N, int64_t C, const float *w, float eps, float offset,
-                    int bf16, void *y, int64_t ldy, int threads) {
-    if (N < 0 || C < 1 || C > 16384) return -1;  /* a row on the stack */
-    #pragma omp parallel for schedule(static) num_threads(threads) if (N * C >= 32768)
-    for (int64_t n = 0; n < N; n++) {
-        float row[C];
-        float ss = 0.f;
-        for (int64_t c = 0; c < C; c++) {
-            row[c] = load(x, n * ldx + c, bf16);
-            ss += row[c] * row[c];
-        }
-        const float r = 1.0f / sqrtf(ss / (float)C + eps);
-        for (int64_t c = 0; c < C; c++) store(y, n * ldy + c, row[c] * r * (w[c] + offset), bf16);
-    }
-    return 0;
 }
 
 #ifdef __AVX512F__
@@ -66,6 +48,55 @@ static inline __m512 silu_mul16(__m512 g, __m512 u, int bf16) {
     return _mm512_mul_ps(s, u);
 }
 #endif
+
+/* s[n] = x[n] + delta[n] (rounded to the dtype, as torch's add rounds) when delta is given, else
+ * s = x; y[n] = s[n] * rsqrt(mean(s[n]^2) + eps) * (w + offset). x, delta, sum, y (N, C) with
+ * row strides ldx, ldd, lds, ldy (elements); w (C,) fp32; sum is written only with delta. The
+ * residual stream's add and the next RMSNorm in one pass over the rows. */
+int kvtier_rms_norm(const void *x, int64_t ldx, const void *delta, int64_t ldd, void *sum, int64_t lds, int64_t N,
+                    int64_t C, const float *w, float eps, float offset, int bf16, void *y, int64_t ldy, int threads) {
+    if (N < 0 || C < 1 || C > 16384 || (delta && !sum)) return -1;  /* a row on the stack */
+    #pragma omp parallel for schedule(static) num_threads(threads) if (N * C >= 32768)
+    for (int64_t n = 0; n < N; n++) {
+        float row[C];
+        float ss = 0.f;
+        int64_t c = 0;
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+        __m512 acc = _mm512_setzero_ps();
+        for (; c + 16 <= C; c += 16) {
+            __m512 v = load16_as_float(x, n * ldx + c, bf16);
+            if (delta) {
+                v = _mm512_add_ps(v, load16_as_float(delta, n * ldd + c, bf16));
+                if (bf16) v = round_bf16(v);
+                store16_from_float(sum, n * lds + c, v, bf16);
+            }
+            _mm512_storeu_ps(row + c, v);
+            acc = _mm512_fmadd_ps(v, v, acc);
+        }
+        ss = _mm512_reduce_add_ps(acc);
+#endif
+        for (; c < C; c++) {
+            float v = load(x, n * ldx + c, bf16);
+            if (delta) {
+                v += load(delta, n * ldd + c, bf16);
+                if (bf16) v = bf16_to_float(float_to_bf16(v));
+                store(sum, n * lds + c, v, bf16);
+            }
+            row[c] = v;
+            ss += v * v;
+        }
+        const float r = 1.0f / sqrtf(ss / (float)C + eps);
+        c = 0;
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+        const __m512 vr = _mm512_set1_ps(r), voff = _mm512_set1_ps(offset);
+        for (; c + 16 <= C; c += 16)
+            store16_from_float(y, n * ldy + c, _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(row + c), vr),
+                                                             _mm512_add_ps(_mm512_loadu_ps(w + c), voff)), bf16);
+#endif
+        for (; c < C; c++) store(y, n * ldy + c, row[c] * r * (w[c] + offset), bf16);
+    }
+    return 0;
+}
 
 /* out (N, F) = silu(gu[:, :F]) * gu[:, F:] for gu (N, 2F) (gate and up side by side, as the
  * fused gate_up matmul returns them); silu(g) = g / (1 + e^-g). */
@@ -100,12 +131,28 @@ int kvtier_all_finite(const void *x, int64_t A, int64_t R, int64_t C, int64_t sa
     for (int64_t a = 0; a < A; a++)
         for (int64_t r = 0; r < R; r++) {
             const int64_t at = a * sa + r * sr;
+            int64_t c = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+            if (bf16) { /* 32 at a time: an exponent of all ones in any lane */
+                const __m512i e = _mm512_set1_epi16((short)exp);
+                for (; c + 32 <= C; c += 32) {
+                    const __m512i v = _mm512_and_si512(_mm512_loadu_si512((const uint16_t *)x + at + c), e);
+                    bad |= _mm512_cmpeq_epi16_mask(v, e) != 0;
+                }
+            } else {
+                const __m512i e = _mm512_set1_epi32((int)exp);
+                for (; c + 16 <= C; c += 16) {
+                    const __m512i v = _mm512_and_si512(_mm512_loadu_si512((const uint32_t *)x + at + c), e);
+                    bad |= _mm512_cmpeq_epi32_mask(v, e) != 0;
+                }
+            }
+#endif
             if (bf16) {
                 const uint16_t *row = (const uint16_t *)x + at;
-                for (int64_t c = 0; c < C; c++) bad |= (row[c] & exp) == exp;
+                for (; c < C; c++) bad |= (row[c] & exp) == exp;
             } else {
                 const uint32_t *row = (const uint32_t *)x + at;
-                for (int64_t c = 0; c < C; c++) bad |= (row[c] & exp) == exp;
+                for (; c < C; c++) bad |= (row[c] & exp) == exp;
             }
         }
     return !bad;

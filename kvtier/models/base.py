@@ -57,6 +57,21 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, offset
     return (xf * (weight + offset if offset else weight)).to(x.dtype)
 
 
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                 offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual stream after a layer's output is added, and its RMSNorm:
+    ``(x + delta, rms_norm(x + delta))``, the sum rounded to the dtype as torch's add rounds
+    it. Rows ``(N, C)`` take one native pass (:func:`kvtier.kernels.add_rms_norm`) instead of
+    an add and a norm; ``delta=None`` is a plain norm of ``x``."""
+    if delta is None:
+        return x, rms_norm(x, weight, eps, offset)
+    out = kernels.add_rms_norm(x, delta, weight, eps, offset) if x.dim() == 2 else None
+    if out is None:
+        x = x + delta
+        return x, rms_norm(x, weight, eps, offset)
+    return out
+
+
 class Rope:
     """Rotary embedding (rotate-half layout, as in transformers' checkpoints).
 
@@ -182,13 +197,16 @@ class DecoderModel:
         Returns logits ``(n_seqs, V)`` for each sequence's last token, or ``(N, V)`` for all
         tokens when ``logits="all"``.
         """
-        x = self.embed(batch.tokens)  # (N, C)
+        # The residual stream and the last layer's output, not yet added: each layer adds it in
+        # the same pass as its first norm (add_rms_norm).
+        x, delta = self.embed(batch.tokens), None  # (N, C)
         for i in range(self.n_layers):
             if i not in self.skip:  # layer skipping: the residual stream passes through
-                x = self.layer(i, x, batch)
+                x, delta = self.layer(i, x, delta, batch)
         if logits == "last":
-            x = x[batch.last_index()]
-        return self.head(x)
+            last = batch.last_index()
+            x, delta = x[last], None if delta is None else delta[last]
+        return self.head(x if delta is None else x + delta)
 
     def attention(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   batch: Batch, scale: float) -> torch.Tensor:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kvtier.models.base import Batch, rms_norm, rope_for
+from kvtier.models.base import Batch, add_rms_norm, rms_norm, rope_for
 from kvtier.models.llama import Llama
 
 
@@ -31,13 +31,15 @@ class Gemma3(Llama):
     def norm(self, x, name):
         return rms_norm(x, self.w[name + ".weight"], self.eps, offset=1.0)
 
-    def layer(self, i, x, batch: Batch):
+    def add_norm(self, x, delta, name):
+        return add_rms_norm(x, delta, self.w[name + ".weight"], self.eps, offset=1.0)
+
+    def layer(self, i, x, delta, batch: Batch):
         p = f"model.layers.{i}."
-        h = self.norm(x, p + "input_layernorm")
+        x, h = self.add_norm(x, delta, p + "input_layernorm")
         h = self.linear(self.attn(i, h, batch), p + "self_attn.o_proj")
-        x = x + self.norm(h, p + "post_attention_layernorm")
-        h = self.mlp(i, self.norm(x, p + "pre_feedforward_layernorm"))
-        return x + self.norm(h, p + "post_feedforward_layernorm")
+        x, h = self.add_norm(x, self.norm(h, p + "post_attention_layernorm"), p + "pre_feedforward_layernorm")
+        return x, self.norm(self.mlp(i, h), p + "post_feedforward_layernorm")
 
     def gated(self, gate_up):
         gate, up = gate_up.chunk(2, -1)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from kvtier import kernels
-from kvtier.models.base import Batch, DecoderModel, rms_norm, rope_for
+from kvtier.models.base import Batch, DecoderModel, add_rms_norm, rms_norm, rope_for
 from kvtier.weights import cat
 
 
@@ -32,12 +32,14 @@ class Llama(DecoderModel):
     def embed(self, tokens):
         return self.w["model.embed_tokens.weight"].rows(tokens)
 
-    def layer(self, i, x, batch: Batch):
+    def layer(self, i, x, delta, batch: Batch):
+        """The residual stream ``x`` plus the previous layer's output ``delta`` (None: none)
+        through layer ``i``; returns the new stream and this layer's output, not yet added."""
         p = f"model.layers.{i}."
-        h = rms_norm(x, self.w[p + "input_layernorm.weight"], self.eps)
-        x = x + self.linear(self.attn(i, h, batch), p + "self_attn.o_proj")
-        h = rms_norm(x, self.w[p + "post_attention_layernorm.weight"], self.eps)
-        return x + self.mlp(i, h)
+        x, h = add_rms_norm(x, delta, self.w[p + "input_layernorm.weight"], self.eps)
+        h = self.linear(self.attn(i, h, batch), p + "self_attn.o_proj")
+        x, h = add_rms_norm(x, h, self.w[p + "post_attention_layernorm.weight"], self.eps)
+        return x, self.mlp(i, h)
 
     def attn(self, i, h, batch):
         p = f"model.layers.{i}.self_attn."
