@@ -280,6 +280,31 @@ def test_w8a8_keeps_outlier_and_off_centre_channels():
     assert torch.equal(lin.rows(ids).float(), lin.dense()[ids].bfloat16().float())  # rows read from the tiles
 
 
+def test_w8a8_long_chunk_runs_on_the_weights_held_with_unquantized_input():
+    """From BLOCKED_ROWS rows of x (a prefill chunk) the weights held are dequantized to bf16
+    (the numbers ``dense()`` gives, rounded once) and multiplied with x as it is, the centre's
+    share in the bias: closer to the float product than int8 activations are."""
+    from kvtier.weights import w8a8
+
+    lin, w, _ = _w8a8_case(1, 130, 200)
+    held = kernels.w8a8_dequant(lin.packed, lin.ws_tiles, lin.inv_s, 130, 200)
+    if held is None:
+        pytest.skip("no C compiler, or a CPU without AVX512-BF16: the int8 kernel or the reference runs")
+    assert ((held.float() - lin.dense()).abs() <= lin.dense().abs() * 2 ** -8).all()
+    x = _w8a8_case(w8a8.BLOCKED_ROWS, 130, 200)[2]
+    y = lin(x.bfloat16())
+    want = x @ w.T
+    centre = (lin.bias - lin.dense() @ lin.z).bfloat16()  # the centre's share, W less its rounding
+    torch.testing.assert_close(lin.centre_bias.float(), centre.float(), atol=1e-3, rtol=2 ** -7)
+    torch.testing.assert_close(y, torch.nn.functional.linear(x.bfloat16(), held, lin.centre_bias))
+    err = ((y.float() - want).norm() / want.norm()).item()
+    int8_err = ((lin.reference(x.bfloat16()).float() - want).norm() / want.norm()).item()
+    assert err < int8_err, (err, int8_err)
+    short = x[: w8a8.BLOCKED_ROWS - 1].bfloat16()  # below it: the int8 kernel's numbers
+    if kernels.w8a8_matmul(short, lin.packed, lin.ws_tiles, lin.wsum, lin.z, lin.inv_s, lin.bias) is not None:
+        assert torch.equal(lin(short), lin.reference(short))
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma3", "qwen2"])
 def test_model_runs_in_w8a8_close_to_dense(family):
     """The format measures the model's activation ranges after it is built (finish), packs every

@@ -137,6 +137,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     # x, x is bf16, M, K, packed codes, ws, wsum, z, inv_s, bias, N, y, threads (kvtier.weights.w8a8)
     lib.kvtier_w8a8_matmul.argtypes = [p, i, l, l, p, p, p, p, p, p, l, p, i]
     lib.kvtier_w8a8_matmul.restype = i
+    # packed codes, ws, inv_s, N, K, out, threads
+    lib.kvtier_w8a8_dequant_bf16.argtypes = [p, p, p, l, l, p, i]
+    lib.kvtier_w8a8_dequant_bf16.restype = i
     # codes, d, m, N, K, bits, out, threads
     lib.kvtier_qdequant.argtypes = [p, p, p, l, l, i, p, i]
     lib.kvtier_qdequant.restype = i
@@ -480,6 +483,18 @@ def w8a8_matmul(x: torch.Tensor, packed: torch.Tensor, ws: torch.Tensor, wsum: t
                                 ws.data_ptr(), wsum.data_ptr(), z.data_ptr(), inv_s.data_ptr(), bias.data_ptr(),
                                 n, y.data_ptr(), torch.get_num_threads())
     return y if rc == 0 else None
+
+
+def w8a8_dequant(packed: torch.Tensor, ws: torch.Tensor, inv_s: torch.Tensor, n: int, k: int) -> torch.Tensor | None:
+    """The ``(N, K)`` weights :func:`w8a8_matmul` multiplies (``W' / s``, its tile-packed codes
+    times their scales) as bf16, rounded once; None: no kernel (a CPU without AVX512-BF16)."""
+    lib = library()
+    if lib is None or packed.device.type != "cpu":
+        return None
+    out = torch.empty((n, k), dtype=torch.bfloat16)
+    rc = lib.kvtier_w8a8_dequant_bf16(packed.data_ptr(), ws.data_ptr(), inv_s.data_ptr(), n, k, out.data_ptr(),
+                                      torch.get_num_threads())
+    return out if rc == 0 else None
 
 
 def qdequant(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None, bits: int, k: int,

@@ -186,3 +186,44 @@ int kvtier_w8a8_matmul(const void *x, int x_bf16, int64_t M, int64_t K, const in
 }
 
 #endif
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+/* The weights held, W' / s (N, K), as bf16: out[n][k] = code[n][k] * ws[n][chunk] * inv_s[k],
+ * rounded once, for a long prefill chunk's blocked bf16 matmul (kvtier.weights.w8a8: x in bf16,
+ * not quantized). The reference is W8A8Linear.dense(). */
+int kvtier_w8a8_dequant_bf16(const int8_t *wp, const float *ws, const float *inv_s, int64_t N, int64_t K,
+                             uint16_t *out, int threads) {
+    if (N < 1 || K < 1) return -1;
+    const int64_t blocks = (N + 15) / 16, chunks = (K + 63) / 64;
+    /* a row's 16 quads of a chunk are 64 bytes apart in the tile */
+    const __m512i quad = _mm512_setr_epi32(0, 64, 128, 192, 256, 320, 384, 448, 512, 576, 640, 704, 768, 832, 896, 960);
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t b = 0; b < blocks; b++)
+        for (int64_t ch = 0; ch < chunks; ch++) {
+            const int8_t *tile = wp + (b * chunks + ch) * 1024;
+            const int64_t k0 = 64 * ch, width = K - k0 < 64 ? K - k0 : 64;
+            for (int n = 0; n < 16 && 16 * b + n < N; n++) {
+                int8_t row[64] __attribute__((aligned(64))); /* row n's 64 codes of the chunk */
+                _mm512_store_si512(row, _mm512_i32gather_epi32(quad, (const void *)(tile + 4 * n), 1));
+                const __m512 scale = _mm512_set1_ps(ws[(b * chunks + ch) * 16 + n]);
+                for (int part = 0; part < 4 && 16 * part < width; part++) {
+                    const __mmask16 in = width - 16 * part >= 16 ? 0xffff : (__mmask16)((1u << (width - 16 * part)) - 1);
+                    const __m128i bytes = _mm_load_si128((const __m128i *)(row + 16 * part));
+                    const __m512 w = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes)), scale),
+                                                   _mm512_maskz_loadu_ps(in, inv_s + k0 + 16 * part));
+                    _mm256_mask_storeu_epi16(out + (16 * b + n) * K + k0 + 16 * part, in, (__m256i)_mm512_cvtneps_pbh(w));
+                }
+            }
+        }
+    return 0;
+}
+
+#else
+
+int kvtier_w8a8_dequant_bf16(const int8_t *wp, const float *ws, const float *inv_s, int64_t N, int64_t K,
+                             uint16_t *out, int threads) {
+    (void)wp; (void)ws; (void)inv_s; (void)N; (void)K; (void)out; (void)threads;
+    return -1;
+}
+
+#endif
