@@ -164,8 +164,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     # destination head stride, H, D, bytes an element
     lib.kvtier_copy_rows.argtypes = [p, p, l, l, l, l, l, p, p, p, l, l, l, i]
     lib.kvtier_copy_rows.restype = i
-    # x, A, R, C, strides of A and R, bf16
-    lib.kvtier_all_finite.argtypes = [p, l, l, l, l, l, i]
+    # x, A, R, C, strides of A and R, bf16, threads
+    lib.kvtier_all_finite.argtypes = [p, l, l, l, l, l, i, i]
     lib.kvtier_all_finite.restype = i
     # x, x row stride, N, H, D, cos, sin, table row stride, bf16, out, threads
     lib.kvtier_rope.argtypes = [p, l, l, l, l, p, p, l, i, p, i]
@@ -234,7 +234,8 @@ def all_finite(x: torch.Tensor) -> bool:
         rows = _token_rows(x) if x.dim() == 4 else x
         if rows.stride(-1) == 1:
             return bool(lib.kvtier_all_finite(rows.data_ptr(), rows.shape[0], rows.shape[1], rows.shape[2],
-                                              rows.stride(0), rows.stride(1), int(x.dtype == torch.bfloat16)))
+                                              rows.stride(0), rows.stride(1), int(x.dtype == torch.bfloat16),
+                                              torch.get_num_threads()))
     return bool(torch.isfinite(x).all())
 
 

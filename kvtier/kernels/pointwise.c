@@ -125,9 +125,10 @@ int kvtier_silu_mul(const void *gu, int64_t N, int64_t F, int bf16, void *out, i
 /* 1 when every element of x (A, R, C) is finite (no NaN, no Inf), else 0: rows of C contiguous,
  * element (a, r, c) at a * sa + r * sr + c. An exponent field of all ones is what NaN and Inf
  * share. The reference is torch.isfinite(x).all(). */
-int kvtier_all_finite(const void *x, int64_t A, int64_t R, int64_t C, int64_t sa, int64_t sr, int bf16) {
+int kvtier_all_finite(const void *x, int64_t A, int64_t R, int64_t C, int64_t sa, int64_t sr, int bf16, int threads) {
     const uint32_t exp = bf16 ? 0x7f80u : 0x7f800000u;
     uint32_t bad = 0;
+    #pragma omp parallel for collapse(2) reduction(| : bad) schedule(static) num_threads(threads) if (A * R * C >= 65536)
     for (int64_t a = 0; a < A; a++)
         for (int64_t r = 0; r < R; r++) {
             const int64_t at = a * sa + r * sr;
