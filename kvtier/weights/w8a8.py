@@ -20,10 +20,11 @@ the span the KV calibration uses, away from the benchmark windows):
 The kernel is ``kernels/w8a8.c`` (AMX int8 tiles, or AVX512-VNNI for one row); :meth:`W8A8Linear.reference`
 is the PyTorch oracle it is tested equal to. A long chunk (``BLOCKED_ROWS`` rows and more: a
 prefill) does not quantize x: the weights held are dequantized to bf16 for the call and
-multiplied by a blocked bf16 matmul, which beats the int8 tiles there (each 64-input chunk's sums
-must leave the tiles to be scaled); decode steps keep the int8 kernel. The embedding (and the tied output head) stays in
-8-bit groups (``q8``), as ``q4`` keeps it: packed as w8a8, its rows come back through the
-per-channel scales of the head's input, and SmolLM2's 2K PPL went from +0.83 % to +1.67 %.
+multiplied by a blocked bf16 matmul, which beats the int8 tiles there (each 64-input chunk's
+sums must leave the tiles to be scaled); decode steps keep the int8 kernel. The embedding (and
+the tied output head) stays in 8-bit groups (``q8``), as ``q4`` keeps it: packed as w8a8, its
+rows come back through the per-channel scales of the head's input, and SmolLM2's 2K PPL went
+from +0.83 % to +1.67 %.
 """
 
 from __future__ import annotations
