@@ -75,8 +75,7 @@ class W8A8Linear(Linear):
         self.wsum = wsum.view(np_ // 16, 16, -1).transpose(1, 2).contiguous()  # (blocks, chunks, 16)
         self.ws_tiles = wsp.view(np_ // 16, 16, -1).transpose(1, 2).contiguous()
         # the centre's share for _blocked: bias - W_held z, W less its int8 rounding, times z
-        held = codes.float() * ws.repeat_interleave(CHUNK, 1)[:, :k] / s
-        self.centre_bias = (bias - held @ z).to(torch.bfloat16)
+        self.centre_bias = (bias - self.dense() @ z).to(torch.bfloat16)
 
     @property
     def ws(self) -> torch.Tensor:
