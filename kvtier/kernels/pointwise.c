@@ -67,8 +67,13 @@ int kvtier_rms_norm(const void *x, int64_t ldx, const void *delta, int64_t ldd, 
             __m512 v = load16_as_float(x, n * ldx + c, bf16);
             if (delta) {
                 v = _mm512_add_ps(v, load16_as_float(delta, n * ldd + c, bf16));
-                if (bf16) v = round_bf16(v);
-                store16_from_float(sum, n * lds + c, v, bf16);
+                if (bf16) { /* rounded once, stored, and kept as rounded */
+                    const __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
+                    _mm256_storeu_si256((__m256i *)((uint16_t *)sum + n * lds + c), h);
+                    v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+                } else {
+                    _mm512_storeu_ps((float *)sum + n * lds + c, v);
+                }
             }
             _mm512_storeu_ps(row + c, v);
             acc = _mm512_fmadd_ps(v, v, acc);
