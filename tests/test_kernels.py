@@ -142,7 +142,7 @@ def test_ovp_attends_on_its_pair_bytes(n_kv, d, rows):
 
 @needs_kernels
 @pytest.mark.parametrize("name", ["sparse", "sparse(ratio=0.7,dtype=bf16)", "sparse(ratio=0)"])
-@pytest.mark.parametrize("n_kv, d, rows", [(3, 64, 3), (1, 256, 4), (2, 40, 2)])
+@pytest.mark.parametrize("n_kv, d, rows", [(3, 64, 3), (1, 256, 4), (2, 128, 2), (2, 40, 2)])
 def test_sparse_walks_its_bitmaps(name, n_kv, d, rows):
     layer = layer_of(name, n_kv=n_kv, d=d, n=64 * 7 + 3)
     q = torch.randn(n_kv, rows, d) / d ** 0.5
