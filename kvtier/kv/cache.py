@@ -39,16 +39,24 @@ class BlockRun:
     fetch: bool  # copied to the first tier before attention (``attend=fetch``)
     start: int = 0  # position of the run's first token
     native: object = None  # what a native kernel derived from the fields (kept while the run is)
+    views: dict[str, torch.Tensor] | None = None  # the fields, kept while the run is (all in RAM)
 
     def fields(self) -> dict[str, torch.Tensor]:
-        """The encoded fields, read where attention reads them (tier traffic counted)."""
-        return self.layer._fields(self.tier, self.slots, self.fetch)
+        """The encoded fields, read where attention reads them (tier traffic counted). With every
+        block in RAM the run is kept across decode steps while its pools' tensors are, and so are
+        these views of them."""
+        if self.views is not None:
+            return self.views
+        fields = self.layer._fields(self.tier, self.slots, self.fetch)
+        if self.layer.home is None:
+            self.views = fields
+        return fields
 
     def read(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.layer._read(self.tier, self.slots, self.start, self.fetch)
+        return self.layer._read(self.fields(), self.start)
 
     def score(self, q: torch.Tensor):
-        return self.layer._score(self.tier, self.slots, self.fetch, self.start, q)
+        return self.layer._score(self.fields(), len(self.slots), self.start, q)
 
 
 class Part:
@@ -539,12 +547,12 @@ class LayerKV:
             return copies
         return fields
 
-    def _score(self, tier: int, slots: list[int], fetch: bool, start: int, q: torch.Tensor):
-        rope = self.rope.span(start, len(slots) * self.block_size) if self.codec.pre_rope else None
-        return self.codec.attend(q, self._fields(tier, slots, fetch), rope)
+    def _score(self, fields: dict[str, torch.Tensor], n_blocks: int, start: int, q: torch.Tensor):
+        rope = self.rope.span(start, n_blocks * self.block_size) if self.codec.pre_rope else None
+        return self.codec.attend(q, fields, rope)
 
-    def _read(self, tier: int, slots: list[int], start: int, fetch: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        k, v = self.codec.decode(self._fields(tier, slots, fetch), self.dtype)
+    def _read(self, fields: dict[str, torch.Tensor], start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self.codec.decode(fields, self.dtype)
         if self.codec.pre_rope:
             k = self.rope.rotate(k.float(), start).to(self.dtype)
         return k, v
