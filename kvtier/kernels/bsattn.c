@@ -60,15 +60,7 @@ RINLINE void span_of(const BJob *J, int h, int b0, int b1, float *m_out, float *
     for (int c = 0; c < 16; c++) table[c] = bits == 4 ? J->elut[c] : 0.f;
     for (int b = b0; b < b1; b++) {
         decode_block(J, KC, h, b, kb, table, D, B, bits);
-        for (int t = 0; t < B; t++) {
-            const float *row = kb + t * D;
-            for (int r = 0; r < R; r++) {
-                const float *qr = q + r * D;
-                float acc = 0.f;
-                for (int c = 0; c < D; c++) acc += qr[c] * row[c];
-                s[r * B + t] = acc;
-            }
-        }
+        block_scores(kb, q, s, R, D, B);
         online_softmax(s, mr, lr, o, R, D, B);
         decode_block(J, VC, h, b, vb, table, D, B, bits);
         weighted_sum(o, s, vb, R, D, B);

@@ -56,6 +56,20 @@ static void scale_table(void) {
     for (int c = 1; c < 256; c++) SCALE[c] = exp2f(c / 12.0f - 12.0f);
 }
 
+/* scores s[r * B + t] of the R query rows q (R x D) against a decoded block kb (B x D) */
+RINLINE void block_scores(const float *restrict kb, const float *restrict q, float *restrict s,
+                          const int R, const int D, const int B) {
+    for (int t = 0; t < B; t++) {
+        const float *row = kb + t * D;
+        for (int r = 0; r < R; r++) {
+            const float *qr = q + r * D;
+            float acc = 0.f;
+            for (int c = 0; c < D; c++) acc += qr[c] * row[c];
+            s[r * B + t] = acc;
+        }
+    }
+}
+
 /* keys kb (B x D, before RoPE) rotated by the unit cos/sin rows rp ((B, 2, D), rotate-half
  * layout) and scored against the R pre-scaled query rows q: s[r * B + t] */
 RINLINE void rope_scores(const float *kb, const float *rp, const float *q, float *s,

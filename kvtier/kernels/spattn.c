@@ -109,15 +109,7 @@ RINLINE void span_expanded(const SJob *J, int h, int b0, int b1, float *m_out, f
         const uint8_t *km = SAT(J, uint8_t, KM, h, b, B * (D / 8));
         const uint16_t *kv = SAT(J, uint16_t, KV, h, b, B * N);
         for (int t = 0; t < B; t++) expand_row(km + (long)t * (D / 8), kv + (long)t * N, kb + t * D, &C, D, J->bf16);
-        for (int t = 0; t < B; t++) {
-            const float *row = kb + t * D;
-            for (int r = 0; r < R; r++) {
-                const float *qr = q + r * D;
-                float acc = 0.f;
-                for (int c = 0; c < D; c++) acc += qr[c] * row[c];
-                s[r * B + t] = acc;
-            }
-        }
+        block_scores(kb, q, s, R, D, B);
         online_softmax(s, mr, lr, o, R, D, B);
         const uint8_t *vm = SAT(J, uint8_t, VM, h, b, B * (D / 8));
         const uint16_t *vv = SAT(J, uint16_t, VV, h, b, B * N);
