@@ -96,12 +96,16 @@ class BlockPool:
         return sum(t.element_size() * t.numel() for t in self.data.values())
 
 
+def consecutive(slots: list[int]) -> bool:
+    """The slots are consecutive and ascending: :meth:`BlockPool.fields_of` gives views of them,
+    no copy."""
+    return bool(slots) and slots[-1] - slots[0] == len(slots) - 1 and all(
+        b - a == 1 for a, b in zip(slots, slots[1:]))
+
+
 def _as_index(slots: list[int]) -> slice | list[int]:
     """A slice when the slots are consecutive and ascending (a view, no copy)."""
-    if slots and slots[-1] - slots[0] == len(slots) - 1 and all(
-            b - a == 1 for a, b in zip(slots, slots[1:])):
-        return slice(slots[0], slots[-1] + 1)
-    return list(slots)
+    return slice(slots[0], slots[-1] + 1) if consecutive(slots) else list(slots)
 
 
 class SharedPool(BlockPool):

@@ -17,7 +17,7 @@ import torch
 from kvtier import kernels
 from kvtier.config import BLOCK_SIZE
 from kvtier.errors import KvtierError
-from kvtier.kv.blocks import BlockPool, SharedPool
+from kvtier.kv.blocks import BlockPool, SharedPool, consecutive
 from kvtier.kv.codecs.base import Codec, LayerContext, attends_on_codes
 from kvtier.kv.prefetch import release
 from kvtier.progress import note
@@ -44,11 +44,12 @@ class BlockRun:
     def fields(self) -> dict[str, torch.Tensor]:
         """The encoded fields, read where attention reads them (tier traffic counted). With every
         block in RAM the run is kept across decode steps while its pools' tensors are, and so are
-        these views of them."""
+        these fields when they are views (consecutive slots): a gathered copy is not kept, as
+        it would hold the run's bytes twice."""
         if self.views is not None:
             return self.views
         fields = self.layer._fields(self.tier, self.slots, self.fetch)
-        if self.layer.home is None:
+        if self.layer.home is None and consecutive(self.slots):
             self.views = fields
         return fields
 
