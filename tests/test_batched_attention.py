@@ -247,7 +247,7 @@ def test_model_decoding_together_equals_one_at_a_time(family, kv, block, monkeyp
 
 
 @needs_kernels
-@pytest.mark.parametrize("codec", ["dense(dtype=bf16)", "int(bits=4)"])
+@pytest.mark.parametrize("codec", ["dense(dtype=bf16)", "int(bits=4)", "sparse", "mxfp4"])
 def test_kept_block_runs_follow_the_block_table(codec):
     """Decode steps reuse a layer's block runs (and the kernel rows made from them) while the
     block table and the pool are unchanged; a sealed block, a pool that grew (its tensors
@@ -269,6 +269,20 @@ def test_kept_block_runs_follow_the_block_table(codec):
         got = batched.decode(q[None], [parts], [layer.length - 1], d ** -0.5, 100)
         torch.testing.assert_close(got, want, atol=5e-5, rtol=5e-5)
     assert 6 <= changed <= 12  # new runs once per sealed block (and when the window frees one), not every step
+
+
+def test_a_kept_run_keeps_its_fields_only_as_views():
+    """A run of consecutive slots keeps the views of its fields across steps; a run of scattered
+    slots (a gathered copy) does not keep them, so no second copy of its bytes is held."""
+    d, block = 64, 16
+    layer = LayerKV(spec.parse("mxfp4").codec, 2, d, block, dtype=torch.float32)
+    layer.append(torch.randn(2, 4 * block, d), torch.randn(2, 4 * block, d))
+    run = layer._block_runs()[0]
+    assert run.fields() is run.fields()
+    assert all(t.data_ptr() == layer.pool.data[name][:, run.slots[0]].data_ptr() for name, t in run.fields().items())
+    layer.slots = layer.slots[::-1]  # the same blocks, scattered order: fields_of gathers a copy
+    run = layer._block_runs()[0]
+    assert run.fields() is not run.fields() and run.views is None
 
 
 @needs_kernels
