@@ -59,7 +59,8 @@ def main() -> None:
     out = sum(len(s.output_ids) for s in seqs)
     print(f"{args.kv}, --weights {args.weights}: {args.requests} requests of {len(prompts[0])} tokens, "
           f"{out} tokens out in {total:.2f} s: {out / total:.1f} tok/s")
-    print(f"TTFT p50 {statistics.quantiles(ttft, n=10)[4]:.2f} s, p90 {statistics.quantiles(ttft, n=10)[8]:.2f} s")
+    deciles = statistics.quantiles(ttft, n=10) if len(ttft) > 1 else ttft * 9
+    print(f"TTFT p50 {deciles[4]:.2f} s, p90 {deciles[8]:.2f} s")
     print(f"{len(prefill_steps)} prefill steps: {sum(prefill_steps):.2f} s "
           f"(median {statistics.median(prefill_steps) * 1e3:.0f} ms); {len(decode_steps)} decode-only steps: "
           f"{sum(decode_steps):.2f} s (median {statistics.median(decode_steps) * 1e3:.1f} ms)")
