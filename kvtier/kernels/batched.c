@@ -340,14 +340,7 @@ INLINE void masked_block(const PartDesc *P, const uint8_t *kp, const _Float16 *k
                          const float *q, float *m, float *l, float *o, int G, const int BITS, int D, int B) {
     const int mb = D * BITS / 8, group = (int)P->group, ng = D / group;
     float s[MAXR * MAXB], qs[MAXR * MAXD], bias[MAXR], ob[MAXR * MAXD];
-    for (int r = 0; r < G; r++) {  /* the block's per-channel key scales fold into the query */
-        float acc = 0.f;
-        for (int c = 0; c < D; c++) {
-            qs[r * D + c] = q[r * D + c] * (float)ks[j * D + c];
-            acc += q[r * D + c] * (float)kz[j * D + c];
-        }
-        bias[r] = acc;
-    }
+    fold_scales(q, ks + j * D, kz + j * D, qs, bias, G, D);  /* the block's key scales into the query */
     key_block(kp + j * B * mb, qs, bias, s, B, G, BITS, D, B);
     const long ta = a - j * B > 0 ? a - j * B : 0, tb = b - j * B < B ? b - j * B : B;
     softmax_step(s, B, (int)ta, (int)tb, B, m, l, o, G, D);

@@ -38,14 +38,7 @@ INLINE void run(Job *J, int h, int b0, int b1, float *m, float *l, float *o,
     float qs[MAXR * MAXD], bias[MAXR];
     for (int b = b0; b < b1; b++) {  /* per-channel key scales fold into the query */
         const _Float16 *ks = J->ks + h * J->ks_hs + (long)b * D, *kz = J->kz + h * J->ks_hs + (long)b * D;
-        for (int r = 0; r < R; r++) {
-            float acc = 0.f;
-            for (int c = 0; c < D; c++) {
-                qs[r * D + c] = q[r * D + c] * (float)ks[c];
-                acc += q[r * D + c] * (float)kz[c];
-            }
-            bias[r] = acc;
-        }
+        fold_scales(q, ks, kz, qs, bias, R, D);
         key_block(J->k + h * J->k_hs + (long)b * B * mb, qs, bias, s + (b - b0) * B, n, R, BITS, D, B);
     }
     for (int r = 0; r < R; r++) {  /* softmax pieces */
