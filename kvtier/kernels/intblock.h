@@ -44,33 +44,23 @@ INLINE vf half16(const _Float16 *p) {
 }
 
 /* qs[r, c] = q[r, c] * scale[c] and bias[r] = sum_c q[r, c] * zero[c]: a block's per-channel key
- * scales and zeros folded into the query rows. 16 channels at a time where D allows: a scalar
- * loop's one running sum was a chain of dependent adds, a fifth of an 8K-token call. */
+ * scales and zeros folded into the query rows, 16 channels at a time (D is a multiple of 16
+ * wherever the kernels take a shape; a scalar loop's one running sum was a chain of dependent
+ * adds, a fifth of an 8K-token call). */
 INLINE void fold_scales(const float *q, const _Float16 *ks, const _Float16 *kz, float *qs, float *bias,
                         const int R, const int D) {
-    if (D % 16 == 0) {
-        for (int r = 0; r < R; r++) {
-            vf acc = {};
-            for (int c = 0; c < D; c += 16) {
-                vf qv;
-                memcpy(&qv, q + r * D + c, sizeof qv);
-                const vf folded = qv * half16(ks + c);
-                memcpy(qs + r * D + c, &folded, sizeof folded);
-                acc += qv * half16(kz + c);
-            }
-            float sum = 0.f;
-            for (int i = 0; i < 16; i++) sum += acc[i];
-            bias[r] = sum;
-        }
-        return;
-    }
     for (int r = 0; r < R; r++) {
-        float acc = 0.f;
-        for (int c = 0; c < D; c++) {
-            qs[r * D + c] = q[r * D + c] * (float)ks[c];
-            acc += q[r * D + c] * (float)kz[c];
+        vf acc = {};
+        for (int c = 0; c < D; c += 16) {
+            vf qv;
+            memcpy(&qv, q + r * D + c, sizeof qv);
+            const vf folded = qv * half16(ks + c);
+            memcpy(qs + r * D + c, &folded, sizeof folded);
+            acc += qv * half16(kz + c);
         }
-        bias[r] = acc;
+        float sum = 0.f;
+        for (int i = 0; i < 16; i++) sum += acc[i];
+        bias[r] = sum;
     }
 }
 
@@ -104,11 +94,11 @@ INLINE void value_rows(const uint8_t *v, const _Float16 *vs, const _Float16 *vz,
     float zacc[MAXR][MAXD / 16];
     for (int r = 0; r < R; r++)
         for (int u = 0; u < D / 16; u++) { acc[r][u] = (vf){}; zacc[r][u] = 0.f; }
-    if (16 % ng == 0 && n % 16 == 0) {
-        /* 16 tokens at a time: their weights p * scale and zero sums p * zero as vectors over
-         * the (token, group) pairs, 16 / ng tokens a vector (lane l: group l % ng). Per token in
-         * scalars, the zero sums were a chain of dependent adds through memory, a quarter of an
-         * 8K-token call. */
+    if (16 % ng == 0) {
+        /* 16 tokens at a time (n is whole blocks, a multiple of 16): their weights p * scale and
+         * zero sums p * zero as vectors over the (token, group) pairs, 16 / ng tokens a vector
+         * (lane l: group l % ng). Per token in scalars, the zero sums were a chain of dependent
+         * adds through memory, a quarter of an 8K-token call. */
         vf zsum[MAXR];
         vi rep[16];  /* the p lanes of sub-vector j: token 16 / ng * j + l / ng */
         for (int j = 0; j < ng; j++)
@@ -143,25 +133,25 @@ INLINE void value_rows(const uint8_t *v, const _Float16 *vs, const _Float16 *vz,
                 for (int l = g; l < 16; l += ng) sum += zsum[r][l];
                 zacc[r][g] = sum;
             }
-        n = 0;  /* done: the general loop below runs no tokens */
-    }
-    for (int t = 0; t < n; t++) {
-        const uint8_t *row = v + (long)t * m;
-        float w[MAXR][MAXD / 16];
-        for (int g = 0; g < ng; g++) {
-            const float sc = (float)vs[(long)t * ng + g], z = (float)vz[(long)t * ng + g];
-            for (int r = 0; r < R; r++) {
-                const float pt = p[r * ld + t];
-                w[r][g] = pt * sc;
-                zacc[r][g] += pt * z;
+    } else {  /* groups that do not divide 16 (e.g. 3 of 32 in 96 channels): a token at a time */
+        for (int t = 0; t < n; t++) {
+            const uint8_t *row = v + (long)t * m;
+            float w[MAXR][MAXD / 16];
+            for (int g = 0; g < ng; g++) {
+                const float sc = (float)vs[(long)t * ng + g], z = (float)vz[(long)t * ng + g];
+                for (int r = 0; r < R; r++) {
+                    const float pt = p[r * ld + t];
+                    w[r][g] = pt * sc;
+                    zacc[r][g] += pt * z;
+                }
             }
+            for (int i = 0; i < planes; i++)
+                for (int u = 0; u < m / 16; u++) {
+                    const vf cv = codes16(row + 16 * u, i * BITS, mask);
+                    const int ch = (i * m) / 16 + u, g = ch * 16 / group;
+                    for (int r = 0; r < R; r++) acc[r][ch] += w[r][g] * cv;
+                }
         }
-        for (int i = 0; i < planes; i++)
-            for (int u = 0; u < m / 16; u++) {
-                const vf cv = codes16(row + 16 * u, i * BITS, mask);
-                const int ch = (i * m) / 16 + u, g = ch * 16 / group;
-                for (int r = 0; r < R; r++) acc[r][ch] += w[r][g] * cv;
-            }
     }
     for (int r = 0; r < R; r++)
         for (int u = 0; u < D / 16; u++) {
