@@ -102,6 +102,23 @@ def test_block_scaled_formats_attend_on_their_codes(name, n_kv, d, rows):
 
 
 @needs_kernels
+@pytest.mark.parametrize("name", ["mxfp8", "mxint8", "nvfp4", "mxfp4"])
+def test_every_element_code_decodes_as_the_reference(name):
+    """The kernel's element decoders (lookup, signed byte, E4M3 bits, subnormals and negative
+    zero included) against the reference on blocks holding every code but E4M3's NaN."""
+    layer = layer_of(name, n_kv=2, d=64, n=64 * 4)
+    codec, data = layer.codec, dict(layer.pool.fields_of(layer.slots))
+    codes = data["k_codes"]
+    every = torch.arange(256, dtype=torch.int32)  # 4-bit: every pair of codes
+    if codec.element == "e4m3":
+        every = every[(every & 127) != 127]
+    flat = every.to(torch.uint8).repeat(codes.numel() // every.numel() + 1)[:codes.numel()]
+    data["k_codes"] = data["v_codes"] = flat.reshape(codes.shape)
+    q = torch.randn(2, 3, 64) / 8
+    assert_same_pieces(codec.attend(q, data), codec.attend_torch(q, data))
+
+
+@needs_kernels
 @pytest.mark.parametrize("name", ["bfp", "bfp(mantissa=8,block=32)", "bfp(sort=false)"])
 def test_bfp_attends_on_its_codes_with_the_channel_orders_moved_to_the_query(name):
     torch.manual_seed(2)

@@ -20,7 +20,7 @@
 enum { KQ, KSC, KZ, KL, KR, VQ, VSC, VZ, VL, VR, LFIELDS };  /* the fields, in Python's order */
 
 typedef struct {
-    const float *q; int n_kv, rows, d, bits, rank, block, n_blocks;
+    int n_kv, rows, d, bits, rank, block, n_blocks;
     const void *const *p; const long *hs;  /* each field's base and head stride (elements) */
 } LJob;
 
@@ -42,9 +42,8 @@ RINLINE void codes_of(const LJob *J, const int f, const int h, const int b, floa
 
 /* one head's pieces over blocks [b0, b1); R, D, B, bits and rank are compile-time constants in
  * the specialised calls of span() */
-RINLINE void span_of(const LJob *J, int h, int b0, int b1, float *m_out, float *l_out, float *o,
+RINLINE void span_of(const LJob *J, const float *q, int h, int b0, int b1, float *m_out, float *l_out, float *o,
                      const int R, const int D, const int B, const int bits, const int K) {
-    const float *q = J->q + (long)h * R * D;
     float cb[RMAXB * RMAXD], s[RMAXR * RMAXB], mr[RMAXR], lr[RMAXR];
     float qsum[RMAXR], rq[RMAXR * LMAXRANK], pl[RMAXR * LMAXRANK], right[LMAXRANK * RMAXD];
     for (int r = 0; r < R; r++) {
@@ -103,15 +102,15 @@ RINLINE void span_of(const LJob *J, int h, int b0, int b1, float *m_out, float *
     for (int r = 0; r < R; r++) { m_out[r] = mr[r]; l_out[r] = lr[r]; }
 }
 
-static void span(const void *job, int h, int b0, int b1, float *m, float *l, float *o) {
+static void span(const void *job, const float *q, int h, int b0, int b1, float *m, float *l, float *o) {
     const LJob *J = job;
     const int R = J->rows, D = J->d, B = J->block, bits = J->bits, K = J->rank;
 #define SHAPE(r, d, bb, k) \
-    if (R == r && D == d && B == bb && bits == k && K == 1) { span_of(J, h, b0, b1, m, l, o, r, d, bb, k, 1); return; }
+    if (R == r && D == d && B == bb && bits == k && K == 1) { span_of(J, q, h, b0, b1, m, l, o, r, d, bb, k, 1); return; }
     SHAPE(3, 64, 64, 4) SHAPE(3, 64, 64, 2)     /* SmolLM2: 9 query heads over 3 KV heads */
     SHAPE(4, 256, 64, 4) SHAPE(4, 256, 64, 2)   /* Gemma 3: 4 query heads over 1 KV head */
 #undef SHAPE
-    span_of(J, h, b0, b1, m, l, o, R, D, B, bits, K);
+    span_of(J, q, h, b0, b1, m, l, o, R, D, B, bits, K);
 }
 
 /* Returns 0, or 1 when the sizes are outside what this kernel handles (the caller falls back). */
@@ -120,6 +119,6 @@ int kvtier_lowrank_attend(const float *q, int n_kv, int rows, int d, int bits, i
     if (d > RMAXD || rows > RMAXR || block > RMAXB || (bits != 2 && bits != 4 && bits != 8) || rank < 1
         || rank > LMAXRANK || (d * bits) % 8 || n_blocks < 1)
         return 1;
-    LJob J = {q, n_kv, rows, d, bits, rank, block, n_blocks, ptrs, strides};
-    return run_spans(&J, span, n_kv, rows, d, n_blocks, m, l, o, threads);
+    LJob J = {n_kv, rows, d, bits, rank, block, n_blocks, ptrs, strides};
+    return run_spans(&J, span, q, n_kv, rows, d, n_blocks, m, l, o, threads);
 }

@@ -25,7 +25,7 @@
 enum { K, KS, KZ, V, VS, VZ, KI, KD, VI, VD, NFIELDS };  /* the fields, in Python's order */
 
 typedef struct {
-    const float *q; int n_kv, rows, d, bits, group, block, n_blocks, n_out;
+    int n_kv, rows, d, bits, group, block, n_blocks, n_out;
     const void *const *p; const long *hs;  /* each field's base and head stride (elements) */
     const float *rope; long rope_hs;       /* (N, 2, D) rows per head (stride 0: shared) */
     const float *lut_k, *lut_v;
@@ -38,11 +38,10 @@ typedef struct {
 
 /* one head's pieces over blocks [b0, b1); R, D, B and bits are compile-time constants in the
  * specialised calls of span() (the loops then unroll and keep their accumulators in registers) */
-NINLINE void span_of(const NJob *J, int h, int b0, int b1, float *m_out, float *l_out, float *o,
+NINLINE void span_of(const NJob *J, const float *q, int h, int b0, int b1, float *m_out, float *l_out, float *o,
                      const int R, const int D, const int B, const int bits) {
     const int P = D * bits / 8;
     const int ng = D / J->group, C = J->n_out;
-    const float *q = J->q + (long)h * R * D;
     float kb[NMAXB * NMAXD], vb[NMAXB * NMAXD], s[NMAXR * NMAXB];
     float sc[NMAXD], zc[NMAXD], mr[NMAXR], lr[NMAXR];
     for (int r = 0; r < R; r++) { mr[r] = -FLT_MAX; lr[r] = 0.f; }
@@ -90,15 +89,15 @@ NINLINE void span_of(const NJob *J, int h, int b0, int b1, float *m_out, float *
     for (int r = 0; r < R; r++) { m_out[r] = mr[r]; l_out[r] = lr[r]; }
 }
 
-static void span(const void *job, int h, int b0, int b1, float *m, float *l, float *o) {
+static void span(const void *job, const float *q, int h, int b0, int b1, float *m, float *l, float *o) {
     const NJob *J = job;
     const int R = J->rows, D = J->d, B = J->block, bits = J->bits;
-#define SHAPE(r, d, b, k) if (R == r && D == d && B == b && bits == k) { span_of(J, h, b0, b1, m, l, o, r, d, b, k); return; }
+#define SHAPE(r, d, b, k) if (R == r && D == d && B == b && bits == k) { span_of(J, q, h, b0, b1, m, l, o, r, d, b, k); return; }
     SHAPE(3, 64, 64, 2) SHAPE(3, 64, 64, 4)     /* SmolLM2: 9 query heads over 3 KV heads */
     SHAPE(4, 256, 64, 2) SHAPE(4, 256, 64, 4)   /* Gemma 3: 4 query heads over 1 KV head */
     SHAPE(1, 64, 64, 2) SHAPE(1, 256, 64, 2)
 #undef SHAPE
-    span_of(J, h, b0, b1, m, l, o, R, D, B, bits);
+    span_of(J, q, h, b0, b1, m, l, o, R, D, B, bits);
 }
 
 /* Returns 0, or 1 when the sizes are outside what this kernel handles (the caller falls back). */
@@ -110,6 +109,6 @@ int kvtier_nuq_attend(const float *q, int n_kv, int rows, int d, int bits, int g
         || (d * bits) % 8 || n_blocks < 1)
         return 1;
     scale_table();
-    NJob J = {q, n_kv, rows, d, bits, group, block, n_blocks, n_out, ptrs, strides, rope, rope_hs, lut_k, lut_v};
-    return run_spans(&J, span, n_kv, rows, d, n_blocks, m, l, o, threads);
+    NJob J = {n_kv, rows, d, bits, group, block, n_blocks, n_out, ptrs, strides, rope, rope_hs, lut_k, lut_v};
+    return run_spans(&J, span, q, n_kv, rows, d, n_blocks, m, l, o, threads);
 }

@@ -17,16 +17,19 @@
 #include "spans.h"
 
 enum { K, KS, KC, V, VS, OFIELDS };  /* the fields, in Python's order */
+enum { VICTIM = 8 };  /* the nibble whose neighbour is an outlier */
 
 typedef struct {
-    const float *q; int n_kv, rows, d, block, n_blocks;
+    int n_kv, rows, d, block, n_blocks;
     const void *const *p; const long *hs;  /* each field's base and head stride (elements) */
     const float *pairs;                    /* (256, 2): the two steps of each pair byte */
+    int factored;                          /* pairs_factor() held: normal, outlier are its tables */
+    float normal[16], outlier[16];
 } OJob;
 
 #define OAT(J, T, f, h, b, per) ((const T *)(J)->p[f] + (h) * (J)->hs[f] + (long)(b) * (per))
 
-/* n pair bytes into 2n values */
+/* n pair bytes into 2n values, one byte at a time through the (256, 2) table */
 RINLINE void pairs_of(const uint8_t *restrict bytes, const float *restrict pairs, float *restrict out, const int n) {
     for (int j = 0; j < n; j++) {
         const float *two = pairs + 2 * bytes[j];
@@ -35,18 +38,60 @@ RINLINE void pairs_of(const uint8_t *restrict bytes, const float *restrict pairs
     }
 }
 
+/* Whether the pair table is OliVe's: a nibble is a normal value unless its neighbour is the
+ * victim code, then it is an outlier (kvtier.kv.codecs.ovp._tables). Then each nibble decodes
+ * by two 16-entry tables, normal[x] = pairs[x][0] and outlier[x] = pairs[x | 0x80][0]. */
+static int pairs_factor(const float *pairs, float *normal, float *outlier) {
+    for (int x = 0; x < 16; x++) { normal[x] = pairs[2 * x]; outlier[x] = pairs[2 * (x | 0x80)]; }
+    for (int byte = 0; byte < 256; byte++) {
+        const int lo = byte & 15, hi = byte >> 4;
+        if (pairs[2 * byte] != (hi == VICTIM ? outlier[lo] : normal[lo])
+            || pairs[2 * byte + 1] != (lo == VICTIM ? outlier[hi] : normal[hi]))
+            return 0;
+    }
+    return 1;
+}
+
+#ifdef __AVX512F__
+/* 16 pair bytes into 32 values, in order: both nibbles looked up in registers, the outlier
+ * table where the neighbour is the victim, then the two halves interleaved */
+RINLINE void pairs16(const uint8_t *bytes, const __m512 normal, const __m512 outlier, float *out) {
+    const __m512i x = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)bytes));
+    const __m512i lo = _mm512_and_si512(x, _mm512_set1_epi32(15)), hi = _mm512_srli_epi32(x, 4);
+    const __m512i victim = _mm512_set1_epi32(VICTIM);
+    const __m512 a = _mm512_mask_permutexvar_ps(_mm512_permutexvar_ps(lo, normal),
+                                                _mm512_cmpeq_epi32_mask(hi, victim), lo, outlier);
+    const __m512 b = _mm512_mask_permutexvar_ps(_mm512_permutexvar_ps(hi, normal),
+                                                _mm512_cmpeq_epi32_mask(lo, victim), hi, outlier);
+    const __m512i first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    _mm512_storeu_ps(out, _mm512_permutex2var_ps(a, first, b));
+    _mm512_storeu_ps(out + 16, _mm512_permutex2var_ps(a, _mm512_add_epi32(first, _mm512_set1_epi32(8)), b));
+}
+#endif
+
+/* n pair bytes into 2n values: 16 bytes at a time when the table factors, else by table */
+RINLINE void decode_pairs(const uint8_t *restrict bytes, const OJob *J, float *restrict out, const int n) {
+#ifdef __AVX512F__
+    if (J->factored && n % 16 == 0) {
+        const __m512 normal = _mm512_loadu_ps(J->normal), outlier = _mm512_loadu_ps(J->outlier);
+        for (int j = 0; j < n; j += 16) pairs16(bytes + j, normal, outlier, out + 2 * j);
+        return;
+    }
+#endif
+    pairs_of(bytes, J->pairs, out, n);
+}
+
 /* one head's pieces over blocks [b0, b1); R, D and B are compile-time constants in the
  * specialised calls of span() */
-RINLINE void span_of(const OJob *J, int h, int b0, int b1, float *m_out, float *l_out, float *o,
+RINLINE void span_of(const OJob *J, const float *q, int h, int b0, int b1, float *m_out, float *l_out, float *o,
                      const int R, const int D, const int B) {
-    const float *q = J->q + (long)h * R * D;
     float kb[RMAXD * RMAXB], vb[RMAXB * RMAXD], s[RMAXR * RMAXB], qs[RMAXR * RMAXD], mr[RMAXR], lr[RMAXR];
     for (int r = 0; r < R; r++) { mr[r] = -FLT_MAX; lr[r] = 0.f; }
     memset(o, 0, sizeof(float) * R * D);
     for (int b = b0; b < b1; b++) {
         const _Float16 *ks = OAT(J, _Float16, KS, h, b, D), *kc = OAT(J, _Float16, KC, h, b, D);
         const uint8_t *kq = OAT(J, uint8_t, K, h, b, D * B / 2);
-        for (int c = 0; c < D; c++) pairs_of(kq + (long)c * (B / 2), J->pairs, kb + c * B, B / 2);
+        for (int c = 0; c < D; c++) decode_pairs(kq + (long)c * (B / 2), J, kb + c * B, B / 2);
         for (int r = 0; r < R; r++) {
             float base = 0.f;
             for (int c = 0; c < D; c++) {
@@ -63,7 +108,7 @@ RINLINE void span_of(const OJob *J, int h, int b0, int b1, float *m_out, float *
         online_softmax(s, mr, lr, o, R, D, B);
         const _Float16 *vs = OAT(J, _Float16, VS, h, b, B);
         const uint8_t *vq = OAT(J, uint8_t, V, h, b, B * D / 2);
-        for (int t = 0; t < B; t++) pairs_of(vq + (long)t * (D / 2), J->pairs, vb + t * D, D / 2);
+        for (int t = 0; t < B; t++) decode_pairs(vq + (long)t * (D / 2), J, vb + t * D, D / 2);
         for (int r = 0; r < R; r++) {
             float *orow = o + r * D;
             for (int t = 0; t < B; t++) {
@@ -75,14 +120,14 @@ RINLINE void span_of(const OJob *J, int h, int b0, int b1, float *m_out, float *
     for (int r = 0; r < R; r++) { m_out[r] = mr[r]; l_out[r] = lr[r]; }
 }
 
-static void span(const void *job, int h, int b0, int b1, float *m, float *l, float *o) {
+static void span(const void *job, const float *q, int h, int b0, int b1, float *m, float *l, float *o) {
     const OJob *J = job;
     const int R = J->rows, D = J->d, B = J->block;
-#define SHAPE(r, d, bb) if (R == r && D == d && B == bb) { span_of(J, h, b0, b1, m, l, o, r, d, bb); return; }
+#define SHAPE(r, d, bb) if (R == r && D == d && B == bb) { span_of(J, q, h, b0, b1, m, l, o, r, d, bb); return; }
     SHAPE(3, 64, 64)    /* SmolLM2: 9 query heads over 3 KV heads */
     SHAPE(4, 256, 64)   /* Gemma 3: 4 query heads over 1 KV head */
 #undef SHAPE
-    span_of(J, h, b0, b1, m, l, o, R, D, B);
+    span_of(J, q, h, b0, b1, m, l, o, R, D, B);
 }
 
 /* Returns 0, or 1 when the sizes are outside what this kernel handles (the caller falls back). */
@@ -90,6 +135,7 @@ int kvtier_ovp_attend(const float *q, int n_kv, int rows, int d, int block, int 
                       const long *strides, const float *pairs, float *m, float *l, float *o, int threads) {
     if (d > RMAXD || rows > RMAXR || block > RMAXB || d % 2 || block % 2 || n_blocks < 1)
         return 1;
-    OJob J = {q, n_kv, rows, d, block, n_blocks, ptrs, strides, pairs};
-    return run_spans(&J, span, n_kv, rows, d, n_blocks, m, l, o, threads);
+    OJob J = {n_kv, rows, d, block, n_blocks, ptrs, strides, pairs};
+    J.factored = pairs_factor(pairs, J.normal, J.outlier);
+    return run_spans(&J, span, q, n_kv, rows, d, n_blocks, m, l, o, threads);
 }

@@ -34,7 +34,7 @@
 enum { K, KS, KZ, V, VS, VZ, NFIELDS };  /* the fields, in Python's order */
 
 typedef struct {
-    const float *q; int n_kv, rows, d, bits, group, block, n_blocks, rotate, channel_keys;
+    int n_kv, rows, d, bits, group, block, n_blocks, rotate, channel_keys;
     const void *const *p; const long *hs;  /* each field's base and head stride (elements) */
     const float *rope; long rope_hs;       /* (N, 2, D) rows per head (stride 0: shared) */
     const int32_t *inv;                    /* (H*D) rotated position of each channel, or NULL */
@@ -142,7 +142,7 @@ RINLINE void gather_head(const KJob *J, const float *restrict flat, float *restr
  * the specialised calls of span(). Keys are rotated back per token (RoPE needs them in their
  * own channels); values are accumulated in the rotated space, each head's rows over all W
  * channels, and rotated back once at the end: the transform is linear. */
-RINLINE void span_of(const KJob *J, int b0, int b1, float *m_out, float *l_out, float *o,
+RINLINE void span_of(const KJob *J, const float *q, int b0, int b1, float *m_out, float *l_out, float *o,
                      const int H, const int R, const int D, const int B, const int bits, const int rot) {
     const int W = H * D, HR = H * R;
     const float norm = 1.f / sqrtf((float)J->rotate);
@@ -183,7 +183,7 @@ RINLINE void span_of(const KJob *J, int b0, int b1, float *m_out, float *l_out, 
         }
         for (int h = 0; h < H; h++) {
             rope_scores(kb + (long)h * B * D, J->rope + h * J->rope_hs + (long)b * B * 2 * D,
-                        J->q + (long)h * R * D, s + h * R * B, R, D, B);
+                        q + (long)h * R * D, s + h * R * B, R, D, B);
             online_softmax(s + h * R * B, mr + h * R, lr + h * R, ox + (long)h * R * W, R, W, B);
         }
         for (int t = 0; t < B; t++)
@@ -200,17 +200,17 @@ RINLINE void span_of(const KJob *J, int b0, int b1, float *m_out, float *l_out, 
 }
 
 /* run_spans' task: all heads of a run of blocks (its head index is always 0) */
-static void span(const void *job, int h, int b0, int b1, float *m, float *l, float *o) {
+static void span(const void *job, const float *q, int h, int b0, int b1, float *m, float *l, float *o) {
     (void)h;
     const KJob *J = job;
     const int H = J->n_kv, R = J->rows, D = J->d, B = J->block, bits = J->bits, rot = J->rotate;
 #define SHAPE(hh, r, d, bb, k) \
     if (H == hh && R == r && D == d && B == bb && bits == k && rot == 64) { \
-        span_of(J, b0, b1, m, l, o, hh, r, d, bb, k, 64); return; }
+        span_of(J, q, b0, b1, m, l, o, hh, r, d, bb, k, 64); return; }
     SHAPE(3, 3, 64, 64, 2) SHAPE(3, 3, 64, 64, 4)       /* SmolLM2: 9 query heads over 3 KV heads */
     SHAPE(1, 4, 256, 64, 2) SHAPE(1, 4, 256, 64, 4)     /* Gemma 3: 4 query heads over 1 KV head */
 #undef SHAPE
-    span_of(J, b0, b1, m, l, o, H, R, D, B, bits, rot);
+    span_of(J, q, b0, b1, m, l, o, H, R, D, B, bits, rot);
 }
 
 /* Returns 0, or 1 when the sizes are outside what this kernel handles or memory runs out (the
@@ -226,7 +226,7 @@ int kvtier_rotatekv_attend(const float *q, int n_kv, int rows, int d, int bits, 
         return 1;
     rscale_table();
     int failed = 0;
-    KJob J = {q, n_kv, rows, d, bits, group, block, n_blocks, rotate, channel_keys, ptrs, strides, rope, rope_hs,
+    KJob J = {n_kv, rows, d, bits, group, block, n_blocks, rotate, channel_keys, ptrs, strides, rope, rope_hs,
               inv, mean, &failed};
-    return run_spans(&J, span, 1, n_kv * rows, d, n_blocks, m, l, o, threads) || failed;
+    return run_spans(&J, span, q, 1, n_kv * rows, d, n_blocks, m, l, o, threads) || failed;
 }

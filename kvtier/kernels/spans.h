@@ -121,13 +121,14 @@ RINLINE void weighted_sum(float *restrict o, const float *restrict s, const floa
     }
 }
 
-/* one head's pieces m, l (R) and o (R x D) over blocks [b0, b1) */
-typedef void (*span_fn)(const void *job, int h, int b0, int b1, float *m, float *l, float *o);
+/* one head's pieces m, l (R) and o (R x D) over blocks [b0, b1), for its R pre-scaled query
+ * rows q (R x D) */
+typedef void (*span_fn)(const void *job, const float *q, int h, int b0, int b1, float *m, float *l, float *o);
 
-/* Splits n_blocks of each of n_kv heads into the fewest runs that give every thread the same
+/* The query q is (n_kv, rows, d). Splits n_blocks of each of n_kv heads into the fewest runs that give every thread the same
  * number of tasks, runs them in parallel and merges each head's pieces (log-sum-exp).
  * Returns 0, or 1 when memory runs out. */
-static int run_spans(const void *job, span_fn span, int n_kv, int rows, int d, int n_blocks,
+static int run_spans(const void *job, span_fn span, const float *q, int n_kv, int rows, int d, int n_blocks,
                      float *m, float *l, float *o, int threads) {
     int splits = 1;
     while ((n_kv * splits < threads || (n_kv * splits) % threads) && splits < n_blocks && splits < 4 * threads)
@@ -140,7 +141,7 @@ static int run_spans(const void *job, span_fn span, int n_kv, int rows, int d, i
     for (int task = 0; task < tasks; task++) {
         const int h = task / splits, sp = task % splits;
         const int b0 = (long)n_blocks * sp / splits, b1 = (long)n_blocks * (sp + 1) / splits;
-        span(job, h, b0, b1, tm + (long)task * rows, tl + (long)task * rows, to + (long)task * rows * d);
+        span(job, q + (long)h * rows * d, h, b0, b1, tm + (long)task * rows, tl + (long)task * rows, to + (long)task * rows * d);
     }
     for (int h = 0; h < n_kv; h++)
         for (int r = 0; r < rows; r++) {

@@ -23,7 +23,7 @@
 enum { KM, KV, VM, VV, SFIELDS };  /* the fields, in Python's order */
 
 typedef struct {
-    const float *q; int n_kv, rows, d, nnz, bf16, block, n_blocks;
+    int n_kv, rows, d, nnz, bf16, block, n_blocks;
     const void *const *p; const long *hs;  /* each field's base and head stride (elements) */
 } SJob;
 
@@ -98,9 +98,8 @@ RINLINE void expand_row(const uint8_t *restrict map, const uint16_t *restrict va
 
 /* span_of through expanded rows: a block's keys are expanded and scored, its values expanded
  * and summed under the weights */
-RINLINE void span_expanded(const SJob *J, int h, int b0, int b1, float *m_out, float *l_out, float *o,
+RINLINE void span_expanded(const SJob *J, const float *q, int h, int b0, int b1, float *m_out, float *l_out, float *o,
                            const int R, const int D, const int B, const int N) {
-    const float *q = J->q + (long)h * R * D;
     float kb[RMAXB * RMAXD], s[RMAXR * RMAXB], mr[RMAXR], lr[RMAXR];
     const Chunks C = chunks_of(D);
     for (int r = 0; r < R; r++) { mr[r] = -FLT_MAX; lr[r] = 0.f; }
@@ -122,9 +121,8 @@ RINLINE void span_expanded(const SJob *J, int h, int b0, int b1, float *m_out, f
 
 /* one head's pieces over blocks [b0, b1); R, D, B and nnz are compile-time constants in the
  * specialised calls of span() */
-RINLINE void span_of(const SJob *J, int h, int b0, int b1, float *m_out, float *l_out, float *o,
+RINLINE void span_of(const SJob *J, const float *q, int h, int b0, int b1, float *m_out, float *l_out, float *o,
                      const int R, const int D, const int B, const int N) {
-    const float *q = J->q + (long)h * R * D;
     int idx[RMAXD + 1] = {0};  /* always channels of the head, whatever a row's bitmap holds */
     float val[RMAXD], s[RMAXR * RMAXB], mr[RMAXR], lr[RMAXR];
     for (int r = 0; r < R; r++) { mr[r] = -FLT_MAX; lr[r] = 0.f; }
@@ -158,24 +156,24 @@ RINLINE void span_of(const SJob *J, int h, int b0, int b1, float *m_out, float *
     for (int r = 0; r < R; r++) { m_out[r] = mr[r]; l_out[r] = lr[r]; }
 }
 
-static void span(const void *job, int h, int b0, int b1, float *m, float *l, float *o) {
+static void span(const void *job, const float *q, int h, int b0, int b1, float *m, float *l, float *o) {
     const SJob *J = job;
     const int R = J->rows, D = J->d, B = J->block, N = J->nnz;
 #ifdef SP_EXPAND
     if (D % 16 == 0) {
-#define SHAPE(r, d, bb) if (R == r && D == d && B == bb) { span_expanded(J, h, b0, b1, m, l, o, r, d, bb, N); return; }
+#define SHAPE(r, d, bb) if (R == r && D == d && B == bb) { span_expanded(J, q, h, b0, b1, m, l, o, r, d, bb, N); return; }
         SHAPE(3, 64, 64)    /* SmolLM2: 9 query heads over 3 KV heads */
         SHAPE(4, 256, 64)   /* Gemma 3: 4 query heads over 1 KV head */
 #undef SHAPE
-        span_expanded(J, h, b0, b1, m, l, o, R, D, B, N);
+        span_expanded(J, q, h, b0, b1, m, l, o, R, D, B, N);
         return;
     }
 #endif
-#define SHAPE(r, d, bb, n) if (R == r && D == d && B == bb && N == n) { span_of(J, h, b0, b1, m, l, o, r, d, bb, n); return; }
+#define SHAPE(r, d, bb, n) if (R == r && D == d && B == bb && N == n) { span_of(J, q, h, b0, b1, m, l, o, r, d, bb, n); return; }
     SHAPE(3, 64, 64, 32)    /* SmolLM2 at the default ratio 0.5: 9 query heads over 3 KV heads */
     SHAPE(4, 256, 64, 128)  /* Gemma 3: 4 query heads over 1 KV head */
 #undef SHAPE
-    span_of(J, h, b0, b1, m, l, o, R, D, B, N);
+    span_of(J, q, h, b0, b1, m, l, o, R, D, B, N);
 }
 
 /* Returns 0, or 1 when the sizes are outside what this kernel handles (the caller falls back).
@@ -184,6 +182,6 @@ int kvtier_sparse_attend(const float *q, int n_kv, int rows, int d, int nnz, int
                          const void *const *ptrs, const long *strides, float *m, float *l, float *o, int threads) {
     if (d > RMAXD || d % 8 || rows > RMAXR || block > RMAXB || nnz < 1 || nnz > d || n_blocks < 1)
         return 1;
-    SJob J = {q, n_kv, rows, d, nnz, bf16, block, n_blocks, ptrs, strides};
-    return run_spans(&J, span, n_kv, rows, d, n_blocks, m, l, o, threads);
+    SJob J = {n_kv, rows, d, nnz, bf16, block, n_blocks, ptrs, strides};
+    return run_spans(&J, span, q, n_kv, rows, d, n_blocks, m, l, o, threads);
 }

@@ -25,7 +25,7 @@ enum { K, KS, V, VS, QFIELDS };
 #define FP32_BOOKS_MAX (512L << 10)  /* the fields, in Python's order */
 
 typedef struct {
-    const float *q; int n_kv, rows, d, dim, stages, block, n_blocks;
+    int n_kv, rows, d, dim, stages, block, n_blocks;
     const void *const *p; const long *hs;  /* each field's base and head stride (elements) */
     const float *rope; long rope_hs;       /* (N, 2, D) rows per head (stride 0: shared) */
     const float *book_k, *book_v;          /* the codebooks in fp32 (converted once per call) */
@@ -59,10 +59,9 @@ RINLINE void decode_row(const QJob *J, int key, const uint8_t *code, float *out,
     else decode_f32(code, key ? J->book_k : J->book_v, out, D, DIM, S);
 }
 
-RINLINE void span_of(const QJob *J, int h, int b0, int b1, float *m_out, float *l_out, float *o,
+RINLINE void span_of(const QJob *J, const float *q, int h, int b0, int b1, float *m_out, float *l_out, float *o,
                      const int R, const int D, const int B, const int DIM, const int S) {
     const int C = D / DIM * S;
-    const float *q = J->q + (long)h * R * D;
     float kb[RMAXB * RMAXD], row[RMAXD], s[RMAXR * RMAXB], mr[RMAXR], lr[RMAXR];
     for (int r = 0; r < R; r++) { mr[r] = -FLT_MAX; lr[r] = 0.f; }
     memset(o, 0, sizeof(float) * R * D);
@@ -90,16 +89,16 @@ RINLINE void span_of(const QJob *J, int h, int b0, int b1, float *m_out, float *
     for (int r = 0; r < R; r++) { m_out[r] = mr[r]; l_out[r] = lr[r]; }
 }
 
-static void span(const void *job, int h, int b0, int b1, float *m, float *l, float *o) {
+static void span(const void *job, const float *q, int h, int b0, int b1, float *m, float *l, float *o) {
     const QJob *J = job;
     const int R = J->rows, D = J->d, B = J->block, DIM = J->dim, S = J->stages;
 #define SHAPE(r, d, b, dm, st) \
-    if (R == r && D == d && B == b && DIM == dm && S == st) { span_of(J, h, b0, b1, m, l, o, r, d, b, dm, st); return; }
+    if (R == r && D == d && B == b && DIM == dm && S == st) { span_of(J, q, h, b0, b1, m, l, o, r, d, b, dm, st); return; }
     SHAPE(3, 64, 64, 8, 2) SHAPE(4, 256, 64, 8, 2)     /* SmolLM2 and Gemma 3, 2 bits */
     SHAPE(3, 64, 64, 16, 2) SHAPE(4, 256, 64, 16, 2)   /* 1 bit */
     SHAPE(3, 64, 64, 16, 3) SHAPE(4, 256, 64, 16, 3)   /* 1.5 bits */
 #undef SHAPE
-    span_of(J, h, b0, b1, m, l, o, R, D, B, DIM, S);
+    span_of(J, q, h, b0, b1, m, l, o, R, D, B, DIM, S);
 }
 
 /* Returns 0, or 1 when the sizes are outside what this kernel handles (the caller falls back). */
@@ -111,7 +110,7 @@ int kvtier_vq_attend(const float *q, int n_kv, int rows, int d, int dim, int sta
         return 1;
     scale_table();
     const long n_book = (long)d * stages * 256;  /* (D / dim) x stages x 256 x dim */
-    QJob J = {q, n_kv, rows, d, dim, stages, block, n_blocks, ptrs, strides, rope, rope_hs, NULL, NULL,
+    QJob J = {n_kv, rows, d, dim, stages, block, n_blocks, ptrs, strides, rope, rope_hs, NULL, NULL,
               book_k, book_v, dim <= 8 || 2 * n_book * sizeof(float) > FP32_BOOKS_MAX};
     float *books = NULL;
     if (!J.half) {
@@ -121,7 +120,7 @@ int kvtier_vq_attend(const float *q, int n_kv, int rows, int d, int dim, int sta
         J.book_k = books;
         J.book_v = books + n_book;
     }
-    const int rc = run_spans(&J, span, n_kv, rows, d, n_blocks, m, l, o, threads);
+    const int rc = run_spans(&J, span, q, n_kv, rows, d, n_blocks, m, l, o, threads);
     free(books);
     return rc;
 }
