@@ -11,18 +11,21 @@ from kvtier import kernels, spec
 from kvtier.attention import batched
 from kvtier.engine import ModelRunner
 from kvtier.kv.cache import LayerKV, Part
+from kvtier.kv.codecs.base import Codec, LayerContext
 
 needs_kernels = pytest.mark.skipif(kernels.library() is None, reason="no C compiler: PyTorch path only")
 
 
 def decoding(codec: str, lengths: list[int], dtype=torch.float32, hq=9, n_kv=3, d=64, block=64,
-             window=None, seed=0):
+             window=None, seed=0, stats=None):
     """Sequences of ``lengths`` tokens, the last one just appended: queries ``(S, Hq, D)``,
     each sequence's parts (as ``DecoderModel.attention`` gathers them) and positions."""
     torch.manual_seed(seed)
     queries, parts, starts = [], [], []
     for n in lengths:
-        layer = LayerKV(spec.parse(codec).codec, n_kv, d, block, window, dtype)
+        c = spec.parse(codec).codec
+        c = c.for_layer(LayerContext(0, n_kv, d, stats)) if stats is not None else c
+        layer = LayerKV(c, n_kv, d, block, window, dtype)
         k = torch.randn(n_kv, n, d) * torch.linspace(0.2, 3, d)
         k[:, :, 3] += 6.0  # an outlier channel
         layer.append(k.to(dtype), torch.randn(n_kv, n, d).to(dtype))
@@ -196,13 +199,13 @@ def counting_native(monkeypatch):
     seen = {"native": 0, "fallback": 0, "held": 0, "split": 0}
     inner, inner_held, inner_split = batched.native_parts, batched._held_plan, batched._split
 
-    def spy(parts):
-        plan = inner(parts)
+    def spy(*args):
+        plan = inner(*args)
         seen["native" if plan is not None else "fallback"] += 1
         return plan
 
-    def spy_held(layer):
-        plan = inner_held(layer)
+    def spy_held(*args):
+        plan = inner_held(*args)
         if plan is not None:
             seen["native"] += 1
             seen["held"] += 1
@@ -221,26 +224,28 @@ def counting_native(monkeypatch):
     ("llama", "dense(dtype=fp32)", 64), ("llama", "int(bits=4)", 64), ("llama", "int(bits=2)", 16),
     ("gemma3", "dense(dtype=bf16)", 16), ("gemma3", "int(bits=4,group=32)", 16),
     ("llama", "snapkv(ratio=0.5)+int(bits=4)", 16), ("llama", "quest(top_blocks=2)+int(bits=4)", 16),
-    ("llama", "rotatekv(residual=0)", 16), ("gemma3", "mxfp4(hadamard=true)", 16),
+    ("llama", "rotatekv(residual=0)", 16), ("gemma3", "mxfp4(hadamard=true)", 16), ("llama", "bfp", 16),
 ])
 def test_model_decoding_together_equals_one_at_a_time(family, kv, block, monkeypatch):
     """Tiny Llama (GQA 4/2, head size 64) and tiny Gemma 3 (4/1, window 16 on its sliding
     layers); 5 sequences decode 6 steps together, and one at a time on the per-sequence path.
-    A codec the kernel does not take (rotatekv, mxfp4), and Quest's gathered blocks, have their
-    runs scored by the codec's own kernel and merged with the batched kernel's piece over the
-    rest ("split")."""
+    A codec the kernel does not take (rotatekv), and Quest's gathered blocks, have their runs
+    scored by the codec's own kernel and merged with the batched kernel's piece over the rest
+    ("split"); mxfp4's runs are its kernel's jobs inside the batched kernel, where the sliding
+    window sees them whole, else split."""
     model = ours_from_hf(tiny_hf("llama", head_dim=64) if family == "llama" else tiny_hf("gemma3"))
     prompts = [tokens(n, seed=n) for n in PROMPTS]
     seen = counting_native(monkeypatch)
     together = generate(ModelRunner(model, kv, block_size=block), prompts, 6, True)
     if kernels.library() is not None:
-        split = kv.startswith(("rotatekv", "mxfp4", "quest"))
+        split = kv.startswith(("rotatekv", "quest"))
+        cut = family == "gemma3" and kv.startswith("mxfp4")  # a codec's kernel masks nothing: runs the window cuts fall back
         assert seen["native"] > 0
         assert (seen["split"] > 0) == split
         if not split:
-            assert seen["fallback"] == 0
+            assert (seen["fallback"] > 0) == cut
         if not split:  # read straight from the layers, unless a selector picks
-            assert (seen["held"] > 0) == ("+" not in kv)
+            assert (seen["held"] > 0) == ("+" not in kv and kv != "bfp")  # bfp keeps sinks: parts are made
     monkeypatch.setenv("KVTIER_BATCHED", "0")
     alone = generate(ModelRunner(model, kv, block_size=block), prompts, 6, False)
     torch.testing.assert_close(together, alone, atol=2e-4, rtol=2e-4)
@@ -329,11 +334,38 @@ def test_int_blocks_on_amx_tiles_equal_the_vector_path(monkeypatch, codec, hq, n
 
 
 @needs_kernels
-@pytest.mark.parametrize("codec", ["mxfp4", "nvfp4", "bfp"])  # rotatekv: in the model test above
+@pytest.mark.parametrize("codec", ["mxfp4", "mxfp4(hadamard=true)", "nvfp4", "mxfp8", "mxint8", "bfp",
+                                   "bfp(mantissa=8,block=32)", "bfp(sort=false)"])
+@pytest.mark.parametrize("window", [None, 300])
+def test_codec_runs_are_their_kernels_jobs_in_the_batched_kernel(codec, window, monkeypatch):
+    """A codec with a native job (its own kernel on its blocks, its head space turned by a
+    rotation or a channel order): its runs are parts of the batched kernel's one call, split
+    over threads with the others, and equal the per-sequence oracle. A run the sliding window
+    cuts is scored by the codec's kernel on its own and merged ("split") or decoded."""
+    seen = counting_native(monkeypatch)
+    stats = {"k_rms": torch.rand(3, 64) * 3 + 0.1, "v_rms": torch.rand(3, 64) + 0.1}
+    q, parts, starts = decoding(codec, [1, 70, 64 * 5 + 9, 64 * 12], block=64, window=window, stats=stats)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            got = batched.decode(q, parts, starts, 0.125, window)
+            torch.testing.assert_close(got, batched.reference(q, parts, starts, 0.125, window), atol=1e-4, rtol=1e-4)
+    finally:
+        torch.set_num_threads(threads)
+    if window is None:
+        assert seen["fallback"] == 0 and seen["split"] == 0
+        rows, _ = batched.native_parts(parts[-1], starts[-1], None, 3)
+        assert sum(row[0] == batched.SPAN for row in rows) == 1  # 12 blocks: one run
+
+
+@needs_kernels
+@pytest.mark.parametrize("codec", ["mxfp4", "bfp"])  # rotatekv: in the model test above
 def test_runs_the_kernel_does_not_take_are_scored_by_their_codec_and_merged(codec, monkeypatch):
-    """A codec outside the batched kernel: each sequence's runs are scored by the codec's own
-    kernel, the rest (residual, sinks) by the batched kernel with its log-sum-exp, merged:
-    equal to the per-sequence oracle."""
+    """A codec outside the batched kernel (here: its native job taken away): each sequence's
+    runs are scored by the codec's own kernel, the rest (residual, sinks) by the batched kernel
+    with its log-sum-exp, merged: equal to the per-sequence oracle."""
+    monkeypatch.setattr(type(spec.parse(codec).codec), "native_job", Codec.native_job)
     seen = counting_native(monkeypatch)
     q, parts, starts = decoding(codec, [1, 70, 64 * 5 + 9, 64 * 12], block=64)
     got = batched.decode(q, parts, starts, 0.125)

@@ -29,6 +29,7 @@ from kvtier import kernels
 from kvtier.attention import blockwise
 from kvtier.dtypes import DTYPES
 from kvtier.kv.cache import LayerKV, Part
+from kvtier.kv.codecs.base import Codec
 from kvtier.kv.codecs.dense import Dense
 from kvtier.kv.codecs.intq import Int
 
@@ -37,6 +38,7 @@ FIELDS = ("kind", "n", "start", "k", "v", "k_hs", "k_ts", "v_hs", "v_ts",
           "ks", "kz", "vs", "vz", "ks_hs", "vs_hs", "bits", "group", "block")
 KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 INT = 3
+SPAN = 4  # a run of another codec's blocks, attended by that codec's kernel (Codec.native_job)
 MAX_HEAD_DIM, MAX_GROUP = 256, 32  # the kernel's MAXD and MAXR (query heads per KV head); head sizes a multiple of 16
 
 
@@ -58,11 +60,12 @@ def decode(queries: torch.Tensor, parts: list[list[Part]], q_starts: list[int], 
     lib = kernels.library() if enabled() and queries.device.type == "cpu" else None
     if lib is None or hq % n_kv or hq // n_kv > MAX_GROUP or d > MAX_HEAD_DIM or d % 16:
         return per_sequence(queries, parts, q_starts, scale, window)
-    plans = [native_parts(p) for p in parts]
+    g = hq // n_kv
+    plans = [native_parts(p, q, window, g) for p, q in zip(parts, q_starts)]
     scored: dict[int, list[Part]] = {}  # sequences whose other parts a codec's kernel scores
     for s, plan in enumerate(plans):
         if plan is None:
-            plans[s], rest = _split(parts[s], q_starts[s], window)
+            plans[s], rest = _split(parts[s], q_starts[s], window, g)
             if plans[s] is not None:
                 scored[s] = rest
     native = [s for s, plan in enumerate(plans) if plan is not None]
@@ -106,20 +109,20 @@ def decode_held(queries: torch.Tensor, layers: list, q_starts: list[int], scale:
     lib = kernels.library() if enabled() and queries.device.type == "cpu" else None
     if lib is None or hq % layers[0].n_kv or hq // layers[0].n_kv > MAX_GROUP or d > MAX_HEAD_DIM or d % 16:
         return None
-    plans = []
-    for layer in layers:
-        plan = _held_plan(layer)
+    plans, g = [], hq // layers[0].n_kv
+    for layer, q_start in zip(layers, q_starts):
+        plan = _held_plan(layer, g, q_start, window)
         if plan is None:
             return None
         plans.append(plan)
     return _kernel(lib, queries, plans, q_starts, layers[0].n_kv, scale, window).to(queries.dtype)
 
 
-def _split(parts: list[Part], q_start: int, window: int | None):
+def _split(parts: list[Part], q_start: int, window: int | None, g: int):
     """A sequence whose parts the kernel does not all take: the kernel's rows for the ones it
     takes, and the others, when each of those is a run a codec scores on its codes whole
     (no mask, no bias, its heads together, on the CPU); else (None, None)."""
-    taken = [takes(p) for p in parts]
+    taken = [takes(p, q_start, window, g) for p in parts]
     mine = [p for p, t in zip(parts, taken) if t]
     rest = [p for p, t in zip(parts, taken) if not t
             and not (window is not None and q_start - (p.start + p.n - 1) >= window)]  # outside: no keys
@@ -128,13 +131,13 @@ def _split(parts: list[Part], q_start: int, window: int | None):
             and (p.device is None or p.device.type == "cpu")
             and blockwise.visible(q_start, 1, p.start, p.n, window, "cpu") is None for p in rest):
         return None, None
-    return native_parts(mine), rest
+    return native_parts(mine, q_start, window, g), rest
 
 
-def _held_plan(layer) -> tuple[list[list[int]], list] | None:
-    """:func:`native_parts` of ``layer.select(q)`` for a layer that attends all it holds. The
-    block runs' rows are kept with the runs; the residual's is remade from a kept template,
-    its length changing every step."""
+def _held_plan(layer, g: int, q_start: int, window: int | None) -> tuple[list[list[int]], list] | None:
+    """:func:`native_parts` of ``layer.select(q)`` for a layer that attends all it holds, ``g``
+    query rows per KV head. The block runs' rows are kept with the runs; the residual's is
+    remade from a kept template, its length changing every step."""
     held = layer.held()
     if held is None:
         return None
@@ -143,9 +146,11 @@ def _held_plan(layer) -> tuple[list[list[int]], list] | None:
     for run in runs:
         if run.native is None and (run.fetch or not _takes_blocks(run.layer) or run.layer.pool.device.type != "cpu"):
             return None
-        row, tensors = _run_row(run, run.start)
-        rows.append(row)
-        keep.append(tensors)
+        got = _run_row(run, run.start, g)
+        if got is None or (got[0][0] == SPAN and not _seen_whole(run.start, q_start, window)):
+            return None
+        rows.append(got[0])
+        keep.append(got[1])
     if r:
         if layer.native is None or layer.native[0] is not rk:
             if rk.device.type != "cpu" or rk.dtype not in KINDS:
@@ -196,11 +201,14 @@ def _one(q: torch.Tensor, parts: list[Part], q_start: int, scale: float, window:
     return blockwise.attend(q[:, None], parts, q_start, scale, window)[:, 0]  # (Hq, D)
 
 
-def native_parts(parts: list[Part]) -> tuple[list[list[int]], list] | None:
+def native_parts(parts: list[Part], q_start: int | None = None, window: int | None = None,
+                 g: int | None = None) -> tuple[list[list[int]], list] | None:
     """The kernel's rows for a sequence's parts (and the tensors they point into), or None
     when any part is one the kernel does not take: the sequence is then attended on its own.
-    Nothing is read (no tier traffic counted) for a sequence that falls back."""
-    if not parts or not all(takes(p) for p in parts):
+    Nothing is read (no tier traffic counted) for a sequence that falls back. ``q_start``,
+    ``window``, ``g``: the query's position, the layer's sliding window and the query rows per
+    KV head, which a codec's kernel needs (it takes a run only when the query sees all of it)."""
+    if not parts or not all(takes(p, q_start, window, g) for p in parts):
         return None
     rows, keep = [], []
     for p in parts:
@@ -209,18 +217,29 @@ def native_parts(parts: list[Part]) -> tuple[list[list[int]], list] | None:
             row, tensors = _plain_row(k, v), (k, v)
             row[2] = p.start
         else:  # a selector's cache may place the run elsewhere: the part's start
-            row, tensors = _run_row(p.blocks, p.start)
+            got = _run_row(p.blocks, p.start, g)
+            if got is None:
+                return None
+            row, tensors = got
         rows.append(row)
         keep.append(tensors)
     return rows, keep
 
 
-def _run_row(run, start: int) -> tuple[list[int], object]:
-    """The kernel's row for a run of blocks at ``start``, and the tensors it points into: the
+def _seen_whole(start: int, q_start: int, window: int | None) -> bool:
+    """Whether a decode query at ``q_start`` sees every token from ``start`` on."""
+    return window is None or start > q_start - window
+
+
+def _run_row(run, start: int, g: int) -> tuple[list[int], object] | None:
+    """The kernel's row for a run of blocks at ``start`` (``g`` query rows per KV head), and
+    the tensors it points into, or None when the run's codec kernel declines its sizes: the
     row is made once and kept with the run while it lasts."""
-    if run.native is None:
-        run.native = _block_row(run)
-    row, tensors = run.native
+    if run.native is None or run.native[2] != g:
+        run.native = (*(_block_row(run, g) or (None, None)), g)
+    row, tensors, _ = run.native
+    if row is None:
+        return None
     row = list(row)
     row[2] = start
     return row, tensors
@@ -231,10 +250,19 @@ def _plain_row(k: torch.Tensor, v: torch.Tensor) -> list[int]:
             v.stride(0), v.stride(1), 0, 0, 0, 0, 0, 0, 0, 0, 0]
 
 
-def _block_row(run) -> tuple[list[int], object]:
-    """The kernel's row for a run of ``dense`` or ``int`` blocks, and the tensors it points into."""
+def _block_row(run, g: int) -> tuple[list[int], object] | None:
+    """The kernel's row for a run of blocks, and the tensors it points into: ``dense`` or
+    ``int`` blocks read by the kernel itself, any other codec's by its own kernel (a SPAN row;
+    None when that kernel declines the sizes)."""
     layer = run.layer
     fields = run.fields()  # as the layer's own decode would read them
+    if _spans(layer.codec):
+        job = layer.codec.native_job(fields, g)
+        if job is None:
+            return None
+        _, n, b = next(iter(fields.values())).shape[:3]
+        turns = [0 if t is None else t.data_ptr() for t in (job.q_turn, job.o_turn)]
+        return [SPAN, n * b, 0, job.span, job.job, 0, 0, 0, 0, *turns, 0, 0, 0, 0, 0, 0, b], job
     if type(layer.codec) is Int:
         fields = {name: t if _rows_contiguous(t) else t.contiguous() for name, t in fields.items()}
         for a, b in (("k_scale", "k_zero"), ("v_scale", "v_zero")):  # a head stride shared in the kernel
@@ -246,23 +274,33 @@ def _block_row(run) -> tuple[list[int], object]:
     return _plain_row(k, v), (k, v)
 
 
-def takes(part: Part) -> bool:
+def takes(part: Part, q_start: int | None = None, window: int | None = None, g: int | None = None) -> bool:
     """Whether the kernel takes this part: held keys/values in fp32, bf16 or fp16, or a run of
-    ``dense`` or ``int`` blocks (the kernel's shapes), on the CPU, without a bias."""
+    ``dense`` or ``int`` blocks (the kernel's shapes) or of a codec with a native job that the
+    query sees whole, on the CPU, without a bias."""
     if part.bias is not None or (part.device is not None and part.device.type != "cpu"):
         return False
     if part.load is None:
         return part.k.dtype in KINDS and part.v.dtype == part.k.dtype and part.k.shape == part.v.shape
     layer = _block_run(part)
-    return layer is not None and _takes_blocks(layer)
+    return (layer is not None and _takes_blocks(layer)
+            and (not _spans(layer.codec) or (g is not None and q_start is not None
+                                             and _seen_whole(part.start, q_start, window))))
+
+
+def _spans(codec) -> bool:
+    """Whether runs of ``codec``'s blocks go to the kernel as SPAN rows (its native job)."""
+    return type(codec).native_job is not Codec.native_job
 
 
 def _takes_blocks(layer) -> bool:
     """Whether the kernel takes runs of ``layer``'s blocks: ``dense`` or ``int`` (its shapes),
-    keys stored after RoPE."""
+    or a codec with a native job; keys stored after RoPE."""
     codec = layer.codec
     if codec.pre_rope:
         return False
+    if _spans(codec):
+        return True
     if type(codec) is Dense:
         return DTYPES[codec.dtype] in KINDS
     if type(codec) is Int:

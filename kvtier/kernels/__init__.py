@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import tempfile
 import warnings
+import weakref
 from pathlib import Path
 
 import torch
@@ -30,7 +31,7 @@ from kvtier.paths import cache_dir
 SOURCES = ("intattn.c", "batched.c", "qmatmul.c", "nuqattn.c", "vqattn.c", "rkvattn.c", "bsattn.c", "lrattn.c",
            "ovpattn.c", "spattn.c", "prefill.c", "pointwise.c", "intenc.c",
            "rope.c", "w8a8.c")
-HEADERS = ("intblock.h", "spans.h", "amx.h", "vexp.h", "bf16.h")  # included by the sources: part of the build's hash
+HEADERS = ("intblock.h", "spans.h", "spanfn.h", "amx.h", "vexp.h", "bf16.h")  # included by the sources: part of the build's hash
 # -ffast-math lets gcc vectorize the reductions and expf; it is given only when compiling,
 # never when linking, so the process's floating-point mode (crtfastmath) is left alone.
 COMPILE = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-c"]
@@ -116,6 +117,11 @@ def _declare(lib: ctypes.CDLL) -> None:
     # (kvtier.kv.codecs.blockscaled)
     lib.kvtier_blockscaled_attend.argtypes = [p, i, i, i, i, i, i, i, p, p, p, p, p, p, p, i]
     lib.kvtier_blockscaled_attend.restype = i
+    # n_kv, rows, d, bits, eblock, block, n_blocks, ptrs, strides, elut, slut -> job (batched.c's SPAN parts)
+    lib.kvtier_blockscaled_job.argtypes = [i, i, i, i, i, i, i, p, p, p, p]
+    lib.kvtier_blockscaled_job.restype = p
+    lib.kvtier_blockscaled_span.restype = p
+    lib.kvtier_job_free.argtypes = [p]
     # q, n_kv, rows, d, bits, rank, block, n_blocks, ptrs, strides, m, l, o, threads (kvtier.kv.codecs.lowrank)
     lib.kvtier_lowrank_attend.argtypes = [p, i, i, i, i, i, i, i, p, p, p, p, p, i]
     lib.kvtier_lowrank_attend.restype = i
@@ -325,17 +331,59 @@ def vq_attend(q: torch.Tensor, data: dict[str, torch.Tensor], rope: torch.Tensor
     return (m, l, o) if rc == 0 else None
 
 
+class SpanJob:
+    """A run of a codec's blocks as the batched decode kernel's SPAN part (batched.c): the
+    codec's span function and its job, freed with this object, and what the job points into,
+    kept alive as long. ``q_turn`` and ``o_turn``, when not None, are ``(Hkv, D, D)`` fp32: the
+    codec attends in a turned head space (a rotation, a channel order), the query's rows
+    times ``q_turn[h]`` going in and the output's times ``o_turn[h]`` coming back."""
+
+    def __init__(self, span: int, job: int, block: int, keep: tuple):
+        self.span, self.job, self.block, self.keep = span, job, block, keep
+        self.q_turn: torch.Tensor | None = None
+        self.o_turn: torch.Tensor | None = None
+        weakref.finalize(self, library().kvtier_job_free, job)
+
+    def turned(self, q_turn: torch.Tensor, o_turn: torch.Tensor) -> SpanJob:
+        self.q_turn, self.o_turn = (t.float().contiguous() for t in (q_turn, o_turn))
+        return self
+
+
+def _field_arrays(fields: list[torch.Tensor | None]):
+    """The fields' pointers and head strides as C arrays, or None when a field's rows are not
+    contiguous within a head. ``fields`` (None: absent) ``(Hkv, n, ...)``."""
+    if any(f is not None and not _rows_contiguous(f) for f in fields):
+        return None
+    ptrs = (ctypes.c_void_p * len(fields))(*[None if f is None else f.data_ptr() for f in fields])
+    strides = (ctypes.c_long * len(fields))(*[0 if f is None else f.stride(0) for f in fields])
+    return ptrs, strides
+
+
+def blockscaled_job(fields: list[torch.Tensor | None], elut: torch.Tensor, slut: torch.Tensor, bits: int,
+                    eblock: int, rows: int) -> SpanJob | None:
+    """:func:`blockscaled_attend`'s run as a :class:`SpanJob` for ``rows`` query rows per KV
+    head, or None when the kernels are unavailable or do not handle these sizes."""
+    lib = library()
+    arrays = _field_arrays(fields) if lib is not None and fields[3].device.type == "cpu" else None
+    if arrays is None:
+        return None
+    h, n, b = fields[3].shape[:3]
+    job = lib.kvtier_blockscaled_job(h, rows, fields[3].shape[-1] * 8 // bits, bits, eblock, b, n, *arrays,
+                                     elut.data_ptr(), slut.data_ptr())
+    return SpanJob(lib.kvtier_blockscaled_span(), job, b, (fields, arrays, elut, slut)) if job else None
+
+
 def _fields_for(q: torch.Tensor, fields: list[torch.Tensor | None]):
     """What every kernel on codes is handed: ``(q fp32 contiguous, field pointers, head strides,
     (m, l, o) to fill)``, or None when the kernels are unavailable, the query is not on the CPU
     or a field's rows are not contiguous within a head. ``fields`` (None: absent) ``(Hkv, n, ...)``."""
     if library() is None or q.device.type != "cpu":
         return None
-    if any(f is not None and not _rows_contiguous(f) for f in fields):
+    arrays = _field_arrays(fields)
+    if arrays is None:
         return None
     h, r, d = q.shape
-    ptrs = (ctypes.c_void_p * len(fields))(*[None if f is None else f.data_ptr() for f in fields])
-    strides = (ctypes.c_long * len(fields))(*[0 if f is None else f.stride(0) for f in fields])
+    ptrs, strides = arrays
     pieces = torch.empty((h, r, 1)), torch.empty((h, r, 1)), torch.empty((h, r, d))
     return q.float().contiguous(), ptrs, strides, pieces
 

@@ -31,12 +31,18 @@
 
 #include "amx.h"
 #include "intblock.h"
+#include "spanfn.h"
 #include "vexp.h"
 
-enum { F32 = 0, BF16 = 1, F16 = 2, INT = 3 };
+enum { F32 = 0, BF16 = 1, F16 = 2, INT = 3, SPAN = 4 };
 
 /* One part, all int64 (kvtier.attention.batched.FIELDS names them in this order). Strides are
- * in elements; plain parts use k, v, k_hs .. v_ts; int parts every field but the token strides. */
+ * in elements; plain parts use k, v, k_hs .. v_ts; int parts every field but the token strides.
+ * A SPAN part is a run of any other codec's blocks, attended by that codec's own kernel: k is
+ * its span function (spanfn.h), v its job (made by the codec's kvtier_*_job), block its block
+ * size; ks and kz, when not 0, the fp32 (Hkv, D, D) matrices the codec's head space is turned
+ * by (the query's rows times ks[h] before, the output's times kz[h] after: a rotation, a
+ * channel order). It is seen whole by the query (the caller makes sure). */
 typedef struct {
     int64_t kind, n, start;
     int64_t k, v;                     /* addresses */
@@ -595,6 +601,33 @@ INLINE void int_part(const PartDesc *P, int h, long j0, long j1, long a, long b,
     }
 }
 
+/* blocks [j0, j1) of a SPAN part, KV head h: the codec's kernel in one piece, in its own head
+ * space (the query turned in, the output turned back) */
+INLINE void span_part(const PartDesc *P, int h, long j0, long j1, const float *q,
+                      float *m, float *l, float *o, const int G, const int D) {
+    float qt[MAXR * MAXD], pm[MAXR], pl[MAXR], po[MAXR * MAXD], ot[MAXD];
+    const float *qm = (const float *)P->ks, *om = (const float *)P->kz;
+    if (qm) {
+        qm += (long)h * D * D;
+        for (int r = 0; r < G; r++) {
+            for (int c = 0; c < D; c++) qt[r * D + c] = 0.f;
+            for (int i = 0; i < D; i++)
+                for (int c = 0; c < D; c++) qt[r * D + c] += q[r * D + i] * qm[(long)i * D + c];
+        }
+    }
+    ((span_fn)P->k)((const void *)P->v, qm ? qt : q, h, (int)j0, (int)j1, pm, pl, po);
+    if (om) {
+        om += (long)h * D * D;
+        for (int r = 0; r < G; r++) {
+            for (int c = 0; c < D; c++) ot[c] = 0.f;
+            for (int i = 0; i < D; i++)
+                for (int c = 0; c < D; c++) ot[c] += po[r * D + i] * om[(long)i * D + c];
+            memcpy(po + r * D, ot, sizeof(float) * D);
+        }
+    }
+    absorb(pm, pl, po, m, l, o, G, D);
+}
+
 /* one task: sequence s, KV head h, split p of the sequence's visible tokens */
 INLINE void task_body(const Job *J, int s, int h, int p, float *m, float *l, float *o,
                       const int G, const int D) {
@@ -614,14 +647,15 @@ INLINE void task_body(const Job *J, int s, int h, int p, float *m, float *l, flo
         if (!visible(J, s, P, &a, &b)) continue;
         const long nv = b - a;
         if (c + nv > g0) {
-            if (P->kind == INT) {  /* a block goes to the split that holds its first visible token */
+            if (P->kind == INT || P->kind == SPAN) {  /* a block goes to the split that holds its first visible token */
                 const long B = P->block;
                 long j0 = -1, j1 = -1;
                 for (long j = a / B; j <= (b - 1) / B; j++) {
                     const long first = c + (j * B > a ? j * B : a) - a;
                     if (first >= g0 && first < g1) { if (j0 < 0) j0 = j; j1 = j + 1; }
                 }
-                if (j0 >= 0) int_part(P, h, j0, j1, a, b, q, m, l, o, G, D, J->amx);
+                if (j0 >= 0 && P->kind == SPAN) span_part(P, h, j0, j1, q, m, l, o, G, D);
+                else if (j0 >= 0) int_part(P, h, j0, j1, a, b, q, m, l, o, G, D, J->amx);
             } else {
                 const long t0 = a + (g0 > c ? g0 - c : 0), t1 = a + (g1 - c < nv ? g1 - c : nv);
                 switch (P->kind) {
@@ -658,6 +692,7 @@ static void task(const Job *J, int id) {
 
 static int part_ok(const PartDesc *P, int d) {
     if (P->kind >= F32 && P->kind <= F16) return 1;
+    if (P->kind == SPAN) return P->k && P->v && P->block > 0 && P->n % P->block == 0;
     if (P->kind != INT) return 0;
     const long b = P->block, g = P->group;
     return (P->bits == 2 || P->bits == 4 || P->bits == 8) && b > 0 && b <= MAXB && b % 16 == 0
@@ -678,6 +713,8 @@ int kvtier_batched_decode(const float *q, int n_seq, int n_kv, int g, int d,
         long total = 0;
         for (long i = seq_parts[s]; i < seq_parts[s + 1]; i++) {
             if (!part_ok(&parts[i], d)) return -1;
+            if (parts[i].kind == SPAN && (parts[i].start < lo[s] || parts[i].start + parts[i].n - 1 > q_pos[s]))
+                return -1;  /* a codec's kernel masks nothing: its run must be seen whole */
             total += parts[i].n;
         }
         longest = total > longest ? total : longest;
@@ -737,3 +774,6 @@ int kvtier_batched_decode(const float *q, int n_seq, int n_kv, int g, int d,
     free(J.m); free(J.l); free(J.o);
     return 0;
 }
+
+/* frees a job a codec's kvtier_*_job made */
+void kvtier_job_free(void *job) { free(job); }

@@ -151,14 +151,36 @@ static void span(const void *job, const float *q, int h, int b0, int b1, float *
     span_of(J, q, h, b0, b1, m, l, o, R, D, B, bits);
 }
 
+/* The job of a run of blocks: 0, or 1 when the sizes are outside what this kernel handles. */
+static int job_of(BJob *J, int n_kv, int rows, int d, int bits, int eblock, int block, int n_blocks,
+                  const void *const *ptrs, const long *strides, const float *elut, const float *slut) {
+    if (d > RMAXD || rows > RMAXR || block > RMAXB || (bits != 4 && bits != 8) || eblock < 1 || d % eblock
+        || (d * bits) % 8 || n_blocks < 1)
+        return 1;
+    *J = (BJob){n_kv, rows, d, bits, eblock, block, n_blocks, ptrs, strides, elut, slut,
+                bits == 8 ? byte_kind(elut) : BYTE_TABLE};
+    return 0;
+}
+
 /* Returns 0, or 1 when the sizes are outside what this kernel handles (the caller falls back). */
 int kvtier_blockscaled_attend(const float *q, int n_kv, int rows, int d, int bits, int eblock, int block,
                               int n_blocks, const void *const *ptrs, const long *strides, const float *elut,
                               const float *slut, float *m, float *l, float *o, int threads) {
-    if (d > RMAXD || rows > RMAXR || block > RMAXB || (bits != 4 && bits != 8) || eblock < 1 || d % eblock
-        || (d * bits) % 8 || n_blocks < 1)
-        return 1;
-    BJob J = {n_kv, rows, d, bits, eblock, block, n_blocks, ptrs, strides, elut, slut,
-              bits == 8 ? byte_kind(elut) : BYTE_TABLE};
+    BJob J;
+    if (job_of(&J, n_kv, rows, d, bits, eblock, block, n_blocks, ptrs, strides, elut, slut)) return 1;
     return run_spans(&J, span, q, n_kv, rows, d, n_blocks, m, l, o, threads);
 }
+
+/* The same run as a job for batched.c's SPAN parts (freed by kvtier_job_free), or NULL; and
+ * the span function it goes with. The arrays and tables it points to must outlive it. */
+void *kvtier_blockscaled_job(int n_kv, int rows, int d, int bits, int eblock, int block, int n_blocks,
+                             const void *const *ptrs, const long *strides, const float *elut, const float *slut) {
+    BJob *J = malloc(sizeof *J);
+    if (J && job_of(J, n_kv, rows, d, bits, eblock, block, n_blocks, ptrs, strides, elut, slut)) {
+        free(J);
+        return NULL;
+    }
+    return J;
+}
+
+void *kvtier_blockscaled_span(void) { return (void *)span; }

@@ -11,6 +11,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "spanfn.h"
+
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
@@ -121,9 +123,6 @@ RINLINE void weighted_sum(float *restrict o, const float *restrict s, const floa
     }
 }
 
-/* one head's pieces m, l (R) and o (R x D) over blocks [b0, b1), for its R pre-scaled query
- * rows q (R x D) */
-typedef void (*span_fn)(const void *job, const float *q, int h, int b0, int b1, float *m, float *l, float *o);
 
 /* The query q is (n_kv, rows, d). Splits n_blocks of each of n_kv heads into the fewest runs that give every thread the same
  * number of tasks, runs them in parallel and merges each head's pieces (log-sum-exp).

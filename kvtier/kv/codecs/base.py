@@ -110,6 +110,13 @@ class Codec(ABC):
         """
         return
 
+    def native_job(self, data: dict[str, torch.Tensor], rows: int):
+        """The same attention as :meth:`attend`, as a job the batched decode kernel runs among a
+        sequence's other parts (:class:`kvtier.kernels.SpanJob`), for ``rows`` query rows per
+        KV head; None where this codec has none (its runs are then attended by :meth:`attend`
+        and merged in Python). data: as :meth:`attend`'s; the job keeps it."""
+        return None
+
 
 def attends_on_codes(codec: Codec) -> bool:
     """Whether a codec has attention on its encoded form (it overrides :meth:`Codec.attend`;

@@ -139,9 +139,28 @@ class Bfp(Codec):
         m, l, o = pieces
         return m, l, torch.empty_like(o).scatter_(-1, self.perm_v.long()[:, None, :].expand_as(o), o)
 
+    def native_job(self, data, rows):
+        """:meth:`attend` as a job of the batched decode kernel: the channel orders as its turn
+        of the head space (``q[perm]`` going in, scattered back coming out)."""
+        job = kernels.blockscaled_job([data["k_m"], data["k_e"], None, data["v_m"], data["v_e"], None],
+                                      _mantissa_values(self.mantissa), scale_values("e8m0"), self.mantissa,
+                                      self.block, rows)
+        if job is None or self.perm_k is None:
+            return job
+        return job.turned(_order_matrix(self.perm_k).transpose(1, 2), _order_matrix(self.perm_v))
+
     def attend_torch(self, q, data):
         """The reference of the kernel: the blocks decoded, softmax pieces in fp32."""
         return plain_pieces(q, *self.decode(data, torch.float32))
+
+
+def _order_matrix(perm: torch.Tensor) -> torch.Tensor:
+    """``(Hkv, D)`` channel orders -> ``(Hkv, D, D)`` fp32 with ``[h, j, perm[h, j]] = 1``: a row
+    times it puts element ``j`` at ``perm[j]`` (its transpose gathers ``x[perm]``)."""
+    h, d = perm.shape
+    out = torch.zeros(h, d, d)
+    out.scatter_(2, perm.long().cpu()[:, :, None], 1.0)
+    return out
 
 
 @functools.cache

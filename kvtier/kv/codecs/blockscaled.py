@@ -175,6 +175,18 @@ class BlockScaled(Codec):
         m, l, o = pieces
         return m, l, o @ had
 
+    def native_job(self, data, rows):
+        """:meth:`attend` as a job of the batched decode kernel (the Hadamard rotation as its
+        turn of the head space)."""
+        fields = [data.get(f"{x}_{f}") for x in "kv" for f in ("codes", "scales", "tensor_scale")]
+        job = kernels.blockscaled_job(fields, element_values(self.element), scale_values(self.scale), self.bits,
+                                      self.block, rows)
+        if job is None or not self.hadamard:
+            return job
+        h, d = fields[0].shape[0], fields[0].shape[-1] * 8 // self.bits
+        turn = hadamard(d).expand(h, d, d)
+        return job.turned(turn, turn)
+
     def attend_torch(self, q, data):
         """The reference of the kernel: the blocks decoded, softmax pieces in fp32."""
         return plain_pieces(q, *self.decode(data, torch.float32))
