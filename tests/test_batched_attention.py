@@ -335,7 +335,8 @@ def test_int_blocks_on_amx_tiles_equal_the_vector_path(monkeypatch, codec, hq, n
 
 @needs_kernels
 @pytest.mark.parametrize("codec", ["mxfp4", "mxfp4(hadamard=true)", "nvfp4", "mxfp8", "mxint8", "bfp",
-                                   "bfp(mantissa=8,block=32)", "bfp(sort=false)"])
+                                   "bfp(mantissa=8,block=32)", "bfp(sort=false)", "lowrank", "lowrank(bits=2)",
+                                   "ovp", "sparse", "sparse(ratio=0.7,dtype=bf16)"])
 @pytest.mark.parametrize("window", [None, 300])
 def test_codec_runs_are_their_kernels_jobs_in_the_batched_kernel(codec, window, monkeypatch):
     """A codec with a native job (its own kernel on its blocks, its head space turned by a

@@ -117,10 +117,14 @@ def _declare(lib: ctypes.CDLL) -> None:
     # (kvtier.kv.codecs.blockscaled)
     lib.kvtier_blockscaled_attend.argtypes = [p, i, i, i, i, i, i, i, p, p, p, p, p, p, p, i]
     lib.kvtier_blockscaled_attend.restype = i
-    # n_kv, rows, d, bits, eblock, block, n_blocks, ptrs, strides, elut, slut -> job (batched.c's SPAN parts)
-    lib.kvtier_blockscaled_job.argtypes = [i, i, i, i, i, i, i, p, p, p, p]
-    lib.kvtier_blockscaled_job.restype = p
-    lib.kvtier_blockscaled_span.restype = p
+    # the same arguments but q, m, l, o and threads -> a job for batched.c's SPAN parts (or NULL),
+    # and the span function of each
+    jobs = {"blockscaled": [i, i, i, i, i, i, i, p, p, p, p], "lowrank": [i, i, i, i, i, i, i, p, p],
+            "ovp": [i, i, i, i, i, p, p, p], "sparse": [i, i, i, i, i, i, i, p, p]}
+    for name, args in jobs.items():
+        getattr(lib, f"kvtier_{name}_job").argtypes = args
+        getattr(lib, f"kvtier_{name}_job").restype = p
+        getattr(lib, f"kvtier_{name}_span").restype = p
     lib.kvtier_job_free.argtypes = [p]
     # q, n_kv, rows, d, bits, rank, block, n_blocks, ptrs, strides, m, l, o, threads (kvtier.kv.codecs.lowrank)
     lib.kvtier_lowrank_attend.argtypes = [p, i, i, i, i, i, i, i, p, p, p, p, p, i]
@@ -359,18 +363,54 @@ def _field_arrays(fields: list[torch.Tensor | None]):
     return ptrs, strides
 
 
-def blockscaled_job(fields: list[torch.Tensor | None], elut: torch.Tensor, slut: torch.Tensor, bits: int,
-                    eblock: int, rows: int) -> SpanJob | None:
-    """:func:`blockscaled_attend`'s run as a :class:`SpanJob` for ``rows`` query rows per KV
-    head, or None when the kernels are unavailable or do not handle these sizes."""
+def _span_job(name: str, fields: list[torch.Tensor | None], values: torch.Tensor, before: tuple,
+              after: tuple = (), keep: tuple = ()) -> SpanJob | None:
+    """A :class:`SpanJob` from ``kvtier_<name>_job(*before, ptrs, strides, *after)``, or None when
+    the kernels are unavailable, a field is not on the CPU or not contiguous within a head, or
+    the kernel does not handle these sizes. ``values``: a field ``(Hkv, n, B, ...)`` (the run's
+    blocks); ``keep``: what else the job points to."""
     lib = library()
-    arrays = _field_arrays(fields) if lib is not None and fields[3].device.type == "cpu" else None
+    if lib is None or any(f is not None and f.device.type != "cpu" for f in fields):
+        return None
+    arrays = _field_arrays(fields)
     if arrays is None:
         return None
-    h, n, b = fields[3].shape[:3]
-    job = lib.kvtier_blockscaled_job(h, rows, fields[3].shape[-1] * 8 // bits, bits, eblock, b, n, *arrays,
-                                     elut.data_ptr(), slut.data_ptr())
-    return SpanJob(lib.kvtier_blockscaled_span(), job, b, (fields, arrays, elut, slut)) if job else None
+    job = getattr(lib, f"kvtier_{name}_job")(*before, *arrays, *after)
+    if not job:
+        return None
+    return SpanJob(getattr(lib, f"kvtier_{name}_span")(), job, values.shape[2], (fields, arrays, *keep))
+
+
+def blockscaled_job(fields: list[torch.Tensor | None], elut: torch.Tensor, slut: torch.Tensor, bits: int,
+                    eblock: int, rows: int) -> SpanJob | None:
+    """:func:`blockscaled_attend`'s run as a :class:`SpanJob` for ``rows`` query rows per KV head."""
+    h, n, b, packed = fields[3].shape
+    return _span_job("blockscaled", fields, fields[3], (h, rows, packed * 8 // bits, bits, eblock, b, n),
+                     (elut.data_ptr(), slut.data_ptr()), (elut, slut))
+
+
+def lowrank_job(data: dict[str, torch.Tensor], bits: int, rank: int, rows: int) -> SpanJob | None:
+    """:func:`lowrank_attend`'s run as a :class:`SpanJob` for ``rows`` query rows per KV head."""
+    h, n, b, packed = data["v_q"].shape
+    return _span_job("lowrank", [data[f] for f in LOWRANK_FIELDS], data["v_q"],
+                     (h, rows, packed * 8 // bits, bits, rank, b, n))
+
+
+def ovp_job(data: dict[str, torch.Tensor], pairs: torch.Tensor, rows: int) -> SpanJob | None:
+    """:func:`ovp_attend`'s run as a :class:`SpanJob` for ``rows`` query rows per KV head."""
+    h, n, b, half = data["v"].shape
+    pairs = pairs.float().contiguous()
+    return _span_job("ovp", [data[f] for f in OVP_FIELDS], data["v"], (h, rows, 2 * half, b, n),
+                     (pairs.data_ptr(),), (pairs,))
+
+
+def sparse_job(data: dict[str, torch.Tensor], rows: int) -> SpanJob | None:
+    """:func:`sparse_attend`'s run as a :class:`SpanJob` for ``rows`` query rows per KV head."""
+    if data["k_val"].dtype not in (torch.float16, torch.bfloat16):
+        return None
+    h, n, b, nnz = data["v_val"].shape
+    return _span_job("sparse", [data[f] for f in SPARSE_FIELDS], data["v_val"],
+                     (h, rows, data["k_map"].shape[-1] * 8, nnz, int(data["k_val"].dtype == torch.bfloat16), b, n))
 
 
 def _fields_for(q: torch.Tensor, fields: list[torch.Tensor | None]):

@@ -171,16 +171,12 @@ int kvtier_blockscaled_attend(const float *q, int n_kv, int rows, int d, int bit
     return run_spans(&J, span, q, n_kv, rows, d, n_blocks, m, l, o, threads);
 }
 
-/* The same run as a job for batched.c's SPAN parts (freed by kvtier_job_free), or NULL; and
- * the span function it goes with. The arrays and tables it points to must outlive it. */
+/* The same run as a job for batched.c's SPAN parts, or NULL; and the span function it goes
+ * with. The arrays and tables it points to must outlive it. */
 void *kvtier_blockscaled_job(int n_kv, int rows, int d, int bits, int eblock, int block, int n_blocks,
                              const void *const *ptrs, const long *strides, const float *elut, const float *slut) {
-    BJob *J = malloc(sizeof *J);
-    if (J && job_of(J, n_kv, rows, d, bits, eblock, block, n_blocks, ptrs, strides, elut, slut)) {
-        free(J);
-        return NULL;
-    }
-    return J;
+    BJob J;
+    return job_copy(&J, sizeof J, job_of(&J, n_kv, rows, d, bits, eblock, block, n_blocks, ptrs, strides, elut, slut));
 }
 
 void *kvtier_blockscaled_span(void) { return (void *)span; }

@@ -113,12 +113,29 @@ static void span(const void *job, const float *q, int h, int b0, int b1, float *
     span_of(J, q, h, b0, b1, m, l, o, R, D, B, bits, K);
 }
 
-/* Returns 0, or 1 when the sizes are outside what this kernel handles (the caller falls back). */
-int kvtier_lowrank_attend(const float *q, int n_kv, int rows, int d, int bits, int rank, int block, int n_blocks,
-                          const void *const *ptrs, const long *strides, float *m, float *l, float *o, int threads) {
+/* The job of a run of blocks: 0, or 1 when the sizes are outside what this kernel handles. */
+static int job_of(LJob *J, int n_kv, int rows, int d, int bits, int rank, int block, int n_blocks,
+                  const void *const *ptrs, const long *strides) {
     if (d > RMAXD || rows > RMAXR || block > RMAXB || (bits != 2 && bits != 4 && bits != 8) || rank < 1
         || rank > LMAXRANK || (d * bits) % 8 || n_blocks < 1)
         return 1;
-    LJob J = {n_kv, rows, d, bits, rank, block, n_blocks, ptrs, strides};
+    *J = (LJob){n_kv, rows, d, bits, rank, block, n_blocks, ptrs, strides};
+    return 0;
+}
+
+/* Returns 0, or 1 when the sizes are outside what this kernel handles (the caller falls back). */
+int kvtier_lowrank_attend(const float *q, int n_kv, int rows, int d, int bits, int rank, int block, int n_blocks,
+                          const void *const *ptrs, const long *strides, float *m, float *l, float *o, int threads) {
+    LJob J;
+    if (job_of(&J, n_kv, rows, d, bits, rank, block, n_blocks, ptrs, strides)) return 1;
     return run_spans(&J, span, q, n_kv, rows, d, n_blocks, m, l, o, threads);
 }
+
+/* The same run as a job for batched.c's SPAN parts, or NULL; and its span function. */
+void *kvtier_lowrank_job(int n_kv, int rows, int d, int bits, int rank, int block, int n_blocks,
+                         const void *const *ptrs, const long *strides) {
+    LJob J;
+    return job_copy(&J, sizeof J, job_of(&J, n_kv, rows, d, bits, rank, block, n_blocks, ptrs, strides));
+}
+
+void *kvtier_lowrank_span(void) { return (void *)span; }

@@ -130,12 +130,29 @@ static void span(const void *job, const float *q, int h, int b0, int b1, float *
     span_of(J, q, h, b0, b1, m, l, o, R, D, B);
 }
 
+/* The job of a run of blocks: 0, or 1 when the sizes are outside what this kernel handles. */
+static int job_of(OJob *J, int n_kv, int rows, int d, int block, int n_blocks, const void *const *ptrs,
+                  const long *strides, const float *pairs) {
+    if (d > RMAXD || rows > RMAXR || block > RMAXB || d % 2 || block % 2 || n_blocks < 1)
+        return 1;
+    *J = (OJob){n_kv, rows, d, block, n_blocks, ptrs, strides, pairs, 0, {0}, {0}};
+    J->factored = pairs_factor(pairs, J->normal, J->outlier);
+    return 0;
+}
+
 /* Returns 0, or 1 when the sizes are outside what this kernel handles (the caller falls back). */
 int kvtier_ovp_attend(const float *q, int n_kv, int rows, int d, int block, int n_blocks, const void *const *ptrs,
                       const long *strides, const float *pairs, float *m, float *l, float *o, int threads) {
-    if (d > RMAXD || rows > RMAXR || block > RMAXB || d % 2 || block % 2 || n_blocks < 1)
-        return 1;
-    OJob J = {n_kv, rows, d, block, n_blocks, ptrs, strides, pairs};
-    J.factored = pairs_factor(pairs, J.normal, J.outlier);
+    OJob J;
+    if (job_of(&J, n_kv, rows, d, block, n_blocks, ptrs, strides, pairs)) return 1;
     return run_spans(&J, span, q, n_kv, rows, d, n_blocks, m, l, o, threads);
 }
+
+/* The same run as a job for batched.c's SPAN parts, or NULL; and its span function. */
+void *kvtier_ovp_job(int n_kv, int rows, int d, int block, int n_blocks, const void *const *ptrs,
+                     const long *strides, const float *pairs) {
+    OJob J;
+    return job_copy(&J, sizeof J, job_of(&J, n_kv, rows, d, block, n_blocks, ptrs, strides, pairs));
+}
+
+void *kvtier_ovp_span(void) { return (void *)span; }

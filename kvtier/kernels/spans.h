@@ -124,6 +124,14 @@ RINLINE void weighted_sum(float *restrict o, const float *restrict s, const floa
 }
 
 
+/* A heap copy of the job J (size bytes) for batched.c's SPAN parts, freed there by
+ * kvtier_job_free; NULL when making it failed or memory ran out. */
+static void *job_copy(const void *J, size_t size, int failed) {
+    void *out = failed ? NULL : malloc(size);
+    if (out) memcpy(out, J, size);
+    return out;
+}
+
 /* The query q is (n_kv, rows, d). Splits n_blocks of each of n_kv heads into the fewest runs that give every thread the same
  * number of tasks, runs them in parallel and merges each head's pieces (log-sum-exp).
  * Returns 0, or 1 when memory runs out. */

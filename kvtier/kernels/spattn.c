@@ -176,12 +176,29 @@ static void span(const void *job, const float *q, int h, int b0, int b1, float *
     span_of(J, q, h, b0, b1, m, l, o, R, D, B, N);
 }
 
+/* The job of a run of blocks: 0, or 1 when the sizes are outside what this kernel handles. */
+static int job_of(SJob *J, int n_kv, int rows, int d, int nnz, int bf16, int block, int n_blocks,
+                  const void *const *ptrs, const long *strides) {
+    if (d > RMAXD || d % 8 || rows > RMAXR || block > RMAXB || nnz < 1 || nnz > d || n_blocks < 1)
+        return 1;
+    *J = (SJob){n_kv, rows, d, nnz, bf16, block, n_blocks, ptrs, strides};
+    return 0;
+}
+
 /* Returns 0, or 1 when the sizes are outside what this kernel handles (the caller falls back).
  * Every row's bitmap must hold exactly nnz channels (the codec's invariant). */
 int kvtier_sparse_attend(const float *q, int n_kv, int rows, int d, int nnz, int bf16, int block, int n_blocks,
                          const void *const *ptrs, const long *strides, float *m, float *l, float *o, int threads) {
-    if (d > RMAXD || d % 8 || rows > RMAXR || block > RMAXB || nnz < 1 || nnz > d || n_blocks < 1)
-        return 1;
-    SJob J = {n_kv, rows, d, nnz, bf16, block, n_blocks, ptrs, strides};
+    SJob J;
+    if (job_of(&J, n_kv, rows, d, nnz, bf16, block, n_blocks, ptrs, strides)) return 1;
     return run_spans(&J, span, q, n_kv, rows, d, n_blocks, m, l, o, threads);
 }
+
+/* The same run as a job for batched.c's SPAN parts, or NULL; and its span function. */
+void *kvtier_sparse_job(int n_kv, int rows, int d, int nnz, int bf16, int block, int n_blocks,
+                        const void *const *ptrs, const long *strides) {
+    SJob J;
+    return job_copy(&J, sizeof J, job_of(&J, n_kv, rows, d, nnz, bf16, block, n_blocks, ptrs, strides));
+}
+
+void *kvtier_sparse_span(void) { return (void *)span; }

@@ -98,6 +98,10 @@ class LowRank(Codec):
         applied to the query and the output, never expanded), or None (no kernel: decoded)."""
         return kernels.lowrank_attend(q, data, self.bits, self.rank)
 
+    def native_job(self, data, rows):
+        """:meth:`attend` as a job of the batched decode kernel."""
+        return kernels.lowrank_job(data, self.bits, self.rank, rows)
+
     def attend_torch(self, q, data):
         """The reference of the kernel: the blocks decoded, softmax pieces in fp32."""
         return plain_pieces(q, *self.decode(data, torch.float32))

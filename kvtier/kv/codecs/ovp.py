@@ -166,6 +166,10 @@ class Ovp(Codec):
         scales and centres moved to the query), or None (no kernel: decoded)."""
         return kernels.ovp_attend(q, data, _tables(q.device)[0])
 
+    def native_job(self, data, rows):
+        """:meth:`attend` as a job of the batched decode kernel."""
+        return kernels.ovp_job(data, _tables(torch.device("cpu"))[0], rows)
+
     def attend_torch(self, q, data):
         """The reference of the kernel: the blocks decoded, softmax pieces in fp32."""
         return plain_pieces(q, *self.decode(data, torch.float32))

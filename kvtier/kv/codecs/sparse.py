@@ -73,6 +73,10 @@ class Sparse(Codec):
         fast = kernels.sparse_attend(q, data)
         return fast if fast is not None else self.attend_torch(q, data)
 
+    def native_job(self, data, rows):
+        """:meth:`attend` as a job of the batched decode kernel."""
+        return kernels.sparse_job(data, rows)
+
     def attend_torch(self, q, data):
         """The same on the sparse form in PyTorch: the query gathered at each row's kept
         channels, the weighted kept values scattered back."""
