@@ -9,10 +9,13 @@ attended as before, one sequence at a time by :func:`kvtier.attention.blockwise.
 
 The kernel takes parts on the CPU without a ``bias``: held keys/values in fp32, bf16 or fp16
 (sinks, the residual block, a selector's held tokens), the ``dense`` codec's blocks (read in
-their storage dtype) and the ``int`` codec's packed blocks (2, 4 or 8 bits; the shapes
-``kvtier.kernels.int_attend`` takes). Everything else falls back: other codecs, codecs that
-store keys before RoPE, parts with a bias (merged or masked tokens), parts on another device,
-parts a selector gathered itself (Quest's per-head blocks), head sizes that are not a multiple of 16.
+their storage dtype), the ``int`` codec's packed blocks (2, 4 or 8 bits; the shapes
+``kvtier.kernels.int_attend`` takes), and runs of any codec with a native job
+(:meth:`Codec.native_job`: the MX/NV formats, ``bfp``, ``lowrank``, ``ovp``, ``sparse``), which
+that codec's own kernel attends inside the same call when the query sees the run whole.
+Everything else falls back: codecs that store keys before RoPE, parts with a bias (merged or
+masked tokens), parts on another device, parts a selector gathered itself (Quest's per-head
+blocks), head sizes that are not a multiple of 16.
 
 Shapes: queries ``(S, Hq, D)``, one decode token per sequence, sequence s at position
 ``q_starts[s]``; parts as in :mod:`kvtier.attention.blockwise`.
