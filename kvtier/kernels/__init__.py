@@ -342,8 +342,8 @@ class SpanJob:
     codec attends in a turned head space (a rotation, a channel order), the query's rows
     times ``q_turn[h]`` going in and the output's times ``o_turn[h]`` coming back."""
 
-    def __init__(self, span: int, job: int, block: int, keep: tuple):
-        self.span, self.job, self.block, self.keep = span, job, block, keep
+    def __init__(self, span: int, job: int, keep: tuple):
+        self.span, self.job, self.keep = span, job, keep
         self.q_turn: torch.Tensor | None = None
         self.o_turn: torch.Tensor | None = None
         weakref.finalize(self, library().kvtier_job_free, job)
@@ -363,12 +363,11 @@ def _field_arrays(fields: list[torch.Tensor | None]):
     return ptrs, strides
 
 
-def _span_job(name: str, fields: list[torch.Tensor | None], values: torch.Tensor, before: tuple,
-              after: tuple = (), keep: tuple = ()) -> SpanJob | None:
+def _span_job(name: str, fields: list[torch.Tensor | None], before: tuple, after: tuple = (),
+              keep: tuple = ()) -> SpanJob | None:
     """A :class:`SpanJob` from ``kvtier_<name>_job(*before, ptrs, strides, *after)``, or None when
     the kernels are unavailable, a field is not on the CPU or not contiguous within a head, or
-    the kernel does not handle these sizes. ``values``: a field ``(Hkv, n, B, ...)`` (the run's
-    blocks); ``keep``: what else the job points to."""
+    the kernel does not handle these sizes. ``keep``: what else the job points to."""
     lib = library()
     if lib is None or any(f is not None and f.device.type != "cpu" for f in fields):
         return None
@@ -378,21 +377,21 @@ def _span_job(name: str, fields: list[torch.Tensor | None], values: torch.Tensor
     job = getattr(lib, f"kvtier_{name}_job")(*before, *arrays, *after)
     if not job:
         return None
-    return SpanJob(getattr(lib, f"kvtier_{name}_span")(), job, values.shape[2], (fields, arrays, *keep))
+    return SpanJob(getattr(lib, f"kvtier_{name}_span")(), job, (fields, arrays, *keep))
 
 
 def blockscaled_job(fields: list[torch.Tensor | None], elut: torch.Tensor, slut: torch.Tensor, bits: int,
                     eblock: int, rows: int) -> SpanJob | None:
     """:func:`blockscaled_attend`'s run as a :class:`SpanJob` for ``rows`` query rows per KV head."""
     h, n, b, packed = fields[3].shape
-    return _span_job("blockscaled", fields, fields[3], (h, rows, packed * 8 // bits, bits, eblock, b, n),
+    return _span_job("blockscaled", fields, (h, rows, packed * 8 // bits, bits, eblock, b, n),
                      (elut.data_ptr(), slut.data_ptr()), (elut, slut))
 
 
 def lowrank_job(data: dict[str, torch.Tensor], bits: int, rank: int, rows: int) -> SpanJob | None:
     """:func:`lowrank_attend`'s run as a :class:`SpanJob` for ``rows`` query rows per KV head."""
     h, n, b, packed = data["v_q"].shape
-    return _span_job("lowrank", [data[f] for f in LOWRANK_FIELDS], data["v_q"],
+    return _span_job("lowrank", [data[f] for f in LOWRANK_FIELDS],
                      (h, rows, packed * 8 // bits, bits, rank, b, n))
 
 
@@ -400,7 +399,7 @@ def ovp_job(data: dict[str, torch.Tensor], pairs: torch.Tensor, rows: int) -> Sp
     """:func:`ovp_attend`'s run as a :class:`SpanJob` for ``rows`` query rows per KV head."""
     h, n, b, half = data["v"].shape
     pairs = pairs.float().contiguous()
-    return _span_job("ovp", [data[f] for f in OVP_FIELDS], data["v"], (h, rows, 2 * half, b, n),
+    return _span_job("ovp", [data[f] for f in OVP_FIELDS], (h, rows, 2 * half, b, n),
                      (pairs.data_ptr(),), (pairs,))
 
 
@@ -409,7 +408,7 @@ def sparse_job(data: dict[str, torch.Tensor], rows: int) -> SpanJob | None:
     if data["k_val"].dtype not in (torch.float16, torch.bfloat16):
         return None
     h, n, b, nnz = data["v_val"].shape
-    return _span_job("sparse", [data[f] for f in SPARSE_FIELDS], data["v_val"],
+    return _span_job("sparse", [data[f] for f in SPARSE_FIELDS],
                      (h, rows, data["k_map"].shape[-1] * 8, nnz, int(data["k_val"].dtype == torch.bfloat16), b, n))
 
 
