@@ -144,8 +144,13 @@ def _held_plan(layer, g: int, q_start: int, window: int | None) -> tuple[list[li
     held = layer.held()
     if held is None:
         return None
-    runs, rk, rv, r = held
+    runs, rk, rv, r, sinks = held
     rows, keep = [], []
+    if sinks is not None:  # as stored (the kernel reads fp16 and bf16 itself)
+        if sinks[0].device.type != "cpu" or sinks[0].dtype not in KINDS:
+            return None
+        rows.append(_plain_row(*sinks))
+        keep.append(sinks)
     for run in runs:
         if run.native is None and (run.fetch or not _takes_blocks(run.layer) or run.layer.pool.device.type != "cpu"):
             return None

@@ -145,14 +145,17 @@ class LayerKV:
         """The parts a decode query ``(Hq, 1, D)`` (pre-scaled) attends: all of them here."""
         return self.parts()
 
-    def held(self) -> tuple[list[BlockRun], torch.Tensor, torch.Tensor, int] | None:
+    def held(self) -> tuple[list[BlockRun], torch.Tensor, torch.Tensor, int, tuple | None] | None:
         """What :meth:`parts` holds, without making the parts, where nothing has to be read or
-        moved first: ``(block runs, residual k, residual v, residual tokens)`` (the residual
-        buffers whole, in the dtype they are held in; their first ``residual tokens`` rows are
-        held). None with tiers or attention sinks: ask :meth:`parts` then."""
-        if self.home is not None or min(self.length, self.n_sinks) or not self.attends_all:
+        moved first: ``(block runs, residual k, residual v, residual tokens, sinks)`` (the
+        residual buffers whole, in the dtype they are held in; their first ``residual tokens``
+        rows are held; sinks: the attention sinks' k, v ``(Hkv, n, D)`` as stored, or None).
+        None with tiers: ask :meth:`parts` then."""
+        if self.home is not None or not self.attends_all:
             return None
-        return self._block_runs(), self.residual_k, self.residual_v, self.n_residual
+        n_sink = self._sinks_seen()
+        sinks = (self.sink_k[:, :n_sink], self.sink_v[:, :n_sink]) if n_sink else None
+        return self._block_runs(), self.residual_k, self.residual_v, self.n_residual, sinks
 
     def observe(self, q: torch.Tensor, scale: float) -> None:
         """This step's queries, after their tokens were appended (a selector's layer uses them)."""
@@ -456,11 +459,16 @@ class LayerKV:
             self._run_cache = (key, runs)
         return runs
 
-    def _sink_parts(self) -> list[Part]:
-        """The attention sinks, held as they are (none once a sliding window has passed them)."""
+    def _sinks_seen(self) -> int:
+        """Attention sinks a future query may see: none once a sliding window has passed them."""
         n_sink = min(self.length, self.n_sinks)
         if self.window and self.length - self.window >= n_sink:
-            n_sink = 0  # a sliding layer: the sinks are outside every future query's window
+            return 0  # a sliding layer: the sinks are outside every future query's window
+        return n_sink
+
+    def _sink_parts(self) -> list[Part]:
+        """The attention sinks, held as they are (none once a sliding window has passed them)."""
+        n_sink = self._sinks_seen()
         if not n_sink:
             return []
         return [Part(self.sink_k[:, :n_sink].to(self.dtype), self.sink_v[:, :n_sink].to(self.dtype), 0)]
