@@ -75,6 +75,20 @@ def test_packed_matmul_equals_reference(bits, rows):
 
 
 @pytest.mark.skipif(kernels.library() is None, reason="no C compiler: the reference is the only path")
+@pytest.mark.parametrize("k", [96, 576])  # an odd number of groups (its last dotted alone), and SmolLM2's width
+def test_one_bf16_row_on_4_bit_codes_is_the_fp32_product_rounded_once(k):
+    """A decode step's matmul (one bf16 row of x) on 4-bit codes: every product of a code and x is
+    exact in fp32 whichever path the CPU takes, so the result is the fp32 reference's, rounded
+    once to bf16 (up to the order of the sums)."""
+    torch.manual_seed(k)
+    q = quantize(torch.randn(300, k), 4)
+    x = torch.randn(1, k).bfloat16()
+    got = kernels.qmatmul(x, q.codes, q.d, q.m, 4)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), x.float() @ q.dense().T, atol=1e-4, rtol=2 ** -8)
+
+
+@pytest.mark.skipif(kernels.library() is None, reason="no C compiler: the reference is the only path")
 def test_kernel_ran_and_matches_torch_dequantize():
     q = quantize(torch.randn(8, 64), 4)
     y = kernels.qmatmul(torch.randn(2, 64), q.codes, q.d, q.m, 4)

