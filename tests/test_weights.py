@@ -350,3 +350,33 @@ def test_w8a8_keeps_a_kind_weight_only_when_its_activations_cost_perplexity(monk
     projections = [w for k, w in packed.w.items() if k.endswith("proj.weight")]
     assert all(isinstance(w, GroupQuant if kept else w8a8.W8A8Linear) for w in projections)
     assert ("kept weight-only" in capsys.readouterr().err) == kept
+
+
+@pytest.mark.skipif(kernels.library() is None, reason="no C compiler: the reference is the only path")
+def test_native_layer_blocks_give_the_same_numbers_as_the_steps_one_by_one():
+    """A bf16 Llama on q4 matrices decodes through two native calls per layer (kernels/block.c);
+    the logits of a prefill and each decode step equal those of the same kernels called one by
+    one, bit for bit. A family with biases (qwen2) keeps the steps."""
+    from kvtier.engine import ModelRunner, sample
+
+    hf = tiny_hf("llama")
+    torch.manual_seed(1)  # random norms: the ones transformers starts them at would hide a swapped norm
+    state = {k: (torch.randn_like(v) if "norm" in k else v).bfloat16() for k, v in hf.state_dict().items()}
+    model = _from_state(hf, state, "q4")
+
+    def run():
+        runner = ModelRunner(model, "dense")
+        cache = runner.new_cache()
+        out = [runner.feed([cache], [tokens(20)])]
+        for _ in range(6):
+            out.append(runner.feed([cache], [[int(sample(out[-1]))]]))
+        return out
+
+    fused = run()
+    assert all(b is not None for b in model._blocks)
+    model._blocks = [None] * model.n_layers
+    steps = run()
+    assert all(torch.equal(a, b) for a, b in zip(fused, steps))
+    assert not torch.equal(fused[1], fused[2])  # the steps differ: each decoded a new token
+    qwen = _from_state(tiny_hf("qwen2"), {k: v.bfloat16() for k, v in tiny_hf("qwen2").state_dict().items()}, "q4")
+    assert qwen._make_block(0) is None

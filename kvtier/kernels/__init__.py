@@ -30,7 +30,7 @@ from kvtier.paths import cache_dir
 
 SOURCES = ("intattn.c", "batched.c", "qmatmul.c", "nuqattn.c", "vqattn.c", "rkvattn.c", "bsattn.c", "lrattn.c",
            "ovpattn.c", "spattn.c", "prefill.c", "pointwise.c", "intenc.c",
-           "rope.c", "w8a8.c")
+           "rope.c", "w8a8.c", "block.c")
 HEADERS = ("intblock.h", "spans.h", "spanfn.h", "amx.h", "vexp.h", "bf16.h")  # included by the sources: part of the build's hash
 # -ffast-math lets gcc vectorize the reductions and expf; it is given only when compiling,
 # never when linking, so the process's floating-point mode (crtfastmath) is left alone.
@@ -180,6 +180,12 @@ def _declare(lib: ctypes.CDLL) -> None:
     # x, x row stride, N, H, D, cos, sin, table row stride, bf16, out, threads
     lib.kvtier_rope.argtypes = [p, l, l, l, l, p, p, l, i, p, i]
     lib.kvtier_rope.restype = i
+    # block, x, delta, M, cos, sin, table row stride, s, qkv, q, k, threads (kernels/block.c)
+    lib.kvtier_block_in.argtypes = [p, p, p, l, p, p, l, p, p, p, p, i]
+    lib.kvtier_block_in.restype = i
+    # block, o, s, M, s2, delta, threads
+    lib.kvtier_block_out.argtypes = [p, p, p, l, p, p, i]
+    lib.kvtier_block_out.restype = i
 
 
 def int_encode(k: torch.Tensor, v: torch.Tensor, bits: int, group: int) -> dict[str, torch.Tensor] | None:
@@ -554,6 +560,73 @@ def qmatmul(x: torch.Tensor, codes: torch.Tensor, d: torch.Tensor, m: torch.Tens
     rc = call(x.data_ptr(), x.shape[0], k, codes.data_ptr(), d.data_ptr(),
               None if m is None else m.data_ptr(), n, bits, y.data_ptr(), torch.get_num_threads())
     return y if rc == 0 else None
+
+
+class _QMat(ctypes.Structure):
+    _fields_ = [("codes", ctypes.c_void_p), ("d", ctypes.c_void_p), ("m", ctypes.c_void_p),
+                ("n", ctypes.c_int64), ("k", ctypes.c_int64), ("bits", ctypes.c_int64)]
+
+
+class _Block(ctypes.Structure):
+    _fields_ = [("norm_in", ctypes.c_void_p), ("norm_post", ctypes.c_void_p), ("eps", ctypes.c_double),
+                ("offset", ctypes.c_double), ("c", ctypes.c_int64), ("hq", ctypes.c_int64), ("hkv", ctypes.c_int64),
+                ("d", ctypes.c_int64), ("f", ctypes.c_int64), ("qkv", _QMat), ("o", _QMat), ("gate_up", _QMat),
+                ("down", _QMat)]
+
+
+class Block:
+    """A Llama-family layer's work around its attention in two native calls (see block.c), for
+    bf16 rows whose matrices are all group-quantized (:class:`kvtier.weights.quant.GroupQuant`
+    fields: ``codes, d, m, bits``, ``W (N, K)``): :meth:`enter` before attention, :meth:`leave`
+    after. Each returns None, having kept nothing, where the tensors are not the ones it takes;
+    the caller then runs the same steps one by one (the same numbers)."""
+
+    def __init__(self, norm_in: torch.Tensor, norm_post: torch.Tensor, eps: float, offset: float,
+                 heads: tuple[int, int, int], qkv, o, gate_up, down):
+        hq, hkv, d = heads
+        self.c, self.nq, self.hq, self.hkv, self.d = o.shape[0], qkv.shape[0], hq, hkv, d
+        self.keep = (norm_in, norm_post, qkv, o, gate_up, down)  # what the struct points into
+        mats = [_QMat(w.codes.data_ptr(), w.d.data_ptr(), None if w.m is None else w.m.data_ptr(), *w.shape, w.bits)
+                for w in (qkv, o, gate_up, down)]
+        self.fields = _Block(norm_in.data_ptr(), norm_post.data_ptr(), eps, offset, self.c, hq, hkv, d,
+                             down.shape[1], *mats)
+        self.ptr = ctypes.addressof(self.fields)
+
+    def enter(self, x: torch.Tensor, delta: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor):
+        """``x, delta (M, C)`` (the residual stream and the previous layer's output, not yet
+        added; None in the first layer), ``cos, sin (M, 1, D)``: ``(s, q, k, v)``, the stream
+        ``x + delta`` and the new tokens' RoPE'd queries ``(M, Hq, D)``, keys and values
+        ``(M, Hkv, D)``; or None."""
+        lib = library()
+        m = x.shape[0]
+        if (lib is None or x.dtype != torch.bfloat16 or not x.is_contiguous() or x.shape[1] != self.c
+                or (delta is not None and (delta.dtype != x.dtype or delta.shape != x.shape or not delta.is_contiguous()))
+                or cos.dtype != x.dtype or sin.dtype != x.dtype or cos.shape[0] != m or cos.stride(2) != 1
+                or sin.stride(2) != 1 or cos.stride(0) != sin.stride(0)):
+            return None
+        s = x if delta is None else torch.empty_like(x)
+        qkv = torch.empty((m, self.nq), dtype=x.dtype)
+        q = torch.empty((m, self.hq, self.d), dtype=x.dtype)
+        k = torch.empty((m, self.hkv, self.d), dtype=x.dtype)
+        rc = lib.kvtier_block_in(self.ptr, x.data_ptr(), None if delta is None else delta.data_ptr(), m, cos.data_ptr(),
+                                 sin.data_ptr(), cos.stride(0), s.data_ptr(), qkv.data_ptr(), q.data_ptr(), k.data_ptr(),
+                                 torch.get_num_threads())
+        if rc != 0:
+            return None
+        return s, q, k, qkv[:, (self.hq + self.hkv) * self.d:].view(m, self.hkv, self.d)
+
+    def leave(self, o: torch.Tensor, s: torch.Tensor):
+        """``o (M, Hq * D)`` the attention's output, ``s`` the stream :meth:`enter` returned:
+        ``(s', delta)``, the stream with the output projection added and the MLP's output on
+        its norm (not yet added); or None."""
+        lib = library()
+        if lib is None or o.dtype != torch.bfloat16 or o.dim() != 2 or o.shape[1] != self.hq * self.d:
+            return None
+        o = o.contiguous()
+        s2, delta = torch.empty_like(s), torch.empty_like(s)
+        rc = lib.kvtier_block_out(self.ptr, o.data_ptr(), s.data_ptr(), o.shape[0], s2.data_ptr(), delta.data_ptr(),
+                                  torch.get_num_threads())
+        return (s2, delta) if rc == 0 else None
 
 
 def w8a8_matmul(x: torch.Tensor, packed: torch.Tensor, ws: torch.Tensor, wsum: torch.Tensor, z: torch.Tensor,

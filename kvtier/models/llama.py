@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from kvtier import kernels
 from kvtier.models.base import Batch, DecoderModel, add_rms_norm, rms_norm, rope_for
 from kvtier.weights import cat
+from kvtier.weights.quant import KERNEL_ROWS, GroupQuant
 
 
 class Llama(DecoderModel):
@@ -28,18 +29,54 @@ class Llama(DecoderModel):
         self.ropes = self.make_ropes(c)
         self.scale = self.head_dim ** -0.5
         _fuse(self.w, self.n_layers)
+        self._blocks: list[kernels.Block | None] | None = None  # made on first use (see layer)
 
     def embed(self, tokens):
         return self.w["model.embed_tokens.weight"].rows(tokens)
 
     def layer(self, i, x, delta, batch: Batch):
         """The residual stream ``x`` plus the previous layer's output ``delta`` (None: none)
-        through layer ``i``; returns the new stream and this layer's output, not yet added."""
+        through layer ``i``; returns the new stream and this layer's output, not yet added.
+
+        A decode step's few rows on group-quantized matrices run the work around attention in
+        two native calls (:class:`kvtier.kernels.Block`, the same kernels with the same numbers);
+        otherwise, and under a profile (which times each part), one step at a time."""
         p = f"model.layers.{i}."
-        x, h = add_rms_norm(x, delta, self.w[p + "input_layernorm.weight"], self.eps)
-        h = self.linear(self.attn(i, h, batch), p + "self_attn.o_proj")
+        block = self._block(i) if x.shape[0] <= KERNEL_ROWS and self.profile is None else None
+        got = None if block is None else block.enter(x, delta, *self.ropes[i].at(batch, x.dtype))
+        if got is None:
+            x, h = add_rms_norm(x, delta, self.w[p + "input_layernorm.weight"], self.eps)
+            o = self.attn(i, h, batch)
+        else:
+            x, q, k, v = got
+            o = self.attention(i, q, k, v, batch, self.scale)
+        out = None if block is None else block.leave(o, x)
+        if out is not None:
+            return out
+        h = self.linear(o, p + "self_attn.o_proj")
         x, h = add_rms_norm(x, h, self.w[p + "post_attention_layernorm.weight"], self.eps)
         return x, self.mlp(i, h)
+
+    def _block(self, i: int) -> kernels.Block | None:
+        """Layer ``i``'s :class:`kvtier.kernels.Block`, made on first use; None where its
+        matrices are not all group-quantized or carry a bias."""
+        if self._blocks is None:
+            self._blocks = [self._make_block(i) for i in range(self.n_layers)]
+        return self._blocks[i]
+
+    def _make_block(self, i: int) -> kernels.Block | None:
+        a, m = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+        names = [a + "qkv_proj", a + "o_proj", m + "gate_up_proj", m + "down_proj"]
+        mats = [self.w[n + ".weight"] for n in names]
+        if (kernels.library() is None or not all(isinstance(w, GroupQuant) for w in mats)
+                or any(n + ".bias" in self.w for n in names) or type(self).qk_norm is not Llama.qk_norm
+                or type(self).gated is not Llama.gated):
+            return None
+        p = f"model.layers.{i}."
+        norms = [self.w[p + "input_layernorm.weight"], self.w[p + "post_attention_layernorm.weight"]]
+        if any(n.dtype != torch.float32 or not n.is_contiguous() for n in norms):
+            return None
+        return kernels.Block(*norms, self.eps, 0.0, (self.n_heads, self.n_kv, self.head_dim), *mats)
 
     def attn(self, i, h, batch):
         p = f"model.layers.{i}.self_attn."
