@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import time
 
 from rich.console import Console
 from rich.progress import (
@@ -29,9 +30,28 @@ def status(message: str):
         yield
 
 
+LINE_EVERY = 10.0  # seconds between the plain progress lines written where stderr is not a terminal
+
+
 @contextlib.contextmanager
 def bar(total: int, description: str):
-    """A progress bar; yields ``advance(n)``. Hidden when stderr is not a terminal."""
+    """A progress bar; yields ``advance(n)``. Where stderr is not a terminal (a log file, CI), a
+    plain line instead, at most every ``LINE_EVERY`` seconds and when the last step is done."""
+    if not _console.is_terminal:
+        start = last = time.monotonic()
+        done = 0
+
+        def advance(n: int = 1) -> None:
+            nonlocal done, last
+            done += n
+            now = time.monotonic()
+            if now - last >= LINE_EVERY or done >= total:
+                last = now
+                m, s = divmod(int(now - start), 60)
+                print(f"kvtier: {description}: {done}/{total} done, {m}m{s:02d}s", file=sys.stderr, flush=True)
+
+        yield advance
+        return
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=_console,
                   disable=not _console.is_terminal) as p:
