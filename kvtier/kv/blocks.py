@@ -43,7 +43,8 @@ class BlockPool:
         for name, old in self.data.items():
             new = torch.empty((self.n_kv, n_slots, *old.shape[2:]), dtype=old.dtype, device=self.device,
                               pin_memory=self.pin)
-            new[:, : self.top] = old[:, : self.top]
+            held = min(self.top, old.shape[1])  # top may already count slots being written
+            new[:, :held] = old[:, :held]
             self.data[name] = new
         self.generation += 1
 
@@ -54,18 +55,28 @@ class BlockPool:
     def put(self, encoded: dict[str, torch.Tensor], blocks=(), tokens: int = 0) -> list[int]:
         """Store encoded blocks ``{field: (Hkv, n, *shape)}`` (from any device) in slots.
         ``blocks`` and ``tokens`` (their indices and length) matter only to the disk tier."""
-        n = next(iter(encoded.values())).shape[1]
+        slots = self.allocate(next(iter(encoded.values())).shape[1])
+        self.write(slots, encoded)
+        return slots
+
+    def allocate(self, n: int) -> list[int]:
+        """``n`` slots for new blocks: freed ones first (lowest first), then fresh ones."""
         slots = sorted(self.free)[:n]
         self.free = [s for s in self.free if s not in slots]
         fresh = n - len(slots)
-        if self.top + fresh > self.capacity:
-            self.reserve(max(2 * self.capacity, self.top + fresh, 4))
         slots += range(self.top, self.top + fresh)
         self.top += fresh
+        return slots
+
+    def write(self, slots: list[int], encoded: dict[str, torch.Tensor]) -> None:
+        """Store encoded blocks ``{field: (Hkv, n, *shape)}`` in ``slots`` (grown to fit)."""
+        top = max(slots) + 1 if slots else 0
+        if top > self.capacity:
+            self.reserve(max(2 * self.capacity, top, 4))
+        self.top = max(self.top, top)  # slots written at given places (the ray: tier's holder)
         index = _as_index(slots)
         for name, t in encoded.items():
             self.data[name][:, index] = t.to(self.device)
-        return slots
 
     def release(self, slots: list[int]) -> None:
         self.free.extend(slots)

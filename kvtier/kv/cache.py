@@ -20,6 +20,7 @@ from kvtier.errors import KvtierError
 from kvtier.kv.blocks import BlockPool, SharedPool, consecutive
 from kvtier.kv.codecs.base import Codec, LayerContext, attends_on_codes
 from kvtier.kv.prefetch import release
+from kvtier.kv.remote import RemoteRuns
 from kvtier.progress import note
 
 if TYPE_CHECKING:
@@ -115,7 +116,7 @@ class LayerKV:
         if home is None:
             self.pools = [BlockPool(self.codec, n_kv, head_dim, block_size, device)]
         else:
-            self.pools = home.pools(self.codec, n_kv, head_dim, block_size, ctx.index)
+            self.pools = home.pools(self.codec, n_kv, head_dim, block_size, ctx.index, self.rope)
             home.store.layers.add(self)
         self.pool = self.pools[0]  # the first tier, where blocks are sealed
         self.scores = attends_on_codes(self.codec)  # attention on the encoded form
@@ -431,7 +432,18 @@ class LayerKV:
         residual (``queries``, the new queries about to attend, matters to a selector's layer)."""
         out = self._sink_parts()
         self._rebuild_dropped()  # dropped blocks are needed again
+        remote = None  # the ray: tier's runs, attended by its holder: one part for all of them
         for run in self._block_runs():
+            if self._remote(run.tier) and not run.fetch:
+                if remote is None or remote.tier != run.tier or out[-1].start + out[-1].n != run.start:
+                    remote = RemoteRuns(self, run.tier)
+                    part = Part.encoded(run.start, 0, self.n_kv, remote.read, remote.score)
+                    part.device = self._device(run.tier)
+                    out.append(part)
+                remote.runs.append(run)
+                out[-1].n += len(run.slots) * self.block_size
+                continue
+            remote = None
             part = Part.encoded(run.start, len(run.slots) * self.block_size, self.n_kv, run.read,
                                 run.score if self.scores else None)
             part.device = self.pool.device if run.fetch else self._device(run.tier)
@@ -517,6 +529,9 @@ class LayerKV:
             j += n
         return runs
 
+    def _remote(self, tier: int) -> bool:
+        return self.home is not None and self.home.store.tiers[tier].kind == "ray"
+
     def _on_disk(self, tier: int) -> bool:
         return self.home is not None and self.home.store.tiers[tier].kind == "disk"
 
@@ -548,6 +563,9 @@ class LayerKV:
         nbytes = len(slots) * self.pools[tier].slot_bytes()
         if store.tiers[tier].kind == "disk":
             store.traffic.disk_read += nbytes
+        if self._remote(tier):  # brought back over the network already
+            store.traffic.add("fetch", nbytes)
+            return fields
         if fetch:
             store.traffic.add("fetch", nbytes)
             copies = {name: _fetch(t, self.pool.device) for name, t in fields.items()}

@@ -72,6 +72,7 @@ class TierStore:
         self.compute = torch.device(compute)
         self.writer = None
         self.prefetcher = None
+        self.remote = None  # the ray: tier's holder (kvtier.kv.remote)
         for t in self.tiers:
             if t.kind == "disk":
                 folder = tierspec.check_path(t)
@@ -80,6 +81,14 @@ class TierStore:
                     note(f"removed {format_size(freed)} of block files left by a crashed run in {folder}")
                 self.writer = disk.Writer()
                 self.prefetcher = Prefetcher() if prefetch else None
+            if t.kind == "ray":
+                if self.attend == "auto":
+                    raise KvtierError("attend=auto has no cost model for the ray: tier; give attend=local "
+                                      "(attention where the blocks live) or attend=fetch")
+                from kvtier.kv.remote import RemoteTier
+
+                self.remote = RemoteTier(t)
+                note(self.remote.describe())
         self.used = [0] * len(self.tiers)  # bytes charged to each tier
         self.plain = 0  # of used[0]: sink and residual buffers, which never move
         self.layers: weakref.WeakSet = weakref.WeakSet()
@@ -221,8 +230,9 @@ class SeqTiers:
         if self.error is None:
             self.error = error
 
-    def pools(self, codec, n_kv: int, head_dim: int, block_size: int, layer: int) -> list:
-        """One pool per tier for one layer of this sequence."""
+    def pools(self, codec, n_kv: int, head_dim: int, block_size: int, layer: int, rope=None) -> list:
+        """One pool per tier for one layer of this sequence (``rope``: the layer's rotary
+        embedding, which the ray: tier's holder needs for a codec that stores keys before it)."""
         out = []
         pin = self.store.compute.type == "cuda" and torch.cuda.is_available()
         for t in self.store.tiers:
@@ -232,6 +242,8 @@ class SeqTiers:
                 spec = codec.fields(block_size, head_dim)
                 out.append(disk.DiskPool(self._file(t), spec, n_kv, min(codec.group_blocks, EXTENT), layer,
                                          _codec_id(codec)))
+            elif t.kind == "ray":
+                out.append(self.store.remote.pool(self.index, layer, codec, n_kv, head_dim, block_size, rope))
             else:
                 out.append(BlockPool(codec, n_kv, head_dim, block_size, t.device,
                                      pin=pin and t.kind == "cpu"))
@@ -256,6 +268,8 @@ class SeqTiers:
         store.charge(0, nbytes)
 
     def close(self) -> None:
+        if self.store.remote is not None:
+            self.store.remote.drop(self.index)
         self.store.charge(0, -self.plain)
         self.store.plain -= self.plain
         self.plain = 0

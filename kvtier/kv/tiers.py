@@ -1,7 +1,7 @@
 """Tier specs: where KV blocks may live and how many bytes each place may hold.
 
 ``"cpu:2GiB,disk:/mnt/nvme/kv:50GiB"`` (plus ``gpu:...`` first when CUDA is there): fastest
-tier first. A last ``recompute`` tier holds nothing: blocks pushed down to it are dropped and
+tier first. ``ray:SIZE`` holds blocks on another node of a Ray cluster (:mod:`kvtier.kv.remote`). A last ``recompute`` tier holds nothing: blocks pushed down to it are dropped and
 their keys/values recomputed from the sequence's token ids when attention needs them (ALISA's
 cache-vs-recompute trade). The first tier is the memory of the device the model computes on; a block is
 sealed there and moves down, in its encoded form, when that tier is over its budget.
@@ -21,7 +21,7 @@ from kvtier.errors import KvtierError
 UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000 ** 2, "mb": 1000 ** 2, "g": 1000 ** 3,
          "gb": 1000 ** 3, "t": 1000 ** 4, "tb": 1000 ** 4, "kib": 1 << 10, "mib": 1 << 20,
          "gib": 1 << 30, "tib": 1 << 40}
-ORDER = ("gpu", "cpu", "disk", "recompute")  # fastest first; recompute: dropped, rebuilt from token ids
+ORDER = ("gpu", "cpu", "disk", "ray", "recompute")  # fastest first; recompute: dropped, rebuilt from token ids
 UNLIMITED = 1 << 62
 ATTEND = ("local", "fetch", "split", "auto")  # auto: the cost model picks per tier (kvtier.plan)
 SHARE = 0.6  # split: the share of each lower tier's blocks fetched (the rest attended in place)
@@ -65,7 +65,7 @@ def format_size(n: float) -> str:
 
 @dataclass(frozen=True)
 class Tier:
-    """One place blocks live: ``kind`` gpu / cpu / disk, a byte ``budget``, a ``path`` for disk."""
+    """One place blocks live: ``kind`` gpu / cpu / disk / ray, a byte ``budget``, a ``path`` for disk."""
 
     kind: str
     budget: int
@@ -73,7 +73,8 @@ class Tier:
 
     @property
     def device(self) -> torch.device:
-        """Where this tier's attention runs (disk blocks are memory-mapped and read by the CPU)."""
+        """Where this tier's attention runs (disk blocks are memory-mapped and read by the CPU;
+        the query of a ray: block's attention leaves from the CPU)."""
         return torch.device("cuda") if self.kind == "gpu" else torch.device("cpu")
 
     def __str__(self) -> str:
@@ -100,7 +101,7 @@ def parse(text: str, compute: torch.device | str = "cpu", need_device: bool = Tr
         kind = kind.strip().lower()
         if kind not in ORDER:
             raise KvtierError(f"unknown tier {item!r} in --tiers {text!r}: use gpu:SIZE, cpu:SIZE, "
-                              "disk:PATH:SIZE or recompute (last)")
+                              "disk:PATH:SIZE, ray:SIZE or recompute (last)")
         if kind == "recompute":
             if rest:
                 raise KvtierError(f"the recompute tier takes no size (it holds no bytes): write recompute, not {item!r}")
@@ -116,7 +117,7 @@ def parse(text: str, compute: torch.device | str = "cpu", need_device: bool = Tr
             tiers.append(Tier(kind, parse_size(rest)))
     kinds = [t.kind for t in tiers]
     if len(set(kinds)) != len(kinds) or kinds != sorted(kinds, key=ORDER.index):
-        raise KvtierError(f"--tiers {text!r}: name each tier once, fastest first (gpu, cpu, disk, recompute)")
+        raise KvtierError(f"--tiers {text!r}: name each tier once, fastest first (gpu, cpu, disk, ray, recompute)")
     first = "gpu" if compute.type == "cuda" else "cpu"
     if kinds[0] != first:
         raise KvtierError(f"--tiers {text!r}: the model computes on {compute.type}, so the first tier must be "
