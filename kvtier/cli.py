@@ -575,24 +575,30 @@ def bench_serve(
 
 def _serve(**kwargs):
     """Serve the model over an OpenAI-compatible HTTP API (completions, chat, models, health,
-    metrics), with continuous batching over the compressed KV store."""
+    metrics), with continuous batching over the compressed KV store; with --ray, several engine
+    replicas on Ray Serve behind the one endpoint."""
     from kvtier import spec as specs
-    from kvtier.config import EngineConfig, ServerConfig
+    from kvtier.config import ClusterConfig, EngineConfig, ServerConfig
     from kvtier.serve import check, serve
 
-    engine_cfg, server_cfg = split(kwargs, EngineConfig, ServerConfig)
+    engine_cfg, server_cfg, cluster = split(kwargs, EngineConfig, ServerConfig, ClusterConfig)
     specs.parse(engine_cfg.kv)  # bad input fails before the model loads
     for s in (server_cfg.allowed_kv or "").split(";"):
         if s.strip():
             specs.parse(s)
     check(server_cfg)
-    serve(engine_cfg, server_cfg)
+    if cluster.ray:
+        from kvtier.serve.cluster import serve_cluster
+
+        serve_cluster(engine_cfg, server_cfg, cluster)
+    else:
+        serve(engine_cfg, server_cfg)
 
 
 def _register_serve() -> None:
-    from kvtier.config import EngineConfig, ServerConfig
+    from kvtier.config import ClusterConfig, EngineConfig, ServerConfig
 
-    app.command("serve", help=_serve.__doc__)(command(flags(EngineConfig, ServerConfig), _serve))
+    app.command("serve", help=_serve.__doc__)(command(flags(EngineConfig, ServerConfig, ClusterConfig), _serve))
 
 
 _register_serve()

@@ -154,6 +154,21 @@ class ServerConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """More than one engine: replicas on a Ray cluster behind one endpoint (``kvtier[ray]``)."""
+
+    ray: bool = option(False, "serve with --replicas engine replicas on Ray Serve behind this endpoint")
+    replicas: int = option(2, "with --ray: engine replicas", min=1, max=1024)
+    replica_cpus: float = option(1.0, "with --ray: CPUs each replica reserves; its torch threads are this, "
+                                 "rounded up", min=0.1, max=1024)
+    routing: str = option("prefix", "with --ray: prefix (to the replica holding the longest cached prefix "
+                          "of the prompt, the least loaded when loads are uneven) or round-robin",
+                          choices=("prefix", "round-robin"))
+    ray_address: str | None = option(None, "with --ray: the Ray cluster to join (default: RAY_ADDRESS, else "
+                                     "a new one on this machine)")
+
+
+@dataclass
 class PlanConfig:
     """What `kvtier plan` predicts: one decode step (or prefill chunk) of a model with a cache
     spec, weight format and tier layout, on a machine's measured or described hardware."""

@@ -28,15 +28,12 @@ def check(server: ServerConfig) -> None:
                           "(or bind 127.0.0.1)")
 
 
-def make_app(engine_cfg: EngineConfig, server: ServerConfig, engine=None):
-    """The ASGI app and its worker (started), for ``kvtier serve`` and tests."""
+def make_worker(engine_cfg: EngineConfig, server: ServerConfig, model_id: str, engine=None):
+    """The engine on its own thread (started), with the prefix cache of ``server.cache`` loaded."""
     from kvtier.engine.engine import Engine
     from kvtier.kv import persist
-    from kvtier.serve.app import build
     from kvtier.serve.metrics import Metrics
     from kvtier.serve.worker import Worker
-
-    check(server)
 
     def make() -> Engine:  # on the engine's own thread (see Worker)
         e = engine or Engine(engine_cfg)
@@ -46,10 +43,13 @@ def make_app(engine_cfg: EngineConfig, server: ServerConfig, engine=None):
             logging.getLogger("kvtier.serve").info("prefix cache: %d tokens from %s", n, server.cache)
         return e
 
-    model_id = engine_cfg.model
     worker = Worker(make, Metrics(model_id))
     worker.start()
-    tok = worker.engine.tokenizer
+    return worker
+
+
+def tokenizer_functions(tok, model_id: str):
+    """``encode(text)``, ``encode_chat(messages)`` and ``decode(ids)`` on a tokenizer."""
 
     def encode(text: str) -> list[int]:
         return tok(text).input_ids
@@ -63,8 +63,18 @@ def make_app(engine_cfg: EngineConfig, server: ServerConfig, engine=None):
     def decode(ids: list[int]) -> str:
         return tok.decode(ids, skip_special_tokens=False)
 
+    return encode, encode_chat, decode
+
+
+def make_app(engine_cfg: EngineConfig, server: ServerConfig, engine=None):
+    """The ASGI app and its worker (started), for ``kvtier serve`` and tests."""
+    from kvtier.serve.app import build
+
+    check(server)
+    model_id = engine_cfg.model
+    worker = make_worker(engine_cfg, server, model_id, engine)
     try:
-        return build(worker, server, model_id, encode, encode_chat, decode), worker
+        return build(worker, server, model_id, *tokenizer_functions(worker.engine.tokenizer, model_id)), worker
     except BaseException:
         worker.stop()
         raise

@@ -103,9 +103,9 @@ async def _send_error(send, status: int, message: str) -> None:
 def build(worker: Worker, config: ServerConfig, model_id: str, llm_encode, encode_chat, decode) -> FastAPI:
     """The app. ``llm_encode(text) -> ids``, ``encode_chat(messages) -> ids`` and
     ``decode(ids) -> text`` come from the engine's tokenizer."""
-    engine = worker.engine
     metrics = worker.metrics or Metrics(model_id)
-    allowed = {engine.default_kv} | {str(specs.parse(s)) for s in (config.allowed_kv or "").split(";") if s.strip()}
+    served = worker.served([str(specs.parse(s)) for s in (config.allowed_kv or "").split(";") if s.strip()])
+    allowed = set(served.prefix_cache)
     app = FastAPI(title="kvtier", version="0.1.0")
     app.state.worker = worker
 
@@ -186,8 +186,8 @@ def build(worker: Worker, config: ServerConfig, model_id: str, llm_encode, encod
 
         return [dataclasses.replace(base, seed=seed + i) for i in range(body.n)]
 
-    async def run(request: Request, rid: str, ids: list[int], params, kv, priority) -> tuple[asyncio.Queue, list]:
-        limit = engine.model.max_context
+    async def run(request: Request, rid: str, ids: list[int], params, kv, priority) -> tuple[asyncio.Queue, list, dict]:
+        limit = served.max_context
         if len(ids) + params[0].max_tokens > limit:
             raise ApiError(400, f"the prompt is {len(ids)} tokens and max_tokens {params[0].max_tokens}: over "
                                 f"the model's context of {limit} tokens; shorten the prompt or lower max_tokens",
@@ -195,7 +195,12 @@ def build(worker: Worker, config: ServerConfig, model_id: str, llm_encode, encod
         if not ids:
             raise ApiError(400, "the prompt is empty", param="prompt")
         out, seqs = worker.submit(rid, ids, params, kv, priority)
-        return out, seqs
+        try:
+            headers = await worker.headers(seqs)
+        except BaseException:
+            worker.abort(seqs)
+            raise
+        return out, seqs, headers
 
     async def events(request: Request, out: asyncio.Queue, seqs: list, n: int) -> AsyncIterator[Delta]:
         """The request's deltas until all its choices finish; aborts them if the client leaves."""
@@ -232,9 +237,8 @@ def build(worker: Worker, config: ServerConfig, model_id: str, llm_encode, encod
         authorize(request)
         return {"object": "list", "data": [{
             "id": model_id, "object": "model", "created": int(time.time()), "owned_by": "kvtier",
-            "max_model_len": engine.model.max_context, "kv": engine.default_kv, "allowed_kv": sorted(allowed),
-            "prefix_cache": {kv: engine.runner_for(kv).shares_prefixes and engine.prefixes is not None
-                             for kv in sorted(allowed)},
+            "max_model_len": served.max_context, "kv": served.default_kv, "allowed_kv": sorted(allowed),
+            "prefix_cache": served.prefix_cache,
             "note": "specs with a token selector do not share prefix blocks (each sequence keeps its own tokens)"}]}
 
     @app.post("/v1/completions")
@@ -256,20 +260,20 @@ def build(worker: Worker, config: ServerConfig, model_id: str, llm_encode, encod
                 raise ApiError(400, str(e), param="prompt") from None
             ids = llm_encode(prompt)
         else:
-            vocab = engine.model.hf_config.vocab_size
+            vocab = served.vocab_size
             if any(not 0 <= t < vocab for t in prompt):
                 raise ApiError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
             ids = list(prompt)
         params = sampling(body, body.logprobs)
         rid = f"cmpl-{uuid.uuid4().hex}"
-        out, seqs = await run(request, rid, ids, params, kv, body.priority)
+        out, seqs, headers = await run(request, rid, ids, params, kv, body.priority)
         created = int(time.time())
         if body.stream:
             return StreamingResponse(_sse(_completion_chunks(rid, created, model_id, events(request, out, seqs, body.n),
                                                              body.include_usage, len(ids), decode)),
-                                     media_type="text/event-stream")
-        return await _collect(request, rid, created, model_id, events(request, out, seqs, body.n), body.n, len(ids),
-                              decode, chat=False)
+                                     media_type="text/event-stream", headers=headers)
+        return JSONResponse(await _collect(request, rid, created, model_id, events(request, out, seqs, body.n), body.n,
+                                           len(ids), decode, chat=False), headers=headers)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
@@ -291,14 +295,14 @@ def build(worker: Worker, config: ServerConfig, model_id: str, llm_encode, encod
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         params = sampling(body, logprobs)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        out, seqs = await run(request, rid, ids, params, kv, body.priority)
+        out, seqs, headers = await run(request, rid, ids, params, kv, body.priority)
         created = int(time.time())
         if body.stream:
             return StreamingResponse(_sse(_chat_chunks(rid, created, model_id, events(request, out, seqs, body.n),
                                                        body.include_usage, len(ids), body.n, decode)),
-                                     media_type="text/event-stream")
-        return await _collect(request, rid, created, model_id, events(request, out, seqs, body.n), body.n, len(ids),
-                              decode, chat=True)
+                                     media_type="text/event-stream", headers=headers)
+        return JSONResponse(await _collect(request, rid, created, model_id, events(request, out, seqs, body.n), body.n,
+                                           len(ids), decode, chat=True), headers=headers)
 
     return LimitBody(app, config.max_body_bytes, config.read_timeout)
 
@@ -401,8 +405,10 @@ async def _completion_chunks(rid, created, model_id, stream, include_usage, n_pr
         if d.finish_reason is not None:
             completion += d.completion_tokens
             cached = max(cached, d.cached_tokens)
-        yield {**base, "choices": [{"index": d.index, "text": d.text, "logprobs": lp,
-                                    "finish_reason": _finish(d.finish_reason)}]}
+        choice = {"index": d.index, "text": d.text, "logprobs": lp, "finish_reason": _finish(d.finish_reason)}
+        if d.error:
+            choice["error"] = d.error
+        yield {**base, "choices": [choice]}
     if include_usage:
         yield {**base, "choices": [], "usage": _usage(n_prompt, completion, cached)}
 

@@ -41,6 +41,16 @@ class Delta:
 
 
 @dataclass
+class Served:
+    """What the API tells clients of the engine behind it (one engine or a set of replicas)."""
+
+    default_kv: str
+    max_context: int
+    vocab_size: int
+    prefix_cache: dict[str, bool]  # per cache spec served: whether it shares prefix blocks
+
+
+@dataclass
 class Snapshot:
     running: int = 0
     waiting: int = 0
@@ -95,6 +105,17 @@ class Worker:
     def queued(self) -> int:
         """Requests waiting (not yet admitted), as last seen plus those not yet taken in."""
         return self.snapshot.waiting + self.commands.qsize()
+
+    def served(self, extra_kv: list[str]) -> Served:
+        """The engine's description, for the default spec and the ``extra_kv`` a request may name."""
+        e = self.engine
+        kvs = sorted({e.default_kv, *extra_kv})
+        return Served(e.default_kv, e.model.max_context, e.model.hf_config.vocab_size,
+                      {kv: e.runner_for(kv).shares_prefixes and e.prefixes is not None for kv in kvs})
+
+    async def headers(self, seqs: list) -> dict[str, str]:
+        """Response headers for a request just submitted (a replica's id behind Ray)."""
+        return {}
 
     # called from the event loop
     def submit(self, request_id: str, prompt_ids: list[int], params: list[SamplingParams], kv: str | None,
