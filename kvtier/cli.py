@@ -494,6 +494,7 @@ def bench_serve(
     prompt_tokens: Annotated[int, typer.Option(min=1, help=_serve_help("prompt_tokens"))] = _Serve.prompt_tokens,
     max_tokens: Annotated[int, typer.Option(min=1, help=_serve_help("max_tokens"))] = _Serve.max_tokens,
     prefix_tokens: Annotated[int, typer.Option(min=0, help=_serve_help("prefix_tokens"))] = _Serve.prefix_tokens,
+    prefix_groups: Annotated[int, typer.Option(min=1, help=_serve_help("prefix_groups"))] = _Serve.prefix_groups,
     prompts: Annotated[str | None, typer.Option(help='JSON lines, one {"prompt": ...} or {"messages": [...]} '
                                                      "each, instead of KJV passages")] = None,
     peers: Annotated[str | None, typer.Option(help="peer servers, comma-separated: vllm, llamacpp, transformers, "
@@ -503,6 +504,11 @@ def bench_serve(
     server_args: Annotated[list[str] | None, typer.Option(help="extra arguments for `kvtier serve`, as one "
                                                                "string, e.g. '--max-seqs 32'; repeat to compare "
                                                                "settings (one server each, per --kv)")] = None,
+    ray: Annotated[str | None, typer.Option(help="also kvtier on Ray Serve (kvtier serve --ray) with these replica "
+                                                 "counts, comma-separated, e.g. 1,2: rows beside the "
+                                                 "single-process ones")] = None,
+    routing: Annotated[str, typer.Option(help="with --ray: the routings to compare, comma-separated: prefix, "
+                                              "round-robin")] = "prefix",
     ttft_slo: Annotated[float, typer.Option(min=0.0, help=_serve_help("ttft_slo"))] = _Serve.ttft_slo,
     tpot_slo: Annotated[float, typer.Option(min=0.0, help=_serve_help("tpot_slo"))] = _Serve.tpot_slo,
     request_timeout: Annotated[float, typer.Option(min=0.1, help=_serve_help("request_timeout"))] = _Serve.request_timeout,
@@ -541,12 +547,18 @@ def bench_serve(
             extras.append(tuple(shlex.split(text)))
         except ValueError as e:
             raise KvtierError(f"--server-args {text!r}: {e}") from None
+    if ray:
+        routings = [r.strip() for r in routing.split(",") if r.strip()]
+        if not routings or any(r not in ("prefix", "round-robin") for r in routings):
+            raise KvtierError(f"--routing {routing!r}: give prefix, round-robin or both, comma-separated")
+        extras += [(*e, "--ray", "--replicas", str(n), "--routing", r)
+                   for e in list(extras) for n in _ints(ray, "--ray") for r in routings]
     kvs = [str(specs.parse(k)) for k in (kv or ["dense"])] if with_kvtier else []
     peer_list = servers.parse_list(peers) if peers else []
     if not kvs and not peer_list:
         raise KvtierError("nothing to serve: --no-kvtier needs --peers")
     cfg = serve.LoadConfig(requests=requests, prompt_tokens=prompt_tokens, max_tokens=max_tokens,
-                           prefix_tokens=prefix_tokens, ttft_slo=ttft_slo, tpot_slo=tpot_slo,
+                           prefix_tokens=prefix_tokens, prefix_groups=prefix_groups, ttft_slo=ttft_slo, tpot_slo=tpot_slo,
                            request_timeout=request_timeout, run_timeout=run_timeout, open_slots=open_slots,
                            seed=seed)
     loads = [serve.Load(concurrency=c) for c in conc] + [serve.Load(rate=r) for r in rates]

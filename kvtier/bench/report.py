@@ -294,7 +294,7 @@ def serve_table(rows: list[dict]) -> Table:
     t = Table(title="serving: streamed greedy chat requests against each server (same prompts, same run; "
                     "latencies in seconds)")
     for col in ("server", "kv", "load", "done", "failed", "out tok/s", "req/s", "TTFT p50", "p90", "p99",
-                "TPOT p50", "p90", "ITL p90", "goodput", "peak RSS", "peak KV"):
+                "TPOT p50", "p90", "ITL p90", "goodput", "peak RSS", "peak KV", "prefix hits"):
         t.add_column(col, justify="left" if col in ("server", "kv", "load") else "right",
                      overflow="fold" if col == "kv" else "ellipsis")  # a spec is long: wrap it whole
     for r in rows:
@@ -304,7 +304,8 @@ def serve_table(rows: list[dict]) -> Table:
                   _secs(r["ttft_p90_s"]), _secs(r["ttft_p99_s"]), _secs(r["tpot_p50_s"]),
                   _secs(r["tpot_p90_s"]), _secs(r["itl_p90_s"]), f"{r['goodput_req_s']:.2f}",
                   format_size(r["peak_rss_bytes"]) if r["peak_rss_bytes"] else "-",
-                  format_size(r["kv_bytes_peak"]) if r["kv_bytes_peak"] is not None else "-")
+                  format_size(r["kv_bytes_peak"]) if r["kv_bytes_peak"] is not None else "-",
+                  f"{r['prefix_hit_rate']:.0%}" if r.get("prefix_hit_rate") is not None else "-")
     return t
 
 

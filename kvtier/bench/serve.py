@@ -47,6 +47,8 @@ class LoadConfig:
     prompt_tokens: int = _opt(1000, "tokens of KJV text in each prompt (before the chat template)")
     max_tokens: int = _opt(128, "output tokens per request (sent with ignore_eos, so every server makes them all)")
     prefix_tokens: int = _opt(0, "tokens every prompt of a row shares at its start (0: no two prompts share a prefix)")
+    prefix_groups: int = _opt(1, "with --prefix-tokens: distinct shared prefixes per row, each starting an equal "
+                              "share of its prompts, in a seeded random order")
     ttft_slo: float = _opt(10.0, "goodput target: time to first token, seconds")
     tpot_slo: float = _opt(0.25, "goodput target: time per output token after the first, seconds")
     request_timeout: float = _opt(600.0, "seconds one request may take before it counts as failed")
@@ -254,18 +256,23 @@ def kjv_prompts(model: str, rows: int, cfg: LoadConfig) -> list[list[list[dict]]
 
     tok = AutoTokenizer.from_pretrained(resolve(model))
     text = load_text("kjv")
+    import random
+
     shared, own = cfg.prefix_tokens, cfg.prompt_tokens - cfg.prefix_tokens
-    per_row = cfg.requests + 1  # the row's shared head, then its requests
+    groups = cfg.prefix_groups if shared else 1
+    per_row = cfg.requests + groups  # the row's shared heads, then its requests
     count = rows * per_row
     starts = [j * (len(text) - 8 * cfg.prompt_tokens) // count for j in range(count)]
-    sizes = [(shared if j % per_row == 0 else own) for j in range(count)]
+    sizes = [(shared if j % per_row < groups else own) for j in range(count)]
     keep = [j for j in range(count) if sizes[j] > 0]
     got = dict(zip(keep, passages(tok, text, [starts[j] for j in keep], [sizes[j] for j in keep])))
     out = []
     for r in range(rows):
-        head = got.get(r * per_row, "")
-        out.append([[{"role": "user", "content": f"{head} {got.get(r * per_row + i, '')}".strip()}]
-                    for i in range(1, per_row)])
+        head_of = [i % groups for i in range(cfg.requests)]
+        random.Random(cfg.seed + r).shuffle(head_of)  # the groups' prompts interleaved, not in turn
+        out.append([[{"role": "user", "content": f"{got.get(r * per_row + g, '')} "
+                                                 f"{got.get(r * per_row + groups + i, '')}".strip()}]
+                    for i, g in enumerate(head_of)])
     return out
 
 
@@ -495,16 +502,35 @@ def measure(running: Running, launch: Launch, load: Load, messages: list[list[di
     server = running.server
     bodies = [server.request(chat_body(running.model_id, m, cfg.max_tokens)) for m in messages]
     what = f"{load.concurrency} at once" if load.concurrency else f"{load.rate:g} req/s"
+    before = _prefix_counts(running)
     with Watch(running) as watch, bar(len(bodies), f"{server.name} {server.label(launch)}, {what}") as step:
         samples, wall = asyncio.run(run_load(running.url, bodies, load, cfg, progress=step))
+    after = _prefix_counts(running)
+    hit_rate = None
+    if before is not None and after is not None and after[0] > before[0]:
+        hit_rate = (after[1] - before[1]) / (after[0] - before[0])
     kv = watch.peak_kv if server.metrics else server.kv_held(None, running.log_text())
     return {"server": server.name, "kv": server.label(launch), "spec": str(server),
             "concurrency": load.concurrency, "rate": load.rate, "prompt_tokens": prompt_tokens,
-            "prefix_tokens": cfg.prefix_tokens, "max_tokens": cfg.max_tokens, "requests": len(bodies),
+            "prefix_tokens": cfg.prefix_tokens, "prefix_groups": cfg.prefix_groups if cfg.prefix_tokens else None,
+            "prefix_hit_rate": hit_rate, "max_tokens": cfg.max_tokens, "requests": len(bodies),
             **summarize(samples, wall, cfg), "ttft_slo_s": cfg.ttft_slo, "tpot_slo_s": cfg.tpot_slo,
             "peak_rss_bytes": watch.peak_rss or None, "kv_bytes_peak": kv,
             "kv_bytes_source": server.kv_source if kv is not None else None,
             "start_s": running.start_s, "log": str(running.log)}
+
+
+def _prefix_counts(running: Running) -> tuple[float, float] | None:
+    """The server's prefix-cache (queries, hits) in tokens so far, or None where it says none."""
+    import httpx
+
+    if not running.server.metrics:
+        return None
+    try:
+        text = httpx.get(running.url + running.server.metrics, timeout=10, trust_env=False).text
+    except httpx.HTTPError:
+        return None
+    return running.server.prefix_counts(text)
 
 
 def warm_up(running: Running) -> None:

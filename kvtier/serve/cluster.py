@@ -61,7 +61,9 @@ class Replica:
         from kvtier.serve import make_worker
 
         torch.set_num_threads(threads)
-        self.id = serve.get_replica_context().replica_id.unique_id
+        context = serve.get_replica_context()
+        self.id = context.replica_id.unique_id
+        _pin(context, threads)
         self.worker = make_worker(engine_cfg, server_cfg, model_id)
         self.hub = ray.get_actor(HUB, namespace=ray.get_runtime_context().namespace)
         self._stop = threading.Event()
@@ -107,6 +109,21 @@ class Replica:
     def __del__(self):
         self._stop.set()
         self.worker.stop()
+
+
+def _pin(context, threads: int) -> None:
+    """A replica with whole CPUs runs on its own cores of its node (by its rank there), so that
+    replicas on one machine do not share a core."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    rank = getattr(getattr(context, "rank", None), "local_rank", None)
+    if rank is None or len(cores) < threads:
+        return
+    first = (rank * threads) % len(cores)
+    mine = {cores[(first + i) % len(cores)] for i in range(threads)}
+    try:
+        os.sched_setaffinity(0, mine)
+    except OSError:
+        pass
 
 
 class MetricsHub:
@@ -253,7 +270,7 @@ class RayWorker:
         out: asyncio.Queue = asyncio.Queue()
         ticket = Ticket(loop)
         ticket.stream = self.handle.options(stream=True).generate.remote(request_id, prompt_ids, params, kv, priority)
-        ticket.task = loop.create_task(self._pump(ticket, out, len(params)))
+        ticket.task = loop.create_task(self._pump(ticket, out, len(params), request_id, len(prompt_ids)))
         return out, [ticket]
 
     async def headers(self, seqs: list) -> dict[str, str]:
@@ -264,9 +281,9 @@ class RayWorker:
             if ticket.stream is not None:
                 ticket.stream.cancel()
 
-    async def _pump(self, ticket: Ticket, out: asyncio.Queue, n: int) -> None:
+    async def _pump(self, ticket: Ticket, out: asyncio.Queue, n: int, rid: str = "-", n_prompt: int = 0) -> None:
         left = set(range(n))
-        replica = "?"
+        replica, t0, first, made, reasons = "?", time.perf_counter(), None, 0, []
         try:
             async for item in ticket.stream:
                 if isinstance(item, str):
@@ -276,8 +293,12 @@ class RayWorker:
                     out.put_nowait(item)
                     return
                 else:
+                    if first is None and item.tokens:
+                        first = time.perf_counter() - t0
                     if item.finish_reason is not None:
                         left.discard(item.index)
+                        made += item.completion_tokens
+                        reasons.append(item.finish_reason)
                     out.put_nowait(item)
         except asyncio.CancelledError:
             raise
@@ -288,9 +309,13 @@ class RayWorker:
                 ticket.replica.set_result(replica)
             for i in sorted(left):
                 out.put_nowait(Delta(i, finish_reason="error", error=why))
+            reasons += ["error"] * len(left)
         finally:
             if not ticket.replica.done():
                 ticket.replica.set_result(replica)
+            log.info("request %s on replica %s: prompt %d tokens, %d generated, TTFT %s, total %.3f s, finish %s",
+                     rid, replica, n_prompt, made, f"{first:.3f} s" if first is not None else "-",
+                     time.perf_counter() - t0, ",".join(reasons) or "abort")
 
 
 class ClusterMetrics:

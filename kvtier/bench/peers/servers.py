@@ -73,6 +73,10 @@ class Server(ABC):
         """KV bytes held now, from the ``/metrics`` text (None when not polled) or the log."""
         return None
 
+    def prefix_counts(self, metrics: str) -> tuple[float, float] | None:
+        """Prompt tokens looked up in its prefix cache and found there, so far (None: not said)."""
+        return None
+
     def request(self, body: dict) -> dict:
         """The chat request body as this server takes it (the bench's is OpenAI's plus ignore_eos)."""
         return body
@@ -177,6 +181,11 @@ class Kvtier(Server):
     def kv_held(self, metrics: str | None, log: str) -> int | None:
         got = samples(metrics or "", "kvtier:kv_bytes")
         return int(sum(v for _, v in got)) if got else None
+
+    def prefix_counts(self, metrics: str) -> tuple[float, float] | None:
+        queries = samples(metrics, "kvtier:prefix_cache_queries_total")
+        hits = samples(metrics, "kvtier:prefix_cache_hits_total")
+        return (sum(v for _, v in queries), sum(v for _, v in hits)) if queries else None
 
 
 @register
