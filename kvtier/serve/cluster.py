@@ -29,7 +29,7 @@ from collections import OrderedDict
 
 from kvtier.config import ClusterConfig, EngineConfig, ServerConfig
 from kvtier.errors import KvtierError
-from kvtier.serve.worker import Delta, Served, Snapshot
+from kvtier.serve.worker import Delta, Served
 
 log = logging.getLogger("kvtier.serve")
 
@@ -244,7 +244,6 @@ class RayWorker:
         self.error = None
         self._reports: dict[str, tuple[str, int]] = {}
         self._polled = 0.0
-        self._served: Served | None = None
 
     def served(self, extra_kv: list[str]) -> Served:
         return self.handle.served.remote(extra_kv).result(timeout_s=600)
@@ -445,4 +444,4 @@ def deploy(engine_cfg: EngineConfig, server_cfg: ServerConfig, cluster: ClusterC
         raise
 
 
-__all__ = ["Replica", "PrefixRouter", "RoundRobinRouter", "RayWorker", "deploy", "serve_cluster", "Snapshot"]
+__all__ = ["Replica", "PrefixRouter", "RoundRobinRouter", "RayWorker", "deploy", "serve_cluster"]
