@@ -8,6 +8,7 @@ installs it, and these tests are skipped only where it is not installed.
 import pytest
 import torch
 from conftest import tokens
+from test_tiers import generate
 
 from kvtier.engine import ModelRunner
 from kvtier.errors import KvtierError
@@ -28,24 +29,16 @@ def cluster():
     c.shutdown()
 
 
-def generate(runner, toks, prompt=300, steps=16):
-    cache = runner.new_cache()
-    out = [runner.feed([cache], [toks[:prompt]])]
-    for t in toks[prompt: prompt + steps]:
-        out.append(runner.feed([cache], [[t]]))
-    return torch.cat(out), cache
-
-
 @pytest.mark.parametrize("kv,budget", [("dense(dtype=fp32)", "20KiB"), ("int(bits=4,group=16)", "20KiB"),
                                        ("rotatekv(rotate=32,group=16,residual=16)", "16KiB")])
 @pytest.mark.parametrize("attend", ["local", "fetch"])
 def test_ray_tier_gives_the_all_in_ram_logits(cluster, llama, kv, budget, attend):
     toks = tokens(316)
-    ref, _ = generate(ModelRunner(llama, kv, block_size=16, prefill_chunk=128), toks)
+    ref, _ = generate(ModelRunner(llama, kv, block_size=16, prefill_chunk=128), toks, steps=16)
     runner = ModelRunner(llama, kv, block_size=16, prefill_chunk=128, tiers=f"cpu:{budget},ray:64MiB", attend=attend)
     store = runner.store
     assert store.remote.remote, "the holder should be on the other node"
-    got, cache = generate(runner, toks)
+    got, cache = generate(runner, toks, steps=16)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     assert store.used[1] > 0 and cache.nbytes_by_tier()[1] == store.used[1]  # most blocks went down
     assert store.remote.nbytes() >= store.used[1]  # the holder really holds them

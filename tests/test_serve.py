@@ -27,29 +27,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server():
+def start_server(args: list[str], timeout: float = 300, unset: tuple[str, ...] = (), **popen):
+    """``kvtier serve ARGS`` on a free loopback port, once /health answers: (url, process, the
+    lines it printed so far). ``unset``: environment variables the server must not see."""
     port = free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "kvtier.cli", "serve", "--port", str(port), "--dtype", "fp32",
-                             "--max-queued", "64", "--allowed-kv", "int(bits=4)", "--max-request-tokens", "256", "--read-timeout", "3"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    env = {k: v for k, v in os.environ.items() if k not in unset} | {"PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "kvtier.cli", "serve", "--port", str(port), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, **popen)
     url = f"http://127.0.0.1:{port}"
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
-    deadline = time.time() + 300
+    deadline = time.time() + timeout
     while time.time() < deadline:
         try:
             if httpx.get(url + "/health", timeout=1).status_code == 200:
-                break
+                return url, proc, lines
         except httpx.HTTPError:
             pass
         if proc.poll() is not None:
-            raise RuntimeError("kvtier serve exited:\n" + "".join(lines))
+            raise RuntimeError(f"kvtier serve {' '.join(args)} exited:\n" + "".join(lines))
         time.sleep(0.5)
-    else:
-        proc.kill()
-        raise RuntimeError("kvtier serve did not start:\n" + "".join(lines))
+    proc.kill()
+    raise RuntimeError(f"kvtier serve {' '.join(args)} did not start:\n" + "".join(lines))
+
+
+@pytest.fixture(scope="module")
+def server():
+    url, proc, lines = start_server(["--dtype", "fp32", "--max-queued", "64", "--allowed-kv", "int(bits=4)",
+                                     "--max-request-tokens", "256", "--read-timeout", "3"])
     yield url, proc, lines
     if proc.poll() is None:
         proc.terminate()

@@ -4,16 +4,13 @@ killed mid-request. The server starts its own Ray cluster and stops it on SIGTER
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import threading
 import time
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from test_serve import free_port
+from test_serve import start_server
 
 pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install 'kvtier[ray]')")
 pytestmark = pytest.mark.e2e
@@ -23,29 +20,8 @@ HEADER = "x-kvtier-replica"
 
 @pytest.fixture(scope="module")
 def server():
-    port = free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen([sys.executable, "-m", "kvtier.cli", "serve", "--ray", "--replicas", "2",
-                             "--port", str(port), "--max-request-tokens", "128"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
-    deadline = time.time() + 400
-    while time.time() < deadline:
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError("kvtier serve --ray exited:\n" + "".join(lines))
-        time.sleep(0.5)
-    else:
-        proc.kill()
-        raise RuntimeError("kvtier serve --ray did not start:\n" + "".join(lines))
+    url, proc, lines = start_server(["--ray", "--replicas", "2", "--max-request-tokens", "128"], timeout=400,
+                                    unset=("RAY_ADDRESS",), start_new_session=True)  # a cluster of its own
     yield url, proc, lines
     if proc.poll() is None:
         proc.terminate()

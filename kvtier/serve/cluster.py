@@ -102,7 +102,7 @@ class Replica:
         while not self._stop.wait(REPORT_EVERY):
             try:
                 text = generate_latest(self.worker.metrics.registry).decode()
-                self.hub.report.remote(self.id, text, self.worker.snapshot.waiting + self.worker.commands.qsize())
+                self.hub.report.remote(self.id, text, self.worker.queued)
             except Exception:  # the hub is restarting: report next time
                 pass
 
