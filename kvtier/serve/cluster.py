@@ -233,6 +233,7 @@ class Ticket:
         self.replica: asyncio.Future = loop.create_future()
         self.stream = None
         self.task: asyncio.Task | None = None
+        self.cancelled = False  # the client went away: the stream's end is not the replica's failure
 
 
 class RayWorker:
@@ -278,6 +279,7 @@ class RayWorker:
     def abort(self, seqs: list) -> None:
         for ticket in seqs:
             if ticket.stream is not None:
+                ticket.cancelled = True
                 ticket.stream.cancel()
 
     async def _pump(self, ticket: Ticket, out: asyncio.Queue, n: int, rid: str = "-", n_prompt: int = 0) -> None:
@@ -294,14 +296,16 @@ class RayWorker:
                 else:
                     if first is None and item.tokens:
                         first = time.perf_counter() - t0
+                    made += len(item.tokens)
                     if item.finish_reason is not None:
                         left.discard(item.index)
-                        made += item.completion_tokens
                         reasons.append(item.finish_reason)
                     out.put_nowait(item)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # the replica died, or Ray could not reach it
+            if ticket.cancelled:
+                return
             why = f"replica {replica} failed mid-request ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
             log.warning("request: %s", why)
             if not ticket.replica.done():
