@@ -27,10 +27,11 @@ TiersOpt = Annotated[str | None, typer.Option(help="where KV blocks may live, fa
                                                    "(default: all in RAM)")]
 WeightsOpt = Annotated[str, typer.Option(help="weight format: dense (the compute dtype), q8 (8-bit groups, "
                                               "GGUF Q8_0), q4 (4-bit groups, GGUF Q4_1; a GGUF's own Q4 "
-                                              "tensors used as they are) or w8a8 (int8 weights x int8 "
-                                              "activations, OutlierTune), multiplied packed")]
+                                              "tensors used as they are), w8a8 (int8 weights x int8 "
+                                              "activations, OutlierTune), w4a8 or w4a4 (q4's weights x 8- or "
+                                              "4-bit activations, summed in int32), multiplied packed")]
 WeightsListOpt = Annotated[list[str] | None, typer.Option("--weights", help="weight formats to compare: dense, "
-                                                          "q8, q4, w8a8; repeat for more (default: dense)")]
+                                                          "q8, q4, w8a8, w4a8, w4a4; repeat for more (default: dense)")]
 AttendOpt = Annotated[str, typer.Option(help="with --tiers: local (attention where each block lives), "
                                              "fetch (copy blocks to the first tier first), split[:SHARE] "
                                              "(fetch that share of each lower tier's blocks, attend the rest "

@@ -72,10 +72,11 @@ class EngineConfig:
     kv: str = option("dense", "KV cache spec, see `kvtier methods`")
     dtype: str = option("auto", "compute dtype: auto (bf16 where the CPU/GPU has native bf16), fp32, bf16",
                         choices=("auto", "fp32", "bf16"))
+    # the names are kvtier.weights' registry, checked there when the model loads
     weights: str = option("dense", "weight format: dense (the compute dtype), q8 (8-bit groups, GGUF Q8_0 "
                           "layout), q4 (4-bit groups, GGUF Q4_1; a GGUF's own Q4 tensors used as they "
-                          "are) or w8a8 (int8 weights x int8 activations, OutlierTune), multiplied packed",
-                          choices=("dense", "q8", "q4", "w8a8"))
+                          "are), w8a8 (int8 weights x int8 activations, OutlierTune), w4a8 or w4a4 (q4's "
+                          "weights x 8- or 4-bit activations, summed in int32), multiplied packed")
     tiers: str | None = option(None, "where KV blocks may live, fastest first, with byte budgets, e.g. "
                                "cpu:2GiB,disk:/path:50GiB (default: all in RAM)")
     attend: str = option("local", "with --tiers: local, fetch, split[:SHARE] or auto (the cost model picks)")

@@ -352,6 +352,102 @@ def test_w8a8_keeps_a_kind_weight_only_when_its_activations_cost_perplexity(monk
     assert ("kept weight-only" in capsys.readouterr().err) == kept
 
 
+W4A_SHAPES = [(1, 960, 576), (1, 37, 96), (3, 576, 1536), (4, 16, 32), (5, 130, 64), (70, 100, 160)]  # rows, N, K
+
+
+def _w4a_case(m, n, k, qmax, n_out):
+    from kvtier.weights.w4a import W4ALinear
+
+    g = torch.Generator().manual_seed(m + n + k)
+    gq = quantize(torch.randn(n, k, generator=g) * 0.05, 4)
+    outliers = torch.randperm(k, generator=g)[:n_out] if n_out else None
+    x = torch.randn(m, k, generator=g) * torch.where(torch.rand(k, generator=g) < 0.03, 20.0, 1.0)
+    x[0, :32] = 0  # an all-zero group: scale 1, every code 0
+    return W4ALinear(gq, qmax, outliers), x, torch.randn(n, generator=g)
+
+
+@pytest.mark.parametrize("qmax,n_out", [(127, 0), (7, 0), (7, 5)], ids=["a8", "a4", "a4-outliers"])
+@pytest.mark.parametrize("m,n,k", W4A_SHAPES)
+def test_w4a_kernel_equals_its_reference(m, n, k, qmax, n_out):
+    """The VNNI kernel on the packed Q4_1 nibbles gives the reference's numbers: the same
+    activation codes (the int32 sums are exact), the float sums within fp32 rounding, and a
+    bf16 output within one rounding of it; one row (a decode step) and several (prefill)."""
+    lin, x, bias = _w4a_case(m, n, k, qmax, n_out)
+    for dtype, rel in ((torch.float32, 0.0), (torch.bfloat16, 2 ** -7)):  # bf16: one ulp
+        xd = x.to(dtype)
+        y = kernels.w4a_matmul(xd, lin.gq.codes, lin.gq.d, lin.m, float(qmax), lin.keep, lin.outliers, lin.wout, bias)
+        if y is None:
+            pytest.skip("no C compiler, or a CPU without AVX512-VNNI: the reference is the only path")
+        ref = lin.reference(xd, bias)
+        assert y.dtype == dtype and y.shape == (m, n)
+        scale = ref.float().abs().max()
+        # fp32 sums in another order: within 1e-5 of the largest output; bf16: one rounding more
+        assert ((y.float() - ref.float()).abs() <= rel * ref.float().abs() + 1e-5 * scale).all()
+
+
+def test_w4a_activations_are_codes_of_their_group_and_outliers_stay_exact():
+    """Each group of 32 activations takes at most 2 * qmax + 1 values, steps of its own max over
+    qmax; outlier channels are left out of the groups and multiplied exactly, so with every
+    large channel an outlier the 4-bit product is several times closer to the float one."""
+    from kvtier.weights.w4a import W4ALinear
+
+    lin, x, _ = _w4a_case(6, 64, 128, 7, 0)
+    q = lin.quantized(x).view(6, 4, 32)
+    step = x.view(6, 4, 32).abs().amax(2, keepdim=True) / 7
+    codes = q / step.clamp_min(1e-30)
+    assert torch.allclose(codes, codes.round(), atol=1e-4) and codes.abs().max() <= 7 + 1e-4
+    assert (q[0, 0] == 0).all()
+    big = (x.abs().amax(0) > 10).nonzero().flatten()
+    assert len(big) > 0
+    split = W4ALinear(lin.gq, 7, big)
+    want = x @ lin.dense().T
+    err = lambda l: ((l.reference(x).float() - want).norm() / want.norm()).item()  # noqa: E731
+    assert err(split) * 2 < err(lin), (err(split), err(lin))
+    torch.testing.assert_close(W4ALinear(lin.gq, 127).reference(x), want, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("fmt", ["w4a8", "w4a4"])
+@pytest.mark.parametrize("family", ["llama", "gemma3", "qwen2"])
+def test_model_runs_in_w4a_on_q4s_bytes(family, fmt, monkeypatch):
+    """Every projection holds q4's own 4-bit groups (the same bytes) and multiplies them with
+    quantized activations (w4a4's finish() chooses outlier channels and each kind's activation
+    bits on calibration text). The model's logits are the reference path's (within a flipped rounding), and with 8-bit
+    activations close to the q4 model's (4-bit activations on random tiny weights are far from
+    them by nature: on SmolLM2's real weights see docs/weights.md)."""
+    from kvtier.weights.w4a import W4ALinear
+
+    hf = tiny_hf(family)
+    q4, packed = _packed_model(hf, "q4"), _packed_model(hf, fmt)
+    weights.get(fmt).finish(packed)
+    projections = {k: w for k, w in packed.w.items() if k.endswith("proj.weight")}
+    assert projections and all(isinstance(w, W4ALinear) and w.qmax in (7, 127) for w in projections.values())
+    for k, w in projections.items():
+        assert torch.equal(w.gq.codes, q4.w[k].codes) and torch.equal(w.gq.d, q4.w[k].d)
+    ids = tokens(40)
+    lp, lq = _logits(packed, ids), _logits(q4, ids)
+    monkeypatch.setattr(kernels, "w4a_matmul", lambda *a: None)
+    lr = _logits(packed, ids)
+    # fp32 sums in another order may flip an activation's rounding a layer later: a step, not a bug
+    assert (lp - lr).norm() / lr.norm() < 0.01
+    if fmt == "w4a8":
+        assert (lp - lq).norm() / lq.norm() < 0.08
+
+
+@pytest.mark.parametrize("limit,eight", [(-1.0, True), (1e9, False)])
+def test_w4a4_keeps_8_bit_activations_where_4_bit_ones_cost_perplexity(monkeypatch, capsys, limit, eight):
+    """finish() scores each kind of matrix with 4-bit activations alone on the calibration text
+    (the rest in 8 bits); a kind over the limit keeps 8-bit activations and the log names it."""
+    from kvtier.weights import w4a
+
+    monkeypatch.setattr(w4a, "KEEP_8BIT", limit)
+    packed = _packed_model(tiny_hf("llama"), "w4a4")
+    weights.get("w4a4").finish(packed)
+    projections = [w for k, w in packed.w.items() if k.endswith("proj.weight")]
+    assert all(w.qmax == (127 if eight else 7) for w in projections)
+    assert all((len(w.outliers) == 0) == eight for w in projections)
+    assert ("keep 8-bit activations" in capsys.readouterr().err) == eight
+
+
 @pytest.mark.skipif(kernels.library() is None, reason="no C compiler: the reference is the only path")
 def test_native_layer_blocks_give_the_same_numbers_as_the_steps_one_by_one():
     """A bf16 Llama on q4 matrices decodes through two native calls per layer (kernels/block.c);

@@ -30,7 +30,7 @@ from kvtier.paths import cache_dir
 
 SOURCES = ("intattn.c", "batched.c", "qmatmul.c", "nuqattn.c", "vqattn.c", "rkvattn.c", "bsattn.c", "lrattn.c",
            "ovpattn.c", "spattn.c", "prefill.c", "pointwise.c", "intenc.c",
-           "rope.c", "w8a8.c", "block.c")
+           "rope.c", "w8a8.c", "w4a.c", "block.c")
 HEADERS = ("intblock.h", "spans.h", "spanfn.h", "amx.h", "vexp.h", "bf16.h")  # included by the sources: part of the build's hash
 # -ffast-math lets gcc vectorize the reductions and expf; it is given only when compiling,
 # never when linking, so the process's floating-point mode (crtfastmath) is left alone.
@@ -147,6 +147,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     # x, x is bf16, M, K, packed codes, ws, wsum, z, inv_s, bias, N, y, threads (kvtier.weights.w8a8)
     lib.kvtier_w8a8_matmul.argtypes = [p, i, l, l, p, p, p, p, p, p, l, p, i]
     lib.kvtier_w8a8_matmul.restype = i
+    # x, x is bf16, M, K, codes, d, m, N, qmax, keep, n_out, out_idx, wout, bias, y, threads (kvtier.weights.w4a)
+    lib.kvtier_w4a_matmul.argtypes = [p, i, l, l, p, p, p, l, ctypes.c_float, p, l, p, p, p, p, i]
+    lib.kvtier_w4a_matmul.restype = i
     # packed codes, ws, inv_s, N, K, out, threads
     lib.kvtier_w8a8_dequant_bf16.argtypes = [p, p, p, l, l, p, i]
     lib.kvtier_w8a8_dequant_bf16.restype = i
@@ -643,6 +646,25 @@ def w8a8_matmul(x: torch.Tensor, packed: torch.Tensor, ws: torch.Tensor, wsum: t
     rc = lib.kvtier_w8a8_matmul(x.data_ptr(), int(x.dtype == torch.bfloat16), m, x.shape[1], packed.data_ptr(),
                                 ws.data_ptr(), wsum.data_ptr(), z.data_ptr(), inv_s.data_ptr(), bias.data_ptr(),
                                 n, y.data_ptr(), torch.get_num_threads())
+    return y if rc == 0 else None
+
+
+def w4a_matmul(x: torch.Tensor, codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor, qmax: float,
+               keep: torch.Tensor, out_idx: torch.Tensor, wout: torch.Tensor,
+               bias: torch.Tensor | None) -> torch.Tensor | None:
+    """``x (M, K)`` (bf16 or fp32) times 4-bit Q4_1 weights with integer activations, quantized per
+    group of 32 inputs to ``qmax`` (7 or 127) (see w4a.c and :class:`kvtier.weights.w4a.W4ALinear`):
+    ``(M, N)`` in x's dtype; None: no kernel, or a CPU without AVX512-VNNI."""
+    lib = library()
+    if lib is None or x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float32):
+        return None
+    x = x.contiguous()
+    rows, n = x.shape[0], d.shape[0]
+    y = torch.empty((rows, n), dtype=x.dtype)
+    rc = lib.kvtier_w4a_matmul(x.data_ptr(), int(x.dtype == torch.bfloat16), rows, x.shape[1], codes.data_ptr(),
+                               d.data_ptr(), m.data_ptr(), n, qmax, keep.data_ptr(), out_idx.numel(),
+                               out_idx.data_ptr(), wout.data_ptr(), None if bias is None else bias.data_ptr(),
+                               y.data_ptr(), torch.get_num_threads())
     return y if rc == 0 else None
 
 

@@ -1,6 +1,6 @@
 """Weight formats: how a model's matrices are held in memory and multiplied.
 
-One file per format, registered by name (``dense``, ``q8``, ``q4``, ``w8a8``); ``--weights NAME`` picks
+One file per format, registered by name (``dense``, ``q8``, ``q4``, ``w8a8``, ``w4a8``, ``w4a4``); ``--weights NAME`` picks
 one for every matrix of the model. A format turns a float matrix (and, when the model came
 from a GGUF, the file's own packed tensor) into a :class:`~kvtier.weights.base.Linear`, the one
 object the model families call: ``lin(x)``, ``lin.rows(ids)`` for embeddings, ``lin.nbytes``.
@@ -24,7 +24,7 @@ def register(cls: type[Format]) -> type[Format]:
 
 def formats() -> dict[str, type[Format]]:
     """Every registered format, by name."""
-    from kvtier.weights import dense, q4, q8, w8a8  # noqa: F401  (register on import)
+    from kvtier.weights import dense, q4, q8, w4a, w8a8  # noqa: F401  (register on import)
     return dict(_FORMATS)
 
 
