@@ -36,17 +36,15 @@ on the packed nibbles (AVX512-VNNI ``vpdpbusd``, ``kernels/w4a.c``) and
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 
 from kvtier import kernels
 from kvtier.progress import note, status
 from kvtier.weights import register
 from kvtier.weights.base import Format, Linear
-from kvtier.weights.q4 import EIGHT_BIT, Q4
+from kvtier.weights.q4 import Q4
 from kvtier.weights.quant import GROUP, GroupQuant
+from kvtier.weights.sensitivity import costly_kinds, kind
 
 VERSION = "1"  # of the calibration file
 OUTLIERS = 0.02  # share of a w4a4 matrix's input channels kept out of the 4-bit groups
@@ -121,35 +119,30 @@ class W4ALinear(Linear):
         return cls(GroupQuant.cat([p.gq for p in parts]), parts[0].qmax)
 
 
-def _four_bit(name: str, w: torch.Tensor, raw, dtype: torch.dtype) -> GroupQuant | None:
-    """``q4``'s packing of the matrix (the GGUF's own bytes where it has them), or None for a
-    matrix ``q4`` keeps in 8 bits (the embedding and output head)."""
-    if any(e in name for e in EIGHT_BIT):
-        return None
-    gq = Q4().pack(name, w, raw, dtype)
-    return gq if gq.bits == 4 else None
+class _W4A(Format):
+    """q4's 4-bit matrices as :class:`W4ALinear` with ``qmax`` (None: chosen by :meth:`finish`)."""
+
+    qmax: int | None
+
+    def pack(self, name, w, raw, dtype):
+        lin = Q4().pack(name, w, raw, dtype)  # the GGUF's own bytes where it has them
+        return W4ALinear(lin, self.qmax) if lin.bits == 4 else lin  # q4 keeps the embedding in 8 bits
 
 
 @register
-class W4A8(Format):
+class W4A8(_W4A):
     name = "w4a8"
     help = ("q4's 4-bit weights (a GGUF's own Q4_0/Q4_1 groups) x 8-bit activations per group of 32, "
             "summed in int32 on the packed nibbles (AVX512-VNNI): 5 bits a weight")
-
-    def pack(self, name, w, raw, dtype):
-        gq = _four_bit(name, w, raw, dtype)
-        return Q4().pack(name, w, raw, dtype) if gq is None else W4ALinear(gq, 127)
+    qmax = 127
 
 
 @register
-class W4A4(Format):
+class W4A4(_W4A):
     name = "w4a4"
     help = ("q4's 4-bit weights x 4-bit activations per group of 32, calibrated outlier channels in fp32 "
             "and 8-bit activations kept for the kinds of matrix that need them (COMET): 5 bits a weight")
-
-    def pack(self, name, w, raw, dtype):
-        gq = _four_bit(name, w, raw, dtype)
-        return Q4().pack(name, w, raw, dtype) if gq is None else W4ALinear(gq, None)
+    qmax = None  # until finish() has calibrated the model
 
     def finish(self, model) -> None:
         """Choose each matrix's outlier channels from its inputs' ranges on calibration text and
@@ -171,7 +164,7 @@ class W4A4(Format):
         tensors, meta = calibration.stored(model, "w4a4", VERSION, compute)
         eight = set(filter(None, meta.get("eight_bit", "").split(",")))
         for n, w in pending.items():
-            model.w[n] = _final(w, tensors[f"{n}.outliers"], _kind(n) in eight)
+            model.w[n] = _final(w, tensors[f"{n}.outliers"], kind(n) in eight)
         if eight:
             note(f"w4a4: {', '.join(sorted(eight))} keep 8-bit activations: 4-bit ones there raised the "
                  f"calibration text's perplexity by more than {KEEP_8BIT:.0%}")
@@ -179,11 +172,6 @@ class W4A4(Format):
 
 def _final(w: W4ALinear, outliers: torch.Tensor, eight_bit: bool) -> W4ALinear:
     return W4ALinear(w.gq, 127) if eight_bit else W4ALinear(w.gq, 7, outliers)
-
-
-def _kind(name: str) -> str:
-    """``model.layers.3.mlp.down_proj.weight`` -> ``down_proj``."""
-    return name.rsplit(".", 2)[-2]
 
 
 class _Ranges:
@@ -202,28 +190,14 @@ def _measure(model, pending: dict[str, W4ALinear], ids: list[int]) -> tuple[dict
     """Each matrix's outlier input channels, and the kinds that keep 8-bit activations."""
     from kvtier.engine import ModelRunner
 
-    runner = ModelRunner(model, "dense")
-
-    def perplexity(chunk: int = 128) -> float:  # 128 tokens of logits at a time (a vocabulary is wide)
-        cache, nll = runner.new_cache(len(ids)), 0.0
-        for a in range(0, len(ids) - 1, chunk):
-            logits = runner.feed([cache], [ids[a:a + chunk]], logits="all").float()[: len(ids) - 1 - a]
-            nll += F.cross_entropy(logits, torch.tensor(ids[a + 1:a + 1 + len(logits)]), reduction="sum").item()
-        return math.exp(nll / (len(ids) - 1))
-
     recorders = {n: _Ranges(w) for n, w in pending.items()}
     model.w.update(recorders)
+    runner = ModelRunner(model, "dense")
     runner.feed([runner.new_cache(len(ids))], [ids])  # the ranges: one prefill of the text
     outliers = {n: r.amax.topk(max(1, round(OUTLIERS * r.amax.numel()))).indices.to(torch.int32)
                 for n, r in recorders.items()}
     eight_bit = {n: W4ALinear(w.gq, 127) for n, w in pending.items()}
-    model.w.update(eight_bit)
-    base = perplexity()  # every activation in 8 bits
-    kinds = set()
-    for kind in sorted({_kind(n) for n in pending}):  # that kind in 4 bits, the rest in 8
-        for n, w in pending.items():
-            model.w[n] = _final(w, outliers[n], False) if _kind(n) == kind else eight_bit[n]
-        if perplexity() > base * (1 + KEEP_8BIT):
-            kinds.add(kind)
+    kinds = costly_kinds(model, ids, list(pending), eight_bit.__getitem__,  # that kind in 4 bits, the rest in 8
+                         lambda n: _final(pending[n], outliers[n], False), KEEP_8BIT)
     model.w.update(pending)
     return outliers, kinds

@@ -29,8 +29,6 @@ from +0.83 % to +1.67 %.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -40,6 +38,7 @@ from kvtier.weights import register
 from kvtier.weights.base import Format, Linear
 from kvtier.weights.q4 import EIGHT_BIT, Q4
 from kvtier.weights.quant import quantize
+from kvtier.weights.sensitivity import costly_kinds, kind
 
 CHUNK = 64  # inputs per weight scale (an AMX int8 tile's depth)
 VERSION = "1"  # of the calibration file
@@ -231,40 +230,23 @@ class W8A8(Format):
         ranges = {n: (tensors[f"{n}.lo"], tensors[f"{n}.hi"]) for n in pending}
         weight_only = set(filter(None, meta.get("weight_only", "").split(",")))
         for n, w in pending.items():
-            model.w[n] = (quantize(w.source, 8, w.dtype) if _kind(n) in weight_only
+            model.w[n] = (quantize(w.source, 8, w.dtype) if kind(n) in weight_only
                           else W8A8Linear.from_float(w.source, *ranges[n], w.dtype))
         if weight_only:
             note(f"w8a8: {', '.join(sorted(weight_only))} kept weight-only (8-bit groups): int8 activations "
                  f"there raised the calibration text's perplexity by more than {KEEP_WEIGHT_ONLY:.0%}")
 
 
-def _kind(name: str) -> str:
-    """``model.layers.3.mlp.down_proj.weight`` -> ``down_proj``."""
-    return name.rsplit(".", 2)[-2]
-
-
 def _measure(model, pending: dict[str, W8A8Linear], ids: list[int]) -> tuple[dict, set[str]]:
     """Each matrix's input range ``(lo, hi)`` per channel, and the kinds to keep weight-only."""
     from kvtier.engine import ModelRunner
 
-    runner = ModelRunner(model, "dense")
-
-    def perplexity(chunk: int = 128) -> float:  # 128 tokens of logits at a time (a vocabulary is wide)
-        cache, nll = runner.new_cache(len(ids)), 0.0
-        for a in range(0, len(ids) - 1, chunk):
-            logits = runner.feed([cache], [ids[a:a + chunk]], logits="all").float()[: len(ids) - 1 - a]
-            nll += F.cross_entropy(logits, torch.tensor(ids[a + 1:a + 1 + len(logits)]), reduction="sum").item()
-        return math.exp(nll / (len(ids) - 1))
-
     floats = {n: _Ranges(w.source) for n, w in pending.items()}
     model.w.update(floats)
+    runner = ModelRunner(model, "dense")
     runner.feed([runner.new_cache(len(ids))], [ids])  # the ranges: one prefill of the text
     ranges = {n: (f.lo, f.hi) for n, f in floats.items()}
-    base = perplexity()  # the float weights'
-    weight_only = set()
-    for kind in sorted({_kind(n) for n in pending}):  # that kind in w8a8, the rest float
-        for n, w in pending.items():
-            model.w[n] = W8A8Linear.from_float(w.source, *ranges[n], w.dtype) if _kind(n) == kind else floats[n]
-        if perplexity() > base * (1 + KEEP_WEIGHT_ONLY):
-            weight_only.add(kind)
+    weight_only = costly_kinds(model, ids, list(pending), floats.__getitem__,  # that kind in w8a8, the rest float
+                               lambda n: W8A8Linear.from_float(pending[n].source, *ranges[n], pending[n].dtype),
+                               KEEP_WEIGHT_ONLY)
     return ranges, weight_only
