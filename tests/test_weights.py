@@ -369,13 +369,13 @@ def _w4a_case(m, n, k, qmax, n_out):
 @pytest.mark.parametrize("qmax,n_out", [(127, 0), (7, 0), (7, 5)], ids=["a8", "a4", "a4-outliers"])
 @pytest.mark.parametrize("m,n,k", W4A_SHAPES)
 def test_w4a_kernel_equals_its_reference(m, n, k, qmax, n_out):
-    """The VNNI kernel on the packed Q4_1 nibbles gives the reference's numbers: the same
+    """The VNNI kernel on the Q4_1 nibbles (one weight row per lane) gives the reference's numbers: the same
     activation codes (the int32 sums are exact), the float sums within fp32 rounding, and a
     bf16 output within one rounding of it; one row (a decode step) and several (prefill)."""
     lin, x, bias = _w4a_case(m, n, k, qmax, n_out)
     for dtype, rel in ((torch.float32, 0.0), (torch.bfloat16, 2 ** -7)):  # bf16: one ulp
         xd = x.to(dtype)
-        y = kernels.w4a_matmul(xd, lin.gq.codes, lin.gq.d, lin.m, float(qmax), lin.keep, lin.outliers, lin.wout, bias)
+        y = kernels.w4a_matmul(xd, *lin.lanes, float(qmax), lin.keep, lin.outliers, lin.wout, bias, n=n)
         if y is None:
             pytest.skip("no C compiler, or a CPU without AVX512-VNNI: the reference is the only path")
         ref = lin.reference(xd, bias)
@@ -406,6 +406,21 @@ def test_w4a_activations_are_codes_of_their_group_and_outliers_stay_exact():
     torch.testing.assert_close(W4ALinear(lin.gq, 127).reference(x), want, rtol=0.05, atol=0.05)
 
 
+@pytest.mark.parametrize("n,k", [(37, 96), (16, 32), (960, 576)])
+def test_w4a_lanes_hold_q4s_codes_and_scales(n, k):
+    """The kernel's layout (one weight row per lane, rows padded to 16) is a reordering of q4's
+    bytes: unpacked, it gives back the same codes, scales and minima, and bytes held are q4's
+    plus the padding."""
+    from kvtier.weights.w4a import W4ALinear
+
+    gq = quantize(torch.randn(n, k) * 0.05, 4)
+    lin = W4ALinear(gq, 127)
+    back = lin.gq
+    assert torch.equal(back.codes, gq.codes) and torch.equal(back.d, gq.d) and torch.equal(back.m, gq.m)
+    assert torch.equal(lin.dense(), gq.dense())
+    assert lin.nbytes - (lin.keep.nbytes + lin.wout.nbytes + lin.outliers.nbytes) == gq.nbytes * (-(-n // 16) * 16) // n
+
+
 @pytest.mark.parametrize("fmt", ["w4a8", "w4a4"])
 @pytest.mark.parametrize("family", ["llama", "gemma3", "qwen2"])
 def test_model_runs_in_w4a_on_q4s_bytes(family, fmt, monkeypatch):
@@ -425,7 +440,7 @@ def test_model_runs_in_w4a_on_q4s_bytes(family, fmt, monkeypatch):
         assert torch.equal(w.gq.codes, q4.w[k].codes) and torch.equal(w.gq.d, q4.w[k].d)
     ids = tokens(40)
     lp, lq = _logits(packed, ids), _logits(q4, ids)
-    monkeypatch.setattr(kernels, "w4a_matmul", lambda *a: None)
+    monkeypatch.setattr(kernels, "w4a_matmul", lambda *a, **k: None)
     lr = _logits(packed, ids)
     # fp32 sums in another order may flip an activation's rounding a layer later: a step, not a bug
     assert (lp - lr).norm() / lr.norm() < 0.01

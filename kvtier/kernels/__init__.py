@@ -651,20 +651,20 @@ def w8a8_matmul(x: torch.Tensor, packed: torch.Tensor, ws: torch.Tensor, wsum: t
 
 def w4a_matmul(x: torch.Tensor, codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor, qmax: float,
                keep: torch.Tensor, out_idx: torch.Tensor, wout: torch.Tensor,
-               bias: torch.Tensor | None) -> torch.Tensor | None:
+               bias: torch.Tensor | None, n: int) -> torch.Tensor | None:
     """``x (M, K)`` (bf16 or fp32) times 4-bit Q4_1 weights with integer activations, quantized per
     group of 32 inputs to ``qmax`` (7 or 127) (see w4a.c and :class:`kvtier.weights.w4a.W4ALinear`):
+    codes, d, m in the one-weight-row-per-lane layout (``kvtier.weights.w4a._lanes``), N = ``n``:
     ``(M, N)`` in x's dtype; None: no kernel, or a CPU without AVX512-VNNI."""
     lib = library()
     if lib is None or x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float32):
         return None
     x = x.contiguous()
-    rows, n = x.shape[0], d.shape[0]
+    rows = x.shape[0]
     y = torch.empty((rows, n), dtype=x.dtype)
-    rc = lib.kvtier_w4a_matmul(x.data_ptr(), int(x.dtype == torch.bfloat16), rows, x.shape[1], codes.data_ptr(),
-                               d.data_ptr(), m.data_ptr(), n, qmax, keep.data_ptr(), out_idx.numel(),
-                               out_idx.data_ptr(), wout.data_ptr(), None if bias is None else bias.data_ptr(),
-                               y.data_ptr(), torch.get_num_threads())
+    rc = lib.kvtier_w4a_matmul(x.data_ptr(), int(x.dtype == torch.bfloat16), rows, x.shape[1], codes.data_ptr(), d.data_ptr(),
+              m.data_ptr(), n, qmax, keep.data_ptr(), out_idx.numel(), out_idx.data_ptr(), wout.data_ptr(),
+              None if bias is None else bias.data_ptr(), y.data_ptr(), torch.get_num_threads())
     return y if rc == 0 else None
 
 

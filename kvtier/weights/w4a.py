@@ -55,13 +55,16 @@ class W4ALinear(Linear):
     """``W (N, K)`` in 4-bit Q4_1 groups (``q4``'s :class:`GroupQuant`), times activations
     quantized per group of 32 to ``qmax`` (127: 8 bits, 7: 4 bits), the input channels in
     ``outliers`` multiplied in fp32 instead. ``qmax=None``: activations not quantized yet (a
-    ``w4a4`` matrix before its calibration), multiplied as ``q4`` does."""
+    ``w4a4`` matrix before its calibration), multiplied as ``q4`` does.
+
+    The codes are held once, one weight row per 32-bit lane of the kernel's dot products (see
+    :func:`_lanes`): the same nibbles and scales as the GroupQuant, in another order."""
 
     def __init__(self, gq: GroupQuant, qmax: int | None, outliers: torch.Tensor | None = None):
         assert gq.bits == 4
-        self.gq, self.qmax = gq, qmax
-        self.shape, self.dtype = gq.shape, gq.dtype
-        self.m = gq.m if gq.m is not None else torch.zeros_like(gq.d)
+        self.qmax, self.shape, self.dtype = qmax, gq.shape, gq.dtype
+        self._pending = gq if qmax is None else None  # multiplied as q4 until calibrated
+        self.lanes = None if qmax is None else _lanes(gq)
         n, k = self.shape
         self.outliers = (torch.zeros(0, dtype=torch.int32) if outliers is None
                          else outliers.to(torch.int32).sort().values.contiguous())
@@ -71,13 +74,18 @@ class W4ALinear(Linear):
         self.wout = (gq.dense()[:, self.outliers.long()].T.contiguous() if len(self.outliers)
                      else torch.zeros((0, n)))
 
+    @property
+    def gq(self) -> GroupQuant:
+        """The matrix as q4 holds it (unpacked from the lanes when calibrated)."""
+        return self._pending if self._pending is not None else _unlanes(*self.lanes, *self.shape, self.dtype)
+
     def __call__(self, x, bias=None):
         if self.qmax is None:
-            return self.gq(x, bias)
+            return self._pending(x, bias)
         x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         b = None if bias is None else bias.float().contiguous()
-        y = kernels.w4a_matmul(x2, self.gq.codes, self.gq.d, self.m, float(self.qmax), self.keep, self.outliers,
-                               self.wout, b)
+        y = kernels.w4a_matmul(x2, *self.lanes, float(self.qmax), self.keep, self.outliers, self.wout, b,
+                               n=self.shape[0])
         if y is None:
             y = self.reference(x2, b)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.shape[0])
@@ -109,14 +117,46 @@ class W4ALinear(Linear):
 
     @property
     def nbytes(self):
-        return self.gq.nbytes + sum(t.numel() * t.element_size() for t in (self.outliers, self.keep, self.wout)) \
-            + (self.m.numel() * self.m.element_size() if self.gq.m is None else 0)
+        held = self.lanes if self._pending is None else (self._pending,)
+        return sum(t.nbytes if isinstance(t, GroupQuant) else t.numel() * t.element_size()
+                   for t in (*held, self.outliers, self.keep, self.wout))
 
     @classmethod
     def cat(cls, parts):
         assert len({p.qmax for p in parts}) == 1 and all(len(p.outliers) == 0 for p in parts), \
             "w4a matrices stack before their outlier channels are chosen"
         return cls(GroupQuant.cat([p.gq for p in parts]), parts[0].qmax)
+
+
+def _lanes(gq: GroupQuant) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q4's codes one weight row per 32-bit lane, for ``vpdpbusd`` (``kernels/w4a.c``): per block of
+    16 rows and group g, 4 x 64 bytes, byte ``4 n + j`` of vector v holding input ``8 v + j`` of
+    row n in its low nibble and ``8 v + 4 + j`` in its high one; d and m as (blocks, G, 16) fp16,
+    rows past N zero."""
+    n, k = gq.shape
+    g, nb = k // GROUP, -(-n // 16)
+    c = gq.codes.view(n, g, GROUP // 2)
+    u = torch.zeros((nb * 16, g, GROUP), dtype=torch.uint8)
+    u[:n] = torch.cat([c & 15, c >> 4], -1)
+    u = u.view(nb, 16, g, 4, 2, 4)
+    packed = (u[..., 0, :] | (u[..., 1, :] << 4)).permute(0, 2, 3, 1, 4).contiguous()
+
+    def by_block(t):
+        p = torch.zeros((nb * 16, g), dtype=torch.float16)
+        p[:n] = t
+        return p.view(nb, 16, g).transpose(1, 2).contiguous()
+
+    return packed, by_block(gq.d), by_block(gq.m if gq.m is not None else torch.zeros_like(gq.d))
+
+
+def _unlanes(packed: torch.Tensor, d: torch.Tensor, m: torch.Tensor, n: int, k: int, dtype) -> GroupQuant:
+    """The inverse of :func:`_lanes`."""
+    nb, g = packed.shape[:2]
+    b = packed.permute(0, 3, 1, 2, 4)  # (blocks, row, group, v, j)
+    u = torch.stack([b & 15, b >> 4], -2).reshape(nb * 16, g, GROUP)[:n]
+    codes = (u[..., :16] | (u[..., 16:] << 4)).reshape(n, k // 2).contiguous()
+    rows = lambda t: t.transpose(1, 2).reshape(nb * 16, g)[:n].contiguous()  # noqa: E731
+    return GroupQuant(codes, rows(d), rows(m), 4, dtype)
 
 
 class _W4A(Format):
