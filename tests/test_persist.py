@@ -121,7 +121,7 @@ def test_damaged_or_foreign_files_are_refused(llama, tmp_path):
     with pytest.raises(KvtierError, match="its header .* does not match its checksum"):
         persist.open_prefix(path, runner, "tiny")
     _rewrite_meta(path, version="0")
-    with pytest.raises(KvtierError, match="format version 0; this kvtier reads version 1"):
+    with pytest.raises(KvtierError, match=f"format version 0; this kvtier reads version {persist.VERSION}"):
         persist.open_prefix(path, runner, "tiny")
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(KvtierError, match="not a kvtier cache file"):

@@ -11,7 +11,7 @@ from kvtier import kernels, spec
 from kvtier.engine import ModelRunner
 from kvtier.kv import calibration
 from kvtier.kv.codecs.base import Codec, LayerContext
-from kvtier.kv.codecs.rotatekv import RotateKV, dequantize, quantize
+from kvtier.kv.codecs.rotatekv import RotateKV, deal, dequantize, quantize
 from kvtier.models.base import Rope
 from kvtier.spec import CacheSpec
 
@@ -123,6 +123,7 @@ def _bound(name: str, n_kv: int, d: int) -> RotateKV:
     ("rotatekv(rotate=128,group=32)", 2, 64),            # one rotation over both heads
     ("rotatekv(rotate=16,residual=0)", 2, 64),           # rotations shorter than a vector
     ("rotatekv", 1, 256),                                # Gemma 3's shape
+    ("rotatekv(rotate=32,group=16)", 2, 48),             # the scalar path; runs straddling heads
 ])
 @pytest.mark.parametrize("heads", ["shared", "per_head"])
 def test_native_kernel_equals_its_reference(name, n_kv, d, heads):
@@ -140,8 +141,12 @@ def test_native_kernel_equals_its_reference(name, n_kv, d, heads):
     fast = kernels.rotatekv_attend(q, data, rows, codec._inverse, codec.mean, codec.bits, codec.group,
                                    codec.rotate, codec.keys == "channel")
     assert fast is not None
+    # the kernel turns a block's keys by its first row and each offset's (angle sums), the
+    # reference by the table's row of each position, whose fp32 angles are off by up to 6e-5 rad by
+    # position 2000 (keys here reach 10)
+    atol = 3e-5 if heads == "shared" else 5e-4
     for a, b in zip(fast, ref):
-        torch.testing.assert_close(a, b, atol=3e-5, rtol=1e-4)
+        torch.testing.assert_close(a, b, atol=atol, rtol=1e-4)
     assert codec.attend(q, data, rows) is not None  # the codec's own call takes the kernel
     # the reference itself: decode (rotated back), RoPE at the positions, attention
     kd, vd = codec.decode(data, torch.float32)
@@ -149,6 +154,56 @@ def test_native_kernel_equals_its_reference(name, n_kv, d, heads):
                                                                      for i in range(n_kv)])
     s = q @ rope.rotate_at(kd, pos).transpose(1, 2)
     torch.testing.assert_close(ref[2] / ref[1], torch.softmax(s, -1) @ vd, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("n_kv,d,rotate", [(3, 64, 64), (1, 256, 64), (2, 64, 128), (2, 64, 16)])
+def test_dealing_spreads_the_largest_channels_over_the_blocks(n_kv, d, rotate):
+    """The reordering is a permutation that puts the largest channels in different blocks and
+    gives every block the same number of channels of each rank tier."""
+    torch.manual_seed(1)
+    rms = torch.rand(n_kv * d) + 0.1
+    perm = deal(rms, rotate)
+    blocks = n_kv * d // rotate
+    assert sorted(perm.tolist()) == list(range(n_kv * d))
+    block_of = torch.empty_like(perm)
+    block_of[perm] = torch.arange(n_kv * d) // rotate
+    ranked = block_of[torch.argsort(rms, descending=True)].reshape(-1, blocks)
+    assert (ranked.sort(1).values == torch.arange(blocks)).all()  # each tier of ranks: one per block
+
+
+def test_native_kernel_takes_any_reordering():
+    """Any reordering, not only the one the codec deals, is undone with the reference's result."""
+    if kernels.library() is None:
+        pytest.skip("no C compiler: the PyTorch path is the only path")
+    torch.manual_seed(4)
+    codec = _bound("rotatekv", 3, 64)
+    object.__setattr__(codec, "perm", torch.randperm(192).to(torch.int16))
+    k, v = torch.randn(3, 3, 64, 64) * torch.linspace(0.2, 3, 64), torch.randn(3, 3, 64, 64)
+    data = codec.encode(k, v)
+    rope = Rope(1.0 / 10000 ** (torch.arange(0, 64, 2).float() / 64))
+    q = torch.randn(3, 3, 64) * 0.2
+    fast = kernels.rotatekv_attend(q, data, rope.span(5, 192), codec._inverse, None, 2, 64, 64, False)
+    assert fast is not None
+    for a, b in zip(fast, codec.attend_torch(q, data, rope.span(5, 192))):
+        torch.testing.assert_close(a, b, atol=3e-5, rtol=1e-4)
+
+
+def test_kernel_declines_blocks_whose_positions_are_not_consecutive():
+    """The kernels read one RoPE row per block and turn it by each token's offset: rows of a
+    block whose positions skip one are refused (None), and the codec takes the reference."""
+    if kernels.library() is None:
+        pytest.skip("no C compiler: the PyTorch path is the only path")
+    codec = _bound("rotatekv", 3, 64)
+    k, v = torch.randn(3, 3, 64, 64), torch.randn(3, 3, 64, 64)
+    data = codec.encode(k, v)
+    rope = Rope(1.0 / 10000 ** (torch.arange(0, 64, 2).float() / 64))
+    positions = torch.arange(192)
+    positions[130:] += 1  # block 2 skips a position
+    rows = rope.rows(positions)
+    q = torch.randn(3, 3, 64) * 0.2
+    assert kernels.rotatekv_attend(q, data, rows, codec._inverse, None, 2, 64, 64, False) is None
+    for a, b in zip(codec.attend(q, data, rows), codec.attend_torch(q, data, rows)):
+        torch.testing.assert_close(a, b)
 
 
 def test_uncalibrated_and_three_bit_caches_attend_without_the_kernel_or_with_it():

@@ -83,8 +83,11 @@ def test_native_kernel_equals_its_reference(name, d, heads):
     ref = codec.attend_torch(q, data, rows)
     fast = kernels.vq_attend(q, data, rows, *codec.books(d), codec.dim, codec.stages)
     assert fast is not None
+    # the kernel turns a block's keys by its first row and each offset's (angle sums), the
+    # reference by the table's row of each position, whose fp32 angles drift ~1e-4 by position 1200
+    atol = 2e-5 if heads == "shared" else 1e-4
     for a, b in zip(fast, ref):
-        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(a, b, atol=atol, rtol=1e-4)
     # the reference itself: decode, RoPE at the positions, attention
     kd, vd = codec.decode(data, torch.float32)
     pos = torch.arange(77, 397) if heads == "shared" else torch.stack([torch.arange(77, 397), torch.arange(900, 1220)])

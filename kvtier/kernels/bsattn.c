@@ -136,7 +136,7 @@ RINLINE void span_of(const BJob *J, const float *q, int h, int b0, int b1, float
         block_scores(kb, q, s, R, D, B);
         online_softmax(s, mr, lr, o, R, D, B);
         decode_block(J, VC, h, b, vb, table, D, B, bits);
-        weighted_sum(o, s, vb, R, D, B);
+        weighted_sum(o, s, vb, R, D, B, D);
     }
     for (int r = 0; r < R; r++) { m_out[r] = mr[r]; l_out[r] = lr[r]; }
 }

@@ -28,6 +28,7 @@ typedef struct {
     int n_kv, rows, d, bits, group, block, n_blocks, n_out;
     const void *const *p; const long *hs;  /* each field's base and head stride (elements) */
     const float *rope; long rope_hs;       /* (N, 2, D) rows per head (stride 0: shared) */
+    const float *off;                      /* (B, 2, D/2) rows of the offsets in a block (spans.h) */
     const float *lut_k, *lut_v;
 } NJob;
 
@@ -65,7 +66,7 @@ NINLINE void span_of(const NJob *J, const float *q, int h, int b0, int b1, float
             for (int i = 0; i < C; i++) kb[ix[i]] += (float)dx[i];
         }
         /* RoPE at each token's position, then the scores of every query row; online softmax */
-        rope_scores(kb, J->rope + h * J->rope_hs + (long)b * B * 2 * D, q, s, R, D, B);
+        rope_scores(kb, J->rope + h * J->rope_hs + (long)b * B * 2 * D, J->off, q, s, R, D, B);
         online_softmax(s, mr, lr, o, R, D, B);
         /* values: per-token groups, outliers added, accumulated under the weights */
         const uint8_t *vc = AT(J, uint8_t, V, h, b, B * P);
@@ -84,7 +85,7 @@ NINLINE void span_of(const NJob *J, const float *q, int h, int b0, int b1, float
             const _Float16 *dx = AT(J, _Float16, VD, h, b, C);
             for (int i = 0; i < C; i++) vb[ix[i]] += (float)dx[i];
         }
-        weighted_sum(o, s, vb, R, D, B);
+        weighted_sum(o, s, vb, R, D, B, D);
     }
     for (int r = 0; r < R; r++) { m_out[r] = mr[r]; l_out[r] = lr[r]; }
 }
@@ -109,6 +110,10 @@ int kvtier_nuq_attend(const float *q, int n_kv, int rows, int d, int bits, int g
         || (d * bits) % 8 || n_blocks < 1)
         return 1;
     scale_table();
-    NJob J = {n_kv, rows, d, bits, group, block, n_blocks, n_out, ptrs, strides, rope, rope_hs, lut_k, lut_v};
-    return run_spans(&J, span, q, n_kv, rows, d, n_blocks, m, l, o, threads);
+    float *off = malloc(sizeof(float) * block * d);
+    if (!off || rope_offsets(rope, rope_hs, rope_hs ? n_kv : 1, n_blocks, block, d, off)) { free(off); return 1; }
+    NJob J = {n_kv, rows, d, bits, group, block, n_blocks, n_out, ptrs, strides, rope, rope_hs, off, lut_k, lut_v};
+    const int rc = run_spans(&J, span, q, n_kv, rows, d, n_blocks, m, l, o, threads);
+    free(off);
+    return rc;
 }

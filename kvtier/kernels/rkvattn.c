@@ -1,6 +1,6 @@
 /* Decode attention on the `rotatekv` codec's blocks (RotateKV: keys stored before RoPE, every
- * token's channels reordered and rotated by a block-diagonal Walsh-Hadamard matrix whose
- * blocks span KV heads), in fp32.
+ * token's key channels reordered and rotated by a block-diagonal Walsh-Hadamard matrix whose
+ * blocks span KV heads; values rotated by the same blocks in their own order), in fp32.
  *
  * One call covers one run of consecutive blocks of one layer. Because a rotation mixes the
  * channels of several KV heads, a token is decoded for all heads at once:
@@ -13,16 +13,17 @@
  * A code decodes to (code + zero / 8) * scale, the rotation's 1/sqrt(rotate) folded into the
  * scale. A key is rotated back by a fast Walsh-Hadamard transform over each run of `rotate`
  * channels (in registers), its channels put back in their order (`inv`: the rotated position
- * of each channel), the calibrated mean added for centre=true, and it is then turned by RoPE at
- * its position (spans.h) and scored. A transform that mixes channels does not commute with
- * RoPE, which turns each position by its own angles, so for keys it cannot move to the query
- * and is undone per token. Values need no RoPE: they are accumulated under the weights in the
- * rotated space (each query row over all H*D channels) and rotated back once per call, since
- * the transform is linear. Nothing but codes is read from the cache and no dense block is
- * written to memory. For the query rows (pre-scaled, R per KV head) it returns the softmax
- * pieces m, l, o that kvtier.attention.blockwise.merge combines; the blocks are split over
- * threads. kvtier.kv.codecs.rotatekv.RotateKV.attend_torch is the reference this is tested
- * against.
+ * of each channel), the calibrated mean added for centre=true, and it is then
+ * turned by RoPE at its position (spans.h) and scored. A transform that mixes channels does
+ * not commute with RoPE, which turns each position by its own angles, so for keys it cannot
+ * move to the query and is undone per token. Values need neither RoPE nor a reordering: each
+ * head's query rows accumulate them under the weights in the rotated space, over the rotation
+ * runs that hold that head's channels (its own D when rotate <= D), and the sums are rotated
+ * back once per call, since the transform is linear. Nothing but codes is read from the cache
+ * and no dense block is written to memory. For the query rows (pre-scaled, R per KV head) it
+ * returns the softmax pieces m, l, o that kvtier.attention.blockwise.merge combines; the
+ * blocks are split over threads. kvtier.kv.codecs.rotatekv.RotateKV.attend_torch is the
+ * reference this is tested against.
  */
 #include "spans.h"
 #ifdef __AVX512F__
@@ -37,6 +38,7 @@ typedef struct {
     int n_kv, rows, d, bits, group, block, n_blocks, rotate, channel_keys;
     const void *const *p; const long *hs;  /* each field's base and head stride (elements) */
     const float *rope; long rope_hs;       /* (N, 2, D) rows per head (stride 0: shared) */
+    const float *off;                      /* (B, 2, D/2) rows of the offsets in a block (spans.h) */
     const int32_t *inv;                    /* (H*D) rotated position of each channel, or NULL */
     const float *mean;                     /* (H*D) key means added back, or NULL */
     int *failed;                           /* set when a task's buffers could not be had */
@@ -113,6 +115,13 @@ RINLINE void dequant_token(const KJob *J, const int f, const int b, const int t,
         } else {
             const uint8_t *s8 = KAT(J, uint8_t, f + 1, j, b, B * ng) + t * ng;
             const int8_t *z8 = KAT(J, int8_t, f + 2, j, b, B * ng) + t * ng;
+            if (G % 16 == 0) {  /* a vector at a time (the group is not a compile-time constant) */
+                for (int c = 0; c < D; c += 16) {
+                    const float a = RSCALE[s8[c / G]] * norm, z = z8[c / G] * 0.125f * a;
+                    storev(row + c, loadv(row + c) * a + z);
+                }
+                continue;
+            }
             for (int g = 0; g < ng; g++) {
                 const float a = RSCALE[s8[g]] * norm, z = z8[g] * 0.125f * a;
                 for (int c = g * G; c < (g + 1) * G; c++) row[c] = row[c] * a + z;
@@ -138,15 +147,22 @@ RINLINE void gather_head(const KJob *J, const float *restrict flat, float *restr
     for (int c = 0; c < D; c++) dst[c] = flat[inv[c]];
 }
 
+/* the value channels a head's query rows sum, from channel h * D / S * S of the rotated
+ * vector: the head's own D when whole rotation runs fit in it, the one run holding it when a
+ * run spans heads, else all W */
+static inline int value_span(const int H, const int D, const int rot) {
+    return D % rot == 0 ? D : rot % D == 0 ? rot : H * D;
+}
+
 /* every head's pieces over blocks [b0, b1); H, R, D, B and bits are compile-time constants in
  * the specialised calls of span(). Keys are rotated back per token (RoPE needs them in their
  * own channels); values are accumulated in the rotated space, each head's rows over all W
  * channels, and rotated back once at the end: the transform is linear. */
 RINLINE void span_of(const KJob *J, const float *q, int b0, int b1, float *m_out, float *l_out, float *o,
                      const int H, const int R, const int D, const int B, const int bits, const int rot) {
-    const int W = H * D, HR = H * R;
+    const int W = H * D, HR = H * R, S = value_span(H, D, rot);
     const float norm = 1.f / sqrtf((float)J->rotate);
-    float *kb = malloc(sizeof(float) * ((long)H * B * D + (long)B * W + (long)HR * B + (long)HR * W + 3L * W));
+    float *kb = malloc(sizeof(float) * ((long)H * B * D + (long)B * W + (long)HR * B + (long)HR * S + 3L * W));
     if (!kb) {  /* no memory: the call fails and the caller takes the reference */
         *J->failed = 1;
         for (int r = 0; r < HR; r++) { m_out[r] = -FLT_MAX; l_out[r] = 0.f; }
@@ -154,10 +170,10 @@ RINLINE void span_of(const KJob *J, const float *q, int b0, int b1, float *m_out
         return;
     }
     float *vb = kb + (long)H * B * D, *s = vb + (long)B * W, *ox = s + (long)HR * B;
-    float *flat = ox + (long)HR * W, *sc = flat + W, *zc = sc + W;
+    float *flat = ox + (long)HR * S, *sc = flat + W, *zc = sc + W;
     float mr[KMAXH / 8], lr[KMAXH / 8];
     for (int r = 0; r < HR; r++) { mr[r] = -FLT_MAX; lr[r] = 0.f; }
-    memset(ox, 0, sizeof(float) * HR * W);
+    memset(ox, 0, sizeof(float) * HR * S);
     const Lanes L = lanes();
     nvf table;
     for (int c = 0; c < 16; c++) table[c] = (float)c;
@@ -182,34 +198,187 @@ RINLINE void span_of(const KJob *J, const float *q, int b0, int b1, float *m_out
             }
         }
         for (int h = 0; h < H; h++) {
-            rope_scores(kb + (long)h * B * D, J->rope + h * J->rope_hs + (long)b * B * 2 * D,
+            rope_scores(kb + (long)h * B * D, J->rope + h * J->rope_hs + (long)b * B * 2 * D, J->off,
                         q + (long)h * R * D, s + h * R * B, R, D, B);
-            online_softmax(s + h * R * B, mr + h * R, lr + h * R, ox + (long)h * R * W, R, W, B);
+            online_softmax(s + h * R * B, mr + h * R, lr + h * R, ox + (long)h * R * S, R, S, B);
         }
         for (int t = 0; t < B; t++)
             dequant_token(J, V, b, t, 0, vb + (long)t * W, sc, zc, table, norm, H, D, B, bits);
-        weighted_sum(ox, s, vb, HR, W, B);  /* every row over all W rotated channels */
+        for (int h = 0; h < H; h++)  /* each head's rows over the rotation blocks holding its values */
+            weighted_sum(ox + (long)h * R * S, s + h * R * B, vb + h * D / S * S, R, S, B, W);
     }
     for (int r = 0; r < HR; r++) {
         m_out[r] = mr[r];
         l_out[r] = lr[r];
-        fwht(ox + (long)r * W, W, rot, &L);
-        gather_head(J, ox + (long)r * W, o + (long)r * D, r / R, D);
+        fwht(ox + (long)r * S, S, rot, &L);
+        memcpy(o + (long)r * D, ox + (long)r * S + r / R * D % S, sizeof(float) * D);
     }
     free(kb);
 }
+
+#ifdef __AVX512F__
+/* token t of block b of field f (codes at f, scales at f+1, zeros at f+2), all H heads, into the
+ * vectors x (W / 16 of them) of the rotated space: each plane of a stored head's packed row is
+ * whole vectors (D * bits / 8 a multiple of 16); keys stored per channel take the block's
+ * scale vectors sc, zc */
+RINLINE void token_vectors(const KJob *J, const int f, const int b, const int t, const int per_channel,
+                           nvf *restrict x, const nvf *restrict sc, const nvf *restrict zc, const float norm,
+                           const int H, const int D, const int B, const int bits, const int G) {
+    const int P = D * bits / 8, per = 8 / bits, m = D / per, ng = D / G, mask = (1 << bits) - 1;
+    for (int j = 0; j < H; j++) {
+        const uint8_t *row = KAT(J, uint8_t, f, j, b, B * P) + (long)t * P;
+        float a[RMAXD / 16], z[RMAXD / 16];
+        if (!per_channel) {
+            const uint8_t *s8 = KAT(J, uint8_t, f + 1, j, b, B * ng) + t * ng;
+            const int8_t *z8 = KAT(J, int8_t, f + 2, j, b, B * ng) + t * ng;
+            for (int g = 0; g < ng; g++) { a[g] = RSCALE[s8[g]] * norm; z[g] = z8[g] * 0.125f * a[g]; }
+        }
+        for (int k = 0; k < m; k += 16) {
+            const nvi c = (nvi)_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + k)));
+            for (int i = 0; i < per; i++) {
+                const int ch = i * m + k, u = j * D / 16 + ch / 16;
+                const nvf v = __builtin_convertvector((c >> (i * bits)) & mask, nvf);
+                x[u] = per_channel ? v * sc[u] + zc[u] : v * a[ch / G] + z[ch / G];
+            }
+        }
+    }
+}
+
+/* the unnormalised Walsh-Hadamard transform of each run of rot channels of the vectors x */
+RINLINE void fwht_vectors(nvf *x, const int NV, const int rot, const Lanes *L) {
+#pragma GCC unroll 32
+    for (int i = 0; i < NV; i++) {  /* distances 1, 2 in 128-bit lanes, 4, 8 across them (no vpermps) */
+        __m512 y = (__m512)x[i];
+        y = _mm512_fmadd_ps((__m512)L->sgn[0], y, _mm512_permute_ps(y, 0xB1));
+        y = _mm512_fmadd_ps((__m512)L->sgn[1], y, _mm512_permute_ps(y, 0x4E));
+        y = _mm512_fmadd_ps((__m512)L->sgn[2], y, _mm512_shuffle_f32x4(y, y, 0xB1));
+        x[i] = (nvf)_mm512_fmadd_ps((__m512)L->sgn[3], y, _mm512_shuffle_f32x4(y, y, 0x4E));
+    }
+#pragma GCC unroll 32
+    for (int base = 0; base < NV; base += rot / 16)
+#pragma GCC unroll 8
+        for (int h = 1; h < rot / 16; h *= 2)
+#pragma GCC unroll 32
+            for (int i = base; i < base + rot / 16; i += 2 * h)
+#pragma GCC unroll 32
+                for (int j = i; j < i + h; j++) {
+                    const nvf a = x[j], c = x[j + h];
+                    x[j] = a + c;
+                    x[j + h] = a - c;
+                }
+}
+
+/* span_of in vectors, for the usual sizes (see span): each token's keys are decoded, rotated
+ * back, put in their channels' order (one gather per vector), turned by RoPE and scored
+ * without leaving registers, 16 tokens' dot products summed across lanes at once; values are decoded
+ * straight into the block's buffer. */
+RINLINE void span_vectors(const KJob *J, const float *q, int b0, int b1, float *m_out, float *l_out, float *o,
+                          const int H, const int R, const int D, const int B, const int bits, const int rot,
+                          const int G) {
+    const int W = H * D, HR = H * R, NV = W / 16, DV = D / 16, S = value_span(H, D, rot);
+    const float norm = 1.f / sqrtf((float)rot);
+    const size_t bytes = sizeof(float) * ((size_t)B * W + (size_t)HR * B + (size_t)HR * S + 18 * (size_t)W
+                                          + (size_t)HR * 16 * 16);
+    float *vb = aligned_alloc(64, (bytes + 63) / 64 * 64);
+    if (!vb) {  /* no memory: the call fails and the caller takes the reference */
+        *J->failed = 1;
+        for (int r = 0; r < HR; r++) { m_out[r] = -FLT_MAX; l_out[r] = 0.f; }
+        memset(o, 0, sizeof(float) * HR * D);
+        return;
+    }
+    float *s = vb + (size_t)B * W, *ox = s + (size_t)HR * B;
+    nvf *sc = (nvf *)(ox + (size_t)HR * S), *zc = sc + NV;
+    float *flat = (float *)(zc + NV);  /* 16 tokens' keys in the rotated-back order */
+    nvf (*part)[16] = (nvf (*)[16])(flat + 16 * (size_t)W);  /* 16 tokens' dot products per row */
+    float mr[KMAXH / 8], lr[KMAXH / 8];
+    for (int r = 0; r < HR; r++) { mr[r] = -FLT_MAX; lr[r] = 0.f; }
+    memset(ox, 0, sizeof(float) * HR * S);
+    const Lanes L = lanes();
+    nvf mean[KMAXH / 16];
+    if (J->mean) memcpy(mean, J->mean, sizeof(float) * W);
+    for (int b = b0; b < b1; b++) {
+        if (J->channel_keys)
+            for (int j = 0; j < H; j++) {
+                const uint8_t *s8 = KAT(J, uint8_t, KS, j, b, D);
+                const int8_t *z8 = KAT(J, int8_t, KZ, j, b, D);
+                float *a = (float *)sc + j * D, *z = (float *)zc + j * D;
+                for (int c = 0; c < D; c++) { a[c] = RSCALE[s8[c]] * norm; z[c] = z8[c] * 0.125f * a[c]; }
+            }
+        for (int t0 = 0; t0 < B; t0 += 16) {
+            for (int tt = 0; tt < 16; tt++) {  /* 16 tokens rotated back first: a gather waits on */
+                nvf *x = (nvf *)(flat + (size_t)tt * W);  /* stores still in flight otherwise */
+                token_vectors(J, K, b, t0 + tt, J->channel_keys, x, sc, zc, norm, H, D, B, bits, G);
+                fwht_vectors(x, NV, rot, &L);
+            }
+            for (int tt = 0; tt < 16; tt++) {
+                const int t = t0 + tt;
+                const float *x = flat + (size_t)tt * W;
+                nvf k[KMAXH / 16];
+                if (J->inv) {  /* the channels back in their order */
+                    for (int u = 0; u < NV; u++)
+                        k[u] = (nvf)_mm512_i32gather_ps(_mm512_loadu_si512(J->inv + 16 * u), x, 4);
+                } else {
+                    memcpy(k, x, sizeof(float) * W);
+                }
+                if (J->mean)
+                    for (int u = 0; u < NV; u++) k[u] += mean[u];
+                float cs[RMAXD / 2], sn[RMAXD / 2];
+                for (int h = 0; h < H; h++) {
+                    if (h == 0 || J->rope_hs)
+                        rope_at(J->rope + h * J->rope_hs + (long)b * B * 2 * D, J->off, t, D, cs, sn);
+                    const nvf *kh = k + h * DV;
+                    nvf turned[RMAXD / 16];
+                    for (int i = 0; i < DV / 2; i++) {
+                        const nvf lo = kh[i], hi = kh[i + DV / 2], cv = loadv(cs + 16 * i), sv = loadv(sn + 16 * i);
+                        turned[i] = lo * cv - hi * sv;
+                        turned[i + DV / 2] = hi * cv + lo * sv;
+                    }
+                    for (int r = 0; r < R; r++) {
+                        const float *qr = q + (long)(h * R + r) * D;
+                        nvf acc = loadv(qr) * turned[0];
+                        for (int i = 1; i < DV; i++) acc += loadv(qr + 16 * i) * turned[i];
+                        part[h * R + r][tt] = acc;
+                    }
+                }
+            }
+            for (int r = 0; r < HR; r++) storev(s + r * B + t0, sum16(part[r]));
+        }
+        for (int h = 0; h < H; h++)
+            online_softmax(s + h * R * B, mr + h * R, lr + h * R, ox + (long)h * R * S, R, S, B);
+        for (int t = 0; t < B; t++)
+            token_vectors(J, V, b, t, 0, (nvf *)(vb + (size_t)t * W), sc, zc, norm, H, D, B, bits, G);
+        for (int h = 0; h < H; h++)  /* each head's rows over the rotation blocks holding its values */
+            weighted_sum(ox + (long)h * R * S, s + h * R * B, vb + h * D / S * S, R, S, B, W);
+    }
+    for (int r = 0; r < HR; r++) {
+        m_out[r] = mr[r];
+        l_out[r] = lr[r];
+        fwht(ox + (long)r * S, S, rot, &L);
+        memcpy(o + (long)r * D, ox + (long)r * S + r / R * D % S, sizeof(float) * D);
+    }
+    free(vb);
+}
+#endif
 
 /* run_spans' task: all heads of a run of blocks (its head index is always 0) */
 static void span(const void *job, const float *q, int h, int b0, int b1, float *m, float *l, float *o) {
     (void)h;
     const KJob *J = job;
-    const int H = J->n_kv, R = J->rows, D = J->d, B = J->block, bits = J->bits, rot = J->rotate;
+    const int H = J->n_kv, R = J->rows, D = J->d, B = J->block, bits = J->bits, rot = J->rotate, G = J->group;
+#ifdef __AVX512F__
+    /* in vectors: whole vectors per RoPE half, per plane of packed codes and per group; 16-token
+     * steps */
+    if (D % 32 == 0 && (D * bits / 8) % 16 == 0 && rot % 16 == 0 && G % 16 == 0 && B % 16 == 0) {
 #define SHAPE(hh, r, d, bb, k) \
-    if (H == hh && R == r && D == d && B == bb && bits == k && rot == 64) { \
-        span_of(J, q, b0, b1, m, l, o, hh, r, d, bb, k, 64); return; }
-    SHAPE(3, 3, 64, 64, 2) SHAPE(3, 3, 64, 64, 4)       /* SmolLM2: 9 query heads over 3 KV heads */
-    SHAPE(1, 4, 256, 64, 2) SHAPE(1, 4, 256, 64, 4)     /* Gemma 3: 4 query heads over 1 KV head */
+        if (H == hh && R == r && D == d && B == bb && bits == k && rot == 64 && G == 64) { \
+            span_vectors(J, q, b0, b1, m, l, o, hh, r, d, bb, k, 64, 64); return; }
+        SHAPE(3, 3, 64, 64, 2) SHAPE(3, 3, 64, 64, 4)       /* SmolLM2: 9 query heads over 3 KV heads */
+        SHAPE(1, 4, 256, 64, 2) SHAPE(1, 4, 256, 64, 4)     /* Gemma 3: 4 query heads over 1 KV head */
 #undef SHAPE
+        span_vectors(J, q, b0, b1, m, l, o, H, R, D, B, bits, rot, G);
+        return;
+    }
+#endif
     span_of(J, q, b0, b1, m, l, o, H, R, D, B, bits, rot);
 }
 
@@ -226,7 +395,11 @@ int kvtier_rotatekv_attend(const float *q, int n_kv, int rows, int d, int bits, 
         return 1;
     rscale_table();
     int failed = 0;
+    float *off = malloc(sizeof(float) * block * d);
+    if (!off || rope_offsets(rope, rope_hs, rope_hs ? n_kv : 1, n_blocks, block, d, off)) { free(off); return 1; }
     KJob J = {n_kv, rows, d, bits, group, block, n_blocks, rotate, channel_keys, ptrs, strides, rope, rope_hs,
-              inv, mean, &failed};
-    return run_spans(&J, span, q, 1, n_kv * rows, d, n_blocks, m, l, o, threads) || failed;
+              off, inv, mean, &failed};
+    const int rc = run_spans(&J, span, q, 1, n_kv * rows, d, n_blocks, m, l, o, threads) || failed;
+    free(off);
+    return rc;
 }

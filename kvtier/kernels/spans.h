@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "spanfn.h"
+#include "vexp.h"
 
 #ifdef __AVX512F__
 #include <immintrin.h>
@@ -58,10 +59,49 @@ static void scale_table(void) {
     for (int c = 1; c < 256; c++) SCALE[c] = exp2f(c / 12.0f - 12.0f);
 }
 
+/* out[t] = the sum of the 16 lanes of v[t], for 16 vectors at once: a tree of two-vector
+ * shuffles that halves the partial sums per token at each level (15 shuffle pairs and adds
+ * instead of 16 horizontal reductions) */
+RINLINE nvf sum16(const nvf *v) {
+    static const nvi a1 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
+    static const nvi b1 = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31};
+    static const nvi a2 = {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27};
+    static const nvi b2 = {4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31};
+    static const nvi a3 = {0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29};
+    static const nvi b3 = {2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31};
+    static const nvi a4 = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
+    static const nvi b4 = {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31};
+    nvf w[8], z[4], x[2];
+    for (int i = 0; i < 8; i++)  /* 8 partials each of tokens 2i, 2i+1 */
+        w[i] = __builtin_shuffle(v[2 * i], v[2 * i + 1], a1) + __builtin_shuffle(v[2 * i], v[2 * i + 1], b1);
+    for (int i = 0; i < 4; i++)  /* 4 partials each of tokens 4i .. 4i+3 */
+        z[i] = __builtin_shuffle(w[2 * i], w[2 * i + 1], a2) + __builtin_shuffle(w[2 * i], w[2 * i + 1], b2);
+    for (int i = 0; i < 2; i++)  /* 2 partials each of tokens 8i .. 8i+7 */
+        x[i] = __builtin_shuffle(z[2 * i], z[2 * i + 1], a3) + __builtin_shuffle(z[2 * i], z[2 * i + 1], b3);
+    return __builtin_shuffle(x[0], x[1], a4) + __builtin_shuffle(x[0], x[1], b4);
+}
+
+RINLINE nvf loadv(const float *p) { nvf v; memcpy(&v, p, sizeof v); return v; }
+RINLINE void storev(float *p, const nvf v) { memcpy(p, &v, sizeof v); }
+
 /* scores s[r * B + t] of the R query rows q (R x D) against a decoded block kb (B x D) */
 RINLINE void block_scores(const float *restrict kb, const float *restrict q, float *restrict s,
                           const int R, const int D, const int B) {
-    for (int t = 0; t < B; t++) {
+    int t0 = 0;
+    if (D % 16 == 0 && R <= RMAXR)  /* 16 tokens at a time, each row's dot products summed across lanes at once */
+        for (; t0 + 16 <= B; t0 += 16) {
+            nvf part[RMAXR][16];
+            for (int tt = 0; tt < 16; tt++) {
+                const float *row = kb + (t0 + tt) * D;
+                for (int r = 0; r < R; r++) {
+                    nvf acc = loadv(q + r * D) * loadv(row);
+                    for (int c = 16; c < D; c += 16) acc += loadv(q + r * D + c) * loadv(row + c);
+                    part[r][tt] = acc;
+                }
+            }
+            for (int r = 0; r < R; r++) storev(s + r * B + t0, sum16(part[r]));
+        }
+    for (int t = t0; t < B; t++) {
         const float *row = kb + t * D;
         for (int r = 0; r < R; r++) {
             const float *qr = q + r * D;
@@ -72,17 +112,88 @@ RINLINE void block_scores(const float *restrict kb, const float *restrict q, flo
     }
 }
 
-/* keys kb (B x D, before RoPE) rotated by the unit cos/sin rows rp ((B, 2, D), rotate-half
- * layout) and scored against the R pre-scaled query rows q: s[r * B + t] */
-RINLINE void rope_scores(const float *kb, const float *rp, const float *q, float *s,
+/* RoPE inside a block without reading a row per token. A block's tokens sit at consecutive
+ * positions t0 .. t0+B-1, so token j's angles are t0's plus offset j's:
+ *     cos(a + b) = cos a cos b - sin a sin b,   sin(a + b) = sin a cos b + cos a sin b.
+ * rope_offsets takes the unit rows of offsets 0..B-1 (off: B x 2 x D/2, cos then sin; the
+ * rotate-half layout repeats each half) from a run's first block, e^{i theta j} = e^{i theta
+ * (t0 + j)} e^{-i theta t0}, and checks every block (n blocks of each of n_kv heads, rows hs
+ * apart per head): its last row must be its first turned by offset B-1 (a position skipped
+ * or repeated moves the fastest pair, one radian per position, by far more than the table's
+ * fp32 rounding). It returns 0, or 1 when a block's positions are not consecutive (the caller
+ * falls back), so a kernel reads one row per block instead of B (at 8K, 4 MB per layer and
+ * step in SmolLM2's shape, 16 MB in Gemma 3's: more than the codes). The rows so made differ
+ * from the table's by its rounding of each position's angle in fp32 (~1e-4 at position 2000). */
+static int rope_offsets(const float *rp, const long hs, const int n_kv, const int n, const int B, const int D,
+                        float *off) {
+    const int half = D / 2;
+    const float *c0 = rp, *s0 = rp + D;
+    for (int j = 0; j < B; j++) {
+        const float *cj = rp + (long)j * 2 * D, *sj = cj + D;
+        for (int c = 0; c < half; c++) {
+            off[j * D + c] = cj[c] * c0[c] + sj[c] * s0[c];
+            off[j * D + half + c] = sj[c] * c0[c] - cj[c] * s0[c];
+        }
+    }
+    const float *ce = off + (long)(B - 1) * D, *se = ce + half;
+    for (int h = 0; h < n_kv; h++)
+        for (int b = 0; b < n; b++) {
+            const float *r0 = rp + h * hs + (long)b * B * 2 * D, *r1 = r0 + (long)(B - 1) * 2 * D;
+            for (int c = 0; c < half; c++) {
+                const float cs = r0[c] * ce[c] - r0[D + c] * se[c], sn = r0[D + c] * ce[c] + r0[c] * se[c];
+                /* the table's own fp32 angles are off by up to ~5e-4 rad at position 8192 */
+                if (fabsf(cs - r1[c]) > 2e-3f || fabsf(sn - r1[D + c]) > 2e-3f) return 1;
+            }
+        }
+    return 0;
+}
+
+/* cos and sin (D/2 each) of token j of a block whose first row is r0 ((2, D)) */
+RINLINE void rope_at(const float *restrict r0, const float *restrict off, const int j, const int D,
+                     float *restrict cs, float *restrict sn) {
+    const int half = D / 2;
+    const float *cj = off + (long)j * D, *sj = cj + half;
+    for (int c = 0; c < half; c++) {
+        cs[c] = r0[c] * cj[c] - r0[D + c] * sj[c];
+        sn[c] = r0[D + c] * cj[c] + r0[c] * sj[c];
+    }
+}
+
+/* keys kb (B x D, before RoPE) of a block whose first row is r0 ((2, D), rotate-half layout),
+ * rotated at their positions (rope_at) and scored against the R pre-scaled query rows q:
+ * s[r * B + t] */
+RINLINE void rope_scores(const float *kb, const float *r0, const float *off, const float *q, float *s,
                          const int R, const int D, const int B) {
     const int half = D / 2;
-    for (int t = 0; t < B; t++) {
-        const float *row = kb + t * D, *cs = rp + (long)t * 2 * D, *sn = cs + D;
-        float rot[RMAXD];
+    int t0 = 0;
+    if (D % 32 == 0 && R <= RMAXR)  /* 16 tokens at a time, as block_scores */
+        for (; t0 + 16 <= B; t0 += 16) {
+            nvf part[RMAXR][16];
+            for (int tt = 0; tt < 16; tt++) {
+                const float *row = kb + (t0 + tt) * D;
+                float cs[RMAXD / 2], sn[RMAXD / 2];
+                rope_at(r0, off, t0 + tt, D, cs, sn);
+                nvf rot[RMAXD / 16];
+                for (int c = 0; c < half; c += 16) {
+                    const nvf lo = loadv(row + c), hi = loadv(row + c + half), cv = loadv(cs + c), sv = loadv(sn + c);
+                    rot[c / 16] = lo * cv - hi * sv;
+                    rot[(c + half) / 16] = hi * cv + lo * sv;
+                }
+                for (int r = 0; r < R; r++) {
+                    nvf acc = loadv(q + r * D) * rot[0];
+                    for (int c = 16; c < D; c += 16) acc += loadv(q + r * D + c) * rot[c / 16];
+                    part[r][tt] = acc;
+                }
+            }
+            for (int r = 0; r < R; r++) storev(s + r * B + t0, sum16(part[r]));
+        }
+    for (int t = t0; t < B; t++) {
+        const float *row = kb + t * D;
+        float rot[RMAXD], cs[RMAXD / 2], sn[RMAXD / 2];
+        rope_at(r0, off, t, D, cs, sn);
         for (int c = 0; c < half; c++) {
             rot[c] = row[c] * cs[c] - row[c + half] * sn[c];
-            rot[c + half] = row[c + half] * cs[c + half] + row[c] * sn[c + half];
+            rot[c + half] = row[c + half] * cs[c] + row[c] * sn[c];
         }
         for (int r = 0; r < R; r++) {
             const float *qr = q + r * D;
@@ -106,18 +217,56 @@ RINLINE void online_softmax(float *s, float *mr, float *lr, float *o, const int 
             mr[r] = top;
         }
         float sum = 0.f;
-        for (int t = 0; t < B; t++) { s[r * B + t] = expf(s[r * B + t] - top); sum += s[r * B + t]; }
+        int t = 0;
+#ifdef __AVX512F__
+        nvf acc = {0};
+        for (; t + 16 <= B; t += 16) {
+            const nvf e = (nvf)exp512(_mm512_sub_ps(_mm512_loadu_ps(s + r * B + t), _mm512_set1_ps(top)));
+            storev(s + r * B + t, e);
+            acc += e;
+        }
+        sum = _mm512_reduce_add_ps((__m512)acc);
+#endif
+        for (; t < B; t++) { s[r * B + t] = expf(s[r * B + t] - top); sum += s[r * B + t]; }
         lr[r] += sum;
     }
 }
 
-/* o (R x D) += weights s (R x B) times the decoded values vb (B x D) */
+/* o (R x D) += weights s (R x B) times the decoded values vb (B rows of D, ld apart): 32 channels of up to 12
+ * rows held in registers while the tokens stream past (each value vector loaded once per 12
+ * rows, not once per row) */
 RINLINE void weighted_sum(float *restrict o, const float *restrict s, const float *restrict vb,
-                          const int R, const int D, const int B) {
+                          const int R, const int D, const int B, const long ld) {
+    int c0 = 0;
+    if (D % 16 == 0)
+        for (; c0 < D; c0 += 32) {
+            const int wide = c0 + 32 <= D;
+            for (int r0 = 0; r0 < R; r0 += 12) {
+                const int nr = R - r0 < 12 ? R - r0 : 12;
+                nvf a[12][2];
+                for (int r = 0; r < nr; r++) {
+                    a[r][0] = loadv(o + (long)(r0 + r) * D + c0);
+                    if (wide) a[r][1] = loadv(o + (long)(r0 + r) * D + c0 + 16);
+                }
+                for (int t = 0; t < B; t++) {
+                    const nvf v0 = loadv(vb + t * ld + c0), v1 = wide ? loadv(vb + t * ld + c0 + 16) : v0;
+                    for (int r = 0; r < nr; r++) {
+                        const float p = s[(r0 + r) * B + t];
+                        a[r][0] += p * v0;
+                        if (wide) a[r][1] += p * v1;
+                    }
+                }
+                for (int r = 0; r < nr; r++) {
+                    storev(o + (long)(r0 + r) * D + c0, a[r][0]);
+                    if (wide) storev(o + (long)(r0 + r) * D + c0 + 16, a[r][1]);
+                }
+            }
+        }
+    if (c0 >= D) return;
     for (int r = 0; r < R; r++) {
         float *orow = o + (long)r * D;
         for (int t = 0; t < B; t++) {
-            const float p = s[r * B + t], *row = vb + (long)t * D;
+            const float p = s[r * B + t], *row = vb + t * ld;
             for (int c = 0; c < D; c++) orow[c] += p * row[c];
         }
     }

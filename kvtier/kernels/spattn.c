@@ -113,7 +113,7 @@ RINLINE void span_expanded(const SJob *J, const float *q, int h, int b0, int b1,
         const uint8_t *vm = SAT(J, uint8_t, VM, h, b, B * (D / 8));
         const uint16_t *vv = SAT(J, uint16_t, VV, h, b, B * N);
         for (int t = 0; t < B; t++) expand_row(vm + (long)t * (D / 8), vv + (long)t * N, kb + t * D, &C, D, J->bf16);
-        weighted_sum(o, s, kb, R, D, B);
+        weighted_sum(o, s, kb, R, D, B, D);
     }
     for (int r = 0; r < R; r++) { m_out[r] = mr[r]; l_out[r] = lr[r]; }
 }

@@ -28,6 +28,7 @@ typedef struct {
     int n_kv, rows, d, dim, stages, block, n_blocks;
     const void *const *p; const long *hs;  /* each field's base and head stride (elements) */
     const float *rope; long rope_hs;       /* (N, 2, D) rows per head (stride 0: shared) */
+    const float *off;                      /* (B, 2, D/2) rows of the offsets in a block (spans.h) */
     const float *book_k, *book_v;          /* the codebooks in fp32 (converted once per call) */
     const _Float16 *half_k, *half_v;       /* or read as fp16, when fp32 copies would crowd the L2 */
     int half;
@@ -73,7 +74,7 @@ RINLINE void span_of(const QJob *J, const float *q, int h, int b0, int b1, float
             const float a = SCALE[ks[t]];
             for (int c = 0; c < D; c++) kr[c] *= a;
         }
-        rope_scores(kb, J->rope + h * J->rope_hs + (long)b * B * 2 * D, q, s, R, D, B);
+        rope_scores(kb, J->rope + h * J->rope_hs + (long)b * B * 2 * D, J->off, q, s, R, D, B);
         online_softmax(s, mr, lr, o, R, D, B);
         const uint8_t *vc = QAT(J, uint8_t, V, h, b, B * C), *vs = QAT(J, uint8_t, VS, h, b, B);
         for (int t = 0; t < B; t++) {
@@ -110,17 +111,20 @@ int kvtier_vq_attend(const float *q, int n_kv, int rows, int d, int dim, int sta
         return 1;
     scale_table();
     const long n_book = (long)d * stages * 256;  /* (D / dim) x stages x 256 x dim */
-    QJob J = {n_kv, rows, d, dim, stages, block, n_blocks, ptrs, strides, rope, rope_hs, NULL, NULL,
+    float *off = malloc(sizeof(float) * block * d);
+    if (!off || rope_offsets(rope, rope_hs, rope_hs ? n_kv : 1, n_blocks, block, d, off)) { free(off); return 1; }
+    QJob J = {n_kv, rows, d, dim, stages, block, n_blocks, ptrs, strides, rope, rope_hs, off, NULL, NULL,
               book_k, book_v, dim <= 8 || 2 * n_book * sizeof(float) > FP32_BOOKS_MAX};
     float *books = NULL;
     if (!J.half) {
         books = malloc(sizeof(float) * 2 * n_book);
-        if (!books) return 1;
+        if (!books) { free(off); return 1; }
         for (long i = 0; i < n_book; i++) { books[i] = (float)book_k[i]; books[n_book + i] = (float)book_v[i]; }
         J.book_k = books;
         J.book_v = books + n_book;
     }
     const int rc = run_spans(&J, span, q, n_kv, rows, d, n_blocks, m, l, o, threads);
     free(books);
+    free(off);
     return rc;
 }

@@ -25,7 +25,9 @@ import torch
 from kvtier.dtypes import dtype_name
 from kvtier.errors import KvtierError
 
-FORMAT, VERSION = "kvtier-cache", "1"
+# 2: rotatekv's values are rotated without the key reordering, and its keys dealt so that each
+# channel keeps its offset in a rotation block: caches saved by version 1 would decode wrongly
+FORMAT, VERSION = "kvtier-cache", "2"
 SUFFIX = ".kvcache"
 
 
