@@ -154,6 +154,32 @@ static inline int value_span(const int H, const int D, const int rot) {
     return D % rot == 0 ? D : rot % D == 0 ? rot : H * D;
 }
 
+/* each head's rows += the block's weights times its values (vb, B rows of W), over the rotation
+ * runs that hold the head's channels (value_span) */
+RINLINE void sum_values(float *ox, const float *s, const float *vb, const int H, const int R, const int D,
+                        const int B, const int S) {
+    for (int h = 0; h < H; h++)
+        weighted_sum(ox + (long)h * R * S, s + h * R * B, vb + h * D / S * S, R, S, B, H * D);
+}
+
+/* the pieces out: each row's value sums rotated back and its head's D channels taken */
+RINLINE void finish_rows(const float *mr, const float *lr, float *ox, float *m_out, float *l_out, float *o,
+                         const int HR, const int R, const int D, const int S, const int rot, const Lanes *L) {
+    for (int r = 0; r < HR; r++) {
+        m_out[r] = mr[r];
+        l_out[r] = lr[r];
+        fwht(ox + (long)r * S, S, rot, L);
+        memcpy(o + (long)r * D, ox + (long)r * S + r / R * D % S, sizeof(float) * D);
+    }
+}
+
+/* no memory for a task's buffers: the call fails and the caller takes the reference */
+static void failed_rows(const KJob *J, float *m_out, float *l_out, float *o, const int HR, const int D) {
+    *J->failed = 1;
+    for (int r = 0; r < HR; r++) { m_out[r] = -FLT_MAX; l_out[r] = 0.f; }
+    memset(o, 0, sizeof(float) * HR * D);
+}
+
 /* every head's pieces over blocks [b0, b1); H, R, D, B and bits are compile-time constants in
  * the specialised calls of span(). Keys are rotated back per token (RoPE needs them in their
  * own channels); values are accumulated in the rotated space, each head's rows over all W
@@ -164,9 +190,7 @@ RINLINE void span_of(const KJob *J, const float *q, int b0, int b1, float *m_out
     const float norm = 1.f / sqrtf((float)J->rotate);
     float *kb = malloc(sizeof(float) * ((long)H * B * D + (long)B * W + (long)HR * B + (long)HR * S + 3L * W));
     if (!kb) {  /* no memory: the call fails and the caller takes the reference */
-        *J->failed = 1;
-        for (int r = 0; r < HR; r++) { m_out[r] = -FLT_MAX; l_out[r] = 0.f; }
-        memset(o, 0, sizeof(float) * HR * D);
+        failed_rows(J, m_out, l_out, o, HR, D);
         return;
     }
     float *vb = kb + (long)H * B * D, *s = vb + (long)B * W, *ox = s + (long)HR * B;
@@ -204,15 +228,9 @@ RINLINE void span_of(const KJob *J, const float *q, int b0, int b1, float *m_out
         }
         for (int t = 0; t < B; t++)
             dequant_token(J, V, b, t, 0, vb + (long)t * W, sc, zc, table, norm, H, D, B, bits);
-        for (int h = 0; h < H; h++)  /* each head's rows over the rotation blocks holding its values */
-            weighted_sum(ox + (long)h * R * S, s + h * R * B, vb + h * D / S * S, R, S, B, W);
+        sum_values(ox, s, vb, H, R, D, B, S);
     }
-    for (int r = 0; r < HR; r++) {
-        m_out[r] = mr[r];
-        l_out[r] = lr[r];
-        fwht(ox + (long)r * S, S, rot, &L);
-        memcpy(o + (long)r * D, ox + (long)r * S + r / R * D % S, sizeof(float) * D);
-    }
+    finish_rows(mr, lr, ox, m_out, l_out, o, HR, R, D, S, rot, &L);
     free(kb);
 }
 
@@ -281,9 +299,7 @@ RINLINE void span_vectors(const KJob *J, const float *q, int b0, int b1, float *
                                           + (size_t)HR * 16 * 16);
     float *vb = aligned_alloc(64, (bytes + 63) / 64 * 64);
     if (!vb) {  /* no memory: the call fails and the caller takes the reference */
-        *J->failed = 1;
-        for (int r = 0; r < HR; r++) { m_out[r] = -FLT_MAX; l_out[r] = 0.f; }
-        memset(o, 0, sizeof(float) * HR * D);
+        failed_rows(J, m_out, l_out, o, HR, D);
         return;
     }
     float *s = vb + (size_t)B * W, *ox = s + (size_t)HR * B;
@@ -347,15 +363,9 @@ RINLINE void span_vectors(const KJob *J, const float *q, int b0, int b1, float *
             online_softmax(s + h * R * B, mr + h * R, lr + h * R, ox + (long)h * R * S, R, S, B);
         for (int t = 0; t < B; t++)
             token_vectors(J, V, b, t, 0, (nvf *)(vb + (size_t)t * W), sc, zc, norm, H, D, B, bits, G);
-        for (int h = 0; h < H; h++)  /* each head's rows over the rotation blocks holding its values */
-            weighted_sum(ox + (long)h * R * S, s + h * R * B, vb + h * D / S * S, R, S, B, W);
+        sum_values(ox, s, vb, H, R, D, B, S);
     }
-    for (int r = 0; r < HR; r++) {
-        m_out[r] = mr[r];
-        l_out[r] = lr[r];
-        fwht(ox + (long)r * S, S, rot, &L);
-        memcpy(o + (long)r * D, ox + (long)r * S + r / R * D % S, sizeof(float) * D);
-    }
+    finish_rows(mr, lr, ox, m_out, l_out, o, HR, R, D, S, rot, &L);
     free(vb);
 }
 #endif
