@@ -12,6 +12,7 @@ from kvtier.attention import batched
 from kvtier.engine import ModelRunner
 from kvtier.kv.cache import LayerKV, Part
 from kvtier.kv.codecs.base import Codec, LayerContext
+from kvtier.models.base import Rope
 
 needs_kernels = pytest.mark.skipif(kernels.library() is None, reason="no C compiler: PyTorch path only")
 
@@ -25,7 +26,8 @@ def decoding(codec: str, lengths: list[int], dtype=torch.float32, hq=9, n_kv=3, 
     for n in lengths:
         c = spec.parse(codec).codec
         c = c.for_layer(LayerContext(0, n_kv, d, stats)) if stats is not None else c
-        layer = LayerKV(c, n_kv, d, block, window, dtype)
+        rope = Rope(1.0 / 10000 ** (torch.arange(0, d, 2).float() / d)) if c.pre_rope else None
+        layer = LayerKV(c, n_kv, d, block, window, dtype, ctx=LayerContext(0, n_kv, d, rope=rope))
         k = torch.randn(n_kv, n, d) * torch.linspace(0.2, 3, d)
         k[:, :, 3] += 6.0  # an outlier channel
         layer.append(k.to(dtype), torch.randn(n_kv, n, d).to(dtype))
@@ -224,22 +226,25 @@ def counting_native(monkeypatch):
     ("llama", "dense(dtype=fp32)", 64), ("llama", "int(bits=4)", 64), ("llama", "int(bits=2)", 16),
     ("gemma3", "dense(dtype=bf16)", 16), ("gemma3", "int(bits=4,group=32)", 16),
     ("llama", "snapkv(ratio=0.5)+int(bits=4)", 16), ("llama", "quest(top_blocks=2)+int(bits=4)", 16),
-    ("llama", "rotatekv(residual=0)", 16), ("gemma3", "mxfp4(hadamard=true)", 16), ("llama", "bfp", 16),
+    ("llama", "rotatekv(residual=0)", 16), ("llama", "rotatekv(residual=0,rotate=128)", 16),
+    ("gemma3", "rotatekv(residual=0,rotate=32,group=32)", 16), ("gemma3", "mxfp4(hadamard=true)", 16), ("llama", "bfp", 16),
 ])
 def test_model_decoding_together_equals_one_at_a_time(family, kv, block, monkeypatch):
     """Tiny Llama (GQA 4/2, head size 64) and tiny Gemma 3 (4/1, window 16 on its sliding
     layers); 5 sequences decode 6 steps together, and one at a time on the per-sequence path.
-    A codec the kernel does not take (rotatekv), and Quest's gathered blocks, have their runs
-    scored by the codec's own kernel and merged with the batched kernel's piece over the rest
-    ("split"); mxfp4's runs are its kernel's jobs inside the batched kernel, where the sliding
-    window sees them whole, else split."""
+    A codec the kernel does not take (rotatekv with rotations spanning heads), and Quest's
+    gathered blocks, have their runs scored by the codec's own kernel and merged with the
+    batched kernel's piece over the rest ("split"); mxfp4's and rotatekv's (heads apart, RoPE in
+    its kernel) runs are their kernels' jobs inside the batched kernel, where the sliding window
+    sees them whole, else they fall back."""
     model = ours_from_hf(tiny_hf("llama", head_dim=64) if family == "llama" else tiny_hf("gemma3"))
     prompts = [tokens(n, seed=n) for n in PROMPTS]
     seen = counting_native(monkeypatch)
     together = generate(ModelRunner(model, kv, block_size=block), prompts, 6, True)
     if kernels.library() is not None:
-        split = kv.startswith(("rotatekv", "quest"))
-        cut = family == "gemma3" and kv.startswith("mxfp4")  # a codec's kernel masks nothing: runs the window cuts fall back
+        split = kv.startswith(("rotatekv(residual=0,rotate=128)", "quest"))
+        # a codec's kernel masks nothing: runs the window cuts fall back
+        cut = family == "gemma3" and kv.startswith(("mxfp4", "rotatekv"))
         assert seen["native"] > 0
         assert (seen["split"] > 0) == split
         if not split:
@@ -336,7 +341,8 @@ def test_int_blocks_on_amx_tiles_equal_the_vector_path(monkeypatch, codec, hq, n
 @needs_kernels
 @pytest.mark.parametrize("codec", ["mxfp4", "mxfp4(hadamard=true)", "nvfp4", "mxfp8", "mxint8", "bfp",
                                    "bfp(mantissa=8,block=32)", "bfp(sort=false)", "lowrank", "lowrank(bits=2)",
-                                   "ovp", "sparse", "sparse(ratio=0.7,dtype=bf16)"])
+                                   "ovp", "sparse", "sparse(ratio=0.7,dtype=bf16)", "rotatekv",
+                                   "rotatekv(bits=4,keys=channel,center=true)"])
 @pytest.mark.parametrize("window", [None, 300])
 def test_codec_runs_are_their_kernels_jobs_in_the_batched_kernel(codec, window, monkeypatch):
     """A codec with a native job (its own kernel on its blocks, its head space turned by a
@@ -344,7 +350,8 @@ def test_codec_runs_are_their_kernels_jobs_in_the_batched_kernel(codec, window, 
     over threads with the others, and equal the per-sequence oracle. A run the sliding window
     cuts is scored by the codec's kernel on its own and merged ("split") or decoded."""
     seen = counting_native(monkeypatch)
-    stats = {"k_rms": torch.rand(3, 64) * 3 + 0.1, "v_rms": torch.rand(3, 64) + 0.1}
+    stats = {"k_rms": torch.rand(3, 64) * 3 + 0.1, "v_rms": torch.rand(3, 64) + 0.1,
+             "kpre_rms": torch.rand(3, 64) * 3 + 0.1, "kpre_mean": torch.randn(3, 64)}
     q, parts, starts = decoding(codec, [1, 70, 64 * 5 + 9, 64 * 12], block=64, window=window, stats=stats)
     threads = torch.get_num_threads()
     try:

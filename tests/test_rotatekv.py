@@ -34,6 +34,7 @@ class Unquantized(RotateKV):
         return self.restore(data["k"].reshape(h, n * b, d), data["v"].reshape(h, n * b, d), dtype)
 
     attend = Codec.attend  # no kernel for fp32 fields: attention decodes the blocks
+    native_job = Codec.native_job
 
 
 def test_turn_is_exactly_invertible_with_a_calibrated_permutation():
@@ -45,6 +46,28 @@ def test_turn_is_exactly_invertible_with_a_calibrated_permutation():
     turned = bound.turn(x)
     assert (turned - x).abs().max() > 0.1  # it really mixes channels (and heads)
     torch.testing.assert_close(bound.turn(turned, inverse=True), x, atol=1e-5, rtol=0)
+
+
+def test_heads_are_dealt_apart_and_values_follow_their_keys_order():
+    """With rotation blocks inside a head, each head's key channels are dealt over its own blocks
+    and its values take the same order: a head's turned keys and values depend on that head
+    alone, and turning back is exact. Blocks spanning heads deal the keys across heads and leave
+    the values in their order."""
+    torch.manual_seed(6)
+    ctx = LayerContext(0, 2, 64, {"kpre_rms": torch.rand(2, 64)})
+    wide = spec.parse("rotatekv(rotate=128)").codec.for_layer(ctx)
+    assert wide.vperm is None and (wide.perm[:64] >= 64).any()
+    bound = spec.parse("rotatekv(rotate=32)").codec.for_layer(ctx)
+    assert bound.vperm.shape == (2, 64) and bound.state_bytes() == 2 * 128 + 2 * 128
+    assert torch.equal(bound.perm.reshape(2, 64).long() - torch.tensor([[0], [64]]), bound.vperm.long())
+    assert torch.equal(bound.vperm[0].long(), deal(ctx.stats["kpre_rms"][0], 32))
+    x = torch.randn(2, 50, 64)
+    for turn in (bound.turn, bound.turn_values):
+        turned = turn(x)
+        torch.testing.assert_close(turn(turned, inverse=True), x, atol=1e-5, rtol=0)
+        y = x.clone()
+        y[1] += 1.0
+        torch.testing.assert_close(turn(y)[0], turned[0])  # head 0 untouched by head 1
 
 
 def test_one_byte_scales_and_int8_zero_points_cover_small_large_and_offset_groups():
@@ -139,7 +162,7 @@ def test_native_kernel_equals_its_reference(name, n_kv, d, heads):
     q = torch.randn(n_kv, rows_per_head, d) * (0.2 if d == 64 else 0.05)
     ref = codec.attend_torch(q, data, rows)
     fast = kernels.rotatekv_attend(q, data, rows, codec._inverse, codec.mean, codec.bits, codec.group,
-                                   codec.rotate, codec.keys == "channel")
+                                   codec.rotate, codec.keys == "channel", codec._vinverse)
     assert fast is not None
     # the kernel turns a block's keys by its first row and each offset's (angle sums), the
     # reference by the table's row of each position, whose fp32 angles are off by up to 6e-5 rad by
@@ -178,11 +201,13 @@ def test_native_kernel_takes_any_reordering():
     torch.manual_seed(4)
     codec = _bound("rotatekv", 3, 64)
     object.__setattr__(codec, "perm", torch.randperm(192).to(torch.int16))
+    object.__setattr__(codec, "vperm", torch.stack([torch.randperm(64) for _ in range(3)]).to(torch.int16))
     k, v = torch.randn(3, 3, 64, 64) * torch.linspace(0.2, 3, 64), torch.randn(3, 3, 64, 64)
     data = codec.encode(k, v)
     rope = Rope(1.0 / 10000 ** (torch.arange(0, 64, 2).float() / 64))
     q = torch.randn(3, 3, 64) * 0.2
-    fast = kernels.rotatekv_attend(q, data, rope.span(5, 192), codec._inverse, None, 2, 64, 64, False)
+    fast = kernels.rotatekv_attend(q, data, rope.span(5, 192), codec._inverse, None, 2, 64, 64, False,
+                                   codec._vinverse)
     assert fast is not None
     for a, b in zip(fast, codec.attend_torch(q, data, rope.span(5, 192))):
         torch.testing.assert_close(a, b, atol=3e-5, rtol=1e-4)
@@ -201,12 +226,12 @@ def test_kernel_declines_blocks_whose_positions_are_not_consecutive():
     positions[130:] += 1  # block 2 skips a position
     rows = rope.rows(positions)
     q = torch.randn(3, 3, 64) * 0.2
-    assert kernels.rotatekv_attend(q, data, rows, codec._inverse, None, 2, 64, 64, False) is None
+    assert kernels.rotatekv_attend(q, data, rows, codec._inverse, None, 2, 64, 64, False, codec._vinverse) is None
     for a, b in zip(codec.attend(q, data, rows), codec.attend_torch(q, data, rows)):
         torch.testing.assert_close(a, b)
     # consecutive blocks far out are taken, though the table's fp32 angles drift there
     far = rope.span(131072 - 192, 192)
-    fast = kernels.rotatekv_attend(q, data, far, codec._inverse, None, 2, 64, 64, False)
+    fast = kernels.rotatekv_attend(q, data, far, codec._inverse, None, 2, 64, 64, False, codec._vinverse)
     ref = codec.attend_torch(q, data, far)
     assert fast is not None
     torch.testing.assert_close(fast[2] / fast[1], ref[2] / ref[1], atol=3e-3, rtol=0)

@@ -11,9 +11,10 @@ The kernel takes parts on the CPU without a ``bias``: held keys/values in fp32, 
 (sinks, the residual block, a selector's held tokens), the ``dense`` codec's blocks (read in
 their storage dtype), the ``int`` codec's packed blocks (2, 4 or 8 bits; the shapes
 ``kvtier.kernels.int_attend`` takes), and runs of any codec with a native job
-(:meth:`Codec.native_job`: the MX/NV formats, ``bfp``, ``lowrank``, ``ovp``, ``sparse``), which
-that codec's own kernel attends inside the same call when the query sees the run whole.
-Everything else falls back: codecs that store keys before RoPE, parts with a bias (merged or
+(:meth:`Codec.native_job`: the MX/NV formats, ``bfp``, ``lowrank``, ``ovp``, ``sparse``, and
+``rotatekv`` when its heads are apart, its keys turned by RoPE in its kernel), which that
+codec's own kernel attends inside the same call when the query sees the run whole.
+Everything else falls back: other codecs that store keys before RoPE, parts with a bias (merged or
 masked tokens), parts on another device, parts a selector gathered itself (Quest's per-head
 blocks), head sizes that are not a multiple of 16.
 
@@ -243,9 +244,9 @@ def _run_row(run, start: int, g: int) -> tuple[list[int], object] | None:
     """The kernel's row for a run of blocks at ``start`` (``g`` query rows per KV head), and
     the tensors it points into, or None when the run's codec kernel declines its sizes: the
     row is made once and kept with the run while it lasts."""
-    if run.native is None or run.native[2] != g:
-        run.native = (*(_block_row(run, g) or (None, None)), g)
-    row, tensors, _ = run.native
+    if run.native is None or run.native[2:] != (g, start):
+        run.native = (*(_block_row(run, g, start) or (None, None)), g, start)
+    row, tensors = run.native[:2]
     if row is None:
         return None
     row = list(row)
@@ -258,17 +259,19 @@ def _plain_row(k: torch.Tensor, v: torch.Tensor) -> list[int]:
             v.stride(0), v.stride(1), 0, 0, 0, 0, 0, 0, 0, 0, 0]
 
 
-def _block_row(run, g: int) -> tuple[list[int], object] | None:
-    """The kernel's row for a run of blocks, and the tensors it points into: ``dense`` or
-    ``int`` blocks read by the kernel itself, any other codec's by its own kernel (a SPAN row;
-    None when that kernel declines the sizes)."""
+def _block_row(run, g: int, start: int) -> tuple[list[int], object] | None:
+    """The kernel's row for a run of blocks at ``start``, and the tensors it points into:
+    ``dense`` or ``int`` blocks read by the kernel itself, any other codec's by its own kernel
+    (a SPAN row, with the RoPE rows of the run's positions for keys stored before RoPE; None
+    when that kernel declines the sizes)."""
     layer = run.layer
     fields = run.fields()  # as the layer's own decode would read them
     if _spans(layer.codec):
-        job = layer.codec.native_job(fields, g)
+        _, n, b = next(iter(fields.values())).shape[:3]
+        rope = layer.rope.span(start, n * b) if layer.codec.pre_rope else None
+        job = layer.codec.native_job(fields, g, rope)
         if job is None:
             return None
-        _, n, b = next(iter(fields.values())).shape[:3]
         turns = [0 if t is None else t.data_ptr() for t in (job.q_turn, job.o_turn)]
         return [SPAN, n * b, 0, job.span, job.job, 0, 0, 0, 0, *turns, 0, 0, 0, 0, 0, 0, b], job
     if type(layer.codec) is Int:
@@ -284,16 +287,19 @@ def _block_row(run, g: int) -> tuple[list[int], object] | None:
 
 def takes(part: Part, q_start: int | None = None, window: int | None = None, g: int | None = None) -> bool:
     """Whether the kernel takes this part: held keys/values in fp32, bf16 or fp16, or a run of
-    ``dense`` or ``int`` blocks (the kernel's shapes) or of a codec with a native job that the
-    query sees whole, on the CPU, without a bias."""
+    ``dense`` or ``int`` blocks (the kernel's shapes) or of a codec whose native job takes the
+    run and that the query sees whole, on the CPU, without a bias."""
     if part.bias is not None or (part.device is not None and part.device.type != "cpu"):
         return False
     if part.load is None:
         return part.k.dtype in KINDS and part.v.dtype == part.k.dtype and part.k.shape == part.v.shape
     layer = _block_run(part)
-    return (layer is not None and _takes_blocks(layer)
-            and (not _spans(layer.codec) or (g is not None and q_start is not None
-                                             and _seen_whole(part.start, q_start, window))))
+    if layer is None or not _takes_blocks(layer):
+        return False
+    if not _spans(layer.codec):
+        return True
+    return (g is not None and q_start is not None and _seen_whole(part.start, q_start, window)
+            and _run_row(part.blocks, part.start, g) is not None)  # made once, kept with the run
 
 
 def _spans(codec) -> bool:
@@ -302,13 +308,14 @@ def _spans(codec) -> bool:
 
 
 def _takes_blocks(layer) -> bool:
-    """Whether the kernel takes runs of ``layer``'s blocks: ``dense`` or ``int`` (its shapes),
-    or a codec with a native job; keys stored after RoPE."""
+    """Whether the kernel takes runs of ``layer``'s blocks: those of a codec with a native job
+    (which may still decline a run), or ``dense`` or ``int`` in the kernel's shapes, keys
+    stored after RoPE."""
     codec = layer.codec
-    if codec.pre_rope:
-        return False
     if _spans(codec):
         return True
+    if codec.pre_rope:
+        return False
     if type(codec) is Dense:
         return DTYPES[codec.dtype] in KINDS
     if type(codec) is Int:
@@ -328,9 +335,9 @@ def _int_row(codec: Int, f: dict[str, torch.Tensor], start: int) -> list[int]:
 
 def _block_run(part: Part) -> LayerKV | None:
     """The :class:`LayerKV` whose run of blocks ``part`` is, or None for any other part (and for
-    keys stored before RoPE: decoding rotates them)."""
+    keys stored before RoPE without a native job: decoding rotates them)."""
     run = part.blocks
-    if run is None or run.layer.codec.pre_rope:
+    if run is None or (run.layer.codec.pre_rope and not _spans(run.layer.codec)):
         return None
     return run.layer
 

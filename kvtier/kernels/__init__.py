@@ -110,8 +110,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.kvtier_vq_attend.argtypes = [p, i, i, i, i, i, i, i, p, p, p, l, p, p, p, p, p, i]
     lib.kvtier_vq_attend.restype = i
     # q, n_kv, rows, d, bits, group, block, n_blocks, rotate, channel_keys, ptrs, strides, rope,
-    # rope_hs, inv, mean, m, l, o, threads (kvtier.kv.codecs.rotatekv)
-    lib.kvtier_rotatekv_attend.argtypes = [p, i, i, i, i, i, i, i, i, i, p, p, p, l, p, p, p, p, p, i]
+    # rope_hs, inv, mean, vinv, m, l, o, threads (kvtier.kv.codecs.rotatekv)
+    lib.kvtier_rotatekv_attend.argtypes = [p, i, i, i, i, i, i, i, i, i, p, p, p, l, p, p, p, p, p, p, i]
     lib.kvtier_rotatekv_attend.restype = i
     # q, n_kv, rows, d, bits, eblock, block, n_blocks, ptrs, strides, elut, slut, m, l, o, threads
     # (kvtier.kv.codecs.blockscaled)
@@ -120,7 +120,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     # the same arguments but q, m, l, o and threads -> a job for batched.c's SPAN parts (or NULL),
     # and the span function of each
     jobs = {"blockscaled": [i, i, i, i, i, i, i, p, p, p, p], "lowrank": [i, i, i, i, i, i, i, p, p],
-            "ovp": [i, i, i, i, i, p, p, p], "sparse": [i, i, i, i, i, i, i, p, p]}
+            "ovp": [i, i, i, i, i, p, p, p], "sparse": [i, i, i, i, i, i, i, p, p],
+            "rotatekv": [i, i, i, i, i, i, i, i, i, p, p, p, l, p, p, p]}
     for name, args in jobs.items():
         getattr(lib, f"kvtier_{name}_job").argtypes = args
         getattr(lib, f"kvtier_{name}_job").restype = p
@@ -440,12 +441,14 @@ ROTATEKV_FIELDS = ("k", "k_scale", "k_zero", "v", "v_scale", "v_zero")
 
 
 def rotatekv_attend(q: torch.Tensor, data: dict[str, torch.Tensor], rope: torch.Tensor, inv: torch.Tensor | None,
-                    mean: torch.Tensor | None, bits: int, group: int, rotate: int, channel_keys: bool):
+                    mean: torch.Tensor | None, bits: int, group: int, rotate: int, channel_keys: bool,
+                    vinv: torch.Tensor | None = None):
     """Softmax pieces of pre-scaled queries ``q (Hkv, R, D)`` over a run of ``rotatekv`` blocks
     (keys before RoPE, rotated across heads): ``inv`` ``(Hkv * D,)`` int32 is the rotated
     position of each channel (None: no reordering), ``mean`` ``(Hkv, D)`` fp32 the key means
-    added back (None: not centred); the keys are rotated by ``rope`` inside the kernel (see
-    rkvattn.c). Returns ``m, l (Hkv, R, 1)``, ``o (Hkv, R, D)`` fp32, or None when the kernel is
+    added back (None: not centred), ``vinv`` ``(Hkv * D,)`` int32 each value channel's position
+    in its head's stored order (None: values not reordered); the keys are rotated by ``rope``
+    inside the kernel (see rkvattn.c). Returns ``m, l (Hkv, R, 1)``, ``o (Hkv, R, D)`` fp32, or None when the kernel is
     unavailable or does not handle these sizes."""
     got = _fields_for(q, [data[f] for f in ROTATEKV_FIELDS]) if rope.dtype == torch.float32 else None
     if got is None:
@@ -456,8 +459,24 @@ def rotatekv_attend(q: torch.Tensor, data: dict[str, torch.Tensor], rope: torch.
     rc = library().kvtier_rotatekv_attend(
         q.data_ptr(), h, r, d, bits, group, b, n, rotate, int(channel_keys), ptrs, strides, rope.data_ptr(), rope_hs,
         None if inv is None else inv.data_ptr(), None if mean is None else mean.data_ptr(),
-        m.data_ptr(), l.data_ptr(), o.data_ptr(), torch.get_num_threads())
+        None if vinv is None else vinv.data_ptr(), m.data_ptr(), l.data_ptr(), o.data_ptr(), torch.get_num_threads())
     return (m, l, o) if rc == 0 else None
+
+
+def rotatekv_job(data: dict[str, torch.Tensor], rope: torch.Tensor, inv: torch.Tensor | None,
+                 mean: torch.Tensor | None, bits: int, group: int, rotate: int, channel_keys: bool,
+                 vinv: torch.Tensor | None, rows: int) -> SpanJob | None:
+    """:func:`rotatekv_attend`'s run as a :class:`SpanJob` for ``rows`` query rows per KV head;
+    None also when its heads are not apart (a rotation or the key order spans heads: the kernel
+    then decodes all heads of a token at once, which one head's task cannot)."""
+    if rope.dtype != torch.float32 or any(t is not None and t.device.type != "cpu" for t in (rope, inv, mean, vinv)):
+        return None
+    rope, rope_hs = _rope_rows(rope)
+    h, n, b, packed = data["v"].shape
+    ptr = lambda t: None if t is None else t.data_ptr()
+    return _span_job("rotatekv", [data[f] for f in ROTATEKV_FIELDS],
+                     (h, rows, packed * 8 // bits, bits, group, b, n, rotate, int(channel_keys)),
+                     (rope.data_ptr(), rope_hs, ptr(inv), ptr(mean), ptr(vinv)), (rope, inv, mean, vinv))
 
 
 def blockscaled_attend(q: torch.Tensor, fields: list[torch.Tensor | None], elut: torch.Tensor, slut: torch.Tensor,

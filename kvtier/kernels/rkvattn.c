@@ -1,6 +1,7 @@
 /* Decode attention on the `rotatekv` codec's blocks (RotateKV: keys stored before RoPE, every
  * token's key channels reordered and rotated by a block-diagonal Walsh-Hadamard matrix whose
- * blocks span KV heads; values rotated by the same blocks in their own order), in fp32.
+ * blocks span KV heads; values reordered within each head and rotated by the same blocks), in
+ * fp32.
  *
  * One call covers one run of consecutive blocks of one layer. Because a rotation mixes the
  * channels of several KV heads, a token is decoded for all heads at once:
@@ -16,10 +17,11 @@
  * of each channel), the calibrated mean added for centre=true, and it is then
  * turned by RoPE at its position (spans.h) and scored. A transform that mixes channels does
  * not commute with RoPE, which turns each position by its own angles, so for keys it cannot
- * move to the query and is undone per token. Values need neither RoPE nor a reordering: each
- * head's query rows accumulate them under the weights in the rotated space, over the rotation
- * runs that hold that head's channels (its own D when rotate <= D), and the sums are rotated
- * back once per call, since the transform is linear. Nothing but codes is read from the cache
+ * move to the query and is undone per token. Values need no RoPE and their reordering stays
+ * within each head: each head's query rows accumulate them under the weights in the rotated
+ * space, over the rotation runs that hold that head's channels (its own D when rotate <= D),
+ * and the sums are rotated back and put back in their order (`vinv`) once per call, since the
+ * transform is linear. Nothing but codes is read from the cache
  * and no dense block is written to memory. For the query rows (pre-scaled, R per KV head) it
  * returns the softmax pieces m, l, o that kvtier.attention.blockwise.merge combines; the
  * blocks are split over threads. kvtier.kv.codecs.rotatekv.RotateKV.attend_torch is the
@@ -41,8 +43,15 @@ typedef struct {
     const float *off;                      /* (B, 2, D/2) rows of the offsets in a block (spans.h) */
     const int32_t *inv;                    /* (H*D) rotated position of each channel, or NULL */
     const float *mean;                     /* (H*D) key means added back, or NULL */
-    int *failed;                           /* set when a task's buffers could not be had */
+    const int32_t *vinv;                   /* (H*D) each value channel's place in its head, or NULL */
+    int apart;                             /* heads apart (see heads_apart): one task per head */
+    const int32_t *linv;                   /* apart: (H*D) inv within each head */
+    const int32_t *pidx;                   /* apart, D <= PMAXD: (H*D) each channel's lane in its */
+    const uint16_t *pmask;                 /* pair of vectors; (H, D/16, D/32) the lanes of each pair */
+    int failed;                            /* set when a task's buffers could not be had */
 } KJob;
+
+#define PMAXD 128  /* head dims up to this put a head's keys back in order by two-vector permutes */
 
 #define KAT(J, T, f, h, b, per) ((const T *)(J)->p[f] + (h) * (J)->hs[f] + (long)(b) * (per))
 
@@ -162,20 +171,28 @@ RINLINE void sum_values(float *ox, const float *s, const float *vb, const int H,
         weighted_sum(ox + (long)h * R * S, s + h * R * B, vb + h * D / S * S, R, S, B, H * D);
 }
 
-/* the pieces out: each row's value sums rotated back and its head's D channels taken */
-RINLINE void finish_rows(const float *mr, const float *lr, float *ox, float *m_out, float *l_out, float *o,
-                         const int HR, const int R, const int D, const int S, const int rot, const Lanes *L) {
+/* the pieces out: each row's value sums rotated back and its head's D channels taken, put back
+ * in their order when the values were reordered within each head (vinv; then S == D) */
+RINLINE void finish_rows(const KJob *J, const float *mr, const float *lr, float *ox, float *m_out, float *l_out,
+                         float *o, const int HR, const int R, const int D, const int S, const int rot,
+                         const Lanes *L) {
     for (int r = 0; r < HR; r++) {
         m_out[r] = mr[r];
         l_out[r] = lr[r];
         fwht(ox + (long)r * S, S, rot, L);
-        memcpy(o + (long)r * D, ox + (long)r * S + r / R * D % S, sizeof(float) * D);
+        const float *src = ox + (long)r * S + r / R * D % S;
+        if (J->vinv) {
+            const int32_t *at = J->vinv + r / R * D;
+            for (int c = 0; c < D; c++) o[(long)r * D + c] = src[at[c]];
+        } else {
+            memcpy(o + (long)r * D, src, sizeof(float) * D);
+        }
     }
 }
 
 /* no memory for a task's buffers: the call fails and the caller takes the reference */
 static void failed_rows(const KJob *J, float *m_out, float *l_out, float *o, const int HR, const int D) {
-    *J->failed = 1;
+    ((KJob *)J)->failed = 1;  /* any task's failure fails the call */
     for (int r = 0; r < HR; r++) { m_out[r] = -FLT_MAX; l_out[r] = 0.f; }
     memset(o, 0, sizeof(float) * HR * D);
 }
@@ -230,7 +247,7 @@ RINLINE void span_of(const KJob *J, const float *q, int b0, int b1, float *m_out
             dequant_token(J, V, b, t, 0, vb + (long)t * W, sc, zc, table, norm, H, D, B, bits);
         sum_values(ox, s, vb, H, R, D, B, S);
     }
-    finish_rows(mr, lr, ox, m_out, l_out, o, HR, R, D, S, rot, &L);
+    finish_rows(J, mr, lr, ox, m_out, l_out, o, HR, R, D, S, rot, &L);
     free(kb);
 }
 
@@ -330,7 +347,17 @@ RINLINE void span_vectors(const KJob *J, const float *q, int b0, int b1, float *
                 const int t = t0 + tt;
                 const float *x = flat + (size_t)tt * W;
                 nvf k[KMAXH / 16];
-                if (J->inv) {  /* the channels back in their order */
+                if (J->pmask) {  /* one head: its channels back in order, a pair of vectors at a time */
+                    const __m512 *xv = (const __m512 *)x;
+                    for (int u = 0; u < NV; u++) {
+                        const __m512i idx = _mm512_loadu_si512(J->pidx + 16 * u);
+                        const uint16_t *mk = J->pmask + u * (NV / 2);
+                        __m512 r = _mm512_permutex2var_ps(xv[0], idx, xv[1]);
+                        for (int p2 = 1; p2 < NV / 2; p2++)
+                            r = _mm512_mask_mov_ps(r, mk[p2], _mm512_permutex2var_ps(xv[2 * p2], idx, xv[2 * p2 + 1]));
+                        k[u] = (nvf)r;
+                    }
+                } else if (J->inv) {  /* the channels back in their order */
                     for (int u = 0; u < NV; u++)
                         k[u] = (nvf)_mm512_i32gather_ps(_mm512_loadu_si512(J->inv + 16 * u), x, 4);
                 } else {
@@ -365,15 +392,13 @@ RINLINE void span_vectors(const KJob *J, const float *q, int b0, int b1, float *
             token_vectors(J, V, b, t, 0, (nvf *)(vb + (size_t)t * W), sc, zc, norm, H, D, B, bits, G);
         sum_values(ox, s, vb, H, R, D, B, S);
     }
-    finish_rows(mr, lr, ox, m_out, l_out, o, HR, R, D, S, rot, &L);
+    finish_rows(J, mr, lr, ox, m_out, l_out, o, HR, R, D, S, rot, &L);
     free(vb);
 }
 #endif
 
-/* run_spans' task: all heads of a run of blocks (its head index is always 0) */
-static void span(const void *job, const float *q, int h, int b0, int b1, float *m, float *l, float *o) {
-    (void)h;
-    const KJob *J = job;
+/* all heads of J over blocks [b0, b1) (one head when J is a head's own view) */
+static void span_heads(const KJob *J, const float *q, int b0, int b1, float *m, float *l, float *o) {
     const int H = J->n_kv, R = J->rows, D = J->d, B = J->block, bits = J->bits, rot = J->rotate, G = J->group;
 #ifdef __AVX512F__
     /* in vectors: whole vectors per RoPE half, per plane of packed codes and per group; 16-token
@@ -382,6 +407,7 @@ static void span(const void *job, const float *q, int h, int b0, int b1, float *
 #define SHAPE(hh, r, d, bb, k) \
         if (H == hh && R == r && D == d && B == bb && bits == k && rot == 64 && G == 64) { \
             span_vectors(J, q, b0, b1, m, l, o, hh, r, d, bb, k, 64, 64); return; }
+        SHAPE(1, 3, 64, 64, 2) SHAPE(1, 3, 64, 64, 4)       /* SmolLM2, heads apart: 3 query heads a KV head */
         SHAPE(3, 3, 64, 64, 2) SHAPE(3, 3, 64, 64, 4)       /* SmolLM2: 9 query heads over 3 KV heads */
         SHAPE(1, 4, 256, 64, 2) SHAPE(1, 4, 256, 64, 4)     /* Gemma 3: 4 query heads over 1 KV head */
 #undef SHAPE
@@ -392,24 +418,110 @@ static void span(const void *job, const float *q, int h, int b0, int b1, float *
     span_of(J, q, b0, b1, m, l, o, H, R, D, B, bits, rot);
 }
 
+/* run_spans' and batched.c's task: KV head h of a run whose heads are apart, else all heads (h
+ * is then always 0). A head's view of the job has its fields, RoPE rows, means and orders
+ * moved to that head (every field is bytes). */
+static void span(const void *job, const float *q, int h, int b0, int b1, float *m, float *l, float *o) {
+    const KJob *J = job;
+    if (!J->apart) {
+        span_heads(J, q, b0, b1, m, l, o);
+        return;
+    }
+    const void *p[NFIELDS];
+    for (int f = 0; f < NFIELDS; f++) p[f] = (const uint8_t *)J->p[f] + h * J->hs[f];
+    KJob one = *J;
+    const int D = J->d;
+    one.n_kv = 1;
+    one.p = p;
+    one.rope = J->rope + h * J->rope_hs;
+    one.inv = J->linv ? J->linv + h * D : NULL;
+    one.pidx = J->pidx ? J->pidx + h * D : NULL;
+    one.pmask = J->pmask ? J->pmask + h * (D / 16) * (D / 32) : NULL;
+    one.mean = J->mean ? J->mean + h * D : NULL;
+    one.vinv = J->vinv ? J->vinv + h * D : NULL;
+    one.failed = 0;
+    span_heads(&one, q, b0, b1, m, l, o);
+    if (one.failed) ((KJob *)J)->failed = 1;
+}
+
+/* Whether the heads' channels never meet: rotation runs inside a head (rot | D) and the key
+ * order moves no channel to another head. Then each KV head is its own task. */
+static int heads_apart(const int H, const int D, const int rot, const int32_t *inv) {
+    if (D % rot) return 0;
+    if (inv)
+        for (int c = 0; c < H * D; c++)
+            if (inv[c] / D != c / D) return 0;
+    return 1;
+}
+
+/* The job of a run of blocks, in one allocation (free() frees it): the sizes and pointers, the
+ * RoPE offsets and, for heads apart, each head's own key order and its permute plan; NULL when
+ * the sizes are outside what this kernel handles, a block's positions are not consecutive, or
+ * memory runs out. */
+static KJob *job_of(int n_kv, int rows, int d, int bits, int group, int block, int n_blocks, int rotate,
+                    int channel_keys, const void *const *ptrs, const long *strides, const float *rope,
+                    long rope_hs, const int32_t *inv, const float *mean, const int32_t *vinv) {
+    const int w = n_kv * d;
+    if (d > RMAXD || d % 2 || rows > RMAXR || block > RMAXB || w > KMAXH || n_kv * rows > KMAXH / 8
+        || (bits != 2 && bits != 4) || group < 1 || d % group || (d * bits) % 8 || n_blocks < 1
+        || rotate < 2 || rotate > 2 * RMAXD || (rotate & (rotate - 1)) || w % rotate || (vinv && d % rotate))
+        return NULL;
+    rscale_table();
+    const int apart = heads_apart(n_kv, d, rotate, inv), plan = apart && inv && d % 32 == 0 && d <= PMAXD;
+    const size_t off_n = (size_t)block * d, masks = plan ? (size_t)n_kv * (d / 16) * (d / 32) : 0;
+    const size_t bytes = sizeof(KJob) + sizeof(float) * off_n + sizeof(int32_t) * (apart && inv ? 2 * (size_t)w : 0)
+                         + sizeof(uint16_t) * masks;
+    KJob *J = malloc(bytes);
+    if (!J) return NULL;
+    float *off = (float *)(J + 1);
+    int32_t *linv = (int32_t *)(off + off_n), *pidx = linv + w;
+    uint16_t *pmask = (uint16_t *)(pidx + w);
+    if (rope_offsets(rope, rope_hs, rope_hs ? n_kv : 1, n_blocks, block, d, off)) { free(J); return NULL; }
+    *J = (KJob){n_kv, rows, d, bits, group, block, n_blocks, rotate, channel_keys, ptrs, strides, rope, rope_hs,
+                off, inv, mean, vinv, apart, NULL, NULL, NULL, 0};
+    if (apart && inv) {
+        for (int c = 0; c < w; c++) linv[c] = inv[c] - c / d * d;
+        J->linv = linv;
+    }
+    if (plan) {  /* output vector u of a head takes lane linv & 31 of pair linv / 32 */
+        const int nv = d / 16, np = d / 32;
+        memset(pmask, 0, sizeof(uint16_t) * masks);
+        for (int c = 0; c < w; c++) {
+            const int h = c / d, u = c % d / 16, lane = c % 16;
+            pidx[c] = linv[c] & 31;
+            pmask[((size_t)h * nv + u) * np + linv[c] / 32] |= (uint16_t)(1u << lane);
+        }
+        J->pidx = pidx;
+        J->pmask = pmask;
+    }
+    return J;
+}
+
 /* Returns 0, or 1 when the sizes are outside what this kernel handles or memory runs out (the
  * caller falls back). */
 int kvtier_rotatekv_attend(const float *q, int n_kv, int rows, int d, int bits, int group, int block,
                            int n_blocks, int rotate, int channel_keys, const void *const *ptrs,
                            const long *strides, const float *rope, long rope_hs, const int32_t *inv,
-                           const float *mean, float *m, float *l, float *o, int threads) {
-    const int w = n_kv * d;
-    if (d > RMAXD || d % 2 || rows > RMAXR || block > RMAXB || w > KMAXH || n_kv * rows > KMAXH / 8
-        || (bits != 2 && bits != 4) || group < 1 || d % group || (d * bits) % 8 || n_blocks < 1
-        || rotate < 2 || rotate > 2 * RMAXD || (rotate & (rotate - 1)) || w % rotate)
-        return 1;
-    rscale_table();
-    int failed = 0;
-    float *off = malloc(sizeof(float) * block * d);
-    if (!off || rope_offsets(rope, rope_hs, rope_hs ? n_kv : 1, n_blocks, block, d, off)) { free(off); return 1; }
-    KJob J = {n_kv, rows, d, bits, group, block, n_blocks, rotate, channel_keys, ptrs, strides, rope, rope_hs,
-              off, inv, mean, &failed};
-    const int rc = run_spans(&J, span, q, 1, n_kv * rows, d, n_blocks, m, l, o, threads) || failed;
-    free(off);
+                           const float *mean, const int32_t *vinv, float *m, float *l, float *o, int threads) {
+    KJob *J = job_of(n_kv, rows, d, bits, group, block, n_blocks, rotate, channel_keys, ptrs, strides, rope,
+                     rope_hs, inv, mean, vinv);
+    if (!J) return 1;
+    const int rc = (J->apart ? run_spans(J, span, q, n_kv, rows, d, n_blocks, m, l, o, threads)
+                             : run_spans(J, span, q, 1, n_kv * rows, d, n_blocks, m, l, o, threads)) || J->failed;
+    free(J);
     return rc;
 }
+
+/* The same run as a job for batched.c's SPAN parts (one KV head per task: only runs whose heads
+ * are apart), or NULL; and its span function. A task that runs out of memory leaves its
+ * head's pieces empty (m = -inf). */
+void *kvtier_rotatekv_job(int n_kv, int rows, int d, int bits, int group, int block, int n_blocks, int rotate,
+                          int channel_keys, const void *const *ptrs, const long *strides, const float *rope,
+                          long rope_hs, const int32_t *inv, const float *mean, const int32_t *vinv) {
+    KJob *J = job_of(n_kv, rows, d, bits, group, block, n_blocks, rotate, channel_keys, ptrs, strides, rope,
+                     rope_hs, inv, mean, vinv);
+    if (J && !J->apart) { free(J); return NULL; }
+    return J;
+}
+
+void *kvtier_rotatekv_span(void) { return (void *)span; }

@@ -25,9 +25,9 @@ import torch
 from kvtier.dtypes import dtype_name
 from kvtier.errors import KvtierError
 
-# 2: rotatekv's values are rotated without the key reordering, and its keys dealt so that each
-# channel keeps its offset in a rotation block: caches saved by version 1 would decode wrongly
-FORMAT, VERSION = "kvtier-cache", "2"
+# 2: rotatekv's values are rotated without the key reordering; 3: and reordered within each head
+# by their own calibrated RMS. Caches saved by an earlier version would decode wrongly
+FORMAT, VERSION = "kvtier-cache", "3"
 SUFFIX = ".kvcache"
 
 

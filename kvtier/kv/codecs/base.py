@@ -110,11 +110,12 @@ class Codec(ABC):
         """
         return
 
-    def native_job(self, data: dict[str, torch.Tensor], rows: int):
+    def native_job(self, data: dict[str, torch.Tensor], rows: int, rope: torch.Tensor | None = None):
         """The same attention as :meth:`attend`, as a job the batched decode kernel runs among a
-        sequence's other parts (:class:`kvtier.kernels.SpanJob`), for ``rows`` query rows per
-        KV head; None where this codec has none (its runs are then attended by :meth:`attend`
-        and merged in Python). data: as :meth:`attend`'s; the job keeps it."""
+        sequence's other parts (:class:`kvtier.kernels.SpanJob`), one KV head per task, for
+        ``rows`` query rows per KV head; None where this codec has none (its runs are then
+        attended by :meth:`attend` and merged in Python). data and rope: as :meth:`attend`'s;
+        the job keeps them."""
         return None
 
 

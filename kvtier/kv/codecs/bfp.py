@@ -139,7 +139,7 @@ class Bfp(Codec):
         m, l, o = pieces
         return m, l, torch.empty_like(o).scatter_(-1, self.perm_v.long()[:, None, :].expand_as(o), o)
 
-    def native_job(self, data, rows):
+    def native_job(self, data, rows, rope=None):
         """:meth:`attend` as a job of the batched decode kernel: the channel orders as its turn
         of the head space (``q[perm]`` going in, scattered back coming out)."""
         job = kernels.blockscaled_job([data["k_m"], data["k_e"], None, data["v_m"], data["v_e"], None],

@@ -175,7 +175,7 @@ class BlockScaled(Codec):
         m, l, o = pieces
         return m, l, o @ had
 
-    def native_job(self, data, rows):
+    def native_job(self, data, rows, rope=None):
         """:meth:`attend` as a job of the batched decode kernel (the Hadamard rotation as its
         turn of the head space)."""
         fields = [data.get(f"{x}_{f}") for x in "kv" for f in ("codes", "scales", "tensor_scale")]

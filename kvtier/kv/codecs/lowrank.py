@@ -98,7 +98,7 @@ class LowRank(Codec):
         applied to the query and the output, never expanded), or None (no kernel: decoded)."""
         return kernels.lowrank_attend(q, data, self.bits, self.rank)
 
-    def native_job(self, data, rows):
+    def native_job(self, data, rows, rope=None):
         """:meth:`attend` as a job of the batched decode kernel."""
         return kernels.lowrank_job(data, self.bits, self.rank, rows)
 

@@ -166,7 +166,7 @@ class Ovp(Codec):
         scales and centres moved to the query), or None (no kernel: decoded)."""
         return kernels.ovp_attend(q, data, _tables(q.device)[0])
 
-    def native_job(self, data, rows):
+    def native_job(self, data, rows, rope=None):
         """:meth:`attend` as a job of the batched decode kernel."""
         return kernels.ovp_job(data, _tables(torch.device("cpu"))[0], rows)
 

@@ -73,7 +73,7 @@ class Sparse(Codec):
         fast = kernels.sparse_attend(q, data)
         return fast if fast is not None else self.attend_torch(q, data)
 
-    def native_job(self, data, rows):
+    def native_job(self, data, rows, rope=None):
         """:meth:`attend` as a job of the batched decode kernel."""
         return kernels.sparse_job(data, rows)
 
