@@ -342,7 +342,7 @@ def test_int_blocks_on_amx_tiles_equal_the_vector_path(monkeypatch, codec, hq, n
 @pytest.mark.parametrize("codec", ["mxfp4", "mxfp4(hadamard=true)", "nvfp4", "mxfp8", "mxint8", "bfp",
                                    "bfp(mantissa=8,block=32)", "bfp(sort=false)", "lowrank", "lowrank(bits=2)",
                                    "ovp", "sparse", "sparse(ratio=0.7,dtype=bf16)", "rotatekv",
-                                   "rotatekv(bits=4,keys=channel,center=true)"])
+                                   "rotatekv(bits=4,keys=channel,center=true)", "nuq", "nuq(bits=4,outliers=0.01)"])
 @pytest.mark.parametrize("window", [None, 300])
 def test_codec_runs_are_their_kernels_jobs_in_the_batched_kernel(codec, window, monkeypatch):
     """A codec with a native job (its own kernel on its blocks, its head space turned by a
@@ -351,7 +351,8 @@ def test_codec_runs_are_their_kernels_jobs_in_the_batched_kernel(codec, window, 
     cuts is scored by the codec's kernel on its own and merged ("split") or decoded."""
     seen = counting_native(monkeypatch)
     stats = {"k_rms": torch.rand(3, 64) * 3 + 0.1, "v_rms": torch.rand(3, 64) + 0.1,
-             "kpre_rms": torch.rand(3, 64) * 3 + 0.1, "kpre_mean": torch.randn(3, 64)}
+             "kpre_rms": torch.rand(3, 64) * 3 + 0.1, "kpre_mean": torch.randn(3, 64),
+             "kpre_sample": torch.randn(3, 256, 64).half(), "v_sample": torch.randn(3, 256, 64).half()}
     q, parts, starts = decoding(codec, [1, 70, 64 * 5 + 9, 64 * 12], block=64, window=window, stats=stats)
     threads = torch.get_num_threads()
     try:

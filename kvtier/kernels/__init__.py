@@ -121,7 +121,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     # and the span function of each
     jobs = {"blockscaled": [i, i, i, i, i, i, i, p, p, p, p], "lowrank": [i, i, i, i, i, i, i, p, p],
             "ovp": [i, i, i, i, i, p, p, p], "sparse": [i, i, i, i, i, i, i, p, p],
-            "rotatekv": [i, i, i, i, i, i, i, i, i, p, p, p, l, p, p, p]}
+            "rotatekv": [i, i, i, i, i, i, i, i, i, p, p, p, l, p, p, p],
+            "nuq": [i, i, i, i, i, i, i, i, p, p, p, l, p, p]}
     for name, args in jobs.items():
         getattr(lib, f"kvtier_{name}_job").argtypes = args
         getattr(lib, f"kvtier_{name}_job").restype = p
@@ -318,6 +319,19 @@ def nuq_attend(q: torch.Tensor, data: dict[str, torch.Tensor], rope: torch.Tenso
 
 
 VQ_FIELDS = ("k", "k_scale", "v", "v_scale")
+
+
+def nuq_job(data: dict[str, torch.Tensor], rope: torch.Tensor, lut_k: torch.Tensor, lut_v: torch.Tensor,
+            bits: int, group: int, rows: int) -> SpanJob | None:
+    """:func:`nuq_attend`'s run as a :class:`SpanJob` for ``rows`` query rows per KV head."""
+    if rope.dtype != torch.float32 or rope.device.type != "cpu":
+        return None
+    rope, rope_hs = _rope_rows(rope)
+    lut_k, lut_v = lut_k.float().contiguous(), lut_v.float().contiguous()
+    h, n, b, packed = data["v"].shape
+    n_out = data["k_oi"].shape[-1] if "k_oi" in data else 0
+    return _span_job("nuq", [data.get(f) for f in NUQ_FIELDS], (h, rows, packed * 8 // bits, bits, group, b, n, n_out),
+                     (rope.data_ptr(), rope_hs, lut_k.data_ptr(), lut_v.data_ptr()), (rope, lut_k, lut_v))
 
 
 def vq_attend(q: torch.Tensor, data: dict[str, torch.Tensor], rope: torch.Tensor, k_book: torch.Tensor,

@@ -101,19 +101,41 @@ static void span(const void *job, const float *q, int h, int b0, int b1, float *
     span_of(J, q, h, b0, b1, m, l, o, R, D, B, bits);
 }
 
+/* The job of a run of blocks, with its RoPE offsets, in one allocation (free() frees it); NULL
+ * when the sizes are outside what this kernel handles, a block's positions are not consecutive
+ * or memory runs out. */
+static NJob *job_of(int n_kv, int rows, int d, int bits, int group, int block, int n_blocks, int n_out,
+                    const void *const *ptrs, const long *strides, const float *rope, long rope_hs,
+                    const float *lut_k, const float *lut_v) {
+    if (d > NMAXD || d % 2 || rows > NMAXR || block > NMAXB || (bits != 2 && bits != 4) || group < 1 || d % group
+        || (d * bits) % 8 || n_blocks < 1)
+        return NULL;
+    scale_table();
+    NJob *J = malloc(sizeof(NJob) + sizeof(float) * block * d);
+    if (!J) return NULL;
+    float *off = (float *)(J + 1);
+    if (rope_offsets(rope, rope_hs, rope_hs ? n_kv : 1, n_blocks, block, d, off)) { free(J); return NULL; }
+    *J = (NJob){n_kv, rows, d, bits, group, block, n_blocks, n_out, ptrs, strides, rope, rope_hs, off, lut_k, lut_v};
+    return J;
+}
+
 /* Returns 0, or 1 when the sizes are outside what this kernel handles (the caller falls back). */
 int kvtier_nuq_attend(const float *q, int n_kv, int rows, int d, int bits, int group, int block,
                       int n_blocks, int n_out, const void *const *ptrs, const long *strides,
                       const float *rope, long rope_hs, const float *lut_k, const float *lut_v,
                       float *m, float *l, float *o, int threads) {
-    if (d > NMAXD || d % 2 || rows > NMAXR || block > NMAXB || (bits != 2 && bits != 4) || group < 1 || d % group
-        || (d * bits) % 8 || n_blocks < 1)
-        return 1;
-    scale_table();
-    float *off = malloc(sizeof(float) * block * d);
-    if (!off || rope_offsets(rope, rope_hs, rope_hs ? n_kv : 1, n_blocks, block, d, off)) { free(off); return 1; }
-    NJob J = {n_kv, rows, d, bits, group, block, n_blocks, n_out, ptrs, strides, rope, rope_hs, off, lut_k, lut_v};
-    const int rc = run_spans(&J, span, q, n_kv, rows, d, n_blocks, m, l, o, threads);
-    free(off);
+    NJob *J = job_of(n_kv, rows, d, bits, group, block, n_blocks, n_out, ptrs, strides, rope, rope_hs, lut_k, lut_v);
+    if (!J) return 1;
+    const int rc = run_spans(J, span, q, n_kv, rows, d, n_blocks, m, l, o, threads);
+    free(J);
     return rc;
 }
+
+/* The same run as a job for batched.c's SPAN parts, or NULL; and its span function. */
+void *kvtier_nuq_job(int n_kv, int rows, int d, int bits, int group, int block, int n_blocks, int n_out,
+                     const void *const *ptrs, const long *strides, const float *rope, long rope_hs,
+                     const float *lut_k, const float *lut_v) {
+    return job_of(n_kv, rows, d, bits, group, block, n_blocks, n_out, ptrs, strides, rope, rope_hs, lut_k, lut_v);
+}
+
+void *kvtier_nuq_span(void) { return (void *)span; }

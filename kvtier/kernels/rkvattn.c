@@ -313,7 +313,7 @@ RINLINE void span_vectors(const KJob *J, const float *q, int b0, int b1, float *
     const int W = H * D, HR = H * R, NV = W / 16, DV = D / 16, S = value_span(H, D, rot);
     const float norm = 1.f / sqrtf((float)rot);
     const size_t bytes = sizeof(float) * ((size_t)B * W + (size_t)HR * B + (size_t)HR * S + 18 * (size_t)W
-                                          + (size_t)HR * 16 * 16);
+                                          + (size_t)HR * 16 * 16 + (size_t)HR * D);
     float *vb = aligned_alloc(64, (bytes + 63) / 64 * 64);
     if (!vb) {  /* no memory: the call fails and the caller takes the reference */
         failed_rows(J, m_out, l_out, o, HR, D);
@@ -323,13 +323,36 @@ RINLINE void span_vectors(const KJob *J, const float *q, int b0, int b1, float *
     nvf *sc = (nvf *)(ox + (size_t)HR * S), *zc = sc + NV;
     float *flat = (float *)(zc + NV);  /* 16 tokens' keys in the rotated-back order */
     nvf (*part)[16] = (nvf (*)[16])(flat + 16 * (size_t)W);  /* 16 tokens' dot products per row */
+    float *qb = (float *)(part + HR);  /* the query rows turned back by each block's first angles */
     float mr[KMAXH / 8], lr[KMAXH / 8];
     for (int r = 0; r < HR; r++) { mr[r] = -FLT_MAX; lr[r] = 0.f; }
     memset(ox, 0, sizeof(float) * HR * S);
     const Lanes L = lanes();
     nvf mean[KMAXH / 16];
     if (J->mean) memcpy(mean, J->mean, sizeof(float) * W);
+    /* one head of at most PMAXD channels: its permute plan in registers */
+    const int permuted = J->pmask != NULL && W <= PMAXD;
+    __m512i pidx[PMAXD / 16];
+    __mmask16 pmask[PMAXD / 16][PMAXD / 32];
+    if (permuted)
+        for (int u = 0; u < NV; u++) {
+            pidx[u] = _mm512_loadu_si512(J->pidx + 16 * u);
+            for (int p2 = 0; p2 < NV / 2; p2++) pmask[u][p2] = J->pmask[u * (NV / 2) + p2];
+        }
     for (int b = b0; b < b1; b++) {
+        /* RoPE at position p0 + t is RoPE at p0 after RoPE at t: q . R(p0 + t) k = (R(p0)^T q) .
+         * (R(t) k), so each row is turned back once per block and each key by its offset's row */
+        for (int h = 0; h < H; h++) {
+            const float *c0 = J->rope + h * J->rope_hs + (long)b * B * 2 * D, *s0 = c0 + D;
+            for (int r = 0; r < R; r++) {
+                const float *qr = q + (long)(h * R + r) * D;
+                float *out = qb + (long)(h * R + r) * D;
+                for (int c = 0; c < D / 2; c++) {
+                    out[c] = qr[c] * c0[c] + qr[c + D / 2] * s0[c];
+                    out[c + D / 2] = qr[c + D / 2] * c0[c] - qr[c] * s0[c];
+                }
+            }
+        }
         if (J->channel_keys)
             for (int j = 0; j < H; j++) {
                 const uint8_t *s8 = KAT(J, uint8_t, KS, j, b, D);
@@ -338,23 +361,25 @@ RINLINE void span_vectors(const KJob *J, const float *q, int b0, int b1, float *
                 for (int c = 0; c < D; c++) { a[c] = RSCALE[s8[c]] * norm; z[c] = z8[c] * 0.125f * a[c]; }
             }
         for (int t0 = 0; t0 < B; t0 += 16) {
-            for (int tt = 0; tt < 16; tt++) {  /* 16 tokens rotated back first: a gather waits on */
-                nvf *x = (nvf *)(flat + (size_t)tt * W);  /* stores still in flight otherwise */
-                token_vectors(J, K, b, t0 + tt, J->channel_keys, x, sc, zc, norm, H, D, B, bits, G);
-                fwht_vectors(x, NV, rot, &L);
-            }
+            if (!permuted)
+                for (int tt = 0; tt < 16; tt++) {  /* 16 tokens rotated back first: a gather waits on */
+                    nvf *x = (nvf *)(flat + (size_t)tt * W);  /* stores still in flight otherwise */
+                    token_vectors(J, K, b, t0 + tt, J->channel_keys, x, sc, zc, norm, H, D, B, bits, G);
+                    fwht_vectors(x, NV, rot, &L);
+                }
             for (int tt = 0; tt < 16; tt++) {
                 const int t = t0 + tt;
                 const float *x = flat + (size_t)tt * W;
                 nvf k[KMAXH / 16];
-                if (J->pmask) {  /* one head: its channels back in order, a pair of vectors at a time */
-                    const __m512 *xv = (const __m512 *)x;
-                    for (int u = 0; u < NV; u++) {
-                        const __m512i idx = _mm512_loadu_si512(J->pidx + 16 * u);
-                        const uint16_t *mk = J->pmask + u * (NV / 2);
-                        __m512 r = _mm512_permutex2var_ps(xv[0], idx, xv[1]);
+                if (permuted) {  /* one head: decoded, rotated back and put in order in registers */
+                    nvf xv[PMAXD / 16];
+                    token_vectors(J, K, b, t, J->channel_keys, xv, sc, zc, norm, H, D, B, bits, G);
+                    fwht_vectors(xv, NV, rot, &L);
+                    for (int u = 0; u < NV; u++) {  /* a pair of vectors at a time */
+                        __m512 r = _mm512_permutex2var_ps((__m512)xv[0], pidx[u], (__m512)xv[1]);
                         for (int p2 = 1; p2 < NV / 2; p2++)
-                            r = _mm512_mask_mov_ps(r, mk[p2], _mm512_permutex2var_ps(xv[2 * p2], idx, xv[2 * p2 + 1]));
+                            r = _mm512_mask_mov_ps(r, pmask[u][p2],
+                                                   _mm512_permutex2var_ps((__m512)xv[2 * p2], pidx[u], (__m512)xv[2 * p2 + 1]));
                         k[u] = (nvf)r;
                     }
                 } else if (J->inv) {  /* the channels back in their order */
@@ -365,10 +390,8 @@ RINLINE void span_vectors(const KJob *J, const float *q, int b0, int b1, float *
                 }
                 if (J->mean)
                     for (int u = 0; u < NV; u++) k[u] += mean[u];
-                float cs[RMAXD / 2], sn[RMAXD / 2];
+                const float *cs = J->off + (long)t * D, *sn = cs + D / 2;  /* offset t's angles */
                 for (int h = 0; h < H; h++) {
-                    if (h == 0 || J->rope_hs)
-                        rope_at(J->rope + h * J->rope_hs + (long)b * B * 2 * D, J->off, t, D, cs, sn);
                     const nvf *kh = k + h * DV;
                     nvf turned[RMAXD / 16];
                     for (int i = 0; i < DV / 2; i++) {
@@ -377,7 +400,7 @@ RINLINE void span_vectors(const KJob *J, const float *q, int b0, int b1, float *
                         turned[i + DV / 2] = hi * cv + lo * sv;
                     }
                     for (int r = 0; r < R; r++) {
-                        const float *qr = q + (long)(h * R + r) * D;
+                        const float *qr = qb + (long)(h * R + r) * D;
                         nvf acc = loadv(qr) * turned[0];
                         for (int i = 1; i < DV; i++) acc += loadv(qr + 16 * i) * turned[i];
                         part[h * R + r][tt] = acc;
@@ -388,6 +411,19 @@ RINLINE void span_vectors(const KJob *J, const float *q, int b0, int b1, float *
         }
         for (int h = 0; h < H; h++)
             online_softmax(s + h * R * B, mr + h * R, lr + h * R, ox + (long)h * R * S, R, S, B);
+        if (H == 1 && R * DV <= 16) {  /* one head, few rows: each token's values decoded and summed in registers */
+            nvf acc[16], val[16];
+            for (int i = 0; i < R * DV; i++) acc[i] = loadv(ox + 16 * i);
+            for (int t = 0; t < B; t++) {
+                token_vectors(J, V, b, t, 0, val, sc, zc, norm, H, D, B, bits, G);
+                for (int r = 0; r < R; r++) {
+                    const float p = s[r * B + t];
+                    for (int i = 0; i < DV; i++) acc[r * DV + i] += p * val[i];
+                }
+            }
+            for (int i = 0; i < R * DV; i++) storev(ox + 16 * i, acc[i]);
+            continue;
+        }
         for (int t = 0; t < B; t++)
             token_vectors(J, V, b, t, 0, (nvf *)(vb + (size_t)t * W), sc, zc, norm, H, D, B, bits, G);
         sum_values(ox, s, vb, H, R, D, B, S);

@@ -260,6 +260,14 @@ class Nuq(SlidingResidual, Codec):
         fast = kernels.nuq_attend(q, data, rope, kl, vl, self.bits, min(self.group, q.shape[-1]))
         return fast if fast is not None else self.attend_torch(q, data, rope)
 
+    def native_job(self, data, rows, rope=None):
+        """:meth:`attend` as a job of the batched decode kernel (RoPE turned in its kernel)."""
+        if rope is None:
+            return None
+        kl, vl = self.levels()
+        d = data["v"].shape[-1] * 8 // self.bits
+        return kernels.nuq_job(data, rope, kl, vl, self.bits, min(self.group, d), rows)
+
     def attend_torch(self, q, data, rope):
         """The reference of the kernel: each block's codes looked up, scaled, outliers added,
         keys rotated by RoPE at their positions, then softmax pieces in fp32."""
