@@ -12,7 +12,8 @@ The kernel takes parts on the CPU without a ``bias``: held keys/values in fp32, 
 their storage dtype), the ``int`` codec's packed blocks (2, 4 or 8 bits; the shapes
 ``kvtier.kernels.int_attend`` takes), and runs of any codec with a native job
 (:meth:`Codec.native_job`: the MX/NV formats, ``bfp``, ``lowrank``, ``ovp``, ``sparse``, and
-``rotatekv`` when its heads are apart, its keys turned by RoPE in its kernel), which that
+``rotatekv`` when its heads are apart, ``nuq``: these two turn their keys by RoPE in their
+kernels), which that
 codec's own kernel attends inside the same call when the query sees the run whole.
 Everything else falls back: other codecs that store keys before RoPE, parts with a bias (merged or
 masked tokens), parts on another device, parts a selector gathered itself (Quest's per-head

@@ -3,8 +3,10 @@
  * blocks span KV heads; values reordered within each head and rotated by the same blocks), in
  * fp32.
  *
- * One call covers one run of consecutive blocks of one layer. Because a rotation mixes the
- * channels of several KV heads, a token is decoded for all heads at once:
+ * One call covers one run of consecutive blocks of one layer. When a rotation or the key order
+ * mixes the channels of several KV heads, a token is decoded for all heads at once; when each
+ * head keeps its channels (rotate <= D, the codec's default then), each KV head is a task of
+ * its own (heads_apart), and the run can be a job of batched.c's SPAN parts:
  *   codes   per stored head j and token, a row of D codes packed in planes
  *           (kvtier.kv.codecs.packing), stored head j holding channels j*D .. j*D+D-1 of the
  *           rotated vector of H*D channels;
@@ -46,8 +48,8 @@ typedef struct {
     const int32_t *vinv;                   /* (H*D) each value channel's place in its head, or NULL */
     int apart;                             /* heads apart (see heads_apart): one task per head */
     const int32_t *linv;                   /* apart: (H*D) inv within each head */
-    const int32_t *pidx;                   /* apart, D <= PMAXD: (H*D) each channel's lane in its */
-    const uint16_t *pmask;                 /* pair of vectors; (H, D/16, D/32) the lanes of each pair */
+    const int32_t *pidx;                   /* apart, D <= PMAXD: (H*D) each channel's source lane */
+    const uint16_t *pmask;                 /* in its pair of vectors; (H, D/16, D/32) lanes per pair */
     int failed;                            /* set when a task's buffers could not be had */
 } KJob;
 
