@@ -13,9 +13,8 @@ their storage dtype), the ``int`` codec's packed blocks (2, 4 or 8 bits; the sha
 ``kvtier.kernels.int_attend`` takes), and runs of any codec with a native job
 (:meth:`Codec.native_job`: the MX/NV formats, ``bfp``, ``lowrank``, ``ovp``, ``sparse``, and
 ``rotatekv`` when its heads are apart, ``nuq``: these two turn their keys by RoPE in their
-kernels), which that
-codec's own kernel attends inside the same call when the query sees the run whole.
-Everything else falls back: other codecs that store keys before RoPE, parts with a bias (merged or
+kernels), which that codec's own kernel attends inside the same call (when a sliding window
+cuts a run, the kernel skips the tokens it cut). Everything else falls back: other codecs that store keys before RoPE, parts with a bias (merged or
 masked tokens), parts on another device, parts a selector gathered itself (Quest's per-head
 blocks), head sizes that are not a multiple of 16.
 
@@ -157,7 +156,7 @@ def _held_plan(layer, g: int, q_start: int, window: int | None) -> tuple[list[li
         if run.native is None and (run.fetch or not _takes_blocks(run.layer) or run.layer.pool.device.type != "cpu"):
             return None
         got = _run_row(run, run.start, g)
-        if got is None or (got[0][0] == SPAN and not _seen_whole(run.start, q_start, window)):
+        if got is None:
             return None
         rows.append(got[0])
         keep.append(got[1])
@@ -236,11 +235,6 @@ def native_parts(parts: list[Part], q_start: int | None = None, window: int | No
     return rows, keep
 
 
-def _seen_whole(start: int, q_start: int, window: int | None) -> bool:
-    """Whether a decode query at ``q_start`` sees every token from ``start`` on."""
-    return window is None or start > q_start - window
-
-
 def _run_row(run, start: int, g: int) -> tuple[list[int], object] | None:
     """The kernel's row for a run of blocks at ``start`` (``g`` query rows per KV head), and
     the tensors it points into, or None when the run's codec kernel declines its sizes: the
@@ -289,7 +283,7 @@ def _block_row(run, g: int, start: int) -> tuple[list[int], object] | None:
 def takes(part: Part, q_start: int | None = None, window: int | None = None, g: int | None = None) -> bool:
     """Whether the kernel takes this part: held keys/values in fp32, bf16 or fp16, or a run of
     ``dense`` or ``int`` blocks (the kernel's shapes) or of a codec whose native job takes the
-    run and that the query sees whole, on the CPU, without a bias."""
+    run, on the CPU, without a bias."""
     if part.bias is not None or (part.device is not None and part.device.type != "cpu"):
         return False
     if part.load is None:
@@ -299,8 +293,7 @@ def takes(part: Part, q_start: int | None = None, window: int | None = None, g: 
         return False
     if not _spans(layer.codec):
         return True
-    return (g is not None and q_start is not None and _seen_whole(part.start, q_start, window)
-            and _run_row(part.blocks, part.start, g) is not None)  # made once, kept with the run
+    return g is not None and _run_row(part.blocks, part.start, g) is not None  # made once, kept with the run
 
 
 def _spans(codec) -> bool:

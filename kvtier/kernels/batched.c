@@ -42,7 +42,8 @@ enum { F32 = 0, BF16 = 1, F16 = 2, INT = 3, SPAN = 4 };
  * its span function (spanfn.h), v its job (made by the codec's kvtier_*_job), block its block
  * size; ks and kz, when not 0, the fp32 (Hkv, D, D) matrices the codec's head space is turned
  * by (the query's rows times ks[h] before, the output's times kz[h] after: a rotation, a
- * channel order). It is seen whole by the query (the caller makes sure). */
+ * channel order). A sliding window may cut its head: the codec's kernel is told how many
+ * tokens of the first visible block to skip. It must not reach past the query. */
 typedef struct {
     int64_t kind, n, start;
     int64_t k, v;                     /* addresses */
@@ -601,9 +602,10 @@ INLINE void int_part(const PartDesc *P, int h, long j0, long j1, long a, long b,
     }
 }
 
-/* blocks [j0, j1) of a SPAN part, KV head h: the codec's kernel in one piece, in its own head
- * space (the query turned in, the output turned back) */
-INLINE void span_part(const PartDesc *P, int h, long j0, long j1, const float *q,
+/* blocks [j0, j1) of a SPAN part, KV head h, the first `skip` tokens of block j0 cut by a sliding
+ * window: the codec's kernel in one piece, in its own head space (the query turned in, the
+ * output turned back) */
+INLINE void span_part(const PartDesc *P, int h, long j0, long j1, int skip, const float *q,
                       float *m, float *l, float *o, const int G, const int D) {
     float qt[MAXR * MAXD], pm[MAXR], pl[MAXR], po[MAXR * MAXD], ot[MAXD];
     const float *qm = (const float *)P->ks, *om = (const float *)P->kz;
@@ -615,7 +617,7 @@ INLINE void span_part(const PartDesc *P, int h, long j0, long j1, const float *q
                 for (int c = 0; c < D; c++) qt[r * D + c] += q[r * D + i] * qm[(long)i * D + c];
         }
     }
-    ((span_fn)P->k)((const void *)P->v, qm ? qt : q, h, (int)j0, (int)j1, pm, pl, po);
+    ((span_fn)P->k)((const void *)P->v, qm ? qt : q, h, (int)j0, (int)j1, skip, pm, pl, po);
     if (om) {
         om += (long)h * D * D;
         for (int r = 0; r < G; r++) {
@@ -654,7 +656,8 @@ INLINE void task_body(const Job *J, int s, int h, int p, float *m, float *l, flo
                     const long first = c + (j * B > a ? j * B : a) - a;
                     if (first >= g0 && first < g1) { if (j0 < 0) j0 = j; j1 = j + 1; }
                 }
-                if (j0 >= 0 && P->kind == SPAN) span_part(P, h, j0, j1, q, m, l, o, G, D);
+                if (j0 >= 0 && P->kind == SPAN)  /* only the run's first visible block can be cut */
+                    span_part(P, h, j0, j1, j0 * B < a ? (int)(a - j0 * B) : 0, q, m, l, o, G, D);
                 else if (j0 >= 0) int_part(P, h, j0, j1, a, b, q, m, l, o, G, D, J->amx);
             } else {
                 const long t0 = a + (g0 > c ? g0 - c : 0), t1 = a + (g1 - c < nv ? g1 - c : nv);
@@ -713,8 +716,8 @@ int kvtier_batched_decode(const float *q, int n_seq, int n_kv, int g, int d,
         long total = 0;
         for (long i = seq_parts[s]; i < seq_parts[s + 1]; i++) {
             if (!part_ok(&parts[i], d)) return -1;
-            if (parts[i].kind == SPAN && (parts[i].start < lo[s] || parts[i].start + parts[i].n - 1 > q_pos[s]))
-                return -1;  /* a codec's kernel masks nothing: its run must be seen whole */
+            if (parts[i].kind == SPAN && parts[i].start + parts[i].n - 1 > q_pos[s])
+                return -1;  /* a codec's kernel masks no future token (a window's cut: its first block's head) */
             total += parts[i].n;
         }
         longest = total > longest ? total : longest;

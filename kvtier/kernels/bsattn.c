@@ -124,7 +124,7 @@ RINLINE void decode_block(const BJob *J, const int f, const int h, const int b, 
 
 /* one head's pieces over blocks [b0, b1); R, D, B and bits are compile-time constants in the
  * specialised calls of span() */
-RINLINE void span_of(const BJob *J, const float *q, int h, int b0, int b1, float *m_out, float *l_out, float *o,
+RINLINE void span_of(const BJob *J, const float *q, int h, int b0, int b1, int skip, float *m_out, float *l_out, float *o,
                      const int R, const int D, const int B, const int bits) {
     float kb[RMAXB * RMAXD], vb[RMAXB * RMAXD], s[RMAXR * RMAXB], mr[RMAXR], lr[RMAXR];
     for (int r = 0; r < R; r++) { mr[r] = -FLT_MAX; lr[r] = 0.f; }
@@ -134,21 +134,21 @@ RINLINE void span_of(const BJob *J, const float *q, int h, int b0, int b1, float
     for (int b = b0; b < b1; b++) {
         decode_block(J, KC, h, b, kb, table, D, B, bits);
         block_scores(kb, q, s, R, D, B);
-        online_softmax(s, mr, lr, o, R, D, B);
+        online_softmax_from(s, mr, lr, o, R, D, B, b == b0 ? skip : 0);
         decode_block(J, VC, h, b, vb, table, D, B, bits);
         weighted_sum(o, s, vb, R, D, B, D);
     }
     for (int r = 0; r < R; r++) { m_out[r] = mr[r]; l_out[r] = lr[r]; }
 }
 
-static void span(const void *job, const float *q, int h, int b0, int b1, float *m, float *l, float *o) {
+static void span(const void *job, const float *q, int h, int b0, int b1, int skip, float *m, float *l, float *o) {
     const BJob *J = job;
     const int R = J->rows, D = J->d, B = J->block, bits = J->bits;
-#define SHAPE(r, d, b, k) if (R == r && D == d && B == b && bits == k) { span_of(J, q, h, b0, b1, m, l, o, r, d, b, k); return; }
+#define SHAPE(r, d, b, k) if (R == r && D == d && B == b && bits == k) { span_of(J, q, h, b0, b1, skip, m, l, o, r, d, b, k); return; }
     SHAPE(3, 64, 64, 4) SHAPE(3, 64, 64, 8)     /* SmolLM2: 9 query heads over 3 KV heads */
     SHAPE(4, 256, 64, 4) SHAPE(4, 256, 64, 8)   /* Gemma 3: 4 query heads over 1 KV head */
 #undef SHAPE
-    span_of(J, q, h, b0, b1, m, l, o, R, D, B, bits);
+    span_of(J, q, h, b0, b1, skip, m, l, o, R, D, B, bits);
 }
 
 /* The job of a run of blocks: 0, or 1 when the sizes are outside what this kernel handles. */

@@ -42,7 +42,7 @@ RINLINE void codes_of(const LJob *J, const int f, const int h, const int b, floa
 
 /* one head's pieces over blocks [b0, b1); R, D, B, bits and rank are compile-time constants in
  * the specialised calls of span() */
-RINLINE void span_of(const LJob *J, const float *q, int h, int b0, int b1, float *m_out, float *l_out, float *o,
+RINLINE void span_of(const LJob *J, const float *q, int h, int b0, int b1, int skip, float *m_out, float *l_out, float *o,
                      const int R, const int D, const int B, const int bits, const int K) {
     float cb[RMAXB * RMAXD], s[RMAXR * RMAXB], mr[RMAXR], lr[RMAXR];
     float qsum[RMAXR], rq[RMAXR * LMAXRANK], pl[RMAXR * LMAXRANK], right[LMAXRANK * RMAXD];
@@ -78,7 +78,7 @@ RINLINE void span_of(const LJob *J, const float *q, int h, int b0, int b1, float
                 s[r * B + t] = sc * acc + z * qsum[r] + low;
             }
         }
-        online_softmax(s, mr, lr, o, R, D, B);
+        online_softmax_from(s, mr, lr, o, R, D, B, b == b0 ? skip : 0);
         /* values: the codes under p * scale, the zeros as one constant, the factors once */
         const _Float16 *vr = LAT(J, _Float16, VR, h, b, K * D), *vl = LAT(J, _Float16, VL, h, b, B * K);
         const _Float16 *vs = LAT(J, _Float16, VSC, h, b, B), *vz = LAT(J, _Float16, VZ, h, b, B);
@@ -102,15 +102,15 @@ RINLINE void span_of(const LJob *J, const float *q, int h, int b0, int b1, float
     for (int r = 0; r < R; r++) { m_out[r] = mr[r]; l_out[r] = lr[r]; }
 }
 
-static void span(const void *job, const float *q, int h, int b0, int b1, float *m, float *l, float *o) {
+static void span(const void *job, const float *q, int h, int b0, int b1, int skip, float *m, float *l, float *o) {
     const LJob *J = job;
     const int R = J->rows, D = J->d, B = J->block, bits = J->bits, K = J->rank;
 #define SHAPE(r, d, bb, k) \
-    if (R == r && D == d && B == bb && bits == k && K == 1) { span_of(J, q, h, b0, b1, m, l, o, r, d, bb, k, 1); return; }
+    if (R == r && D == d && B == bb && bits == k && K == 1) { span_of(J, q, h, b0, b1, skip, m, l, o, r, d, bb, k, 1); return; }
     SHAPE(3, 64, 64, 4) SHAPE(3, 64, 64, 2)     /* SmolLM2: 9 query heads over 3 KV heads */
     SHAPE(4, 256, 64, 4) SHAPE(4, 256, 64, 2)   /* Gemma 3: 4 query heads over 1 KV head */
 #undef SHAPE
-    span_of(J, q, h, b0, b1, m, l, o, R, D, B, bits, K);
+    span_of(J, q, h, b0, b1, skip, m, l, o, R, D, B, bits, K);
 }
 
 /* The job of a run of blocks: 0, or 1 when the sizes are outside what this kernel handles. */

@@ -39,7 +39,7 @@ typedef struct {
 
 /* one head's pieces over blocks [b0, b1); R, D, B and bits are compile-time constants in the
  * specialised calls of span() (the loops then unroll and keep their accumulators in registers) */
-NINLINE void span_of(const NJob *J, const float *q, int h, int b0, int b1, float *m_out, float *l_out, float *o,
+NINLINE void span_of(const NJob *J, const float *q, int h, int b0, int b1, int skip, float *m_out, float *l_out, float *o,
                      const int R, const int D, const int B, const int bits) {
     const int P = D * bits / 8;
     const int ng = D / J->group, C = J->n_out;
@@ -67,7 +67,7 @@ NINLINE void span_of(const NJob *J, const float *q, int h, int b0, int b1, float
         }
         /* RoPE at each token's position, then the scores of every query row; online softmax */
         rope_scores(kb, J->rope + h * J->rope_hs + (long)b * B * 2 * D, J->off, q, s, R, D, B);
-        online_softmax(s, mr, lr, o, R, D, B);
+        online_softmax_from(s, mr, lr, o, R, D, B, b == b0 ? skip : 0);
         /* values: per-token groups, outliers added, accumulated under the weights */
         const uint8_t *vc = AT(J, uint8_t, V, h, b, B * P);
         const uint8_t *vsc = AT(J, uint8_t, VS, h, b, B * ng);
@@ -90,15 +90,15 @@ NINLINE void span_of(const NJob *J, const float *q, int h, int b0, int b1, float
     for (int r = 0; r < R; r++) { m_out[r] = mr[r]; l_out[r] = lr[r]; }
 }
 
-static void span(const void *job, const float *q, int h, int b0, int b1, float *m, float *l, float *o) {
+static void span(const void *job, const float *q, int h, int b0, int b1, int skip, float *m, float *l, float *o) {
     const NJob *J = job;
     const int R = J->rows, D = J->d, B = J->block, bits = J->bits;
-#define SHAPE(r, d, b, k) if (R == r && D == d && B == b && bits == k) { span_of(J, q, h, b0, b1, m, l, o, r, d, b, k); return; }
+#define SHAPE(r, d, b, k) if (R == r && D == d && B == b && bits == k) { span_of(J, q, h, b0, b1, skip, m, l, o, r, d, b, k); return; }
     SHAPE(3, 64, 64, 2) SHAPE(3, 64, 64, 4)     /* SmolLM2: 9 query heads over 3 KV heads */
     SHAPE(4, 256, 64, 2) SHAPE(4, 256, 64, 4)   /* Gemma 3: 4 query heads over 1 KV head */
     SHAPE(1, 64, 64, 2) SHAPE(1, 256, 64, 2)
 #undef SHAPE
-    span_of(J, q, h, b0, b1, m, l, o, R, D, B, bits);
+    span_of(J, q, h, b0, b1, skip, m, l, o, R, D, B, bits);
 }
 
 /* The job of a run of blocks, with its RoPE offsets, in one allocation (free() frees it); NULL

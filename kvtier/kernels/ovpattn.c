@@ -83,7 +83,7 @@ RINLINE void decode_pairs(const uint8_t *restrict bytes, const OJob *J, float *r
 
 /* one head's pieces over blocks [b0, b1); R, D and B are compile-time constants in the
  * specialised calls of span() */
-RINLINE void span_of(const OJob *J, const float *q, int h, int b0, int b1, float *m_out, float *l_out, float *o,
+RINLINE void span_of(const OJob *J, const float *q, int h, int b0, int b1, int skip, float *m_out, float *l_out, float *o,
                      const int R, const int D, const int B) {
     float kb[RMAXD * RMAXB], vb[RMAXB * RMAXD], s[RMAXR * RMAXB], qs[RMAXR * RMAXD], mr[RMAXR], lr[RMAXR];
     for (int r = 0; r < R; r++) { mr[r] = -FLT_MAX; lr[r] = 0.f; }
@@ -105,7 +105,7 @@ RINLINE void span_of(const OJob *J, const float *q, int h, int b0, int b1, float
                 for (int t = 0; t < B; t++) sr[t] += a * row[t];
             }
         }
-        online_softmax(s, mr, lr, o, R, D, B);
+        online_softmax_from(s, mr, lr, o, R, D, B, b == b0 ? skip : 0);
         const _Float16 *vs = OAT(J, _Float16, VS, h, b, B);
         const uint8_t *vq = OAT(J, uint8_t, V, h, b, B * D / 2);
         for (int t = 0; t < B; t++) decode_pairs(vq + (long)t * (D / 2), J, vb + t * D, D / 2);
@@ -120,14 +120,14 @@ RINLINE void span_of(const OJob *J, const float *q, int h, int b0, int b1, float
     for (int r = 0; r < R; r++) { m_out[r] = mr[r]; l_out[r] = lr[r]; }
 }
 
-static void span(const void *job, const float *q, int h, int b0, int b1, float *m, float *l, float *o) {
+static void span(const void *job, const float *q, int h, int b0, int b1, int skip, float *m, float *l, float *o) {
     const OJob *J = job;
     const int R = J->rows, D = J->d, B = J->block;
-#define SHAPE(r, d, bb) if (R == r && D == d && B == bb) { span_of(J, q, h, b0, b1, m, l, o, r, d, bb); return; }
+#define SHAPE(r, d, bb) if (R == r && D == d && B == bb) { span_of(J, q, h, b0, b1, skip, m, l, o, r, d, bb); return; }
     SHAPE(3, 64, 64)    /* SmolLM2: 9 query heads over 3 KV heads */
     SHAPE(4, 256, 64)   /* Gemma 3: 4 query heads over 1 KV head */
 #undef SHAPE
-    span_of(J, q, h, b0, b1, m, l, o, R, D, B);
+    span_of(J, q, h, b0, b1, skip, m, l, o, R, D, B);
 }
 
 /* The job of a run of blocks: 0, or 1 when the sizes are outside what this kernel handles. */

@@ -203,7 +203,7 @@ static void failed_rows(const KJob *J, float *m_out, float *l_out, float *o, con
  * the specialised calls of span(). Keys are rotated back per token (RoPE needs them in their
  * own channels); values are accumulated in the rotated space, each head's rows over all W
  * channels, and rotated back once at the end: the transform is linear. */
-RINLINE void span_of(const KJob *J, const float *q, int b0, int b1, float *m_out, float *l_out, float *o,
+RINLINE void span_of(const KJob *J, const float *q, int b0, int b1, int skip, float *m_out, float *l_out, float *o,
                      const int H, const int R, const int D, const int B, const int bits, const int rot) {
     const int W = H * D, HR = H * R, S = value_span(H, D, rot);
     const float norm = 1.f / sqrtf((float)J->rotate);
@@ -243,7 +243,8 @@ RINLINE void span_of(const KJob *J, const float *q, int b0, int b1, float *m_out
         for (int h = 0; h < H; h++) {
             rope_scores(kb + (long)h * B * D, J->rope + h * J->rope_hs + (long)b * B * 2 * D, J->off,
                         q + (long)h * R * D, s + h * R * B, R, D, B);
-            online_softmax(s + h * R * B, mr + h * R, lr + h * R, ox + (long)h * R * S, R, S, B);
+            online_softmax_from(s + h * R * B, mr + h * R, lr + h * R, ox + (long)h * R * S, R, S, B,
+                                b == b0 ? skip : 0);
         }
         for (int t = 0; t < B; t++)
             dequant_token(J, V, b, t, 0, vb + (long)t * W, sc, zc, table, norm, H, D, B, bits);
@@ -309,7 +310,7 @@ RINLINE void fwht_vectors(nvf *x, const int NV, const int rot, const Lanes *L) {
  * back, put in their channels' order (one gather per vector), turned by RoPE and scored
  * without leaving registers, 16 tokens' dot products summed across lanes at once; values are decoded
  * straight into the block's buffer. */
-RINLINE void span_vectors(const KJob *J, const float *q, int b0, int b1, float *m_out, float *l_out, float *o,
+RINLINE void span_vectors(const KJob *J, const float *q, int b0, int b1, int skip, float *m_out, float *l_out, float *o,
                           const int H, const int R, const int D, const int B, const int bits, const int rot,
                           const int G) {
     const int W = H * D, HR = H * R, NV = W / 16, DV = D / 16, S = value_span(H, D, rot);
@@ -412,7 +413,8 @@ RINLINE void span_vectors(const KJob *J, const float *q, int b0, int b1, float *
             for (int r = 0; r < HR; r++) storev(s + r * B + t0, sum16(part[r]));
         }
         for (int h = 0; h < H; h++)
-            online_softmax(s + h * R * B, mr + h * R, lr + h * R, ox + (long)h * R * S, R, S, B);
+            online_softmax_from(s + h * R * B, mr + h * R, lr + h * R, ox + (long)h * R * S, R, S, B,
+                                b == b0 ? skip : 0);
         if (H == 1 && R * DV <= 16) {  /* one head, few rows: each token's values decoded and summed in registers */
             nvf acc[16], val[16];
             for (int i = 0; i < R * DV; i++) acc[i] = loadv(ox + 16 * i);
@@ -436,7 +438,7 @@ RINLINE void span_vectors(const KJob *J, const float *q, int b0, int b1, float *
 #endif
 
 /* all heads of J over blocks [b0, b1) (one head when J is a head's own view) */
-static void span_heads(const KJob *J, const float *q, int b0, int b1, float *m, float *l, float *o) {
+static void span_heads(const KJob *J, const float *q, int b0, int b1, int skip, float *m, float *l, float *o) {
     const int H = J->n_kv, R = J->rows, D = J->d, B = J->block, bits = J->bits, rot = J->rotate, G = J->group;
 #ifdef __AVX512F__
     /* in vectors: whole vectors per RoPE half, per plane of packed codes and per group; 16-token
@@ -444,25 +446,25 @@ static void span_heads(const KJob *J, const float *q, int b0, int b1, float *m, 
     if (D % 32 == 0 && (D * bits / 8) % 16 == 0 && rot % 16 == 0 && G % 16 == 0 && B % 16 == 0) {
 #define SHAPE(hh, r, d, bb, k) \
         if (H == hh && R == r && D == d && B == bb && bits == k && rot == 64 && G == 64) { \
-            span_vectors(J, q, b0, b1, m, l, o, hh, r, d, bb, k, 64, 64); return; }
+            span_vectors(J, q, b0, b1, skip, m, l, o, hh, r, d, bb, k, 64, 64); return; }
         SHAPE(1, 3, 64, 64, 2) SHAPE(1, 3, 64, 64, 4)       /* SmolLM2, heads apart: 3 query heads a KV head */
         SHAPE(3, 3, 64, 64, 2) SHAPE(3, 3, 64, 64, 4)       /* SmolLM2: 9 query heads over 3 KV heads */
         SHAPE(1, 4, 256, 64, 2) SHAPE(1, 4, 256, 64, 4)     /* Gemma 3: 4 query heads over 1 KV head */
 #undef SHAPE
-        span_vectors(J, q, b0, b1, m, l, o, H, R, D, B, bits, rot, G);
+        span_vectors(J, q, b0, b1, skip, m, l, o, H, R, D, B, bits, rot, G);
         return;
     }
 #endif
-    span_of(J, q, b0, b1, m, l, o, H, R, D, B, bits, rot);
+    span_of(J, q, b0, b1, skip, m, l, o, H, R, D, B, bits, rot);
 }
 
 /* run_spans' and batched.c's task: KV head h of a run whose heads are apart, else all heads (h
  * is then always 0). A head's view of the job has its fields, RoPE rows, means and orders
  * moved to that head (every field is bytes). */
-static void span(const void *job, const float *q, int h, int b0, int b1, float *m, float *l, float *o) {
+static void span(const void *job, const float *q, int h, int b0, int b1, int skip, float *m, float *l, float *o) {
     const KJob *J = job;
     if (!J->apart) {
-        span_heads(J, q, b0, b1, m, l, o);
+        span_heads(J, q, b0, b1, skip, m, l, o);
         return;
     }
     const void *p[NFIELDS];
@@ -478,7 +480,7 @@ static void span(const void *job, const float *q, int h, int b0, int b1, float *
     one.mean = J->mean ? J->mean + h * D : NULL;
     one.vinv = J->vinv ? J->vinv + h * D : NULL;
     one.failed = 0;
-    span_heads(&one, q, b0, b1, m, l, o);
+    span_heads(&one, q, b0, b1, skip, m, l, o);
     if (one.failed) ((KJob *)J)->failed = 1;
 }
 

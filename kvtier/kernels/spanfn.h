@@ -3,5 +3,6 @@
  * the job describes, for that head's R pre-scaled query rows q (R x D). */
 #ifndef KVTIER_SPANFN_H
 #define KVTIER_SPANFN_H
-typedef void (*span_fn)(const void *job, const float *q, int h, int b0, int b1, float *m, float *l, float *o);
+typedef void (*span_fn)(const void *job, const float *q, int h, int b0, int b1, int skip, float *m, float *l,
+                        float *o);
 #endif

@@ -233,6 +233,19 @@ RINLINE void online_softmax(float *s, float *mr, float *lr, float *o, const int 
     }
 }
 
+/* online_softmax of a block whose first `skip` tokens a sliding window cuts: they get weight 0 */
+RINLINE void online_softmax_from(float *s, float *mr, float *lr, float *o, const int R, const int D, const int B,
+                                 const int skip) {
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < skip; t++) s[r * B + t] = -FLT_MAX;
+    online_softmax(s, mr, lr, o, R, D, B);
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < skip; t++) {  /* exp512 clamps at exp(-87), not 0 */
+            lr[r] -= s[r * B + t];
+            s[r * B + t] = 0.f;
+        }
+}
+
 /* o (R x D) += weights s (R x B) times the decoded values vb (B rows of D, ld apart): 32 channels of up to 12
  * rows held in registers while the tokens stream past (each value vector loaded once per 12
  * rows, not once per row) */
@@ -298,7 +311,7 @@ static int run_spans(const void *job, span_fn span, const float *q, int n_kv, in
     for (int task = 0; task < tasks; task++) {
         const int h = task / splits, sp = task % splits;
         const int b0 = (long)n_blocks * sp / splits, b1 = (long)n_blocks * (sp + 1) / splits;
-        span(job, q + (long)h * rows * d, h, b0, b1, tm + (long)task * rows, tl + (long)task * rows, to + (long)task * rows * d);
+        span(job, q + (long)h * rows * d, h, b0, b1, 0, tm + (long)task * rows, tl + (long)task * rows, to + (long)task * rows * d);
     }
     for (int h = 0; h < n_kv; h++)
         for (int r = 0; r < rows; r++) {

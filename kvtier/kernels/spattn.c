@@ -98,7 +98,7 @@ RINLINE void expand_row(const uint8_t *restrict map, const uint16_t *restrict va
 
 /* span_of through expanded rows: a block's keys are expanded and scored, its values expanded
  * and summed under the weights */
-RINLINE void span_expanded(const SJob *J, const float *q, int h, int b0, int b1, float *m_out, float *l_out, float *o,
+RINLINE void span_expanded(const SJob *J, const float *q, int h, int b0, int b1, int skip, float *m_out, float *l_out, float *o,
                            const int R, const int D, const int B, const int N) {
     float kb[RMAXB * RMAXD], s[RMAXR * RMAXB], mr[RMAXR], lr[RMAXR];
     const Chunks C = chunks_of(D);
@@ -109,7 +109,7 @@ RINLINE void span_expanded(const SJob *J, const float *q, int h, int b0, int b1,
         const uint16_t *kv = SAT(J, uint16_t, KV, h, b, B * N);
         for (int t = 0; t < B; t++) expand_row(km + (long)t * (D / 8), kv + (long)t * N, kb + t * D, &C, D, J->bf16);
         block_scores(kb, q, s, R, D, B);
-        online_softmax(s, mr, lr, o, R, D, B);
+        online_softmax_from(s, mr, lr, o, R, D, B, b == b0 ? skip : 0);
         const uint8_t *vm = SAT(J, uint8_t, VM, h, b, B * (D / 8));
         const uint16_t *vv = SAT(J, uint16_t, VV, h, b, B * N);
         for (int t = 0; t < B; t++) expand_row(vm + (long)t * (D / 8), vv + (long)t * N, kb + t * D, &C, D, J->bf16);
@@ -121,7 +121,7 @@ RINLINE void span_expanded(const SJob *J, const float *q, int h, int b0, int b1,
 
 /* one head's pieces over blocks [b0, b1); R, D, B and nnz are compile-time constants in the
  * specialised calls of span() */
-RINLINE void span_of(const SJob *J, const float *q, int h, int b0, int b1, float *m_out, float *l_out, float *o,
+RINLINE void span_of(const SJob *J, const float *q, int h, int b0, int b1, int skip, float *m_out, float *l_out, float *o,
                      const int R, const int D, const int B, const int N) {
     int idx[RMAXD + 1] = {0};  /* always channels of the head, whatever a row's bitmap holds */
     float val[RMAXD], s[RMAXR * RMAXB], mr[RMAXR], lr[RMAXR];
@@ -140,7 +140,7 @@ RINLINE void span_of(const SJob *J, const float *q, int h, int b0, int b1, float
                 s[r * B + t] = acc;
             }
         }
-        online_softmax(s, mr, lr, o, R, D, B);
+        online_softmax_from(s, mr, lr, o, R, D, B, b == b0 ? skip : 0);
         const uint8_t *vm = SAT(J, uint8_t, VM, h, b, B * (D / 8));
         const uint16_t *vv = SAT(J, uint16_t, VV, h, b, B * N);
         for (int t = 0; t < B; t++) {
@@ -156,24 +156,24 @@ RINLINE void span_of(const SJob *J, const float *q, int h, int b0, int b1, float
     for (int r = 0; r < R; r++) { m_out[r] = mr[r]; l_out[r] = lr[r]; }
 }
 
-static void span(const void *job, const float *q, int h, int b0, int b1, float *m, float *l, float *o) {
+static void span(const void *job, const float *q, int h, int b0, int b1, int skip, float *m, float *l, float *o) {
     const SJob *J = job;
     const int R = J->rows, D = J->d, B = J->block, N = J->nnz;
 #ifdef SP_EXPAND
     if (D % 16 == 0) {
-#define SHAPE(r, d, bb) if (R == r && D == d && B == bb) { span_expanded(J, q, h, b0, b1, m, l, o, r, d, bb, N); return; }
+#define SHAPE(r, d, bb) if (R == r && D == d && B == bb) { span_expanded(J, q, h, b0, b1, skip, m, l, o, r, d, bb, N); return; }
         SHAPE(3, 64, 64)    /* SmolLM2: 9 query heads over 3 KV heads */
         SHAPE(4, 256, 64)   /* Gemma 3: 4 query heads over 1 KV head */
 #undef SHAPE
-        span_expanded(J, q, h, b0, b1, m, l, o, R, D, B, N);
+        span_expanded(J, q, h, b0, b1, skip, m, l, o, R, D, B, N);
         return;
     }
 #endif
-#define SHAPE(r, d, bb, n) if (R == r && D == d && B == bb && N == n) { span_of(J, q, h, b0, b1, m, l, o, r, d, bb, n); return; }
+#define SHAPE(r, d, bb, n) if (R == r && D == d && B == bb && N == n) { span_of(J, q, h, b0, b1, skip, m, l, o, r, d, bb, n); return; }
     SHAPE(3, 64, 64, 32)    /* SmolLM2 at the default ratio 0.5: 9 query heads over 3 KV heads */
     SHAPE(4, 256, 64, 128)  /* Gemma 3: 4 query heads over 1 KV head */
 #undef SHAPE
-    span_of(J, q, h, b0, b1, m, l, o, R, D, B, N);
+    span_of(J, q, h, b0, b1, skip, m, l, o, R, D, B, N);
 }
 
 /* The job of a run of blocks: 0, or 1 when the sizes are outside what this kernel handles. */

@@ -60,7 +60,7 @@ RINLINE void decode_row(const QJob *J, int key, const uint8_t *code, float *out,
     else decode_f32(code, key ? J->book_k : J->book_v, out, D, DIM, S);
 }
 
-RINLINE void span_of(const QJob *J, const float *q, int h, int b0, int b1, float *m_out, float *l_out, float *o,
+RINLINE void span_of(const QJob *J, const float *q, int h, int b0, int b1, int skip, float *m_out, float *l_out, float *o,
                      const int R, const int D, const int B, const int DIM, const int S) {
     const int C = D / DIM * S;
     float kb[RMAXB * RMAXD], row[RMAXD], s[RMAXR * RMAXB], mr[RMAXR], lr[RMAXR];
@@ -75,7 +75,7 @@ RINLINE void span_of(const QJob *J, const float *q, int h, int b0, int b1, float
             for (int c = 0; c < D; c++) kr[c] *= a;
         }
         rope_scores(kb, J->rope + h * J->rope_hs + (long)b * B * 2 * D, J->off, q, s, R, D, B);
-        online_softmax(s, mr, lr, o, R, D, B);
+        online_softmax_from(s, mr, lr, o, R, D, B, b == b0 ? skip : 0);
         const uint8_t *vc = QAT(J, uint8_t, V, h, b, B * C), *vs = QAT(J, uint8_t, VS, h, b, B);
         for (int t = 0; t < B; t++) {
             decode_row(J, 0, vc + (long)t * C, row, D, DIM, S);
@@ -90,16 +90,16 @@ RINLINE void span_of(const QJob *J, const float *q, int h, int b0, int b1, float
     for (int r = 0; r < R; r++) { m_out[r] = mr[r]; l_out[r] = lr[r]; }
 }
 
-static void span(const void *job, const float *q, int h, int b0, int b1, float *m, float *l, float *o) {
+static void span(const void *job, const float *q, int h, int b0, int b1, int skip, float *m, float *l, float *o) {
     const QJob *J = job;
     const int R = J->rows, D = J->d, B = J->block, DIM = J->dim, S = J->stages;
 #define SHAPE(r, d, b, dm, st) \
-    if (R == r && D == d && B == b && DIM == dm && S == st) { span_of(J, q, h, b0, b1, m, l, o, r, d, b, dm, st); return; }
+    if (R == r && D == d && B == b && DIM == dm && S == st) { span_of(J, q, h, b0, b1, skip, m, l, o, r, d, b, dm, st); return; }
     SHAPE(3, 64, 64, 8, 2) SHAPE(4, 256, 64, 8, 2)     /* SmolLM2 and Gemma 3, 2 bits */
     SHAPE(3, 64, 64, 16, 2) SHAPE(4, 256, 64, 16, 2)   /* 1 bit */
     SHAPE(3, 64, 64, 16, 3) SHAPE(4, 256, 64, 16, 3)   /* 1.5 bits */
 #undef SHAPE
-    span_of(J, q, h, b0, b1, m, l, o, R, D, B, DIM, S);
+    span_of(J, q, h, b0, b1, skip, m, l, o, R, D, B, DIM, S);
 }
 
 /* Returns 0, or 1 when the sizes are outside what this kernel handles (the caller falls back). */
