@@ -340,7 +340,8 @@ def test_int_blocks_on_amx_tiles_equal_the_vector_path(monkeypatch, codec, hq, n
 @pytest.mark.parametrize("codec", ["mxfp4", "mxfp4(hadamard=true)", "nvfp4", "mxfp8", "mxint8", "bfp",
                                    "bfp(mantissa=8,block=32)", "bfp(sort=false)", "lowrank", "lowrank(bits=2)",
                                    "ovp", "sparse", "sparse(ratio=0.7,dtype=bf16)", "rotatekv",
-                                   "rotatekv(bits=4,keys=channel,center=true)", "nuq", "nuq(bits=4,outliers=0.01)"])
+                                   "rotatekv(bits=4,keys=channel,center=true)", "nuq", "nuq(bits=4,outliers=0.01)", "vq",
+                                   "vq(dim=4,stages=1)"])
 @pytest.mark.parametrize("window", [None, 300])
 def test_codec_runs_are_their_kernels_jobs_in_the_batched_kernel(codec, window, monkeypatch):
     """A codec with a native job (its own kernel on its blocks, its head space turned by a
@@ -365,6 +366,21 @@ def test_codec_runs_are_their_kernels_jobs_in_the_batched_kernel(codec, window, 
     if window is None:
         rows, _ = batched.native_parts(parts[-1], starts[-1], None, 3)
         assert sum(row[0] == batched.SPAN for row in rows) == 1  # 12 blocks: one run
+
+
+@needs_kernels
+@pytest.mark.parametrize("codec", ["vq(dim=16)"])  # rotatekv spanning heads: in the model test above
+def test_runs_whose_job_is_declined_are_scored_by_their_codec_and_merged(codec, monkeypatch):
+    """A codec with a job that declines a run (vq's books, which its kernel would copy to fp32
+    for each run): the run is scored by the codec's own call and merged with the batched
+    kernel's piece over the rest, not the whole sequence taken off the batched kernel."""
+    seen = counting_native(monkeypatch)
+    stats = {"kpre_rms": torch.rand(3, 64) + 0.1, "kpre_sample": torch.randn(3, 256, 64).half(),
+             "v_sample": torch.randn(3, 256, 64).half()}
+    q, parts, starts = decoding(codec, [1, 70, 64 * 5 + 9, 64 * 12], block=64, stats=stats)
+    got = batched.decode(q, parts, starts, 0.125)
+    torch.testing.assert_close(got, batched.reference(q, parts, starts, 0.125), atol=1e-4, rtol=1e-4)
+    assert seen["split"] >= 2 and seen["fallback"] == 2  # the two sequences holding blocks; planned, then split
 
 
 @needs_kernels

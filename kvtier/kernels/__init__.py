@@ -122,7 +122,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     jobs = {"blockscaled": [i, i, i, i, i, i, i, p, p, p, p], "lowrank": [i, i, i, i, i, i, i, p, p],
             "ovp": [i, i, i, i, i, p, p, p], "sparse": [i, i, i, i, i, i, i, p, p],
             "rotatekv": [i, i, i, i, i, i, i, i, i, p, p, p, l, p, p, p],
-            "nuq": [i, i, i, i, i, i, i, i, p, p, p, l, p, p]}
+            "nuq": [i, i, i, i, i, i, i, i, p, p, p, l, p, p],
+            "vq": [i, i, i, i, i, i, i, p, p, p, l, p, p]}
     for name, args in jobs.items():
         getattr(lib, f"kvtier_{name}_job").argtypes = args
         getattr(lib, f"kvtier_{name}_job").restype = p
@@ -357,6 +358,21 @@ def vq_attend(q: torch.Tensor, data: dict[str, torch.Tensor], rope: torch.Tensor
                               k_book.data_ptr(), v_book.data_ptr(), m.data_ptr(), l.data_ptr(), o.data_ptr(),
                               torch.get_num_threads())
     return (m, l, o) if rc == 0 else None
+
+
+def vq_job(data: dict[str, torch.Tensor], rope: torch.Tensor, k_book: torch.Tensor, v_book: torch.Tensor,
+           dim: int, stages: int, rows: int) -> SpanJob | None:
+    """:func:`vq_attend`'s run as a :class:`SpanJob` for ``rows`` query rows per KV head (None
+    also for sizes whose codebooks the kernel would copy to fp32: see vqattn.c)."""
+    if (rope.dtype != torch.float32 or rope.device.type != "cpu" or k_book.dtype != torch.float16
+            or v_book.dtype != torch.float16):
+        return None
+    rope, rope_hs = _rope_rows(rope)
+    k_book, v_book = k_book.contiguous(), v_book.contiguous()
+    h, n, b, _ = data["v"].shape
+    d = k_book.shape[0] * k_book.shape[-1]  # (D / dim, stages, 256, dim)
+    return _span_job("vq", [data[f] for f in VQ_FIELDS], (h, rows, d, dim, stages, b, n),
+                     (rope.data_ptr(), rope_hs, k_book.data_ptr(), v_book.data_ptr()), (rope, k_book, v_book))
 
 
 class SpanJob:

@@ -102,29 +102,52 @@ static void span(const void *job, const float *q, int h, int b0, int b1, int ski
     span_of(J, q, h, b0, b1, skip, m, l, o, R, D, B, DIM, S);
 }
 
+/* The job of a run of blocks, in one allocation (free() frees it): the sizes, the RoPE offsets
+ * and, where fp32 codebooks pay off (see FP32_BOOKS_MAX), their fp32 copies when `copies`;
+ * NULL when the sizes are outside what this kernel handles, a block's positions are not
+ * consecutive, memory runs out, or fp32 copies would be made without `copies`. */
+static QJob *job_of(int n_kv, int rows, int d, int dim, int stages, int block, int n_blocks,
+                    const void *const *ptrs, const long *strides, const float *rope, long rope_hs,
+                    const _Float16 *book_k, const _Float16 *book_v, int copies) {
+    if (d > RMAXD || d % 2 || rows > RMAXR || block > RMAXB || dim < 1 || dim > 16 || d % dim
+        || stages < 1 || n_blocks < 1)
+        return NULL;
+    scale_table();
+    const long n_book = (long)d * stages * 256;  /* (D / dim) x stages x 256 x dim */
+    const int half = dim <= 8 || 2 * n_book * sizeof(float) > FP32_BOOKS_MAX;
+    if (!half && !copies) return NULL;
+    QJob *J = malloc(sizeof(QJob) + sizeof(float) * ((size_t)block * d + (half ? 0 : 2 * (size_t)n_book)));
+    if (!J) return NULL;
+    float *off = (float *)(J + 1), *books = off + (size_t)block * d;
+    if (rope_offsets(rope, rope_hs, rope_hs ? n_kv : 1, n_blocks, block, d, off)) { free(J); return NULL; }
+    *J = (QJob){n_kv, rows, d, dim, stages, block, n_blocks, ptrs, strides, rope, rope_hs, off, NULL, NULL,
+                book_k, book_v, half};
+    if (!half) {
+        for (long i = 0; i < n_book; i++) { books[i] = (float)book_k[i]; books[n_book + i] = (float)book_v[i]; }
+        J->book_k = books;
+        J->book_v = books + n_book;
+    }
+    return J;
+}
+
 /* Returns 0, or 1 when the sizes are outside what this kernel handles (the caller falls back). */
 int kvtier_vq_attend(const float *q, int n_kv, int rows, int d, int dim, int stages, int block, int n_blocks,
                      const void *const *ptrs, const long *strides, const float *rope, long rope_hs,
                      const _Float16 *book_k, const _Float16 *book_v, float *m, float *l, float *o, int threads) {
-    if (d > RMAXD || d % 2 || rows > RMAXR || block > RMAXB || dim < 1 || dim > 16 || d % dim
-        || stages < 1 || n_blocks < 1)
-        return 1;
-    scale_table();
-    const long n_book = (long)d * stages * 256;  /* (D / dim) x stages x 256 x dim */
-    float *off = malloc(sizeof(float) * block * d);
-    if (!off || rope_offsets(rope, rope_hs, rope_hs ? n_kv : 1, n_blocks, block, d, off)) { free(off); return 1; }
-    QJob J = {n_kv, rows, d, dim, stages, block, n_blocks, ptrs, strides, rope, rope_hs, off, NULL, NULL,
-              book_k, book_v, dim <= 8 || 2 * n_book * sizeof(float) > FP32_BOOKS_MAX};
-    float *books = NULL;
-    if (!J.half) {
-        books = malloc(sizeof(float) * 2 * n_book);
-        if (!books) { free(off); return 1; }
-        for (long i = 0; i < n_book; i++) { books[i] = (float)book_k[i]; books[n_book + i] = (float)book_v[i]; }
-        J.book_k = books;
-        J.book_v = books + n_book;
-    }
-    const int rc = run_spans(&J, span, q, n_kv, rows, d, n_blocks, m, l, o, threads);
-    free(books);
-    free(off);
+    QJob *J = job_of(n_kv, rows, d, dim, stages, block, n_blocks, ptrs, strides, rope, rope_hs, book_k, book_v, 1);
+    if (!J) return 1;
+    const int rc = run_spans(J, span, q, n_kv, rows, d, n_blocks, m, l, o, threads);
+    free(J);
     return rc;
 }
+
+/* The same run as a job for batched.c's SPAN parts, or NULL; and its span function. A job keeps
+ * no fp32 copies of the codebooks (they would be made per run and kept while it lasts): sizes
+ * whose books would be copied have no job and keep the call of their own. */
+void *kvtier_vq_job(int n_kv, int rows, int d, int dim, int stages, int block, int n_blocks,
+                    const void *const *ptrs, const long *strides, const float *rope, long rope_hs,
+                    const _Float16 *book_k, const _Float16 *book_v) {
+    return job_of(n_kv, rows, d, dim, stages, block, n_blocks, ptrs, strides, rope, rope_hs, book_k, book_v, 0);
+}
+
+void *kvtier_vq_span(void) { return (void *)span; }

@@ -230,6 +230,14 @@ class Vq(SlidingResidual, Codec):
         fast = kernels.vq_attend(q, data, rope, kb, vb, self.dim, self.stages)
         return fast if fast is not None else self.attend_torch(q, data, rope)
 
+    def native_job(self, data, rows, rope=None):
+        """:meth:`attend` as a job of the batched decode kernel (RoPE turned in its kernel)."""
+        if rope is None:
+            return None
+        d = data["k"].shape[-1] * self.dim // self.stages  # one code byte per stage and sub-vector
+        kb, vb = self.books(d)
+        return kernels.vq_job(data, rope, kb, vb, self.dim, self.stages, rows)
+
     def attend_torch(self, q, data, rope):
         """The reference of the kernel: each token's codewords summed and scaled, keys rotated by
         RoPE at their positions, then softmax pieces in fp32."""
