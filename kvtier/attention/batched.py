@@ -12,9 +12,11 @@ The kernel takes parts on the CPU without a ``bias``: held keys/values in fp32, 
 their storage dtype), the ``int`` codec's packed blocks (2, 4 or 8 bits; the shapes
 ``kvtier.kernels.int_attend`` takes), and runs of any codec with a native job
 (:meth:`Codec.native_job`: the MX/NV formats, ``bfp``, ``lowrank``, ``ovp``, ``sparse``, and
-``rotatekv`` when its heads are apart, ``nuq``: these two turn their keys by RoPE in their
-kernels), which that codec's own kernel attends inside the same call (when a sliding window
-cuts a run, the kernel skips the tokens it cut). Everything else falls back: other codecs that store keys before RoPE, parts with a bias (merged or
+``rotatekv`` when its heads are apart, ``nuq``, ``vq`` with fp16 codebooks: these three turn
+their keys by RoPE in their kernels), which that codec's own kernel attends inside the same
+call (when a sliding window cuts a run, the kernel skips the tokens it cut). A run whose job
+the codec declines is scored by the codec's own call and merged. Everything else falls back:
+codecs that store keys before RoPE without a job, parts with a bias (merged or
 masked tokens), parts on another device, parts a selector gathered itself (Quest's per-head
 blocks), head sizes that are not a multiple of 16.
 
