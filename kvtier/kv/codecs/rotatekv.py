@@ -140,7 +140,7 @@ class RotateKV(SlidingResidual, Codec):
                       "per token in the kernel) or post (after RoPE, within each head; the query turned instead)",
                       choices=("pre", "post"), quiet=True)
     perm: torch.Tensor | None = field(default=None, init=False, compare=False, repr=False)  # per layer
-    vperm: torch.Tensor | None = field(default=None, init=False, compare=False, repr=False)  # (Hkv, D)
+    apart: int = field(default=0, init=False, compare=False, repr=False)  # KV heads kept apart (0: not)
     mean: torch.Tensor | None = field(default=None, init=False, compare=False, repr=False)  # (Hkv, D)
 
     @property
@@ -153,6 +153,15 @@ class RotateKV(SlidingResidual, Codec):
     def _inverse(self) -> torch.Tensor | None:
         """``rope=pre``: the rotated position of each key channel, int32 (the kernel's gather)."""
         return None if self.perm is None else torch.argsort(self.perm.long()).to(torch.int32)
+
+    @functools.cached_property
+    def vperm(self) -> torch.Tensor | None:
+        """The values' order: the keys' within each head when the heads are apart, ``(Hkv, D)``
+        (derived from ``perm``, not stored); else None (values in their own order)."""
+        if not self.apart or self.perm is None:
+            return None
+        local = self.perm.long().reshape(self.apart, -1)
+        return local - torch.arange(self.apart)[:, None] * local.shape[1]
 
     @functools.cached_property
     def _vinverse(self) -> torch.Tensor | None:
@@ -176,9 +185,8 @@ class RotateKV(SlidingResidual, Codec):
         rms, d = ctx.stats["kpre_rms"].float(), ctx.head_dim  # (Hkv, D) pre-RoPE key channels
         bound = replace(self)
         if d % self.rotate == 0:  # blocks inside a head: each head's keys dealt over its own, values alike
-            vperm = torch.stack([deal(r, self.rotate) for r in rms])
-            perm = (vperm + torch.arange(len(rms))[:, None] * d).reshape(-1)
-            object.__setattr__(bound, "vperm", vperm.to(torch.int16))
+            perm = torch.cat([deal(r, self.rotate) + j * d for j, r in enumerate(rms)])
+            object.__setattr__(bound, "apart", len(rms))
         else:  # blocks spanning heads: the keys dealt over all of them
             perm = deal(rms.reshape(-1), self.rotate)
         object.__setattr__(bound, "perm", perm.to(torch.int16))
@@ -216,7 +224,7 @@ class RotateKV(SlidingResidual, Codec):
         return x if perm is None else torch.empty_like(x).scatter_(2, perm, x)
 
     def state_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.perm, self.vperm, self.mean) if t is not None)
+        return sum(t.numel() * t.element_size() for t in (self.perm, self.mean) if t is not None)
 
     def fields(self, block_size, head_dim):
         if self.rope == "post":
